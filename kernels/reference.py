@@ -1,0 +1,52 @@
+"""Plain-jnp attention: the semantic reference every attention implementation in maxlm is tested against.
+
+Dimension letters (gemma's legend): B batch, T query length, S key length, N query heads, K kv heads,
+G = N // K query heads per kv head, H head dim.
+
+Masking follows packed-sequence training (T5 / MaxText "segment ids"): a query attends to a key only if
+both carry the same non-zero segment id and, when causal, the key's slot is not after the query's. Segment
+id 0 marks padding. During cached decoding the queries sit at slots `q_offset .. q_offset + T - 1` of a
+cache of S slots, so causality compares slot indices, not positions (positions drive RoPE only).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Large and finite: a fully masked row (a padding query) yields a uniform distribution, not NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *, causal: bool,
+                   q_offset: jax.Array | int = 0) -> jax.Array:
+    """Boolean [B, T, S]: True where query t may attend to key s."""
+    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+    if causal:
+        t = q_segment_ids.shape[1]
+        s = kv_segment_ids.shape[1]
+        q_slot = jnp.arange(t)[:, None] + q_offset
+        kv_slot = jnp.arange(s)[None, :]
+        mask = mask & (kv_slot <= q_slot)[None]
+    return mask
+
+
+def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array,
+                  kv_segment_ids: jax.Array, causal: bool = True, q_offset: jax.Array | int = 0,
+                  sm_scale: float | None = None) -> jax.Array:
+    """Softmax attention with grouped-query heads, computed in float32. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
+
+    K/V are never repeated: the query heads are viewed as [K, G] groups (GQA, Ainslie et al. 2023), which
+    is the same head-to-kv-head assignment as Hugging Face's `repeat_kv` (query head n uses kv head n // G).
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    g = n // kv_heads
+    scale = sm_scale if sm_scale is not None else h ** -0.5
+    qg = q.reshape(b, t, kv_heads, g, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
+    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)

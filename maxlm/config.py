@@ -1,0 +1,289 @@
+"""The one config schema of maxlm, its validation, and command-line loading.
+
+Every experiment is an `ml_collections.ConfigDict` made by a `get_config()` function in `configs/*.py`
+(the convention of MaxText and the Flax lm1b example). Those files start from `default_config()` below and
+change values only: the schema lives here and nowhere else. The returned dict is *locked*, so a key that is
+not in the schema -- a typo in a config file or in `--config.model.num_layer=4` -- raises instead of being
+silently ignored. `validate()` runs before anything is traced or compiled and names the offending key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+# Logical axis -> mesh axes. The model only ever names logical axes (see model.py); this table is the
+# single place that decides how they map onto the device mesh (MaxText's `logical_axis_rules`).
+# Mesh axes: data (pure data parallel), fsdp (ZeRO-3 parameter sharding + data), tensor (Megatron heads /
+# MLP), sequence (context parallel). An axis absent from the mesh or of size 1 simply has no effect.
+DEFAULT_RULES = (
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", "sequence"),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    # parameters
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("qkv", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+ROPE_SCALINGS = ("none", "linear", "ntk")
+DATA_SOURCES = ("stdlib", "jsonl", "tfds")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: carries the dotted key so the CLI can print one clear line."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"invalid config: {key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The complete schema with defaults (a ~125M-parameter LLaMA-style model). Locked."""
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 32000
+    m.num_layers = 12
+    m.d_model = 768  # D
+    m.num_heads = 12  # N
+    m.num_kv_heads = 12  # K; == N is MHA, 1 < K < N is GQA, 1 is MQA
+    m.head_dim = 0  # H; 0 means d_model // num_heads
+    m.mlp_dim = 2048  # F (SwiGLU hidden size)
+    m.max_seq_len = 2048  # longest context the model is meant to see (sampler cache size bound)
+    m.rope_theta = 10000.0
+    m.rope_scaling = "none"  # none | linear (position interpolation) | ntk (NTK-aware base scaling)
+    m.rope_factor = 1.0  # context-extension factor for linear / ntk
+    m.norm_eps = 1e-6
+    m.tie_embeddings = False
+    m.fused_qkv = False  # InternLM2's single `wqkv` projection
+    m.qkv_bias = False  # Qwen2 has biases on q, k, v
+    m.init_std = 0.02
+    m.param_dtype = "float32"
+    m.compute_dtype = "bfloat16"
+    m.attention_impl = "xla"  # xla | cudnn | pallas
+    m.remat_policy = "none"
+    m.scan_layers = True
+
+    c.tokenizer = t = ml_collections.ConfigDict()
+    t.path = ""  # a SentencePiece .model; empty: train one on the data source, cached in the workdir
+    t.train_max_bytes = 6_000_000  # how much text the tokenizer trainer samples
+    t.split_digits = True
+    t.byte_fallback = True
+    t.user_defined_symbols = ("<|im_start|>", "<|im_end|>")  # room for the chat template (SFT)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "stdlib"  # stdlib | jsonl | tfds
+    d.path = ""  # jsonl: glob of files
+    d.text_key = "text"
+    d.tfds_name = ""
+    d.tfds_split = "train"
+    d.tfds_data_dir = ""
+    d.seq_len = 1024
+    d.batch_size = 32  # global batch, in rows of seq_len tokens
+    d.shuffle_seed = 0
+    d.eval_fraction = 0.01  # documents held out for the eval loss
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.schedule = "cosine"
+    o.peak_lr = 3e-4
+    o.end_lr_ratio = 0.1  # final lr as a fraction of peak (cosine, linear, wsd)
+    o.warmup_steps = 200
+    o.decay_steps = 0  # 0 means train.num_steps
+    o.wsd_decay_fraction = 0.2  # warmup-stable-decay: the last fraction of steps decays
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.decay_embeddings = False
+    o.grad_clip = 1.0  # global-norm clipping; 0 disables
+    o.grad_accum_steps = 1
+
+    c.train = tr = ml_collections.ConfigDict()
+    tr.num_steps = 1000
+    tr.log_every = 10
+    tr.eval_every = 0  # 0 disables
+    tr.eval_batches = 4
+    tr.seed = 0
+    tr.num_samples = 3  # samples printed at the end of a run
+    tr.sample_tokens = 96
+    tr.peak_tflops = 0.0  # per device, for MFU; 0 means look it up from the device kind
+
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    ck.every_steps = 500
+    ck.max_to_keep = 3
+    ck.async_save = True
+
+    c.mesh = me = ml_collections.ConfigDict()
+    me.data = -1  # -1: all devices not used by the other axes
+    me.fsdp = 1
+    me.tensor = 1
+    me.sequence = 1
+    me.rules = DEFAULT_RULES
+
+    c.lock()
+    return c
+
+
+def head_dim(m: ml_collections.ConfigDict) -> int:
+    return m.head_dim or m.d_model // m.num_heads
+
+
+def _check(cond: bool, key: str, reason: str) -> None:
+    if not cond:
+        raise ConfigError(key, reason)
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Reject impossible configs before anything compiles. Returns the config for chaining."""
+    m = c.model
+    for key in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
+        _check(m[key] > 0, f"model.{key}", f"must be positive, got {m[key]}")
+    _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+           f"num_heads % num_kv_heads != 0 ({m.num_heads} % {m.num_kv_heads})")
+    _check(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0 means d_model // num_heads)")
+    if m.head_dim == 0:
+        _check(m.d_model % m.num_heads == 0, "model.d_model",
+               f"d_model % num_heads != 0 ({m.d_model} % {m.num_heads}); set model.head_dim explicitly")
+    _check(head_dim(m) % 2 == 0, "model.head_dim", f"rotary embedding needs an even head dim, got {head_dim(m)}")
+    _check(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    _check(m.rope_scaling in ROPE_SCALINGS, "model.rope_scaling", f"must be one of {ROPE_SCALINGS}")
+    _check(m.rope_factor >= 1.0, "model.rope_factor", "must be >= 1 (it extends the context)")
+    _check(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    _check(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
+    _check(m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
+    _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", f"must be one of {ATTENTION_IMPLS}")
+    _check(m.attention_impl != "pallas", "model.attention_impl",
+           "'pallas' needs the Pallas kernels (issue 4), not in this version; use 'xla' or 'cudnn'")
+    if m.attention_impl == "cudnn":
+        import jax
+
+        _check(jax.default_backend() == "gpu", "model.attention_impl",
+               f"'cudnn' needs an NVIDIA GPU, this backend is {jax.default_backend()!r}; use 'xla'")
+    _check(m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"must be one of {REMAT_POLICIES}")
+
+    d = c.data
+    _check(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}")
+    _check(d.source != "jsonl" or bool(d.path), "data.path", "data.source=jsonl needs a file glob")
+    _check(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name", "data.source=tfds needs a dataset name")
+    _check(d.seq_len > 1, "data.seq_len", "must be > 1")
+    _check(d.seq_len <= m.max_seq_len, "data.seq_len",
+           f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _check(d.batch_size > 0, "data.batch_size", "must be positive")
+    _check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+
+    o = c.optim
+    _check(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}")
+    _check(o.peak_lr > 0, "optim.peak_lr", "must be positive")
+    _check(0.0 <= o.end_lr_ratio <= 1.0, "optim.end_lr_ratio", "must be in [0, 1]")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(0.0 < o.wsd_decay_fraction <= 1.0, "optim.wsd_decay_fraction", "must be in (0, 1]")
+    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+    _check(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
+    _check(d.batch_size % o.grad_accum_steps == 0, "optim.grad_accum_steps",
+           f"data.batch_size={d.batch_size} is not divisible by grad_accum_steps={o.grad_accum_steps}")
+
+    tr = c.train
+    _check(tr.num_steps > 0, "train.num_steps", "must be positive")
+    _check(tr.log_every > 0, "train.log_every", "must be positive")
+    _check(c.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
+    _check(c.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be positive")
+
+    sizes = [c.mesh[a] for a in MESH_AXES]
+    for a, s in zip(MESH_AXES, sizes):
+        _check(s == -1 or s >= 1, f"mesh.{a}", f"must be >= 1 or -1, got {s}")
+    _check(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis may be -1")
+    _check(m.num_kv_heads % c.mesh.tensor == 0 or m.num_kv_heads == 1 or c.mesh.tensor == 1, "mesh.tensor",
+           f"num_kv_heads={m.num_kv_heads} is not divisible by mesh.tensor={c.mesh.tensor}")
+    _check(d.seq_len % max(c.mesh.sequence, 1) == 0, "mesh.sequence",
+           f"data.seq_len={d.seq_len} is not divisible by mesh.sequence={c.mesh.sequence}")
+    logical = [r[0] for r in c.mesh.rules]
+    _check(len(set(logical)) == len(logical), "mesh.rules", "a logical axis appears twice")
+    for name, target in c.mesh.rules:
+        targets = target if isinstance(target, (tuple, list)) else (target,)
+        for t in targets:
+            _check(t is None or t in MESH_AXES, "mesh.rules", f"{name!r} maps to unknown mesh axis {t!r}")
+    return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Load `configs/foo.py` (a module with `get_config()`), outside of absl flags (tests, notebooks)."""
+    if not os.path.exists(path):
+        raise ConfigError("config", f"no such config file: {path}")
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def override(c: ml_collections.ConfigDict, **dotted: Any) -> ml_collections.ConfigDict:
+    """`override(c, **{"model.num_layers": 2})`: the programmatic twin of `--config.model.num_layers=2`."""
+    c = ml_collections.ConfigDict(c)  # a copy, keeps the lock
+    for key, value in dotted.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(key, "no such key in the config schema (see maxlm/config.py)")
+        node[leaf] = value
+    return c
+
+
+def num_params(c: ml_collections.ConfigDict) -> int:
+    """Parameter count computed from shapes alone (used for MFU and memory estimates)."""
+    m = c.model
+    h = head_dim(m)
+    attn = m.d_model * h * (m.num_heads * 2 + m.num_kv_heads * 2)
+    if m.qkv_bias:
+        attn += h * (m.num_heads + 2 * m.num_kv_heads)
+    mlp = 3 * m.d_model * m.mlp_dim
+    per_layer = attn + mlp + 2 * m.d_model
+    emb = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    return m.num_layers * per_layer + emb + m.d_model
+
+
+def flops_per_token(c: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (non-embedding-lookup params) + causal attention (PaLM appendix B).
+
+    The input embedding lookup is a gather, not a matmul, so it is excluded; the output projection is a
+    matmul and counted. Attention scores and the weighted sum cost 2 * 2 * T * N * H per token forward
+    for full attention; causal masking halves the useful work, and backward is twice forward (x3).
+    """
+    m = c.model
+    matmul_params = num_params(c) - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
+    attn = 3 * 2 * 2 * m.num_layers * seq_len * m.num_heads * head_dim(m) / 2
+    return 6.0 * matmul_params + attn
+
+
+def lr_decay_steps(c: ml_collections.ConfigDict) -> int:
+    return c.optim.decay_steps or c.train.num_steps
+
+
+def describe(c: ml_collections.ConfigDict) -> str:
+    m = c.model
+    return (f"{num_params(c) / 1e6:.1f}M params: L={m.num_layers} D={m.d_model} N={m.num_heads} "
+            f"K={m.num_kv_heads} H={head_dim(m)} F={m.mlp_dim} V={m.vocab_size}; "
+            f"T={c.data.seq_len} B={c.data.batch_size} ({c.data.seq_len * c.data.batch_size} tokens/step); "
+            f"ln(V)={math.log(m.vocab_size):.2f}")

@@ -1,0 +1,267 @@
+"""A LLaMA / InternLM2-family decoder in Flax Linen, used functionally.
+
+Legend (gemma's): B batch, T query length, S key length, N query heads, K kv heads, G = N // K,
+H head dim, D model dim, F MLP dim, V vocab, L layers.
+
+Architecture (Touvron et al. 2023, LLaMA; Cai et al. 2024, InternLM2): token embedding -> L x [pre-RMSNorm
+-> rotary GQA attention -> residual -> pre-RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> vocab projection.
+
+Why Linen: `init` returns a plain nested dict of arrays, which is exactly what Orbax saves, what the
+Hugging Face converter maps name by name, what LoRA wraps and what the sharding rules annotate -- one tree
+everywhere. Every parameter is declared with `nn.with_logical_partitioning`, so its logical axis names
+('embed', 'heads', ...) travel with it; `config.mesh.rules` maps them to mesh axes. No mesh axis is named here.
+
+Layers are always an `nn.scan` over a stacked parameter tree with a leading 'layers' axis. `scan_layers=False`
+fully unrolls that scan, so the compiled program is straight-line code while the parameter tree -- and so
+the checkpoint layout -- stays identical whichever of scan / unroll / remat is chosen.
+
+The KV cache is an explicit pytree (`init_cache`), threaded in and out of `__call__`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.ad_checkpoint import checkpoint_name
+
+from maxlm import attention
+from maxlm.config import head_dim
+
+Cache = dict[str, jax.Array]
+
+_init = nn.initializers.normal
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Accept either the full experiment config or its `model` section."""
+    return config.model if "model" in config else config
+
+
+def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, names)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 as Hugging Face Llama does."""
+
+    eps: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(jnp.float32) * x32.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, x: jax.Array, aux: dict, layer_cache: Cache | None):
+        cfg = self.cfg
+        n, k_heads, h, d = cfg.num_heads, cfg.num_kv_heads, head_dim(cfg), cfg.d_model
+        g = n // k_heads
+        dt, pdt = _dtype(cfg.compute_dtype), _dtype(cfg.param_dtype)
+        winit = _init(cfg.init_std)
+        b, t, _ = x.shape
+        if cfg.fused_qkv:
+            # InternLM2's wqkv: per kv head, its G query heads then one key and one value head.
+            w = self.param("wqkv", nn.with_logical_partitioning(winit, ("embed", "kv_heads", "qkv_group", "head_dim")),
+                           (d, k_heads, g + 2, h), pdt)
+            qkv = jnp.einsum("BTD,DKGH->BTKGH", x, w.astype(dt))
+            if cfg.qkv_bias:
+                bias = self.param("bqkv", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                       ("kv_heads", "qkv_group", "head_dim")),
+                                  (k_heads, g + 2, h), pdt)
+                qkv = qkv + bias.astype(dt)
+            q = qkv[:, :, :, :g].reshape(b, t, n, h)
+            k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
+        else:
+            def proj(name, heads, axis):
+                w = self.param(name, nn.with_logical_partitioning(winit, ("embed", axis, "head_dim")), (d, heads, h), pdt)
+                y = jnp.einsum("BTD,DNH->BTNH", x, w.astype(dt))
+                if cfg.qkv_bias:
+                    bias = self.param(name + "_bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                                   (axis, "head_dim")), (heads, h), pdt)
+                    y = y + bias.astype(dt)
+                return y
+
+            q, k, v = proj("q", n, "heads"), proj("k", k_heads, "kv_heads"), proj("v", k_heads, "kv_heads")
+        q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+        k = _constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        v = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        rope = dict(theta=cfg.rope_theta, scaling=cfg.rope_scaling, factor=cfg.rope_factor)
+        q = attention.rope(q, aux["positions"], **rope)
+        k = attention.rope(k, aux["positions"], **rope)
+
+        new_cache = None
+        q_offset = 0
+        if layer_cache is not None:
+            idx = aux["cache_index"]
+            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, idx, 0, 0))
+            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, idx, 0, 0))
+            new_cache = {"k": k, "v": v}
+            q_offset = idx
+            k, v = k.astype(dt), v.astype(dt)
+        out = attention.attend(q, k, v, q_segment_ids=aux["segment_ids"], kv_segment_ids=aux["kv_segment_ids"],
+                               q_offset=q_offset, impl=cfg.attention_impl)
+        out = checkpoint_name(out, "attention_out")
+        wo = self.param("o", nn.with_logical_partitioning(winit, ("heads", "head_dim", "embed")), (n, h, d), pdt)
+        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(x gate) * (x up))."""
+
+    cfg: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dt, pdt = _dtype(cfg.compute_dtype), _dtype(cfg.param_dtype)
+        winit = _init(cfg.init_std)
+        shape_in = (cfg.d_model, cfg.mlp_dim)
+        gate = self.param("gate", nn.with_logical_partitioning(winit, ("embed", "mlp")), shape_in, pdt)
+        up = self.param("up", nn.with_logical_partitioning(winit, ("embed", "mlp")), shape_in, pdt)
+        down = self.param("down", nn.with_logical_partitioning(winit, ("mlp", "embed")), shape_in[::-1], pdt)
+        hidden = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, gate.astype(dt))) * jnp.einsum("BTD,DF->BTF", x, up.astype(dt))
+        hidden = _constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        return jnp.einsum("BTF,FD->BTD", hidden, down.astype(dt))
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer. Signature fits `nn.scan`: (carry, broadcast aux, per-layer cache)."""
+
+    cfg: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, x: jax.Array, aux: dict, layer_cache: Cache | None):
+        cfg = self.cfg
+        pdt = _dtype(cfg.param_dtype)
+        attn_out, new_cache = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, pdt, name="attn_norm")(x),
+                                                          aux, layer_cache)
+        x = x + attn_out
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, pdt, name="mlp_norm")(x))
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer: recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+class Decoder(nn.Module):
+    cfg: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, cache: Cache | None = None):
+        """tokens [B,T] -> (float32 logits [B,T,V], updated cache or None).
+
+        positions default to 0..T-1 (RoPE); segment_ids default to all ones (one document per row; 0 marks
+        padding). With a cache, the T new tokens are written at slots cache["index"] .. + T - 1.
+        """
+        cfg = self.cfg
+        dt, pdt = _dtype(cfg.compute_dtype), _dtype(cfg.param_dtype)
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        embedding = self.param("embedding", nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")),
+                               (cfg.vocab_size, cfg.d_model), pdt)
+        x = jnp.take(embedding, tokens, axis=0).astype(dt)
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+        aux = {"positions": positions, "segment_ids": segment_ids, "kv_segment_ids": segment_ids}
+        layer_caches = None
+        if cache is not None:
+            kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, cache["index"]))
+            aux.update(kv_segment_ids=kv_segment_ids, cache_index=cache["index"])
+            layer_caches = {"k": cache["k"], "v": cache["v"]}
+
+        block = Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+                         unroll=1 if cfg.scan_layers else cfg.num_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        x, new_layer_caches = layers(cfg, name="layers")(x, aux, layer_caches)
+
+        x = RMSNorm(cfg.norm_eps, pdt, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(dt), preferred_element_type=jnp.float32)
+        else:
+            head = self.param("lm_head", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")),
+                              (cfg.d_model, cfg.vocab_size), pdt)
+            logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt), preferred_element_type=jnp.float32)
+        logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+        new_cache = None
+        if cache is not None:
+            new_cache = {**new_layer_caches, "segment_ids": aux["kv_segment_ids"], "index": cache["index"] + t}
+        return logits.astype(jnp.float32), new_cache
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Functional API: parameters are a plain nested dict; these are the functions the rest of maxlm calls.
+
+
+def _boxed_init(config: ml_collections.ConfigDict, rng: jax.Array):
+    cfg = model_config(config)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(cfg).init(rng, tokens)["params"]
+
+
+def init(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+    """Random parameters as a plain pytree (HF-style init: normal(init_std) matrices, unit norms)."""
+    return nn.unbox(_boxed_init(config, rng))
+
+
+def abstract_params(config: ml_collections.ConfigDict) -> dict:
+    """ShapeDtypeStructs of the parameter tree, without allocating anything."""
+    return nn.unbox(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))
+
+
+def logical_axes(config: ml_collections.ConfigDict) -> dict:
+    """The parameter tree with a `PartitionSpec` of logical axis names at each leaf."""
+    boxed = jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0)))
+    return nn.get_partition_spec(boxed)
+
+
+def apply(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *,
+          positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """tokens [B,T] int -> float32 logits [B,T,V]. Stable public API."""
+    logits, _ = Decoder(model_config(config)).apply({"params": params}, tokens, positions, segment_ids)
+    return logits
+
+
+def init_cache(config: ml_collections.ConfigDict, batch: int, max_len: int, dtype: Any = None) -> Cache:
+    """An empty KV cache: k/v [L,B,S,K,H], the segment id of every slot [B,S] (0 = empty), next slot index."""
+    cfg = model_config(config)
+    dtype = dtype or _dtype(cfg.compute_dtype)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, head_dim(cfg))
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+def decode(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, cache: Cache, *,
+           positions: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, Cache]:
+    """Run T new tokens through the model against a cache (prefill when T > 1, one decode step when T = 1)."""
+    return Decoder(model_config(config)).apply({"params": params}, tokens, positions, segment_ids, cache)

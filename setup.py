@@ -1,0 +1,37 @@
+"""maxlm: a JAX-first reference codebase for the LLM life cycle (pretrain -> SFT -> RM -> PPO -> eval)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="maxlm",
+    version="0.1.0",
+    description="JAX/Flax language-model pretraining, fine-tuning and RLHF, readable end to end.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["maxlm", "maxlm.*", "kernels", "kernels.*"]),
+    install_requires=[
+        # jax 0.10.x is what PyPI gives Python 3.11 today; GPU machines carry 0.11.x on Python 3.12.
+        "jax>=0.10.0,<0.12",
+        "jaxlib>=0.10.0,<0.12",
+        "flax>=0.12,<0.14",
+        "optax>=0.2.6,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "ml-collections>=1.1,<2",
+        "sentencepiece>=0.2,<0.3",
+        "tensorflow-datasets>=4.9.8,<5",
+        "array-record>=0.7,<0.9",
+        "tensorboardX>=2.6,<3",
+        "matplotlib>=3.8,<4",
+        "numpy>=1.26,<3",
+        "absl-py>=2.1,<3",
+    ],
+    extras_require={
+        # The oracle for the decoder: Hugging Face transformers on the CPU build of torch the machines carry.
+        "test": [
+            "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",
+            "torch==2.13.0",
+            "transformers>=4.56,<6",
+            "safetensors>=0.4,<1",
+        ],
+    },
+)
