@@ -287,3 +287,27 @@ def describe(c: ml_collections.ConfigDict) -> str:
             f"K={m.num_kv_heads} H={head_dim(m)} F={m.mlp_dim} V={m.vocab_size}; "
             f"T={c.data.seq_len} B={c.data.batch_size} ({c.data.seq_len * c.data.batch_size} tokens/step); "
             f"ln(V)={math.log(m.vocab_size):.2f}")
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+    """Rebuild a locked config from `config.to_dict()` (e.g. the JSON stored beside a checkpoint).
+
+    Keys unknown to the current schema are an error; keys the schema gained since keep their defaults.
+    """
+    c = default_config()
+
+    def fill(node: ml_collections.ConfigDict, vals: dict, prefix: str) -> None:
+        for key, val in vals.items():
+            if key not in node:
+                raise ConfigError(prefix + key, "no such key in the config schema (see maxlm/config.py)")
+            if isinstance(node[key], ml_collections.ConfigDict):
+                fill(node[key], val, prefix + key + ".")
+            else:
+                node[key] = _tuples(val)
+
+    fill(c, values, "")
+    return c

@@ -1,0 +1,87 @@
+"""Orbax checkpoints of the training state, the data iterator's position and the config.
+
+One step directory holds four items: `params`, `opt_state` (array pytrees, written asynchronously while
+training continues), `meta` (JSON: step and data-iterator state) and `config` (JSON). Parameters are their
+own item so that inference (`maxlm.sample`) and conversion restore them without the optimizer state.
+Orbax writes each step into a temporary directory and renames it when complete, so a checkpoint is visible
+only once whole. Restoring onto an abstract target (ShapeDtypeStructs carrying shardings) creates every
+array directly with its sharding on the current mesh.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from maxlm import config as config_lib
+from maxlm import model
+
+ITEMS = ("params", "opt_state", "meta", "config")
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+    """A thin owner of an Orbax `CheckpointManager` with maxlm's item layout."""
+
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+        ck = config.checkpoint
+        options = ocp.CheckpointManagerOptions(max_to_keep=ck.max_to_keep, create=True,
+                                               enable_async_checkpointing=ck.async_save)
+        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+        self.config = config
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params: Any, opt_state: Any, data_state: dict) -> None:
+        """Start an (asynchronous) save; returns as soon as the arrays are copied off the step's buffers."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave({"step": int(step), "data": data_state}),
+            config=ocp.args.JsonSave(self.config.to_dict()),
+        ))
+
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> tuple[Any, Any, dict]:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            meta=ocp.args.JsonRestore(),
+        ))
+        return out["params"], out["opt_state"], out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def load_latest(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
+    """(config, params, step) of the newest (or the given) checkpoint in `workdir`, params on one device.
+
+    Raises FileNotFoundError with a readable message when there is nothing to load.
+    """
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints under {directory}")
+    manager = ocp.CheckpointManager(directory, item_names=ITEMS)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint under {directory}")
+    config = config_lib.from_dict(manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"])
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                            model.abstract_params(config))
+    params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    manager.close()
+    return config, params, step

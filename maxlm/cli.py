@@ -1,0 +1,75 @@
+"""Shared command-line plumbing: `--config=configs/x.py --config.a.b=v` flags and one-line user errors.
+
+Every entry point (`python -m maxlm.train`, `maxlm.sample`, ...) is a few lines on top of this. User
+mistakes -- an invalid config value, an unknown key, a missing file or checkpoint -- print one line on
+stderr and exit with status 2; a traceback is kept for real bugs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags
+from ml_collections import ConfigDict, config_flags
+
+from maxlm.config import ConfigError, default_config
+
+USER_ERRORS = (ConfigError, FileNotFoundError)
+
+
+def define_config_flag(default: str = "configs/tiny.py") -> None:
+    config_flags.DEFINE_config_file(
+        "config", default,
+        "Experiment config: a configs/*.py file with get_config(). Override any field with "
+        "--config.<section>.<key>=<value>, e.g. --config.model.num_layers=4 --config.train.num_steps=100.",
+        lock_config=True)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """`absl.app.run(main)`, turning user errors into one line on stderr and exit status 2."""
+
+    def wrapped(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    app.run(wrapped, flags_parser=_parse_flags)
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Fail on `--config=missing.py` and on `--config.a.b` keys that are not in the schema, naming the key."""
+    schema = default_config()
+    for arg in argv[1:]:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+            if not os.path.isfile(path):
+                raise ConfigError("config", f"no such config file: {path}")
+        elif arg.startswith("--config."):
+            key = arg[len("--config."):].split("=", 1)[0]
+            node = schema
+            for i, part in enumerate(key.split(".")):
+                if not isinstance(node, ConfigDict) or part not in node:
+                    known = list(node.keys()) if isinstance(node, ConfigDict) else []
+                    close = difflib.get_close_matches(part, known, n=1)
+                    hint = f"; did you mean {'.'.join(key.split('.')[:i] + close)}?" if close else ""
+                    raise ConfigError(key, f"no such key in the config schema (maxlm/config.py){hint}")
+                node = node[part]
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but a bad flag, unknown config key or missing config file is one line, not a traceback."""
+    try:
+        check_overrides(argv)
+        return flags.FLAGS(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        message = " ".join(str(e).replace("\\n", " ").split())
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,135 @@
+"""Run logging: `metrics.jsonl`, TensorBoard events, a console progress line with ETA, a loss-curve PNG.
+
+Only process 0 writes (multi-host runs would otherwise write N copies). MFU (model FLOPs utilisation, PaLM,
+Chowdhery et al. 2022) is achieved model FLOPs per second over the peak of the devices used; the peak is the
+dense bf16 tensor-core / MXU figure of the accelerator (what MFU is conventionally quoted against), or for a
+CPU an estimate of its fp32 FMA throughput. `train.peak_tflops` overrides the lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+
+# Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
+PEAK_TFLOPS = {
+    "h100": 989.0,
+    "h200": 989.0,
+    "h800": 989.0,
+    "a100": 312.0,
+    "a800": 312.0,
+    "l40s": 362.0,
+    "v100": 125.0,
+    "tpu v4": 275.0,
+    "tpu v5 lite": 197.0,
+    "tpu v5e": 197.0,
+    "tpu v5p": 459.0,
+    "tpu v5": 459.0,
+    "tpu v6 lite": 918.0,
+    "tpu v6e": 918.0,
+}
+# CPU estimate: cores x 2.5 GHz x 32 fp32 FLOP/cycle (two 8-lane AVX2 FMA units).
+CPU_FLOPS_PER_CORE = 2.5e9 * 32
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> float:
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        # All host "devices" (e.g. --xla_force_host_platform_device_count) share the same cores.
+        return (os.cpu_count() or 1) * CPU_FLOPS_PER_CORE / jax.local_device_count()
+    kind = device.device_kind.lower()
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in kind:
+            return tflops * 1e12
+    return float("nan")
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.enabled = enabled
+        self.workdir = workdir
+        self.history: list[dict[str, Any]] = []
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}, "time": time.time()}
+        self.history.append(record)
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in metrics.items():
+            self._tb.add_scalar(key, float(value), int(step))
+
+    def progress(self, step: int, total: int, metrics: dict[str, float], eta_seconds: float) -> None:
+        if not self.enabled:
+            return
+        parts = [f"step {step}/{total}", f"loss {metrics['loss']:.4f}"]
+        if "eval_loss" in metrics:
+            parts.append(f"eval {metrics['eval_loss']:.4f}")
+        parts += [f"lr {metrics['lr']:.2e}", f"gnorm {metrics['grad_norm']:.3f}",
+                  f"{metrics['tokens_per_sec']:,.0f} tok/s", f"mfu {100 * metrics['mfu']:.2f}%",
+                  f"eta {format_duration(eta_seconds)}"]
+        print(" | ".join(parts), flush=True)
+
+    def plot(self, filename: str = "loss.png") -> str | None:
+        """Loss (and eval loss) against step, from every record this run and earlier runs wrote."""
+        if not self.enabled:
+            return None
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        records = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+        by_step = {r["step"]: r for r in records}  # a resumed run rewrites some steps: keep the latest
+        steps = sorted(by_step)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, [by_step[s]["loss"] for s in steps], label="train loss")
+        evals = [s for s in steps if "eval_loss" in by_step[s]]
+        if evals:
+            ax.plot(evals, [by_step[s]["eval_loss"] for s in evals], "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        out = os.path.join(self.workdir, filename)
+        fig.tight_layout()
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def log_line(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stdout, flush=True)

@@ -1,0 +1,81 @@
+"""The device mesh and the one mapping from logical axis names to mesh axes.
+
+Model code names logical axes only ('embed', 'heads', 'activation_batch', ...); `config.mesh.rules` (see
+maxlm/config.py) is the single table that maps them to the mesh axes `data`, `fsdp`, `tensor`, `sequence`.
+Parameter shardings, optimizer-state shardings and activation constraints are all derived from it, so
+changing the parallelism is a config change, never a model change (the MaxText / t5x design).
+
+The mesh uses `AxisType.Auto` axes on purpose: the compiler (GSPMD / Shardy) propagates shardings from the
+parameter and batch annotations plus the logical constraints in the model, which is what lets one model
+definition run under every mesh. (Recent `jax.make_mesh` defaults to Explicit axes, which would require
+sharding-aware code at every op.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from maxlm import model
+from maxlm.config import MESH_AXES, ConfigError
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+    """Resolve the `-1` axis (at most one) to the devices left over; check the product."""
+    sizes = [config.mesh[a] for a in MESH_AXES]
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if num_devices % known:
+            raise ConfigError("mesh", f"{num_devices} devices are not divisible by the fixed axes' product {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if int(np.prod(sizes)) != num_devices:
+        raise ConfigError("mesh", f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                                  f"{num_devices} are available")
+    return tuple(sizes)
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
+    devices = devices if devices is not None else jax.devices()
+    shape = mesh_shape(config, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+    return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in config.mesh.rules)
+
+
+def logical_to_sharding(spec: PartitionSpec, mesh: Mesh, config: ml_collections.ConfigDict) -> NamedSharding:
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(spec, rules(config)))
+
+
+def param_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
+    """NamedSharding for every parameter, from its logical axes and the rules table."""
+    return jax.tree.map(lambda spec: logical_to_sharding(spec, mesh, config), model.logical_axes(config),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(config: ml_collections.ConfigDict, mesh: Mesh) -> NamedSharding:
+    """[B, T] batch arrays: rows over the data-parallel axes, tokens over the sequence axis."""
+    return logical_to_sharding(PartitionSpec("activation_batch", "activation_length"), mesh, config)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activation_rules(config: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[None]:
+    """Context under which the model's `with_logical_constraint` calls become real sharding constraints."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules(config)):
+        yield
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assemble this host's rows into global arrays (each host feeds only its slice of the data)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

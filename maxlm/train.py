@@ -1,0 +1,229 @@
+"""Pretraining: a pure jitted train step and the loop that owns data, logging and checkpoints.
+
+    python -m maxlm.train --config=configs/tiny.py --workdir=runs/tiny [--config.train.num_steps=N ...]
+
+Rerunning the same command resumes from the newest checkpoint in the workdir, data position included, so
+the resumed run computes exactly the steps an uninterrupted run would have.
+
+The step is `(state, batch) -> (state, metrics)` with `state = {"step", "params", "opt_state"}` donated to
+jit. The loss is the mean cross-entropy over the *real* target tokens of the whole global batch (sum of
+per-token losses / number of weighted tokens), so gradient accumulation over micro-batches gives the same
+gradient as one large batch, however the padding falls.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import flags
+
+from maxlm import checkpoint as checkpoint_lib
+from maxlm import cli, data, model, optim, sharding
+from maxlm import config as config_lib
+from maxlm import tokenizer as tokenizer_lib
+from maxlm.metrics import MetricsWriter, log_line, peak_flops_per_device
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def loss_fn(params: dict, config: ml_collections.ConfigDict, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token cross-entropies, sum of weights) for one (micro-)batch."""
+    logits = model.apply(config, params, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    weights = batch["loss_weights"].astype(jnp.float32)
+    return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation, state: State,
+               batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+    """One optimizer update, accumulating gradients over `optim.grad_accum_steps` micro-batches."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    params = state["params"]
+    accum = config.optim.grad_accum_steps
+
+    def micro_step(carry, micro_batch):
+        (loss_sum, tokens), grads = grad_fn(params, config, micro_batch)
+        return jax.tree.map(jnp.add, carry, (grads, loss_sum, tokens)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    micro_batches = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+    (grads, loss_sum, tokens), _ = jax.lax.scan(micro_step, zeros, micro_batches)
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+               "lr": optim.schedule(config)(state["step"]), "tokens": tokens}
+    return new_state, metrics
+
+
+def eval_step(config: ml_collections.ConfigDict, params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    return loss_fn(params, config, batch)
+
+
+class Trainer:
+    """Builds the mesh, the sharded state and the jitted step for a config (everything but the loop)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+        self.config = config
+        self.mesh = mesh or sharding.make_mesh(config)
+        abstract_params = model.abstract_params(config)
+        self.optimizer = optim.make_optimizer(config, abstract_params)
+        param_sh = sharding.param_shardings(config, self.mesh)
+        abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+        opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_opt, param_sh,
+                                       transform_non_params=lambda _: sharding.replicated(self.mesh))
+        self.state_shardings = {"step": sharding.replicated(self.mesh), "params": param_sh, "opt_state": opt_sh}
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt},
+            self.state_shardings)
+        self.batch_sharding = sharding.batch_sharding(config, self.mesh)
+        with sharding.activation_rules(config, self.mesh):
+            self._step = jax.jit(functools.partial(train_step, config, self.optimizer),
+                                 in_shardings=(self.state_shardings, self.batch_sharding),
+                                 out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                                 donate_argnums=0)
+            self._eval = jax.jit(functools.partial(eval_step, config),
+                                 in_shardings=(param_sh, self.batch_sharding))
+
+    def init_state(self, rng: jax.Array) -> State:
+        """Random parameters and fresh optimizer state, created directly with their shardings."""
+
+        def make(rng):
+            params = model.init(self.config, rng)
+            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
+
+        with sharding.activation_rules(self.config, self.mesh):
+            return jax.jit(make, out_shardings=self.state_shardings)(rng)
+
+    def device_batch(self, local: dict[str, np.ndarray]) -> Batch:
+        return sharding.global_batch(local, self.batch_sharding)
+
+    def step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        with sharding.activation_rules(self.config, self.mesh):
+            return self._step(state, batch)
+
+    def eval_loss(self, params: dict, batches: list[Batch]) -> float:
+        with sharding.activation_rules(self.config, self.mesh):
+            sums = [self._eval(params, b) for b in batches]
+        loss_sum = sum(float(s) for s, _ in sums)
+        tokens = sum(float(t) for _, t in sums)
+        return loss_sum / max(tokens, 1.0)
+
+
+def _iterator(config, tok, split: str, seed: int) -> data.PackedIterator:
+    source = data.make_source(config, split)
+    return data.PackedIterator(source, tok, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+                               seed=seed, host_id=jax.process_index(), num_hosts=jax.process_count())
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, float]]:
+    """Train (or resume) to `train.num_steps`; returns the metrics records logged by this invocation."""
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    primary = jax.process_index() == 0
+    log_line(f"maxlm.train: {config_lib.describe(config)}")
+    tok = tokenizer_lib.load_or_train(config, workdir)
+    train_iter = _iterator(config, tok, "train", config.data.shuffle_seed)
+
+    trainer = Trainer(config)
+    log_line(f"mesh {dict(trainer.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    ckpt = checkpoint_lib.Checkpointer(workdir, config)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        params, opt_state, meta = ckpt.restore(latest, trainer.abstract_state["params"],
+                                               trainer.abstract_state["opt_state"])
+        step0 = jax.device_put(jnp.asarray(meta["step"], jnp.int32), trainer.state_shardings["step"])
+        state = {"step": step0, "params": params, "opt_state": opt_state}
+        train_iter.set_state(meta["data"])
+        log_line(f"resumed from step {latest} ({checkpoint_lib.checkpoint_dir(workdir)})")
+    else:
+        state = trainer.init_state(jax.random.key(config.train.seed))
+    start = int(state["step"])
+
+    eval_batches = []
+    if config.train.eval_every and config.data.eval_fraction > 0:
+        eval_iter = _iterator(config, tok, "eval", seed=0)
+        eval_batches = [trainer.device_batch(next(eval_iter)) for _ in range(config.train.eval_batches)]
+
+    writer = MetricsWriter(workdir, enabled=primary)
+    flops_per_step = config_lib.flops_per_token(config, config.data.seq_len) * config.data.seq_len \
+        * config.data.batch_size
+    peak = peak_flops_per_device(config.train.peak_tflops) * jax.device_count()
+    total = config.train.num_steps
+    interval_start, interval_steps, timed_start = None, 0, None
+    step = start
+    while step < total:
+        batch = trainer.device_batch(next(train_iter))
+        state, metrics = trainer.step(state, batch)
+        step += 1
+        if interval_start is None:  # the first step includes compilation: time from its end
+            jax.block_until_ready(metrics)
+            interval_start = timed_start = time.perf_counter()
+            first_timed = step
+        else:
+            interval_steps += 1
+        if step % config.checkpoint.every_steps == 0 or step == total:
+            ckpt.save(step, state["params"], state["opt_state"], train_iter.get_state())
+        if step % config.train.log_every == 0 or step == total:
+            record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            elapsed = now - interval_start
+            step_time = elapsed / interval_steps if interval_steps else float("nan")
+            record["tokens_per_sec"] = config.data.seq_len * config.data.batch_size / step_time
+            record["mfu"] = flops_per_step / step_time / peak
+            record["step_time"] = step_time
+            stats = train_iter.stats
+            record["data_skipped"] = float(sum(v for k, v in stats.items() if k.startswith("skipped")))
+            if eval_batches and (step % config.train.eval_every == 0 or step == total):
+                record["eval_loss"] = trainer.eval_loss(state["params"], eval_batches)
+            writer.write(step, record)
+            mean_step = (now - timed_start) / max(step - first_timed, 1)
+            writer.progress(step, total, record, eta_seconds=mean_step * (total - step))
+            interval_start, interval_steps = time.perf_counter(), 0
+    ckpt.close()
+    if primary and step > start:
+        png = writer.plot()
+        log_line(f"loss curve: {png}; metrics: {os.path.join(workdir, 'metrics.jsonl')}; "
+                 f"data: {train_iter.stats}")
+        _print_samples(config, state["params"], tok)
+    writer.close()
+    return writer.history
+
+
+def _print_samples(config: ml_collections.ConfigDict, params: dict, tok) -> None:
+    from maxlm import sample
+
+    if config.train.num_samples <= 0:
+        return
+    prompts = ["import ", "def ", "class ", "    for ", "    return "][: config.train.num_samples]
+    params = jax.device_get(params)
+    outs = sample.generate(config, params, [[tok.bos_id] + tok.encode(p) for p in prompts],
+                           max_new_tokens=config.train.sample_tokens, rng=jax.random.key(config.train.seed),
+                           temperature=0.8, top_k=40, eos_id=tok.eos_id)
+    for prompt, out in zip(prompts, outs):
+        log_line(f"--- sample ({prompt!r}) ---\n{prompt}{tok.decode(out)}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise config_lib.ConfigError("argv", f"unexpected arguments {argv[1:]}")
+    train(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    cli.define_config_flag()
+    flags.declare_key_flag("config")
+    flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics.jsonl, TensorBoard, loss.png.")
+    cli.run(main)
