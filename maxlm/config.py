@@ -9,6 +9,7 @@ silently ignored. `validate()` runs before anything is traced or compiled and na
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import os
@@ -239,7 +240,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 def override(c: ml_collections.ConfigDict, **dotted: Any) -> ml_collections.ConfigDict:
     """`override(c, **{"model.num_layers": 2})`: the programmatic twin of `--config.model.num_layers=2`."""
-    c = ml_collections.ConfigDict(c)  # a copy, keeps the lock
+    c = copy.deepcopy(c)  # never mutate the caller's config; the copy stays locked
     for key, value in dotted.items():
         node = c
         *parents, leaf = key.split(".")

@@ -76,7 +76,7 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
         self.config = config
-        self.mesh = mesh or sharding.make_mesh(config)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(config)
         abstract_params = model.abstract_params(config)
         self.optimizer = optim.make_optimizer(config, abstract_params)
         param_sh = sharding.param_shardings(config, self.mesh)

@@ -1,0 +1,163 @@
+"""SentencePiece BPE tokenizer, trained on the project's own corpus with LLaMA / Baichuan 2 choices.
+
+Choices (Touvron et al. 2023, LLaMA section 2.1; Yang et al. 2023, Baichuan 2 section 2.2):
+  * BPE via SentencePiece; digits split into single-digit pieces (numbers tokenize uniformly).
+  * byte fallback: a character outside the vocabulary becomes its UTF-8 byte pieces, never <unk>, so any
+    text -- Chinese, emoji, control characters -- round-trips.
+  * no normalization ("identity"), no dummy prefix, no whitespace collapsing (Baichuan 2), and
+    whitespace-only pieces so code indentation costs few tokens.
+  * user-defined symbols (chat markers such as <|im_start|>) are single, never-split pieces.
+Fixed ids: pad=0, unk=1, bos=2, eos=3; the vocabulary is exactly `config.model.vocab_size` pieces.
+
+SentencePiece trains on "sentences" = lines, so documents are fed line by line (newlines themselves are
+encoded through byte fallback as <0x0A>, like LLaMA). Training is deterministic: every line is used in
+order (no sampling, no shuffling) with a fixed thread count, which the BPE result depends on.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+
+import ml_collections
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MAX_SENTENCE_BYTES = 1 << 16  # longer lines are skipped (SentencePiece would drop them anyway)
+TRAIN_THREADS = 8  # fixed: the learned merges depend on the thread count, not on the machine's cores
+_META = "\u2581"  # SentencePiece's whitespace marker; decodes to " ", so a literal one is sent as bytes
+
+
+class Tokenizer:
+    """A loaded SentencePiece model. `encode` adds no bos/eos: the packer frames documents itself."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._sp = spm.SentencePieceProcessor(model_file=path)
+        meta_bytes = [f"<0x{b:02X}>" for b in _META.encode("utf-8")]
+        ids = [self._sp.piece_to_id(p) for p in meta_bytes]
+        self._meta_ids = ids if all(self._sp.is_byte(i) for i in ids) else None
+
+    def encode(self, text: str) -> list[int]:
+        if self._meta_ids is None or _META not in text:
+            return self._sp.encode(text)
+        ids: list[int] = []
+        for k, part in enumerate(text.split(_META)):
+            if k:
+                ids += self._meta_ids
+            ids += self._sp.encode(part)
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def piece_to_id(self, piece: str) -> int:
+        return self._sp.piece_to_id(piece)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+
+def _lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """Non-empty lines of `texts`, in order, until `max_bytes` of UTF-8 have been yielded."""
+    total = 0
+    for text in texts:
+        for line in text.split("\n"):
+            n = len(line.encode("utf-8"))
+            if n == 0 or n > MAX_SENTENCE_BYTES:
+                continue
+            if total + n > max_bytes:
+                return
+            total += n
+            yield line
+
+
+def train(texts: Iterable[str], out_prefix: str, config: ml_collections.ConfigDict) -> Tokenizer:
+    """Train a BPE model of exactly `config.model.vocab_size` pieces; writes `out_prefix`.model / .vocab."""
+    t = config.tokenizer
+    vocab_size = config.model.vocab_size
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(texts, t.train_max_bytes),
+        model_prefix=out_prefix,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=0.9995,
+        split_digits=t.split_digits,
+        byte_fallback=t.byte_fallback,
+        user_defined_symbols=list(t.user_defined_symbols),
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        max_sentence_length=MAX_SENTENCE_BYTES,
+        num_threads=TRAIN_THREADS,
+        minloglevel=2,
+    )
+    tok = Tokenizer(out_prefix + ".model")
+    if tok.vocab_size != vocab_size:
+        raise RuntimeError(f"trained {tok.vocab_size} pieces, expected model.vocab_size={vocab_size}")
+    return tok
+
+
+def load(path: str) -> Tokenizer:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no tokenizer model at {path}")
+    return Tokenizer(path)
+
+
+def _checked(tok: Tokenizer, config: ml_collections.ConfigDict, origin: str) -> Tokenizer:
+    if tok.vocab_size != config.model.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} ({origin}) has {tok.vocab_size} pieces but "
+                         f"model.vocab_size={config.model.vocab_size}; set them equal or use another workdir")
+    return tok
+
+
+def load_or_train(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+    """`config.tokenizer.path`, else the workdir's cached `tokenizer.model`, else train and cache one.
+
+    Training reads the *train* split of the configured data source in a fixed shuffled order (the cap of
+    `tokenizer.train_max_bytes` then samples the whole corpus) and writes atomically, so concurrent hosts
+    training the same deterministic model never see a half-written file.
+    """
+    if config.tokenizer.path:
+        return _checked(load(config.tokenizer.path), config, "tokenizer.path")
+    path = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(path):
+        return _checked(load(path), config, "cached in the workdir")
+    from maxlm import data
+
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".tokenizer-") as tmp:
+        prefix = os.path.join(tmp, "tokenizer")
+        train(data.iter_texts(data.make_source(config, "train")), prefix, config)
+        os.replace(prefix + ".vocab", os.path.join(workdir, "tokenizer.vocab"))
+        os.replace(prefix + ".model", path)
+    return load(path)
