@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from maxlm.config import ConfigError, default_config
@@ -21,6 +21,9 @@ USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
 def define_config_flag(default: str = "configs/tiny.py") -> None:
+    # ml_collections applies `--config.*` overrides from sys.argv as soon as the flag with a default file is
+    # defined, so the schema check has to come first.
+    _exit_on_config_error(check_overrides, sys.argv)
     config_flags.DEFINE_config_file(
         "config", default,
         "Experiment config: a configs/*.py file with get_config(). Override any field with "
@@ -32,6 +35,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run(main)`, turning user errors into one line on stderr and exit status 2."""
 
     def wrapped(argv: list[str]) -> None:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; keep the console readable
         try:
             main(argv)
         except USER_ERRORS as e:
@@ -39,6 +43,14 @@ def run(main: Callable[[list[str]], None]) -> None:
             sys.exit(2)
 
     app.run(wrapped, flags_parser=_parse_flags)
+
+
+def _exit_on_config_error(fn: Callable, *args) -> None:
+    try:
+        fn(*args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -63,12 +75,9 @@ def check_overrides(argv: list[str]) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, but a bad flag, unknown config key or missing config file is one line, not a traceback."""
+    _exit_on_config_error(check_overrides, argv)
     try:
-        check_overrides(argv)
         return flags.FLAGS(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
         message = " ".join(str(e).replace("\\n", " ").split())
         print(f"error: {message} (see --help)", file=sys.stderr, flush=True)

@@ -36,7 +36,7 @@ DEFAULT_RULES = (
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
-    ("qkv", "tensor"),
+    ("qkv_group", None),
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),

@@ -1,0 +1,316 @@
+"""Hugging Face <-> maxlm conversion, checked against transformers as the independent oracle.
+
+Small random models (2 layers, hidden 64, 4 heads, vocab 160, intermediate 160, float32), re-initialised
+with O(1)-scale weights, random norm scales and non-zero biases so that a wrong mapping cannot hide behind
+near-zero activations. Every logit comparison is against a transformers model, never maxlm against itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import jax  # noqa: E402
+
+from maxlm import model as model_lib  # noqa: E402
+from maxlm.convert import from_hf, to_hf  # noqa: E402
+
+TOL = 1e-4
+VOCAB = 160
+BASE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160,
+            max_position_embeddings=256, rms_norm_eps=1e-5)
+
+# name -> (HF class name, extra config kwargs)
+VARIANTS = {
+    "llama_mha": ("LlamaForCausalLM", dict(num_key_value_heads=4)),
+    "llama_gqa": ("LlamaForCausalLM", dict(num_key_value_heads=2, rope_theta=500.0)),
+    "llama_rope_linear": ("LlamaForCausalLM", dict(num_key_value_heads=2,
+                                                   rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama_tied": ("LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2": ("Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+}
+
+
+def _randomize(model) -> None:
+    """O(1)-logit weights: matrices ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1), biases ~ N(0, 0.1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+
+
+def _build(class_name: str, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    config_cls = getattr(transformers, class_name.replace("ForCausalLM", "Config"))
+    config = config_cls(**{**BASE, **kwargs}, attn_implementation="eager")
+    model = getattr(transformers, class_name)(config)
+    assert model.config._attn_implementation == "eager"
+    _randomize(model)
+    return model.eval()
+
+
+def _tokens(seed: int = 0, shape=(2, 17)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, shape).astype(np.int32)
+
+
+def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def _maxlm_logits(config, params, tokens, **kw) -> np.ndarray:
+    return np.asarray(model_lib.apply(config, params, tokens, **kw))
+
+
+def _max_diff(a, b) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def _check_close(name: str, got, want) -> None:
+    diff = _max_diff(got, want)
+    print(f"[{name}] max abs diff {diff:.3g}")
+    assert diff < TOL, f"{name}: max abs diff {diff} >= {TOL}"
+
+
+def _save(model, path) -> str:
+    model.save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+def _leaves(params) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _assert_params_equal(a, b) -> None:
+    la, lb = _leaves(a), _leaves(b)
+    assert la.keys() == lb.keys()
+    for k in la:
+        assert la[k].dtype == lb[k].dtype and np.array_equal(la[k], lb[k]), k
+
+
+def _assert_tensors_equal(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want), (sorted(set(got) ^ set(want)))
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        assert np.array_equal(got[k], want[k]), k
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Llama / Qwen2
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_parity_and_round_trip(variant, tmp_path):
+    class_name, kwargs = VARIANTS[variant]
+    hf_model = _build(class_name, **kwargs)
+    src = _save(hf_model, tmp_path / "src")
+    tokens = _tokens()
+    want = _hf_logits(hf_model, tokens)
+
+    config, params = from_hf(src)
+    m = config.model
+    assert m.compute_dtype == "float32" and m.num_kv_heads == kwargs["num_key_value_heads"]
+    assert m.qkv_bias == (class_name == "Qwen2ForCausalLM") and not m.fused_qkv
+    assert m.tie_embeddings == kwargs.get("tie_word_embeddings", False)
+    assert m.rope_scaling == ("linear" if "rope_scaling" in kwargs else "none")
+    got = _maxlm_logits(config, params, tokens)
+    _check_close(f"{variant} parity", got, want)
+
+    # Round trip: every exported tensor is bit-identical to what transformers saved, and reads back equal.
+    out = str(tmp_path / "out")
+    to_hf(config, params, out)
+    _assert_tensors_equal(safetensors_numpy.load_file(os.path.join(out, "model.safetensors")),
+                          safetensors_numpy.load_file(os.path.join(src, "model.safetensors")))
+    config2, params2 = from_hf(out)
+    assert config2.model.to_dict() == config.model.to_dict()
+    _assert_params_equal(params2, params)
+
+    # The exported folder loads in transformers and computes the same function.
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(reloaded).__name__ == class_name
+    again = _hf_logits(reloaded, tokens)
+    _check_close(f"{variant} reloaded-HF vs HF", again, want)
+    _check_close(f"{variant} reloaded-HF vs maxlm", got, again)
+
+
+def _packed_batch():
+    """Two rows of 17: documents [5, 7, 5] and [9, 6] + 2 padding; positions restart per document."""
+    rng = np.random.default_rng(1)
+    layout = [[5, 7, 5], [9, 6]]
+    tokens = rng.integers(0, VOCAB, (2, 17)).astype(np.int32)
+    positions = np.zeros((2, 17), np.int32)
+    segment_ids = np.zeros((2, 17), np.int32)
+    docs = []  # (row, start, length)
+    for row, lengths in enumerate(layout):
+        start = 0
+        for seg, length in enumerate(lengths, start=1):
+            positions[row, start:start + length] = np.arange(length)
+            segment_ids[row, start:start + length] = seg
+            docs.append((row, start, length))
+            start += length
+    return tokens, positions, segment_ids, docs
+
+
+def _check_packed(name, config, params, hf_model):
+    tokens, positions, segment_ids, docs = _packed_batch()
+    got = _maxlm_logits(config, params, tokens, positions=positions, segment_ids=segment_ids)
+    worst = 0.0
+    for row, start, length in docs:
+        want = _hf_logits(hf_model, tokens[row:row + 1, start:start + length])[0]
+        worst = max(worst, _max_diff(got[row, start:start + length], want))
+    print(f"[{name} packed] max abs diff {worst:.3g}")
+    assert worst < TOL
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "qwen2"])
+def test_packed_sequences(variant, tmp_path):
+    class_name, kwargs = VARIANTS[variant]
+    hf_model = _build(class_name, seed=1, **kwargs)
+    config, params = from_hf(_save(hf_model, tmp_path / "src"))
+    _check_packed(variant, config, params, hf_model)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# InternLM2 layout: packed here from a GQA Llama with torch ops; the Llama model is the oracle.
+
+
+def _internlm2_checkpoint(llama, path, tie=False) -> str:
+    cfg = llama.config
+    n, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+    h, g = d // n, n // kv
+    sd = {k: v.detach().clone() for k, v in llama.state_dict().items()}
+    out = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"]}
+    if not tie:
+        out["output.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"model.layers.{i}."
+        q = sd[src + "self_attn.q_proj.weight"].view(kv, g, h, d)  # query head k*g + j -> [k, j]
+        k = sd[src + "self_attn.k_proj.weight"].view(kv, 1, h, d)
+        v = sd[src + "self_attn.v_proj.weight"].view(kv, 1, h, d)
+        out[dst + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(kv * (g + 2) * h, d)
+        out[dst + "attention.wo.weight"] = sd[src + "self_attn.o_proj.weight"]
+        out[dst + "feed_forward.w1.weight"] = sd[src + "mlp.gate_proj.weight"]
+        out[dst + "feed_forward.w3.weight"] = sd[src + "mlp.up_proj.weight"]
+        out[dst + "feed_forward.w2.weight"] = sd[src + "mlp.down_proj.weight"]
+        out[dst + "attention_norm.weight"] = sd[src + "input_layernorm.weight"]
+        out[dst + "ffn_norm.weight"] = sd[src + "post_attention_layernorm.weight"]
+    os.makedirs(path, exist_ok=True)
+    safetensors_torch.save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(path, "model.safetensors"),
+                                metadata={"format": "pt"})
+    hf_config = {  # the keys of internlm/internlm2-7b's config.json
+        "architectures": ["InternLM2ForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+        "model_type": "internlm2", "attn_implementation": "eager", "bias": False, "bos_token_id": 1,
+        "eos_token_id": 2, "pad_token_id": 2, "hidden_act": "silu", "hidden_size": d, "initializer_range": 0.02,
+        "intermediate_size": cfg.intermediate_size, "max_position_embeddings": cfg.max_position_embeddings,
+        "num_attention_heads": n, "num_hidden_layers": cfg.num_hidden_layers, "num_key_value_heads": kv,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_scaling": None, "rope_theta": 1000000, "torch_dtype": "float32",
+        "tie_word_embeddings": tie, "use_cache": True, "vocab_size": cfg.vocab_size,
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    return str(path)
+
+
+def test_internlm2_layout(tmp_path):
+    llama = _build("LlamaForCausalLM", seed=2, num_key_value_heads=2, rope_theta=1000000.0)
+    src = _internlm2_checkpoint(llama, tmp_path / "src")
+    tokens = _tokens(2)
+    want = _hf_logits(llama, tokens)
+
+    config, params = from_hf(src)
+    assert config.model.fused_qkv and not config.model.qkv_bias and config.model.rope_theta == 1e6
+    assert params["layers"]["attn"]["wqkv"].shape == (2, 64, 2, 4, 16)
+    _check_close("internlm2 parity", _maxlm_logits(config, params, tokens), want)
+    _check_packed("internlm2", config, params, llama)
+
+    # Round trip in the InternLM2 layout (no modeling code offline: compare tensors, not logits).
+    out = str(tmp_path / "out")
+    to_hf(config, params, out)
+    _assert_tensors_equal(safetensors_numpy.load_file(os.path.join(out, "model.safetensors")),
+                          safetensors_numpy.load_file(os.path.join(src, "model.safetensors")))
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["architectures"] == ["InternLM2ForCausalLM"]
+    _, params2 = from_hf(out)
+    _assert_params_equal(params2, params)
+
+    # Un-fusing to Llama gives back the oracle's exact tensors and a model transformers runs identically.
+    as_llama = str(tmp_path / "as_llama")
+    to_hf(config, params, as_llama, architecture="llama")
+    _assert_tensors_equal(safetensors_numpy.load_file(os.path.join(as_llama, "model.safetensors")),
+                          {k: v.numpy() for k, v in llama.state_dict().items()})
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(as_llama, attn_implementation="eager").eval()
+    _check_close("internlm2 -> llama reloaded-HF vs HF", _hf_logits(reloaded, tokens), want)
+
+
+def test_internlm2_tied(tmp_path):
+    llama = _build("LlamaForCausalLM", seed=3, num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True)
+    config, params = from_hf(_internlm2_checkpoint(llama, tmp_path / "src", tie=True))
+    assert config.model.tie_embeddings and "lm_head" not in params
+    tokens = _tokens(3)
+    _check_close("internlm2 tied parity", _maxlm_logits(config, params, tokens), _hf_logits(llama, tokens))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint forms and errors
+
+
+def test_sharded_bf16_and_file_path(tmp_path):
+    hf_model = _build("Qwen2ForCausalLM", seed=4, num_key_value_heads=2)
+    tokens = _tokens(4)
+
+    sharded = str(tmp_path / "sharded")
+    hf_model.save_pretrained(sharded, max_shard_size="60KB")
+    assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
+    config, params = from_hf(sharded)
+    _check_close("qwen2 sharded parity", _maxlm_logits(config, params, tokens), _hf_logits(hf_model, tokens))
+
+    # bf16 weights: the oracle is the same bf16-rounded weights run in float32 by transformers.
+    bf16 = str(tmp_path / "bf16")
+    rounded = {k: v.to(torch.bfloat16) for k, v in hf_model.state_dict().items()}
+    hf_model.to(torch.bfloat16).save_pretrained(bf16)
+    hf_model = _build("Qwen2ForCausalLM", seed=4, num_key_value_heads=2)  # fresh float32 rotary buffers
+    hf_model.load_state_dict({k: v.float() for k, v in rounded.items()})
+    config, params = from_hf(os.path.join(bf16, "model.safetensors"))  # a file path, config.json beside it
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(params))
+    _check_close("qwen2 bf16 parity", _maxlm_logits(config, params, tokens), _hf_logits(hf_model, tokens))
+
+
+def test_unsupported_raise(tmp_path):
+    src = _save(_build("LlamaForCausalLM", num_key_value_heads=2), tmp_path / "src")
+    with open(os.path.join(src, "config.json")) as f:
+        base = json.load(f)
+
+    def write(**changes):
+        cfg = {k: v for k, v in base.items() if k not in ("rope_parameters", "rope_scaling")}
+        cfg.update(changes)
+        with open(os.path.join(src, "config.json"), "w") as f:
+            json.dump(cfg, f)
+
+    write(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        from_hf(src)
+    write(rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    with pytest.raises(ValueError, match="rope type"):
+        from_hf(src)
+    write(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="rope type"):
+        from_hf(src)
+    write()
+    config, params = from_hf(src)
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        to_hf(config, params, str(tmp_path / "x"), architecture="gpt2")
