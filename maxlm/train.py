@@ -89,6 +89,7 @@ class Trainer:
             {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt},
             self.state_shardings)
         self.batch_sharding = sharding.batch_sharding(config, self.mesh)
+        self._compiled = None
         with sharding.activation_rules(config, self.mesh):
             self._step = jax.jit(functools.partial(train_step, config, self.optimizer),
                                  in_shardings=(self.state_shardings, self.batch_sharding),
@@ -110,7 +111,14 @@ class Trainer:
     def device_batch(self, local: dict[str, np.ndarray]) -> Batch:
         return sharding.global_batch(local, self.batch_sharding)
 
+    def compile(self, state: State, batch: Batch) -> None:
+        """Compile the step ahead of time, so that step timings never include compilation."""
+        with sharding.activation_rules(self.config, self.mesh):
+            self._compiled = self._step.lower(state, batch).compile()
+
     def step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        if self._compiled is not None:
+            return self._compiled(state, batch)
         with sharding.activation_rules(self.config, self.mesh):
             return self._step(state, batch)
 
@@ -162,36 +170,35 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
         * config.data.batch_size
     peak = peak_flops_per_device(config.train.peak_tflops) * jax.device_count()
     total = config.train.num_steps
-    interval_start, interval_steps, timed_start = None, 0, None
     step = start
-    while step < total:
+    if start < total:
         batch = trainer.device_batch(next(train_iter))
+        t0 = time.perf_counter()
+        trainer.compile(state, batch)
+        log_line(f"compiled the train step in {time.perf_counter() - t0:.1f}s; training steps {start + 1}..{total}")
+    run_start = interval_start = time.perf_counter()
+    interval_first = start
+    while step < total:
         state, metrics = trainer.step(state, batch)
         step += 1
-        if interval_start is None:  # the first step includes compilation: time from its end
-            jax.block_until_ready(metrics)
-            interval_start = timed_start = time.perf_counter()
-            first_timed = step
-        else:
-            interval_steps += 1
         if step % config.checkpoint.every_steps == 0 or step == total:
             ckpt.save(step, state["params"], state["opt_state"], train_iter.get_state())
+        if step < total:
+            batch = trainer.device_batch(next(train_iter))  # host work overlaps the device's step
         if step % config.train.log_every == 0 or step == total:
             record = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
-            elapsed = now - interval_start
-            step_time = elapsed / interval_steps if interval_steps else float("nan")
+            step_time = (now - interval_start) / (step - interval_first)
             record["tokens_per_sec"] = config.data.seq_len * config.data.batch_size / step_time
             record["mfu"] = flops_per_step / step_time / peak
             record["step_time"] = step_time
-            stats = train_iter.stats
-            record["data_skipped"] = float(sum(v for k, v in stats.items() if k.startswith("skipped")))
+            record["data_skipped"] = float(sum(v for k, v in train_iter.stats.items() if k.startswith("skipped")))
             if eval_batches and (step % config.train.eval_every == 0 or step == total):
                 record["eval_loss"] = trainer.eval_loss(state["params"], eval_batches)
             writer.write(step, record)
-            mean_step = (now - timed_start) / max(step - first_timed, 1)
-            writer.progress(step, total, record, eta_seconds=mean_step * (total - step))
-            interval_start, interval_steps = time.perf_counter(), 0
+            eta = (now - run_start) / (step - start) * (total - step)
+            writer.progress(step, total, record, eta_seconds=eta)
+            interval_start, interval_first = time.perf_counter(), step
     ckpt.close()
     if primary and step > start:
         png = writer.plot()
