@@ -1,7 +1,7 @@
 """Tiny LLaMA-style model for CPU: the README's default run (offline, 2 cores, a few minutes).
 
 Trains on the embedded default corpus (the Python standard library's source) with a freshly trained
-2048-piece BPE tokenizer. The model (1.3M parameters) is sized for the compute two cores give in a few
+2048-piece BPE tokenizer. The model (0.9M parameters) is sized for the compute two cores give in a few
 minutes: at ~2M training tokens, a smaller model learns faster than a wider one (Hoffmann et al. 2022).
 float32 compute because CPUs have no fast bfloat16 matmul.
 """
@@ -12,11 +12,11 @@ from maxlm.config import default_config
 def get_config():
     c = default_config()
     c.model.vocab_size = 2048
-    c.model.num_layers = 4
+    c.model.num_layers = 3
     c.model.d_model = 128
     c.model.num_heads = 4
     c.model.num_kv_heads = 2
-    c.model.mlp_dim = 384
+    c.model.mlp_dim = 256
     c.model.max_seq_len = 1024
     c.model.compute_dtype = "float32"
     c.model.tie_embeddings = False
@@ -24,8 +24,8 @@ def get_config():
     c.tokenizer.train_max_bytes = 4_000_000
 
     c.data.source = "stdlib"
-    c.data.seq_len = 256
-    c.data.batch_size = 16
+    c.data.seq_len = 128
+    c.data.batch_size = 32
 
     c.optim.peak_lr = 3e-3
     c.optim.warmup_steps = 50

@@ -33,6 +33,9 @@ directly (L = layers, leading axis of every `layers/...` leaf, stacked from HF's
 Query head n uses kv head n // G (G = N // K) in both codebases (HF `repeat_kv`), so no head permutation
 is needed; the rotary embedding is the same "rotate half" layout, so q/k need no interleave either.
 
+In the code this table lives once, in two parts that both directions use: `_HF_NAMES` (each layout's
+tensor name for every maxlm leaf) and `_hf_layout` (every leaf's HF shape, view and axis order).
+
 InternLM2 names: tok_embeddings (embedding), attention.wqkv, attention.wo (o), attention_norm,
 feed_forward.w1 (gate), w3 (up), w2 (down), ffn_norm, model.norm, output (lm_head). Its fused projection
 `wqkv.weight` is [(K*(G+2))*H, D] and is viewed as [K, G+2, H, D]: for each kv head, its G query heads,
@@ -41,14 +44,15 @@ maxlm's `fused_qkv=True` keeps exactly that grouping, input-first: `layers/attn/
 (and `bqkv` [L, K, G+2, H] from `wqkv.bias` when the config says `bias: true`; then `wo.bias` must be 0).
 
 `from_hf` returns the full maxlm config (`default_config()` with the model fields set, compute dtype
-float32) and float32 numpy parameters in exactly the tree `maxlm.model.init` builds (checked against
-`maxlm.model.abstract_params`). `to_hf` writes config.json + model.safetensors with the safetensors numpy
-API; torch is never imported by this module. It picks the InternLM2 layout when `fused_qkv`, Qwen2 when
-`qkv_bias`, else Llama, unless `architecture` says otherwise (the fused and split q/k/v layouts are
-converted into each other as needed). An InternLM2 export has no remote code files (auto_map), so
-`AutoModelForCausalLM` loads it only after you add InternLM2's modeling files; Llama and Qwen2 exports load
-directly. A `rope_scaling="ntk"` model (static NTK-aware base scaling, which HF has no rope type for) is
-exported exactly as rope_theta * factor^(H / (H - 2)) with no scaling.
+float32) and float32 numpy parameters in exactly the tree `maxlm.model.init` builds (every leaf of
+`maxlm.model.abstract_params` is read from its HF tensor(s), and the shapes are checked). `to_hf` writes
+config.json + model.safetensors with the safetensors numpy API; torch is never imported by this module.
+It picks the InternLM2 layout when `fused_qkv`, Qwen2 when `qkv_bias`, else Llama, unless `architecture`
+says otherwise (the fused and split q/k/v layouts are converted into each other as needed). An InternLM2
+export has no remote code files (auto_map), so `AutoModelForCausalLM` loads it only after you add
+InternLM2's modeling files; Llama and Qwen2 exports load directly. A `rope_scaling="ntk"` model (static
+NTK-aware base scaling, which HF has no rope type for) is exported exactly as rope_theta * factor^(H / (H - 2))
+with no scaling.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -74,6 +78,93 @@ _ARCHITECTURES = {
     "internlm2": "InternLM2ForCausalLM",
 }
 _BY_CLASS = {v.lower(): k for k, v in _ARCHITECTURES.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The mapping, one table for names and one for shapes, used by both from_hf and to_hf
+
+
+# maxlm leaf -> its HF tensor in (the Llama / Qwen2 layout, the InternLM2 layout), None where that layout has
+# no such tensor. Names of `layers/...` leaves are per layer, under "model.layers.{i}." (see `_hf_names`).
+# `layers/attn/o_bias` is not a maxlm leaf (maxlm has no output-projection bias): it is only checked to be
+# zero on reading, and written as zeros where the layout's bias flag puts a bias on o as well.
+_HF_NAMES: dict[str, tuple[str | None, str | None]] = {
+    "embedding":              ("model.embed_tokens.weight",       "model.tok_embeddings.weight"),
+    "layers/attn/q":          ("self_attn.q_proj.weight",         None),
+    "layers/attn/k":          ("self_attn.k_proj.weight",         None),
+    "layers/attn/v":          ("self_attn.v_proj.weight",         None),
+    "layers/attn/q_bias":     ("self_attn.q_proj.bias",           None),
+    "layers/attn/k_bias":     ("self_attn.k_proj.bias",           None),
+    "layers/attn/v_bias":     ("self_attn.v_proj.bias",           None),
+    "layers/attn/wqkv":       (None,                              "attention.wqkv.weight"),
+    "layers/attn/bqkv":       (None,                              "attention.wqkv.bias"),
+    "layers/attn/o":          ("self_attn.o_proj.weight",         "attention.wo.weight"),
+    "layers/attn/o_bias":     ("self_attn.o_proj.bias",           "attention.wo.bias"),
+    "layers/attn_norm/scale": ("input_layernorm.weight",          "attention_norm.weight"),
+    "layers/mlp/gate":        ("mlp.gate_proj.weight",            "feed_forward.w1.weight"),
+    "layers/mlp/up":          ("mlp.up_proj.weight",              "feed_forward.w3.weight"),
+    "layers/mlp/down":        ("mlp.down_proj.weight",            "feed_forward.w2.weight"),
+    "layers/mlp_norm/scale":  ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    "final_norm/scale":       ("model.norm.weight",               "model.norm.weight"),
+    "lm_head":                ("lm_head.weight",                  "output.weight"),
+}
+
+
+def _hf_names(arch: str) -> dict[str, str]:
+    """maxlm leaf -> HF tensor name in `arch`'s layout; per-layer names are templates with "{i}" for the layer."""
+    column = 1 if arch == "internlm2" else 0
+    return {leaf: ("model.layers.{i}." + names[column] if leaf.startswith("layers/") else names[column])
+            for leaf, names in _HF_NAMES.items() if names[column] is not None}
+
+
+_Layout = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def _hf_layout(m: ml_collections.ConfigDict) -> dict[str, _Layout]:
+    """maxlm leaf -> (HF shape, view, axes), for one layer of a `layers/...` leaf.
+
+    maxlm = hf.reshape(view).transpose(axes) and hf = maxlm.transpose(argsort(axes)).reshape(HF shape): the
+    "mapping" column of the module docstring's table. Same for every layout (a layout lacking a leaf never
+    asks for it).
+    """
+    n, kv, h, d = m.num_heads, m.num_kv_heads, config_lib.head_dim(m), m.d_model
+    f, vocab = m.mlp_dim, m.vocab_size
+    s = n // kv + 2  # InternLM2's wqkv group per kv head: its G query heads, one key head, one value head
+    return {
+        "embedding":              ((vocab, d),      (vocab, d),      (0, 1)),
+        "layers/attn/q":          ((n * h, d),      (n, h, d),       (2, 0, 1)),
+        "layers/attn/k":          ((kv * h, d),     (kv, h, d),      (2, 0, 1)),
+        "layers/attn/v":          ((kv * h, d),     (kv, h, d),      (2, 0, 1)),
+        "layers/attn/q_bias":     ((n * h,),        (n, h),          (0, 1)),
+        "layers/attn/k_bias":     ((kv * h,),       (kv, h),         (0, 1)),
+        "layers/attn/v_bias":     ((kv * h,),       (kv, h),         (0, 1)),
+        "layers/attn/wqkv":       ((kv * s * h, d), (kv, s, h, d),   (3, 0, 1, 2)),
+        "layers/attn/bqkv":       ((kv * s * h,),   (kv, s, h),      (0, 1, 2)),
+        "layers/attn/o":          ((d, n * h),      (d, n, h),       (1, 2, 0)),
+        "layers/attn/o_bias":     ((d,),            (d,),            (0,)),
+        "layers/attn_norm/scale": ((d,),            (d,),            (0,)),
+        "layers/mlp/gate":        ((f, d),          (f, d),          (1, 0)),
+        "layers/mlp/up":          ((f, d),          (f, d),          (1, 0)),
+        "layers/mlp/down":        ((d, f),          (d, f),          (1, 0)),
+        "layers/mlp_norm/scale":  ((d,),            (d,),            (0,)),
+        "final_norm/scale":       ((d,),            (d,),            (0,)),
+        "lm_head":                ((vocab, d),      (vocab, d),      (1, 0)),
+    }
+
+
+def _from_hf_layout(x: np.ndarray, layout: _Layout) -> np.ndarray:
+    _, view, axes = layout
+    return x.reshape(view).transpose(axes)
+
+
+def _to_hf_layout(x: np.ndarray, layout: _Layout) -> np.ndarray:
+    shape, _, axes = layout
+    return x.transpose(np.argsort(axes)).reshape(shape)
+
+
+def _leaf_name(path: tuple) -> str:
+    """A parameter tree path -> the leaf name the tables use, e.g. "layers/attn/q"."""
+    return "/".join(key.key for key in path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,20 +275,15 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     n = int(hf["num_attention_heads"])
     kv = int(hf.get("num_key_value_heads") or n)
     h = int(hf.get("head_dim") or d // n) if arch != "internlm2" else d // n
-    g = n // kv
     theta, scaling, factor = _rope_from_hf(hf)
 
     tensors = _read_tensors(files)
-    pre = "model.layers.{}."
-    if arch == "internlm2":
-        embed_key, head_key = "model.tok_embeddings.weight", "output.weight"
-        qkv_bias = "model.layers.0.attention.wqkv.bias" in tensors
-    else:
-        embed_key, head_key = "model.embed_tokens.weight", "lm_head.weight"
-        qkv_bias = "model.layers.0.self_attn.q_proj.bias" in tensors
-    tie = bool(hf.get("tie_word_embeddings", head_key not in tensors))
-    if not tie and head_key not in tensors:
-        raise ValueError(f"{path}: tie_word_embeddings is false but there is no {head_key}")
+    names = _hf_names(arch)
+    fused = "layers/attn/wqkv" in names  # the InternLM2 layout
+    qkv_bias = names["layers/attn/bqkv" if fused else "layers/attn/q_bias"].format(i=0) in tensors
+    tie = bool(hf.get("tie_word_embeddings", names["lm_head"] not in tensors))
+    if not tie and names["lm_head"] not in tensors:
+        raise ValueError(f"{path}: tie_word_embeddings is false but there is no {names['lm_head']}")
 
     config = config_lib.override(config_lib.default_config(), **{
         "model.vocab_size": int(hf["vocab_size"]),
@@ -214,7 +300,7 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
         "model.norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "model.tie_embeddings": tie,
         "model.qkv_bias": qkv_bias,
-        "model.fused_qkv": arch == "internlm2",
+        "model.fused_qkv": fused,
         "model.init_std": float(hf.get("initializer_range", 0.02)),
         "model.param_dtype": "float32",
         "model.compute_dtype": "float32",
@@ -222,60 +308,28 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
     config_lib.validate(config)
 
+    for i in range(n_layers):
+        o_bias = names["layers/attn/o_bias"].format(i=i)
+        _require_zero(tensors, o_bias, "output-projection bias")
+        tensors.pop(o_bias, None)
+    if tie:
+        tensors.pop(names["lm_head"], None)  # some tied checkpoints store the (identical) head anyway
+
     def get(key: str) -> np.ndarray:
         if key not in tensors:
             raise ValueError(f"{path}: missing tensor {key!r} for {_ARCHITECTURES[arch]}")
         return np.asarray(tensors.pop(key), np.float32)
 
-    def stack(fn: Callable[[str], np.ndarray]) -> np.ndarray:
-        return np.stack([fn(pre.format(i)) for i in range(n_layers)])
+    layout = _hf_layout(config.model)
 
-    if arch == "internlm2":
-        for i in range(n_layers):
-            _require_zero(tensors, f"{pre.format(i)}attention.wo.bias", "output-projection bias")
-            tensors.pop(f"{pre.format(i)}attention.wo.bias", None)
-        attn_params = {
-            "wqkv": stack(lambda p: get(p + "attention.wqkv.weight").reshape(kv, g + 2, h, d).transpose(3, 0, 1, 2)),
-            "o": stack(lambda p: get(p + "attention.wo.weight").reshape(d, n, h).transpose(1, 2, 0)),
-        }
-        if qkv_bias:
-            attn_params["bqkv"] = stack(lambda p: get(p + "attention.wqkv.bias").reshape(kv, g + 2, h))
-        norm_keys = ("attention_norm.weight", "ffn_norm.weight")
-        mlp_keys = ("feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight")
-        final_key = "model.norm.weight"
-    else:
-        for i in range(n_layers):
-            _require_zero(tensors, f"{pre.format(i)}self_attn.o_proj.bias", "output-projection bias")
-            tensors.pop(f"{pre.format(i)}self_attn.o_proj.bias", None)
+    def read(leaf_path: tuple, _) -> np.ndarray:
+        leaf = _leaf_name(leaf_path)
+        if leaf.startswith("layers/"):
+            return np.stack([_from_hf_layout(get(names[leaf].format(i=i)), layout[leaf]) for i in range(n_layers)])
+        return _from_hf_layout(get(names[leaf]), layout[leaf])
 
-        def split_heads(heads: int, name: str):
-            return stack(lambda p: get(p + f"self_attn.{name}_proj.weight").reshape(heads, h, d).transpose(2, 0, 1))
-
-        attn_params = {"q": split_heads(n, "q"), "k": split_heads(kv, "k"), "v": split_heads(kv, "v"),
-                       "o": stack(lambda p: get(p + "self_attn.o_proj.weight").reshape(d, n, h).transpose(1, 2, 0))}
-        if qkv_bias:
-            for name, heads in (("q", n), ("k", kv), ("v", kv)):
-                attn_params[name + "_bias"] = stack(lambda p: get(p + f"self_attn.{name}_proj.bias").reshape(heads, h))
-        norm_keys = ("input_layernorm.weight", "post_attention_layernorm.weight")
-        mlp_keys = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-        final_key = "model.norm.weight"
-
-    params: dict[str, Any] = {
-        "embedding": get(embed_key),
-        "layers": {
-            "attn": attn_params,
-            "attn_norm": {"scale": stack(lambda p: get(p + norm_keys[0]))},
-            "mlp": {"gate": stack(lambda p: get(p + mlp_keys[0]).T),
-                    "up": stack(lambda p: get(p + mlp_keys[1]).T),
-                    "down": stack(lambda p: get(p + mlp_keys[2]).T)},
-            "mlp_norm": {"scale": stack(lambda p: get(p + norm_keys[1]))},
-        },
-        "final_norm": {"scale": get(final_key)},
-    }
-    if tie:
-        tensors.pop(head_key, None)  # some tied checkpoints store the (identical) head anyway
-    else:
-        params["lm_head"] = get(head_key).T
+    # Every leaf `maxlm.model.init` builds for this config (q/k/v or wqkv, biases, lm_head unless tied).
+    params = jax.tree_util.tree_map_with_path(read, model_lib.abstract_params(config))
     params = jax.tree_util.tree_map(np.ascontiguousarray, params)
     leftover = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))
     if leftover:
@@ -314,6 +368,26 @@ def _normalize_arch(architecture: str | None, m: ml_collections.ConfigDict) -> s
                      f"{sorted(_ARCHITECTURES)} or {sorted(_ARCHITECTURES.values())}")
 
 
+def _fuse_qkv(a: dict, n_layers: int, d: int, kv: int, g: int, h: int) -> dict:
+    """Split q/k/v (+ q/k/v biases) -> the InternLM2 grouping wqkv [L, D, K, G+2, H] (+ bqkv [L, K, G+2, H])."""
+    fused = {"wqkv": np.concatenate([a["q"].reshape(n_layers, d, kv, g, h), a["k"][:, :, :, None],
+                                     a["v"][:, :, :, None]], axis=3)}
+    if "q_bias" in a:
+        fused["bqkv"] = np.concatenate([a["q_bias"].reshape(n_layers, kv, g, h), a["k_bias"][:, :, None],
+                                        a["v_bias"][:, :, None]], axis=2)
+    return fused
+
+
+def _split_qkv(a: dict, n_layers: int, d: int, n: int, g: int, h: int) -> dict:
+    """The inverse of `_fuse_qkv`: wqkv (+ bqkv) -> q/k/v (+ q/k/v biases)."""
+    w = a["wqkv"]
+    split = {"q": w[:, :, :, :g].reshape(n_layers, d, n, h), "k": w[:, :, :, g], "v": w[:, :, :, g + 1]}
+    if "bqkv" in a:
+        b = a["bqkv"]
+        split.update(q_bias=b[:, :, :g].reshape(n_layers, n, h), k_bias=b[:, :, g], v_bias=b[:, :, g + 1])
+    return split
+
+
 def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architecture: str | None = None) -> None:
     """Write `path`/config.json + `path`/model.safetensors for Llama, Qwen2 or the InternLM2 layout."""
     m = model_lib.model_config(config)
@@ -332,74 +406,32 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
     if arch == "internlm2" and h * n != d:
         raise ValueError(f"the InternLM2 layout needs head_dim * num_heads == d_model, got {h} * {n} != {d}")
 
+    names, layout = _hf_names(arch), _hf_layout(m)
     p = jax.tree_util.tree_map(np.asarray, params)
-    a = p["layers"]["attn"]
     dtype = p["embedding"].dtype
+    # Bring the attention weights into the layout the target needs (fused <-> split q/k/v) ...
+    a = p["layers"]["attn"]
+    if "layers/attn/wqkv" in names and "wqkv" not in a:
+        a = {"o": a["o"], **_fuse_qkv(a, n_layers, d, kv, g, h)}
+    elif "layers/attn/wqkv" not in names and "wqkv" in a:
+        a = {"o": a["o"], **_split_qkv(a, n_layers, d, n, g, h)}
+    # ... and add the zero biases it expects: Qwen2 always has q/k/v biases, while Llama's attention_bias and
+    # InternLM2's bias put one on the output projection as well.
+    has_bias = "q_bias" in a or "bqkv" in a
     zeros = lambda *shape: np.zeros(shape, a["o"].dtype)
-    # Bring the attention weights into the layout the target needs (fused <-> split q/k/v).
-    if arch == "internlm2":
-        if "wqkv" in a:
-            wqkv, bqkv = a["wqkv"], a.get("bqkv")
-        else:
-            wqkv = np.concatenate([a["q"].reshape(n_layers, d, kv, g, h), a["k"][:, :, :, None], a["v"][:, :, :, None]],
-                                  axis=3)
-            bqkv = None
-            if "q_bias" in a:
-                bqkv = np.concatenate([a["q_bias"].reshape(n_layers, kv, g, h), a["k_bias"][:, :, None],
-                                       a["v_bias"][:, :, None]], axis=2)
-    else:
-        if "wqkv" in a:
-            w = a["wqkv"]
-            q, k, v = w[:, :, :, :g].reshape(n_layers, d, n, h), w[:, :, :, g], w[:, :, :, g + 1]
-            biases = None
-            if "bqkv" in a:
-                b = a["bqkv"]
-                biases = (b[:, :, :g].reshape(n_layers, n, h), b[:, :, g], b[:, :, g + 1])
-        else:
-            q, k, v = a["q"], a["k"], a["v"]
-            biases = (a["q_bias"], a["k_bias"], a["v_bias"]) if "q_bias" in a else None
-        if biases is None and arch == "qwen2":  # Qwen2 always has q/k/v biases
-            biases = (zeros(n_layers, n, h), zeros(n_layers, kv, h), zeros(n_layers, kv, h))
+    if arch == "qwen2" and not has_bias:
+        a = {**a, "q_bias": zeros(n_layers, n, h), "k_bias": zeros(n_layers, kv, h), "v_bias": zeros(n_layers, kv, h)}
+    elif arch != "qwen2" and has_bias:
+        a = {**a, "o_bias": zeros(n_layers, d)}
+    p = {**p, "layers": {**p["layers"], "attn": a}}
 
     t: dict[str, np.ndarray] = {}
-    lay = p["layers"]
-    for i in range(n_layers):
-        pre = f"model.layers.{i}."
-        if arch == "internlm2":
-            t[pre + "attention.wqkv.weight"] = wqkv[i].transpose(1, 2, 3, 0).reshape(kv * (g + 2) * h, d)
-            if bqkv is not None:
-                t[pre + "attention.wqkv.bias"] = bqkv[i].reshape(-1)
-                t[pre + "attention.wo.bias"] = zeros(d)
-            t[pre + "attention.wo.weight"] = a["o"][i].transpose(2, 0, 1).reshape(d, n * h)
-            t[pre + "attention_norm.weight"] = lay["attn_norm"]["scale"][i]
-            t[pre + "ffn_norm.weight"] = lay["mlp_norm"]["scale"][i]
-            t[pre + "feed_forward.w1.weight"] = lay["mlp"]["gate"][i].T
-            t[pre + "feed_forward.w3.weight"] = lay["mlp"]["up"][i].T
-            t[pre + "feed_forward.w2.weight"] = lay["mlp"]["down"][i].T
+    for leaf_path, x in jax.tree_util.tree_leaves_with_path(p):
+        leaf = _leaf_name(leaf_path)
+        if leaf.startswith("layers/"):
+            t.update({names[leaf].format(i=i): _to_hf_layout(x[i], layout[leaf]) for i in range(n_layers)})
         else:
-            for name, w, heads in (("q", q, n), ("k", k, kv), ("v", v, kv)):
-                t[pre + f"self_attn.{name}_proj.weight"] = w[i].transpose(1, 2, 0).reshape(heads * h, d)
-            if biases is not None:
-                for name, b in zip("qkv", biases):
-                    t[pre + f"self_attn.{name}_proj.bias"] = b[i].reshape(-1)
-                if arch == "llama":  # Llama's attention_bias also puts a bias on o_proj
-                    t[pre + "self_attn.o_proj.bias"] = zeros(d)
-            t[pre + "self_attn.o_proj.weight"] = a["o"][i].transpose(2, 0, 1).reshape(d, n * h)
-            t[pre + "input_layernorm.weight"] = lay["attn_norm"]["scale"][i]
-            t[pre + "post_attention_layernorm.weight"] = lay["mlp_norm"]["scale"][i]
-            t[pre + "mlp.gate_proj.weight"] = lay["mlp"]["gate"][i].T
-            t[pre + "mlp.up_proj.weight"] = lay["mlp"]["up"][i].T
-            t[pre + "mlp.down_proj.weight"] = lay["mlp"]["down"][i].T
-    if arch == "internlm2":
-        t["model.tok_embeddings.weight"] = p["embedding"]
-        t["model.norm.weight"] = p["final_norm"]["scale"]
-        if not m.tie_embeddings:
-            t["output.weight"] = p["lm_head"].T
-    else:
-        t["model.embed_tokens.weight"] = p["embedding"]
-        t["model.norm.weight"] = p["final_norm"]["scale"]
-        if not m.tie_embeddings:
-            t["lm_head.weight"] = p["lm_head"].T
+            t[names[leaf]] = _to_hf_layout(x, layout[leaf])
     t = {key: np.ascontiguousarray(value) for key, value in t.items()}
 
     dtype_name = np.dtype(dtype).name
@@ -424,11 +456,11 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
         "dtype": dtype_name,  # transformers 5.x
     }
     if arch == "internlm2":
-        hf.update(bias=bqkv is not None, attn_implementation="eager")
+        hf.update(bias=has_bias, attn_implementation="eager")
     else:
         hf.update(head_dim=h, attention_dropout=0.0)
         if arch == "llama":
-            hf.update(attention_bias=biases is not None, mlp_bias=False)
+            hf.update(attention_bias=has_bias, mlp_bias=False)
         else:
             hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=n_layers)
     os.makedirs(path, exist_ok=True)

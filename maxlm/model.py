@@ -263,5 +263,9 @@ def init_cache(config: ml_collections.ConfigDict, batch: int, max_len: int, dtyp
 
 def decode(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, cache: Cache, *,
            positions: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, Cache]:
-    """Run T new tokens through the model against a cache (prefill when T > 1, one decode step when T = 1)."""
+    """Run T new tokens through the model against a cache (prefill when T > 1, one decode step when T = 1).
+
+    Precondition: cache["index"] + T <= the cache length. Inside jit the index is a traced value, so this
+    cannot be checked here; `maxlm.sample` sizes its cache to prompt + new tokens and checks that up front.
+    """
     return Decoder(model_config(config)).apply({"params": params}, tokens, positions, segment_ids, cache)

@@ -2,7 +2,8 @@
 
     python -m maxlm.train --config=configs/tiny.py --workdir=runs/tiny [--config.train.num_steps=N ...]
 
-Rerunning the same command resumes from the newest checkpoint in the workdir, data position included, so
+Logged `loss`, `grad_norm` and `tokens` are means over the steps since the previous log line (as Hugging
+Face's Trainer reports them); `lr` is the rate of the last of those steps. Rerunning the same command resumes from the newest checkpoint in the workdir, data position included, so
 the resumed run computes exactly the steps an uninterrupted run would have.
 
 The step is `(state, batch) -> (state, metrics)` with `state = {"step", "params", "opt_state"}` donated to
@@ -178,17 +179,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
         log_line(f"compiled the train step in {time.perf_counter() - t0:.1f}s; training steps {start + 1}..{total}")
     run_start = interval_start = time.perf_counter()
     interval_first = start
+    interval_sum = None  # metrics summed on device since the last log line (no host sync per step)
     while step < total:
         state, metrics = trainer.step(state, batch)
+        interval_sum = metrics if interval_sum is None else jax.tree.map(jnp.add, interval_sum, metrics)
         step += 1
         if step % config.checkpoint.every_steps == 0 or step == total:
             ckpt.save(step, state["params"], state["opt_state"], train_iter.get_state())
         if step < total:
             batch = trainer.device_batch(next(train_iter))  # host work overlaps the device's step
         if step % config.train.log_every == 0 or step == total:
-            record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            n = step - interval_first
+            record = {k: float(v) / n for k, v in jax.device_get(interval_sum).items()}
+            record["lr"] = float(metrics["lr"])
             now = time.perf_counter()
-            step_time = (now - interval_start) / (step - interval_first)
+            step_time = (now - interval_start) / n
             record["tokens_per_sec"] = config.data.seq_len * config.data.batch_size / step_time
             record["mfu"] = flops_per_step / step_time / peak
             record["step_time"] = step_time
@@ -198,7 +203,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
             writer.write(step, record)
             eta = (now - run_start) / (step - start) * (total - step)
             writer.progress(step, total, record, eta_seconds=eta)
-            interval_start, interval_first = time.perf_counter(), step
+            interval_start, interval_first, interval_sum = time.perf_counter(), step, None
     ckpt.close()
     if primary and step > start:
         png = writer.plot()

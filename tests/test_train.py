@@ -121,3 +121,16 @@ def test_cli_resume_100_of_200_steps_exact(corpus, tmp_path):
     assert sorted(resumed) == list(range(1, 201))
     for step in range(101, 201):
         assert abs(full[step] - resumed[step]) <= 1e-6, step
+
+
+@pytest.mark.slow
+def test_tiny_default_run_learns_and_samples(tmp_path):
+    """The README's main job: the tiny default on the stdlib corpus ends >= 3 nats below ln(V) and samples."""
+    proc = subprocess.run([sys.executable, "-m", "maxlm.train", "--config=configs/tiny.py",
+                           f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    cfg = C.load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
+    assert records[-1]["step"] == cfg.train.num_steps
+    assert records[-1]["loss"] <= np.log(cfg.model.vocab_size) - 3.0, records[-1]
+    assert proc.stdout.count("--- sample") == cfg.train.num_samples
