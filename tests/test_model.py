@@ -1,0 +1,122 @@
+"""Decoder invariants not covered by the Hugging Face parity tests (tests/test_convert.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from kernels import reference
+from maxlm import attention
+from maxlm import config as C
+from maxlm import model
+
+
+def _cfg(**extra):
+    return C.validate(C.override(C.default_config(), **{
+        "model.vocab_size": 97, "model.num_layers": 3, "model.d_model": 32, "model.num_heads": 4,
+        "model.num_kv_heads": 2, "model.mlp_dim": 48, "model.compute_dtype": "float32", "model.max_seq_len": 64,
+        "data.seq_len": 16, **extra}))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return jax.jit(lambda k: model.init(_cfg(), k))(jax.random.key(1))
+
+
+def _tokens():
+    return jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
+
+
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "full"), (False, "dots"), (True, "save_attention_out")])
+def test_scan_and_remat_keep_the_tree_and_the_math(params, scan, remat):
+    base, variant = _cfg(), _cfg(**{"model.scan_layers": scan, "model.remat_policy": remat})
+    assert jax.tree.structure(model.abstract_params(variant)) == jax.tree.structure(params)
+
+    def loss(cfg):
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply(cfg, p, _tokens()) ** 2)))
+
+    (l0, g0), (l1, g1) = loss(base)(params), loss(variant)(params)
+    assert abs(float(l0) - float(l1)) < 1e-6
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_every_parameter_has_logical_axes():
+    for fused in (False, True):
+        cfg = _cfg(**{"model.fused_qkv": fused, "model.qkv_bias": True})
+        shapes = model.abstract_params(cfg)
+        axes = model.logical_axes(cfg)
+        flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        for shape, spec in zip(jax.tree.leaves(shapes), flat_axes):
+            assert len(spec) == len(shape.shape) and all(isinstance(n, str) for n in spec), spec
+        rule_names = {name for name, _ in cfg.mesh.rules}
+        assert {n for spec in flat_axes for n in spec} <= rule_names
+
+
+def _numpy_attention(q, k, v, seg, causal=True):
+    """Naive per-head attention with explicitly repeated K/V heads (HF `repeat_kv`), in float64."""
+    b, t, n, h = q.shape
+    g = n // k.shape[2]
+    k = np.repeat(k, g, axis=2)
+    v = np.repeat(v, g, axis=2)
+    out = np.zeros((b, t, n, h))
+    for bi in range(b):
+        for ni in range(n):
+            s = q[bi, :, ni] @ k[bi, :, ni].T / np.sqrt(h)
+            allowed = (seg[bi][:, None] == seg[bi][None, :]) & (seg[bi][None, :] != 0)
+            if causal:
+                allowed &= np.tril(np.ones((t, t), bool))
+            s = np.where(allowed, s, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p = np.nan_to_num(p / p.sum(-1, keepdims=True))
+            out[bi, :, ni] = p @ v[bi, :, ni]
+    return out
+
+
+def test_reference_attention_matches_numpy():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 12, n, 8)) for n in (6, 2, 2))
+    seg = np.array([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3])
+    out = reference.mha_reference(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), q_segment_ids=jnp.asarray(seg),
+                                  kv_segment_ids=jnp.asarray(seg))
+    expected = _numpy_attention(q, k, v, seg)
+    real = seg != 0  # padding queries are unspecified (uniform); only real ones are compared
+    np.testing.assert_allclose(np.asarray(out)[real], expected[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling,factor", [("none", 1.0), ("linear", 4.0), ("ntk", 4.0)])
+def test_rope_closed_form(scaling, factor):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 5, 2, 8))
+    pos = np.array([[0, 1, 7, 100, 3000]])
+    out = attention.rope(jnp.asarray(x, jnp.float32), jnp.asarray(pos), theta=10000.0, scaling=scaling, factor=factor)
+    theta = 10000.0 * (factor ** (8 / 6) if scaling == "ntk" else 1.0)
+    p = pos / factor if scaling == "linear" else pos
+    expected = np.empty_like(x)
+    for i in range(4):  # pairs (i, i + 4) rotate by angle p * theta^(-2i/8): "rotate half" layout
+        ang = p[..., None] * theta ** (-2 * i / 8)
+        a, b = x[..., i], x[..., i + 4]
+        expected[..., i] = a * np.cos(ang[..., 0]) - b * np.sin(ang[..., 0])
+        expected[..., i + 4] = b * np.cos(ang[..., 0]) + a * np.sin(ang[..., 0])
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-4)
+
+
+def test_bfloat16_compute_tracks_float32(params):
+    f32 = model.apply(_cfg(), params, _tokens())
+    bf16 = model.apply(_cfg(**{"model.compute_dtype": "bfloat16"}), params, _tokens())
+    assert bf16.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(bf16 - f32))) < 0.05
+    assert float(jnp.mean(jnp.argmax(bf16, -1) == jnp.argmax(f32, -1))) > 0.9
+
+
+def test_documents_in_a_packed_row_do_not_interact(params):
+    tokens = _tokens()
+    seg = jnp.array([[1] * 6 + [2] * 10] * 2)
+    pos = jnp.array([list(range(6)) + list(range(10))] * 2)
+    packed = model.apply(_cfg(), params, tokens, positions=pos, segment_ids=seg)
+    alone = model.apply(_cfg(), params, tokens[:, 6:])
+    np.testing.assert_allclose(packed[:, 6:], alone, atol=1e-5)
+    changed = tokens.at[:, :6].set(0)  # editing document 1 leaves document 2's logits unchanged
+    np.testing.assert_allclose(model.apply(_cfg(), params, changed, positions=pos, segment_ids=seg)[:, 6:],
+                               packed[:, 6:], atol=1e-6)
