@@ -67,9 +67,9 @@ def _numpy_attention(q, k, v, seg, causal=True):
             allowed = (seg[bi][:, None] == seg[bi][None, :]) & (seg[bi][None, :] != 0)
             if causal:
                 allowed &= np.tril(np.ones((t, t), bool))
-            s = np.where(allowed, s, -np.inf)
-            p = np.exp(s - s.max(-1, keepdims=True))
-            p = np.nan_to_num(p / p.sum(-1, keepdims=True))
+            s = np.where(allowed, s, -1e30)
+            p = np.exp(s - s.max(-1, keepdims=True)) * allowed
+            p = p / np.maximum(p.sum(-1, keepdims=True), 1e-30)
             out[bi, :, ni] = p @ v[bi, :, ni]
     return out
 
@@ -97,8 +97,8 @@ def test_rope_closed_form(scaling, factor):
     for i in range(4):  # pairs (i, i + 4) rotate by angle p * theta^(-2i/8): "rotate half" layout
         ang = p[..., None] * theta ** (-2 * i / 8)
         a, b = x[..., i], x[..., i + 4]
-        expected[..., i] = a * np.cos(ang[..., 0]) - b * np.sin(ang[..., 0])
-        expected[..., i + 4] = b * np.cos(ang[..., 0]) + a * np.sin(ang[..., 0])
+        expected[..., i] = a * np.cos(ang) - b * np.sin(ang)
+        expected[..., i + 4] = b * np.cos(ang) + a * np.sin(ang)
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-4)
 
 
