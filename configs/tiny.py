@@ -4,6 +4,7 @@ Trains on the embedded default corpus (the Python standard library's source) wit
 2048-piece BPE tokenizer. The model (0.9M parameters) is sized for the compute two cores give in a few
 minutes: at ~2M training tokens, a smaller model learns faster than a wider one (Hoffmann et al. 2022).
 float32 compute because CPUs have no fast bfloat16 matmul.
+
 """
 
 from maxlm.config import default_config
@@ -20,6 +21,7 @@ def get_config():
     c.model.max_seq_len = 1024
     c.model.compute_dtype = "float32"
     c.model.tie_embeddings = False
+    c.model.scan_layers = False  # unrolled: ~9% faster on XLA:CPU for 3 layers; same parameter tree
 
     c.tokenizer.train_max_bytes = 4_000_000
 
