@@ -1,10 +1,9 @@
 """Tiny LLaMA-style model for CPU: the README's default run (offline, 2 cores, a few minutes).
 
 Trains on the embedded default corpus (the Python standard library's source) with a freshly trained
-2048-piece BPE tokenizer. The model (0.9M parameters) is sized for the compute two cores give in a few
+2048-piece BPE tokenizer. The model (1.0M parameters) is sized for the compute two cores give in a few
 minutes: at ~2M training tokens, a smaller model learns faster than a wider one (Hoffmann et al. 2022).
 float32 compute because CPUs have no fast bfloat16 matmul.
-
 """
 
 from maxlm.config import default_config
