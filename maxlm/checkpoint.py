@@ -57,9 +57,6 @@ class Checkpointer:
         ))
         return out["params"], out["opt_state"], out["meta"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -31,14 +31,15 @@ def define_config_flag(default: str = "configs/tiny.py") -> None:
         lock_config=True)
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """`absl.app.run(main)`, turning user errors into one line on stderr and exit status 2."""
+def run(main: Callable[[list[str]], None], user_errors: tuple[type[Exception], ...] = ()) -> None:
+    """`absl.app.run(main)`, turning user errors (USER_ERRORS + `user_errors`) into one line on stderr, exit 2."""
 
     def wrapped(argv: list[str]) -> None:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; keep the console readable
+        if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console readable
+            logging.set_verbosity(logging.WARNING)
         try:
             main(argv)
-        except USER_ERRORS as e:
+        except USER_ERRORS + tuple(user_errors) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
 

@@ -284,13 +284,11 @@ def _tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags, logging
+    from absl import flags
 
     from maxlm import checkpoint, tokenizer
 
     FLAGS = flags.FLAGS
-    if not FLAGS["verbosity"].present:  # keep Orbax's INFO lines off the terminal unless asked for
-        logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise SampleError(f"unexpected arguments: {' '.join(argv[1:])}")
     workdir = FLAGS.workdir
@@ -324,24 +322,10 @@ def main(argv: list[str]) -> None:
 
 
 def _run() -> None:
-    from absl import app, flags
+    from maxlm import cli
 
     _define_flags()
-
-    from maxlm.config import ConfigError
-
-    def wrapped(argv: list[str]) -> None:
-        try:
-            main(argv)
-        except (FileNotFoundError, SampleError, ConfigError) as e:  # user errors: one line, exit status 2
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
-
-    try:
-        app.run(wrapped)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    cli.run(main, user_errors=(SampleError,))
 
 
 if __name__ == "__main__":

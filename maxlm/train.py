@@ -68,10 +68,6 @@ def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTrans
     return new_state, metrics
 
 
-def eval_step(config: ml_collections.ConfigDict, params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    return loss_fn(params, config, batch)
-
-
 class Trainer:
     """Builds the mesh, the sharded state and the jitted step for a config (everything but the loop)."""
 
@@ -96,7 +92,7 @@ class Trainer:
                                  in_shardings=(self.state_shardings, self.batch_sharding),
                                  out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                                  donate_argnums=0)
-            self._eval = jax.jit(functools.partial(eval_step, config),
+            self._eval = jax.jit(lambda params, batch: loss_fn(params, config, batch),
                                  in_shardings=(param_sh, self.batch_sharding))
 
     def init_state(self, rng: jax.Array) -> State:
