@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Large and finite: a fully masked row (a padding query) yields a uniform distribution, not NaN.
+# Large and finite, so masked logits never produce inf - inf = NaN in a running max.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -47,6 +47,9 @@ def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: ja
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
     mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
     logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    # A query that sees no key at all (a padding slot) outputs zeros rather than an average of
+    # everything: the convention of FlashAttention's variable-length kernels, and the one every
+    # maxlm kernel follows.
+    probs = jnp.where(mask[:, None, None], jax.nn.softmax(logits, axis=-1), 0.0).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)

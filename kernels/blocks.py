@@ -1,0 +1,74 @@
+"""Block bookkeeping shared by the GPU and TPU flash-attention kernels.
+
+A kernel walks a [T, S] score matrix in tiles of `block_q` query rows by `block_k` key columns. Under a
+causal mask (key slot <= query slot, offsets 0 as in `kernels/reference.py`) a tile is one of three kinds:
+above the diagonal (every entry masked: skipped, never loaded), on it (needs the elementwise mask), or
+below it (no mask at all). The helpers below give those ranges as traced integers, so a kernel's loop
+bounds or `pl.when` guards encode "no wasted work above the diagonal" (FlashAttention-2, Dao 2023, §3.1).
+Conservative rounding is allowed only towards "masked": a tile classed as diagonal but fully visible costs
+a few selects, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels.reference import MASK_VALUE
+
+# The log-sum-exp written for a query that sees no key at all (pure padding): large and finite, so that
+# exp(s - lse) underflows to exactly 0 in the backward pass and such rows contribute no gradient.
+LSE_NO_KEYS = -MASK_VALUE
+
+
+def div(a, b: int):
+    """a // b for non-negative traced ints, as a truncating divide (Mosaic lowers `//` through `sign`,
+    which it can only do for a known TPU generation; truncation is exact for a >= 0 anyway)."""
+    return lax.div(jnp.asarray(a, jnp.int32), jnp.int32(b))
+
+
+def kv_blocks_for_q(i: jax.Array, block_q: int, block_k: int, num_kv_blocks: int) -> tuple[jax.Array, jax.Array]:
+    """For query tile i: (#key tiles fully visible, #key tiles touched at all) under a causal mask."""
+    first_row = i * block_q
+    last_row = first_row + block_q - 1
+    touched = jnp.minimum(div(last_row, block_k) + 1, num_kv_blocks)
+    full = jnp.minimum(div(first_row, block_k), touched)
+    return full, touched
+
+
+def q_blocks_for_kv(j: jax.Array, block_q: int, block_k: int, num_q_blocks: int) -> tuple[jax.Array, jax.Array]:
+    """For key tile j: (first query tile that sees it, first query tile that sees all of it), causal."""
+    first_key = j * block_k
+    last_key = first_key + block_k - 1
+    start = jnp.minimum(div(first_key, block_q), num_q_blocks)
+    full = jnp.minimum(div(last_key + block_q - 1, block_q), num_q_blocks)
+    return start, jnp.maximum(full, start)
+
+
+def tile_mask(q_start, k_start, shape: tuple[int, int], *, causal: bool, q_seg=None, kv_seg=None,
+              transposed: bool = False) -> jax.Array | None:
+    """Boolean visibility of one tile. Normal layout is [block_q, block_k]; `transposed` gives
+    [block_k, block_q] (the layout the TPU backward works in, so per-query statistics broadcast as rows).
+    `q_seg` / `kv_seg` must already be shaped to broadcast against the tile (column or row vectors).
+    Segment id 0 marks padding keys, which nobody attends to."""
+    q_axis, k_axis = (1, 0) if transposed else (0, 1)
+    mask = None
+    if causal:
+        q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+        k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, k_axis)
+        mask = k_pos <= q_pos
+    if q_seg is not None:
+        seg = (q_seg == kv_seg) & (kv_seg != 0)
+        mask = seg if mask is None else mask & seg
+    return mask
+
+
+def finalize(m: jax.Array, l: jax.Array, acc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Online-softmax epilogue: output acc / l and log-sum-exp m + log l; a row that saw no visible key
+    (its running max never left MASK_VALUE) outputs 0 and LSE_NO_KEYS, matching the reference."""
+    seen = m > 0.5 * MASK_VALUE
+    safe_l = jnp.where(seen, l, 1.0)
+    out = jnp.where(seen, acc / safe_l, 0.0)
+    lse = jnp.where(seen, m + jnp.log(safe_l), LSE_NO_KEYS)
+    return out, lse

@@ -1,0 +1,162 @@
+"""The Pallas flash-attention kernels against the float32 jnp reference, run by the Pallas interpreter.
+
+Both kernel families (GPU/Triton and TPU/Mosaic) run here on CPU with `interpret=True`, so these tests
+exercise the kernel bodies a GPU or TPU compiles; `test_lowers_for_*` additionally lowers each family
+for its real platform (Triton IR, Mosaic module) to catch constructs that only the interpreter accepts.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import BlockSizes, flash_attention, mha_reference
+
+SMALL = BlockSizes(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
+SQUARE = BlockSizes(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32)
+
+
+def _inputs(b, t, s, n, k, h, dtype, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(ks[0], (b, t, n, h), jnp.float32).astype(dtype)
+    kk = jax.random.normal(ks[1], (b, s, k, h), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, s, k, h), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (b, t, n, h), jnp.float32).astype(dtype)
+    return q, kk, v, do
+
+
+def _packed_segments(b, length, cuts):
+    """Segments 1, 2, ... changing at `cuts` (deliberately mid-block), then a padding tail of zeros."""
+    ids = np.zeros((b, length), np.int32)
+    bounds = [0, *cuts]
+    for sid, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+        ids[:, lo:hi] = sid
+    ids[1:, : cuts[0] // 2] = 7  # rows of the batch differ
+    return jnp.asarray(ids)
+
+
+def _compare(*, backend, causal, n, k, t=64, s=None, h=64, segments=False, blocks=SMALL,
+             dtype=jnp.float32):
+    s = t if s is None else s
+    b = 2
+    q, kk, v, do = _inputs(b, t, s, n, k, h, dtype)
+    if segments:
+        q_seg = _packed_segments(b, t, [t // 3, t - 5])
+        kv_seg = q_seg if s == t else _packed_segments(b, s, [s // 3, s - 5])
+        seg_arg = (q_seg, kv_seg)
+    else:
+        q_seg, kv_seg, seg_arg = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32), None
+
+    def flash(q, kk, v):
+        return flash_attention(q, kk, v, causal=causal, segment_ids=seg_arg, block_sizes=blocks, backend=backend)
+
+    def ref(q, kk, v):
+        return mha_reference(q, kk, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal)
+
+    f32 = lambda x: x.astype(jnp.float32)
+    out, vjp = jax.vjp(flash, q, kk, v)
+    want, ref_vjp = jax.vjp(ref, f32(q), f32(kk), f32(v))
+    got = (out, *vjp(do))
+    expected = (want, *ref_vjp(f32(do)))
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        err = float(jnp.max(jnp.abs(f32(a) - e)))
+        if dtype == jnp.float32:
+            assert err <= 2e-5, f"{name}: max abs error {err:.2e}"
+        else:
+            scale = float(jnp.max(jnp.abs(e)))
+            assert err <= 2e-2 * scale, f"{name}: error {err:.3e} vs scale {scale:.3e}"
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,k", [(2, 2), (4, 2), (4, 1), (8, 1)])
+def test_heads_and_masks(backend, causal, n, k):
+    _compare(backend=backend, causal=causal, n=n, k=k)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("blocks", [SMALL, SQUARE], ids=["32x16", "32x32"])
+def test_packed_segments(backend, causal, blocks):
+    _compare(backend=backend, causal=causal, n=4, k=2, segments=True, blocks=blocks)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("segments", [False, True])
+def test_cross_attention_lengths(backend, segments):
+    _compare(backend=backend, causal=False, n=4, k=2, t=64, s=96, segments=segments)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_head_dim_128_bfloat16(backend):
+    _compare(backend=backend, causal=True, n=4, k=2, h=128, dtype=jnp.bfloat16, segments=True)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_bfloat16(backend):
+    _compare(backend=backend, causal=True, n=8, k=2, dtype=jnp.bfloat16, blocks=SQUARE)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("t,s,causal", [(50, 50, True), (40, 72, False)])
+def test_lengths_not_multiple_of_block(backend, t, s, causal):
+    _compare(backend=backend, causal=causal, n=4, k=2, t=t, s=s)
+
+
+def test_default_blocks_and_backend():
+    # The stable-surface call: no backend, no blocks; on CPU it interprets the GPU kernels.
+    q, kk, v, _ = _inputs(1, 48, 48, 2, 1, 64, jnp.float32)
+    ones = jnp.ones((1, 48), jnp.int32)
+    np.testing.assert_allclose(flash_attention(q, kk, v),
+                               mha_reference(q, kk, v, q_segment_ids=ones, kv_segment_ids=ones), atol=2e-5)
+
+
+def test_padding_query_outputs_zero():
+    q, kk, v, _ = _inputs(1, 32, 32, 2, 2, 64, jnp.float32)
+    seg = jnp.asarray([[1] * 20 + [0] * 12], jnp.int32)
+    out = flash_attention(q, kk, v, segment_ids=seg, block_sizes=SQUARE)
+    assert float(jnp.abs(out[:, 20:]).max()) == 0.0
+    assert bool(jnp.isfinite(jax.grad(lambda q: flash_attention(q, kk, v, segment_ids=seg).sum())(q)).all())
+
+
+def test_bad_arguments_raise_clear_errors():
+    q, kk, v, _ = _inputs(1, 32, 48, 4, 2, 64, jnp.float32)
+    with pytest.raises(ValueError, match="T == S"):
+        flash_attention(q, kk, v, causal=True)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        flash_attention(q[:, :, :3], kk, v, causal=False)
+    with pytest.raises(ValueError, match="backend"):
+        flash_attention(q, kk, v, causal=False, backend="cuda")
+    with pytest.raises(ValueError, match="segment ids"):
+        flash_attention(q, kk, v, causal=False, segment_ids=(jnp.ones((1, 32)), jnp.ones((1, 32))))
+
+
+def _export(backend, platform, *, causal, segments):
+    b, t, n, k, h = 2, 1024, 8, 2, 128
+    q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, t, k, h), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def loss(q, kk, v, seg):
+        out = flash_attention(q, kk, v, causal=causal, segment_ids=seg if segments else None,
+                              backend=backend, interpret=False)
+        return out.astype(jnp.float32).sum()
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    # Triton kernels are compiled by XLA:GPU at load time, so the export must allow their custom call.
+    unsafe = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exported = jax.export.export(fn, platforms=[platform], disabled_checks=unsafe)(q, kv, kv, seg)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("causal,segments", [(True, False), (True, True), (False, False)])
+def test_lowers_for_gpu(causal, segments):
+    module = _export("gpu", "cuda", causal=causal, segments=segments)
+    assert module.count("xla.gpu.triton") == 3  # forward, dK/dV, dQ
+
+
+@pytest.mark.parametrize("causal,segments", [(True, False), (True, True), (False, False)])
+def test_lowers_for_tpu(causal, segments):
+    module = _export("tpu", "tpu", causal=causal, segments=segments)
+    assert module.count("tpu_custom_call") == 3
