@@ -2,16 +2,27 @@
 
 `impl="xla"` is the plain-jnp reference from `kernels.reference` (XLA fuses it well enough on every
 backend and it is the oracle for the others); `impl="cudnn"` is `jax.nn.dot_product_attention` with the
-cuDNN fused kernel on NVIDIA GPUs. The Pallas flash kernel ("pallas") arrives with the kernels issue;
-`config.validate` rejects it until then. All implementations share the masking semantics documented in
-`kernels/reference.py`: packed-sequence segment ids (0 = padding), causal over cache slots.
+cuDNN fused kernel on NVIDIA GPUs; `impl="pallas"` is maxlm's own flash attention
+(`kernels.flash_attention`). All share the masking semantics documented in `kernels/reference.py`:
+packed-sequence segment ids (0 = padding), causal over cache slots.
+
+A Pallas kernel is a per-device program, so under a mesh it runs inside `shard_map`: each device gets
+its local batch rows and heads, as the logical-axis rules in the config shard them (the model never
+names a mesh axis). The sequence stays whole inside the kernel: attention needs every key, so a
+sequence-sharded activation is gathered at the `shard_map` boundary.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
+import flax.linen as nn
+from jax.sharding import PartitionSpec as P
+
+import kernels
 from kernels import reference
 
 
@@ -24,7 +35,39 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array
     if impl == "cudnn":
         mask = reference.attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+    if impl == "pallas":
+        if not (isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]):
+            # Cached decoding (queries at an offset into a longer cache) is memory-bound and served by
+            # the XLA path; the flash kernel is for training, scoring and prefill.
+            return attend(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                          q_offset=q_offset, causal=causal, impl="xla")
+        return _flash_sharded(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
     raise ValueError(f"unknown attention impl {impl!r}")
+
+
+def _flash_sharded(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool) -> jax.Array:
+    """Run the flash kernel on each device's shard when a mesh is active, else directly."""
+
+    def kernel(q, k, v, q_seg, kv_seg):
+        return kernels.flash_attention(q, k, v, causal=causal, segment_ids=(q_seg, kv_seg))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, q_segment_ids, kv_segment_ids)
+    q_spec = nn.logical_to_mesh_axes(("activation_batch", None, "activation_heads", None))
+    kv_spec = nn.logical_to_mesh_axes(("activation_batch", None, "activation_kv_heads", None))
+    seg_spec = P(q_spec[0], None)
+
+    def shards(entry) -> int:
+        names = entry if isinstance(entry, tuple) else (entry,)
+        return math.prod(mesh.shape[a] for a in names if a is not None)
+
+    if any(x.shape[d] % shards(spec[d]) for x, spec in ((q, q_spec), (k, kv_spec)) for d in (0, 2)):
+        # Shapes the mesh cannot split evenly (e.g. the 1x1 dummy batch of parameter init): one call on
+        # the whole arrays, which the partitioner gathers. Correct, just not per-device.
+        return kernel(q, k, v, q_segment_ids, kv_segment_ids)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
 
 
 def rope(x: jax.Array, positions: jax.Array, *, theta: float, scaling: str = "none",

@@ -175,8 +175,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
     _check(m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
     _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", f"must be one of {ATTENTION_IMPLS}")
-    _check(m.attention_impl != "pallas", "model.attention_impl",
-           "'pallas' needs the Pallas kernels (issue 4), not in this version; use 'xla' or 'cudnn'")
     if m.attention_impl == "cudnn":
         import jax
 
@@ -217,6 +215,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis may be -1")
     _check(m.num_kv_heads % c.mesh.tensor == 0 or m.num_kv_heads == 1 or c.mesh.tensor == 1, "mesh.tensor",
            f"num_kv_heads={m.num_kv_heads} is not divisible by mesh.tensor={c.mesh.tensor}")
+    _check(m.attention_impl != "pallas" or c.mesh.tensor in (1, -1) or m.num_kv_heads % c.mesh.tensor == 0,
+           "mesh.tensor", f"attention_impl=pallas runs per device on whole kv heads: num_kv_heads="
+           f"{m.num_kv_heads} must be divisible by mesh.tensor={c.mesh.tensor}")
     _check(d.seq_len % max(c.mesh.sequence, 1) == 0, "mesh.sequence",
            f"data.seq_len={d.seq_len} is not divisible by mesh.sequence={c.mesh.sequence}")
     logical = [r[0] for r in c.mesh.rules]

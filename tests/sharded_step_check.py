@@ -1,5 +1,8 @@
 """Run one train step on a given mesh of 8 forced CPU devices and on 1 device; print the max differences.
 
+The single-device run always uses the XLA attention (the oracle); the sharded run uses the attention
+implementation named by the optional fifth argument (default xla), e.g. `pallas` inside shard_map.
+
 Executed as a subprocess by tests/test_sharding.py, because the device count must be fixed before jax starts.
 """
 
@@ -16,12 +19,13 @@ from maxlm.sharding import make_mesh  # noqa: E402
 from maxlm.train import Trainer  # noqa: E402
 
 
-def main(data: int, fsdp: int, tensor: int, sequence: int) -> None:
+def main(data: int, fsdp: int, tensor: int, sequence: int, impl: str = "xla") -> None:
     c = C.override(C.default_config(), **{
         "model.vocab_size": 128, "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4,
         "model.num_kv_heads": 2, "model.mlp_dim": 128, "model.compute_dtype": "float32", "model.max_seq_len": 64,
         "data.seq_len": 32, "data.batch_size": 8, "optim.warmup_steps": 0, "optim.peak_lr": 1e-3,
-        "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, "mesh.sequence": sequence})
+        "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, "mesh.sequence": sequence,
+        "model.attention_impl": impl})
     C.validate(c)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 128, (8, 33)).astype(np.int32)
@@ -32,7 +36,8 @@ def main(data: int, fsdp: int, tensor: int, sequence: int) -> None:
              "loss_weights": np.ones((8, 32), np.float32)}
     results = []
     for devices, cfg in ((jax.devices()[:1], C.override(c, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1,
-                                                               "mesh.sequence": 1})), (jax.devices(), c)):
+                                                               "mesh.sequence": 1, "model.attention_impl": "xla"})),
+                         (jax.devices(), c)):
         trainer = Trainer(cfg, mesh=make_mesh(cfg, devices))
         state = trainer.init_state(jax.random.key(0))
         state, metrics = trainer.step(state, trainer.device_batch(batch))
@@ -43,4 +48,4 @@ def main(data: int, fsdp: int, tensor: int, sequence: int) -> None:
 
 
 if __name__ == "__main__":
-    main(*map(int, sys.argv[1:5]))
+    main(*map(int, sys.argv[1:5]), *sys.argv[5:6])

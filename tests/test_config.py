@@ -45,6 +45,15 @@ def test_invalid_values_name_the_key(key, value, fragment):
     assert fragment in str(err.value)
 
 
+def test_pallas_needs_whole_kv_heads_per_tensor_shard():
+    c = C.override(C.load_config_file(os.path.join(ROOT, "configs", "tiny.py")),
+                   **{"model.attention_impl": "pallas", "model.num_kv_heads": 1, "mesh.tensor": 2})
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(c)
+    assert err.value.key == "mesh.tensor" and "pallas" in str(err.value)
+    C.validate(C.override(c, **{"mesh.tensor": 1}))
+
+
 def test_unknown_keys_are_rejected():
     c = C.default_config()
     with pytest.raises(C.ConfigError):
