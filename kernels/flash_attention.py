@@ -70,9 +70,12 @@ def _pow2_at_least(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+MIN_BLOCK = 16  # the smallest matmul tile Triton's tensor-core dot accepts
+
+
 def _fit(block: int, length: int) -> int:
-    """Shrink a tile to the sequence when the sequence is shorter than one tile."""
-    return min(block, _pow2_at_least(length))
+    """Shrink a tile to the sequence (rounded up to a power of two) when the sequence is shorter."""
+    return min(block, max(MIN_BLOCK, _pow2_at_least(length)))
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -117,10 +120,20 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         raise ValueError(f"segment ids must be [B,T]={b, t} and [B,S]={b, s}; got {q_seg.shape}, {kv_seg.shape}")
 
     bs = block_sizes or BlockSizes.default(backend, h)
+    tiles = (bs.block_q, bs.block_k, bs.block_q_bwd, bs.block_k_bwd)
+    if any(x < MIN_BLOCK or x & (x - 1) for x in tiles):
+        raise ValueError(f"block sizes must be powers of two >= {MIN_BLOCK}, got {bs}")
     bs = dataclasses.replace(bs, block_q=_fit(bs.block_q, t), block_k=_fit(bs.block_k, s),
                              block_q_bwd=_fit(bs.block_q_bwd, t), block_k_bwd=_fit(bs.block_k_bwd, s))
     t_pad = -(-t // max(bs.block_q, bs.block_q_bwd)) * max(bs.block_q, bs.block_q_bwd)
     s_pad = -(-s // max(bs.block_k, bs.block_k_bwd)) * max(bs.block_k, bs.block_k_bwd)
+    if backend == "tpu" and not interpret:
+        # Mosaic tiles: the saved statistics are [1, block] rows, whose lane dim must be a multiple of
+        # 128 unless one tile spans the whole (padded) sequence.
+        for name, x, length in (("block_q", bs.block_q, t_pad), ("block_q_bwd", bs.block_q_bwd, t_pad),
+                                ("block_k", bs.block_k, s_pad), ("block_k_bwd", bs.block_k_bwd, s_pad)):
+            if x % 128 and x != length:
+                raise ValueError(f"on TPU {name}={x} must be a multiple of 128 (or cover the sequence)")
     if s_pad != s and q_seg is None:
         # Padded keys must be masked: give every real token segment 1 and the padding segment 0.
         q_seg, kv_seg = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)

@@ -14,7 +14,7 @@ diagonal: tiles above it are never visited, tiles below it skip the mask.
 Why Triton and not Mosaic GPU: the Triton lowering runs on every jax this project supports (0.10 and
 0.11, where it is deprecated but present) with one kernel body that the CPU interpreter also runs, so CI
 tests exactly the code a GPU compiles. A Hopper-specific Mosaic GPU kernel (wgmma, TMA, warp
-specialisation) is the next step for speed; see the issue-4 note in the README.
+specialisation) is the next step for speed (README, "Not in this version").
 """
 
 from __future__ import annotations

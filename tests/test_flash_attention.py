@@ -128,6 +128,10 @@ def test_bad_arguments_raise_clear_errors():
         flash_attention(q[:, :, :3], kk, v, causal=False)
     with pytest.raises(ValueError, match="backend"):
         flash_attention(q, kk, v, causal=False, backend="cuda")
+    with pytest.raises(ValueError, match="powers of two"):
+        flash_attention(q, kk, v, causal=False, block_sizes=BlockSizes(24, 32, 32, 32))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        flash_attention(q, q, q, block_sizes=BlockSizes(16, 32, 32, 32), backend="tpu", interpret=False)
     with pytest.raises(ValueError, match="segment ids"):
         flash_attention(q, kk, v, causal=False, segment_ids=(jnp.ones((1, 32)), jnp.ones((1, 32))))
 
