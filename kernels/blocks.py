@@ -46,6 +46,26 @@ def q_blocks_for_kv(j: jax.Array, block_q: int, block_k: int, num_q_blocks: int)
     return start, jnp.maximum(full, start)
 
 
+def kv_ranges(i, block_q: int, block_k: int, num_kv_blocks: int, *, causal: bool, masked_everywhere: bool):
+    """Loop bounds over key tiles for query tile i: tiles [0, full) need no mask, [full, touched) do,
+    the rest are skipped. With segment ids every visited tile needs the mask."""
+    if causal:
+        full, touched = kv_blocks_for_q(i, block_q, block_k, num_kv_blocks)
+    else:
+        full, touched = num_kv_blocks, num_kv_blocks
+    return (0 if masked_everywhere else full), touched
+
+
+def q_ranges(j, block_q: int, block_k: int, num_q_blocks: int, *, causal: bool, masked_everywhere: bool):
+    """Loop bounds over query tiles for key tile j: tiles before `start` are skipped, [start, full) need
+    the mask, [full, num_q_blocks) do not."""
+    if causal:
+        start, full = q_blocks_for_kv(j, block_q, block_k, num_q_blocks)
+    else:
+        start, full = 0, 0
+    return start, (num_q_blocks if masked_everywhere else full)
+
+
 def tile_mask(q_start, k_start, shape: tuple[int, int], *, causal: bool, q_seg=None, kv_seg=None,
               transposed: bool = False) -> jax.Array | None:
     """Boolean visibility of one tile. Normal layout is [block_q, block_k]; `transposed` gives

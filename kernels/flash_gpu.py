@@ -72,12 +72,7 @@ def _fwd_kernel(*refs, causal, sm_scale, block_k, num_kv_blocks, has_seg):
 
     carry = (jnp.full((block_q,), MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32),
              jnp.zeros((block_q, head_dim), jnp.float32))
-    if causal:
-        full, touched = blocks.kv_blocks_for_q(i, block_q, block_k, num_kv_blocks)
-        if has_seg:
-            full = 0
-    else:
-        full, touched = (0 if has_seg else num_kv_blocks), num_kv_blocks
+    full, touched = blocks.kv_ranges(i, block_q, block_k, num_kv_blocks, causal=causal, masked_everywhere=has_seg)
     carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(full, touched, functools.partial(body, masked=True), carry)
     m, l, acc = carry
@@ -140,12 +135,7 @@ def _dkdv_kernel(*refs, causal, sm_scale, block_q, num_q_blocks, group, has_seg)
         dk = dk + _dot(ds.astype(q.dtype), q, _TN)
         return dk, dv
 
-    if causal:
-        start, full = blocks.q_blocks_for_kv(j, block_q, block_k, num_q_blocks)
-        if has_seg:
-            full = num_q_blocks
-    else:
-        start, full = 0, (num_q_blocks if has_seg else 0)
+    start, full = blocks.q_ranges(j, block_q, block_k, num_q_blocks, causal=causal, masked_everywhere=has_seg)
 
     def per_head(gi, carry):
         head = kv_head * group + gi
@@ -182,12 +172,7 @@ def _dq_kernel(*refs, causal, sm_scale, block_k, num_kv_blocks, has_seg):
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    if causal:
-        full, touched = blocks.kv_blocks_for_q(i, block_q, block_k, num_kv_blocks)
-        if has_seg:
-            full = 0
-    else:
-        full, touched = (0 if has_seg else num_kv_blocks), num_kv_blocks
+    full, touched = blocks.kv_ranges(i, block_q, block_k, num_kv_blocks, causal=causal, masked_everywhere=has_seg)
     dq = jnp.zeros((block_q, head_dim), jnp.float32)
     dq = lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
     dq = lax.fori_loop(full, touched, functools.partial(body, masked=True), dq)

@@ -29,19 +29,16 @@ from kernels import reference
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
            q_offset: jax.Array | int = 0, causal: bool = True, impl: str = "xla") -> jax.Array:
     """q [B,T,N,H], k/v [B,S,K,H], segment ids [B,T] / [B,S] -> [B,T,N,H] in q's dtype."""
-    if impl == "xla":
+    if impl == "pallas" and isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]:
+        return _flash_sharded(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
+    if impl in ("xla", "pallas"):
+        # Under "pallas", cached decoding (queries at an offset into a longer cache) is memory-bound and
+        # served here; the flash kernel is for training, scoring and prefill.
         return reference.mha_reference(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                        causal=causal, q_offset=q_offset)
     if impl == "cudnn":
         mask = reference.attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
-    if impl == "pallas":
-        if not (isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]):
-            # Cached decoding (queries at an offset into a longer cache) is memory-bound and served by
-            # the XLA path; the flash kernel is for training, scoring and prefill.
-            return attend(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                          q_offset=q_offset, causal=causal, impl="xla")
-        return _flash_sharded(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
     raise ValueError(f"unknown attention impl {impl!r}")
 
 
