@@ -1,7 +1,8 @@
 """Block bookkeeping shared by the GPU and TPU flash-attention kernels.
 
 A kernel walks a [T, S] score matrix in tiles of `block_q` query rows by `block_k` key columns. Under a
-causal mask (key slot <= query slot, offsets 0 as in `kernels/reference.py`) a tile is one of three kinds:
+causal mask (key slot <= query slot, query t sitting at slot q_offset + t as in `kernels/reference.py`;
+q_offset is a traced scalar, e.g. a sequence shard's start) a tile is one of three kinds:
 above the diagonal (every entry masked: skipped, never loaded), on it (needs the elementwise mask), or
 below it (no mask at all). The helpers below give those ranges as traced integers, so a kernel's loop
 bounds or `pl.when` guards encode "no wasted work above the diagonal" (FlashAttention-2, Dao 2023, §3.1).
@@ -28,42 +29,53 @@ def div(a, b: int):
     return lax.div(jnp.asarray(a, jnp.int32), jnp.int32(b))
 
 
-def kv_blocks_for_q(i: jax.Array, block_q: int, block_k: int, num_kv_blocks: int) -> tuple[jax.Array, jax.Array]:
-    """For query tile i: (#key tiles fully visible, #key tiles touched at all) under a causal mask."""
-    first_row = i * block_q
+def kv_blocks_for_q(i, block_q: int, block_k: int, num_kv_blocks: int, q_offset=0):
+    """For query tile i (query slots from q_offset + i * block_q): (#key tiles fully visible, #key tiles
+    touched at all) under a causal mask."""
+    first_row = q_offset + i * block_q
     last_row = first_row + block_q - 1
     touched = jnp.minimum(div(last_row, block_k) + 1, num_kv_blocks)
     full = jnp.minimum(div(first_row, block_k), touched)
     return full, touched
 
 
-def q_blocks_for_kv(j: jax.Array, block_q: int, block_k: int, num_q_blocks: int) -> tuple[jax.Array, jax.Array]:
+def q_blocks_for_kv(j, block_q: int, block_k: int, num_q_blocks: int, q_offset=0):
     """For key tile j: (first query tile that sees it, first query tile that sees all of it), causal."""
-    first_key = j * block_k
+    first_key = j * block_k - q_offset  # key slots relative to the first query's slot
     last_key = first_key + block_k - 1
-    start = jnp.minimum(div(first_key, block_q), num_q_blocks)
-    full = jnp.minimum(div(last_key + block_q - 1, block_q), num_q_blocks)
+    start = jnp.minimum(div(jnp.maximum(first_key, 0), block_q), num_q_blocks)
+    full = jnp.minimum(div(jnp.maximum(last_key, 0) + block_q - 1, block_q), num_q_blocks)
     return start, jnp.maximum(full, start)
 
 
-def kv_ranges(i, block_q: int, block_k: int, num_kv_blocks: int, *, causal: bool, masked_everywhere: bool):
+def kv_ranges(i, block_q: int, block_k: int, num_kv_blocks: int, *, causal: bool, masked_everywhere: bool,
+              q_offset=0):
     """Loop bounds over key tiles for query tile i: tiles [0, full) need no mask, [full, touched) do,
     the rest are skipped. With segment ids every visited tile needs the mask."""
     if causal:
-        full, touched = kv_blocks_for_q(i, block_q, block_k, num_kv_blocks)
+        full, touched = kv_blocks_for_q(i, block_q, block_k, num_kv_blocks, q_offset)
     else:
         full, touched = num_kv_blocks, num_kv_blocks
     return (0 if masked_everywhere else full), touched
 
 
-def q_ranges(j, block_q: int, block_k: int, num_q_blocks: int, *, causal: bool, masked_everywhere: bool):
+def q_ranges(j, block_q: int, block_k: int, num_q_blocks: int, *, causal: bool, masked_everywhere: bool,
+             q_offset=0):
     """Loop bounds over query tiles for key tile j: tiles before `start` are skipped, [start, full) need
     the mask, [full, num_q_blocks) do not."""
     if causal:
-        start, full = q_blocks_for_kv(j, block_q, block_k, num_q_blocks)
+        start, full = q_blocks_for_kv(j, block_q, block_k, num_q_blocks, q_offset)
     else:
         start, full = 0, 0
     return start, (num_q_blocks if masked_everywhere else full)
+
+
+def tile_kind(i, j, block_q: int, block_k: int, q_offset=0):
+    """(visible, crosses the diagonal) for tile (query tile i, key tile j) under a causal mask."""
+    first_row = q_offset + i * block_q
+    visible = j * block_k <= first_row + block_q - 1
+    diagonal = (j + 1) * block_k - 1 > first_row
+    return visible, diagonal
 
 
 def tile_mask(q_start, k_start, shape: tuple[int, int], *, causal: bool, q_seg=None, kv_seg=None,

@@ -5,7 +5,9 @@ the forward streams key tiles through an online softmax and saves only the outpu
 log-sum-exp; the backward (a `jax.custom_vjp`) recomputes each probability tile from that log-sum-exp.
 Semantics are those of `kernels.reference.mha_reference`, which the tests hold every lowering to:
 grouped-query heads (query head n reads kv head n // G, K/V never repeated), causal masking over slots
-starting at 0, packed-sequence segment ids (0 = padding), and a query that sees no key outputs zeros.
+(query t sits at slot q_offset + t, key s at slot s), packed-sequence segment ids (0 = padding), and a
+query that sees no key outputs zeros. A traced `q_offset` is what lets a sequence-parallel shard run its
+queries against the gathered keys of the whole sequence.
 
 Two lowerings share those semantics: `backend="gpu"` (Pallas -> Triton, `kernels/flash_gpu.py`) and
 `backend="tpu"` (Pallas -> Mosaic TPU, `kernels/flash_tpu.py`). On a CPU the same call runs the chosen
@@ -81,13 +83,15 @@ def _fit(block: int, length: int) -> int:
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
                     sm_scale: float | None = None, block_sizes: BlockSizes | None = None,
-                    backend: str | None = None, interpret: bool | None = None) -> jax.Array:
+                    backend: str | None = None, interpret: bool | None = None,
+                    q_offset: int | jax.Array = 0) -> jax.Array:
     """Attention over q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H] in q's dtype (float32 accumulation).
 
     segment_ids: [B,T] ids shared by queries and keys (needs T == S), or a pair ([B,T], [B,S]); a query
-    attends to a key only when their ids are equal and non-zero. `causal` needs T == S. `sm_scale`
-    defaults to H^-0.5. `backend` is "gpu" or "tpu" (default: the platform's); `interpret` defaults
-    to True on a CPU platform.
+    attends to a key only when their ids are equal and non-zero. Causal masking compares slots: query t
+    is at slot q_offset + t (an int or a traced int32 scalar), key s at slot s. `sm_scale` defaults to
+    H^-0.5. `backend` is "gpu" or "tpu" (default: the platform's); `interpret` defaults to True on a CPU
+    platform.
     """
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"flash_attention expects q [B,T,N,H] and k, v [B,S,K,H]; got q {q.shape}, "
@@ -98,9 +102,6 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head dim")
     if n % kv_heads:
         raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({kv_heads})")
-    if causal and t != s:
-        raise ValueError(f"causal flash_attention needs T == S (got T={t}, S={s}); the causal mask "
-                         "compares slots from 0, as in kernels.reference")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     backend = backend or default_backend()
@@ -143,7 +144,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     pad = lambda x, to: jnp.pad(x, ((0, 0), (0, to - x.shape[1]), (0, 0), (0, 0)))
     static = _Static(causal=causal, sm_scale=float(sm_scale if sm_scale is not None else h ** -0.5),
                      blocks=bs, backend=backend, interpret=bool(interpret))
-    out = _flash(pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), q_seg, kv_seg, static)
+    offset = jnp.reshape(jnp.asarray(q_offset, jnp.int32), (1,))
+    out = _flash(pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), q_seg, kv_seg, offset, static)
     return out[:, :t]
 
 
@@ -151,33 +153,33 @@ def _impl(static: _Static):
     return flash_tpu if static.backend == "tpu" else flash_gpu
 
 
-def _forward(q, k, v, q_seg, kv_seg, static: _Static):
+def _forward(q, k, v, q_seg, kv_seg, offset, static: _Static):
     bs = static.blocks
-    return _impl(static).forward(q, k, v, q_seg, kv_seg, causal=static.causal, sm_scale=static.sm_scale,
+    return _impl(static).forward(q, k, v, q_seg, kv_seg, offset, causal=static.causal, sm_scale=static.sm_scale,
                                  block_q=bs.block_q, block_k=bs.block_k, num_warps=bs.num_warps,
                                  num_stages=bs.num_stages, interpret=static.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, q_seg, kv_seg, static: _Static):
-    return _forward(q, k, v, q_seg, kv_seg, static)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, q_seg, kv_seg, offset, static: _Static):
+    return _forward(q, k, v, q_seg, kv_seg, offset, static)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, static: _Static):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, static)
-    return out, (q, k, v, q_seg, kv_seg, out, lse)
+def _flash_fwd(q, k, v, q_seg, kv_seg, offset, static: _Static):
+    out, lse = _forward(q, k, v, q_seg, kv_seg, offset, static)
+    return out, (q, k, v, q_seg, kv_seg, offset, out, lse)
 
 
 def _flash_bwd(static: _Static, residuals, do):
-    q, k, v, q_seg, kv_seg, out, lse = residuals
+    q, k, v, q_seg, kv_seg, offset, out, lse = residuals
     # delta_t = sum_h dO * O = sum_s P * dP: the softmax-backward correction, one number per query row.
     delta = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), do.astype(jnp.float32))
     bs = static.blocks
     dq, dk, dv = _impl(static).backward(
-        q, k, v, q_seg, kv_seg, lse, delta, do.astype(q.dtype), causal=static.causal, sm_scale=static.sm_scale,
+        q, k, v, q_seg, kv_seg, offset, lse, delta, do.astype(q.dtype), causal=static.causal, sm_scale=static.sm_scale,
         block_q=bs.block_q_bwd, block_k=bs.block_k_bwd, num_warps=bs.num_warps, num_stages=bs.num_stages,
         interpret=static.interpret)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

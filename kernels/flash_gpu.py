@@ -44,12 +44,12 @@ def _params(num_warps: int, num_stages: int):
     return pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _fwd_kernel(*refs, causal, sm_scale, block_k, num_kv_blocks, has_seg):
+def _fwd_kernel(off_ref, *refs, causal, sm_scale, block_k, num_kv_blocks, has_seg):
     if has_seg:
         q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref = refs
     else:
         q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-    i = pl.program_id(0)
+    i, q_offset = pl.program_id(0), off_ref[0]
     block_q, head_dim = q_ref.shape
     q = q_ref[...]
     q_seg = qseg_ref[...][:, None] if has_seg else None
@@ -61,7 +61,8 @@ def _fwd_kernel(*refs, causal, sm_scale, block_k, num_kv_blocks, has_seg):
         s = _dot(q, k, _NT) * sm_scale  # [bq, bk]
         if masked:
             kv_seg = kvseg_ref[keys][None, :] if has_seg else None
-            mask = blocks.tile_mask(i * block_q, j * block_k, s.shape, causal=causal, q_seg=q_seg, kv_seg=kv_seg)
+            mask = blocks.tile_mask(q_offset + i * block_q, j * block_k, s.shape, causal=causal, q_seg=q_seg,
+                                    kv_seg=kv_seg)
             s = s if mask is None else jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp(m - m_new)
@@ -72,7 +73,8 @@ def _fwd_kernel(*refs, causal, sm_scale, block_k, num_kv_blocks, has_seg):
 
     carry = (jnp.full((block_q,), MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32),
              jnp.zeros((block_q, head_dim), jnp.float32))
-    full, touched = blocks.kv_ranges(i, block_q, block_k, num_kv_blocks, causal=causal, masked_everywhere=has_seg)
+    full, touched = blocks.kv_ranges(i, block_q, block_k, num_kv_blocks, causal=causal,
+                                     masked_everywhere=has_seg, q_offset=q_offset)
     carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(full, touched, functools.partial(body, masked=True), carry)
     m, l, acc = carry
@@ -81,18 +83,21 @@ def _fwd_kernel(*refs, causal, sm_scale, block_k, num_kv_blocks, has_seg):
     lse_ref[...] = lse[:, 0]
 
 
-def forward(q, k, v, q_seg, kv_seg, *, causal: bool, sm_scale: float, block_q: int, block_k: int,
+_OFFSET = pl.BlockSpec((1,), lambda *_: (0,))
+
+
+def forward(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, sm_scale: float, block_q: int, block_k: int,
             num_warps: int, num_stages: int, interpret: bool):
-    """o [B,T,N,H] and lse [B,N,T] (float32). T and S must be multiples of the blocks."""
+    """o [B,T,N,H] and lse [B,N,T] (float32). T and S must be multiples of the blocks; q_offset int32[1]."""
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     g = n // kv_heads
     has_seg = q_seg is not None
     grid = (t // block_q, b, n)
-    in_specs = [pl.BlockSpec((None, block_q, None, h), lambda i, bi, ni: (bi, i, ni, 0)),
+    in_specs = [_OFFSET, pl.BlockSpec((None, block_q, None, h), lambda i, bi, ni: (bi, i, ni, 0)),
                 pl.BlockSpec((None, s, None, h), lambda i, bi, ni: (bi, 0, blocks.div(ni, g), 0)),
                 pl.BlockSpec((None, s, None, h), lambda i, bi, ni: (bi, 0, blocks.div(ni, g), 0))]
-    args = [q, k, v]
+    args = [q_offset, q, k, v]
     if has_seg:
         in_specs += [pl.BlockSpec((None, block_q), lambda i, bi, ni: (bi, i)),
                      pl.BlockSpec((None, s), lambda i, bi, ni: (bi, 0))]
@@ -108,12 +113,12 @@ def forward(q, k, v, q_seg, kv_seg, *, causal: bool, sm_scale: float, block_q: i
     )(*args)
 
 
-def _dkdv_kernel(*refs, causal, sm_scale, block_q, num_q_blocks, group, has_seg):
+def _dkdv_kernel(off_ref, *refs, causal, sm_scale, block_q, num_q_blocks, group, has_seg):
     if has_seg:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, dk_ref, dv_ref = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
-    j, kv_head = pl.program_id(0), pl.program_id(2)
+    j, kv_head, q_offset = pl.program_id(0), pl.program_id(2), off_ref[0]
     block_k, head_dim = k_ref.shape
     k, v = k_ref[...], v_ref[...]
     kv_seg = kvseg_ref[...][None, :] if has_seg else None
@@ -126,7 +131,8 @@ def _dkdv_kernel(*refs, causal, sm_scale, block_q, num_q_blocks, group, has_seg)
         s = _dot(q, k, _NT) * sm_scale  # [bq, bk]
         if masked:
             q_seg = qseg_ref[rows][:, None] if has_seg else None
-            mask = blocks.tile_mask(i * block_q, j * block_k, s.shape, causal=causal, q_seg=q_seg, kv_seg=kv_seg)
+            mask = blocks.tile_mask(q_offset + i * block_q, j * block_k, s.shape, causal=causal, q_seg=q_seg,
+                                    kv_seg=kv_seg)
             s = s if mask is None else jnp.where(mask, s, MASK_VALUE)
         p = jnp.exp(s - lse[:, None])
         dv = dv + _dot(p.astype(do.dtype), do, _TN)
@@ -135,7 +141,8 @@ def _dkdv_kernel(*refs, causal, sm_scale, block_q, num_q_blocks, group, has_seg)
         dk = dk + _dot(ds.astype(q.dtype), q, _TN)
         return dk, dv
 
-    start, full = blocks.q_ranges(j, block_q, block_k, num_q_blocks, causal=causal, masked_everywhere=has_seg)
+    start, full = blocks.q_ranges(j, block_q, block_k, num_q_blocks, causal=causal, masked_everywhere=has_seg,
+                                  q_offset=q_offset)
 
     def per_head(gi, carry):
         head = kv_head * group + gi
@@ -148,12 +155,12 @@ def _dkdv_kernel(*refs, causal, sm_scale, block_q, num_q_blocks, group, has_seg)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, causal, sm_scale, block_k, num_kv_blocks, has_seg):
+def _dq_kernel(off_ref, *refs, causal, sm_scale, block_k, num_kv_blocks, has_seg):
     if has_seg:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, dq_ref = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    i = pl.program_id(0)
+    i, q_offset = pl.program_id(0), off_ref[0]
     block_q, head_dim = q_ref.shape
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
@@ -165,21 +172,23 @@ def _dq_kernel(*refs, causal, sm_scale, block_k, num_kv_blocks, has_seg):
         s = _dot(q, k, _NT) * sm_scale
         if masked:
             kv_seg = kvseg_ref[keys][None, :] if has_seg else None
-            mask = blocks.tile_mask(i * block_q, j * block_k, s.shape, causal=causal, q_seg=q_seg, kv_seg=kv_seg)
+            mask = blocks.tile_mask(q_offset + i * block_q, j * block_k, s.shape, causal=causal, q_seg=q_seg,
+                                    kv_seg=kv_seg)
             s = s if mask is None else jnp.where(mask, s, MASK_VALUE)
         p = jnp.exp(s - lse[:, None])
         dp = _dot(do, v, _NT)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    full, touched = blocks.kv_ranges(i, block_q, block_k, num_kv_blocks, causal=causal, masked_everywhere=has_seg)
+    full, touched = blocks.kv_ranges(i, block_q, block_k, num_kv_blocks, causal=causal,
+                                     masked_everywhere=has_seg, q_offset=q_offset)
     dq = jnp.zeros((block_q, head_dim), jnp.float32)
     dq = lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
     dq = lax.fori_loop(full, touched, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
-def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool, sm_scale: float, block_q: int,
+def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, sm_scale: float, block_q: int,
              block_k: int, num_warps: int, num_stages: int, interpret: bool):
     """dq, dk, dv from the saved log-sum-exp and delta = rowsum(dO * O), both [B,N,T] float32."""
     b, t, n, h = q.shape
@@ -192,8 +201,8 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool, sm_scale: 
     whole_q = pl.BlockSpec((None, t, n, h), lambda j, bi, ki: (bi, 0, 0, 0))
     whole_stat = pl.BlockSpec((None, n, t), lambda j, bi, ki: (bi, 0, 0))
     kv_tile = pl.BlockSpec((None, block_k, None, h), lambda j, bi, ki: (bi, j, ki, 0))
-    in_specs = [whole_q, kv_tile, kv_tile, whole_q, whole_stat, whole_stat]
-    args = [q, k, v, do, lse, delta]
+    in_specs = [_OFFSET, whole_q, kv_tile, kv_tile, whole_q, whole_stat, whole_stat]
+    args = [q_offset, q, k, v, do, lse, delta]
     if has_seg:
         in_specs += [pl.BlockSpec((None, t), lambda j, bi, ki: (bi, 0)),
                      pl.BlockSpec((None, block_k), lambda j, bi, ki: (bi, j))]
@@ -210,8 +219,8 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool, sm_scale: 
     q_tile = pl.BlockSpec((None, block_q, None, h), lambda i, bi, ni: (bi, i, ni, 0))
     whole_kv = pl.BlockSpec((None, s, None, h), lambda i, bi, ni: (bi, 0, blocks.div(ni, g), 0))
     stat_tile = pl.BlockSpec((None, None, block_q), lambda i, bi, ni: (bi, ni, i))
-    in_specs = [q_tile, whole_kv, whole_kv, q_tile, stat_tile, stat_tile]
-    args = [q, k, v, do, lse, delta]
+    in_specs = [_OFFSET, q_tile, whole_kv, whole_kv, q_tile, stat_tile, stat_tile]
+    args = [q_offset, q, k, v, do, lse, delta]
     if has_seg:
         in_specs += [pl.BlockSpec((None, block_q), lambda i, bi, ni: (bi, i)),
                      pl.BlockSpec((None, s), lambda i, bi, ni: (bi, 0))]

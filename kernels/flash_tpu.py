@@ -38,12 +38,12 @@ def _heads_major(x):
     return jnp.swapaxes(x, 1, 2)
 
 
-def _fwd_kernel(*refs, causal, sm_scale, block_q, block_k, has_seg):
+def _fwd_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
     if has_seg:
         q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     else:
         q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
-    i, j = pl.program_id(2), pl.program_id(3)
+    i, j, q_offset = pl.program_id(2), pl.program_id(3), off_ref[0]
 
     @pl.when(j == 0)
     def _init():
@@ -55,7 +55,7 @@ def _fwd_kernel(*refs, causal, sm_scale, block_q, block_k, has_seg):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = _dot(q, k, _NT) * sm_scale  # [bq, bk]
         if masked:
-            mask = blocks.tile_mask(i * block_q, j * block_k, s.shape, causal=causal,
+            mask = blocks.tile_mask(q_offset + i * block_q, j * block_k, s.shape, causal=causal,
                                     q_seg=qseg_ref[...] if has_seg else None,
                                     kv_seg=kvseg_ref[...] if has_seg else None)
             s = s if mask is None else jnp.where(mask, s, MASK_VALUE)
@@ -67,14 +67,7 @@ def _fwd_kernel(*refs, causal, sm_scale, block_q, block_k, has_seg):
         m_sc[...] = m_next
         acc_sc[...] = acc_sc[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v)
 
-    if causal:
-        visible = j * block_k <= i * block_q + block_q - 1
-        diagonal = (j + 1) * block_k - 1 > i * block_q
-        needs_mask = visible if has_seg else visible & diagonal
-        pl.when(needs_mask)(lambda: step(True))
-        pl.when(visible & jnp.logical_not(needs_mask))(lambda: step(False))
-    else:
-        step(has_seg)
+    _guarded(step, i, j, q_offset, causal=causal, has_seg=has_seg, block_q=block_q, block_k=block_k)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -84,25 +77,35 @@ def _fwd_kernel(*refs, causal, sm_scale, block_q, block_k, has_seg):
         lse_ref[...] = lse_wide.T[:1, :]
 
 
-def _kv_index(i, j, block_q, block_k, causal):
+def _kv_index(i, j, off_ref, *, block_q, block_k, causal):
     """Key tile to fetch at grid step (i, j): above the diagonal, repeat the last visible one."""
     if not causal:
         return j
-    return jnp.minimum(j, blocks.div(i * block_q + block_q - 1, block_k))
+    return jnp.minimum(j, blocks.div(off_ref[0] + i * block_q + block_q - 1, block_k))
 
 
-def _q_index(i, j, block_q, block_k, causal):
+def _q_index(i, j, off_ref, *, block_q, block_k, causal, num_q_blocks):
     """Query tile to fetch at (key tile j, step i): before the first visible one, fetch that one."""
     if not causal:
         return i
-    return jnp.maximum(i, blocks.div(j * block_k, block_q))
+    start, _ = blocks.q_blocks_for_kv(j, block_q, block_k, num_q_blocks, off_ref[0])
+    return jnp.minimum(jnp.maximum(i, start), num_q_blocks - 1)
 
 
 def _params(*semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def forward(q, k, v, q_seg, kv_seg, *, causal: bool, sm_scale: float, block_q: int, block_k: int,
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, semantics, interpret, name):
+    """pallas_call with the query offset as a scalar-prefetch operand: it lands in SMEM before the grid
+    runs, so index maps (which choose the tiles to DMA) can read it as well as the kernel."""
+    spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
+                                        out_specs=out_specs, scratch_shapes=scratch_shapes)
+    return pl.pallas_call(kernel, grid_spec=spec, out_shape=out_shape, compiler_params=_params(*semantics),
+                          interpret=interpret, name=name)
+
+
+def forward(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, sm_scale: float, block_q: int, block_k: int,
             interpret: bool, **_):
     """o [B,T,N,H] and lse [B,N,T] float32; q/k/v arrive in the model layout and leave in it."""
     b, t, n, h = q.shape
@@ -110,62 +113,60 @@ def forward(q, k, v, q_seg, kv_seg, *, causal: bool, sm_scale: float, block_q: i
     g = n // kv_heads
     has_seg = q_seg is not None
     kvi = functools.partial(_kv_index, block_q=block_q, block_k=block_k, causal=causal)
-    in_specs = [pl.BlockSpec((None, None, block_q, h), lambda bi, ni, i, j: (bi, ni, i, 0)),
-                pl.BlockSpec((None, None, block_k, h), lambda bi, ni, i, j: (bi, blocks.div(ni, g), kvi(i, j), 0)),
-                pl.BlockSpec((None, None, block_k, h), lambda bi, ni, i, j: (bi, blocks.div(ni, g), kvi(i, j), 0))]
+    q_tile = pl.BlockSpec((None, None, block_q, h), lambda bi, ni, i, j, off: (bi, ni, i, 0))
+    kv_tile = pl.BlockSpec((None, None, block_k, h),
+                           lambda bi, ni, i, j, off: (bi, blocks.div(ni, g), kvi(i, j, off), 0))
+    in_specs = [q_tile, kv_tile, kv_tile]
     args = [_heads_major(q), _heads_major(k), _heads_major(v)]
     if has_seg:
-        in_specs += [pl.BlockSpec((None, block_q, 1), lambda bi, ni, i, j: (bi, i, 0)),
-                     pl.BlockSpec((None, 1, block_k), lambda bi, ni, i, j: (bi, 0, kvi(i, j)))]
+        in_specs += [pl.BlockSpec((None, block_q, 1), lambda bi, ni, i, j, off: (bi, i, 0)),
+                     pl.BlockSpec((None, 1, block_k), lambda bi, ni, i, j, off: (bi, 0, kvi(i, j, off)))]
         args += [q_seg[:, :, None], kv_seg[:, None, :]]
-    out, lse = pl.pallas_call(
+    out, lse = _call(
         functools.partial(_fwd_kernel, causal=causal, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
                           has_seg=has_seg),
         grid=(b, n, t // block_q, s // block_k), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, block_q, h), lambda bi, ni, i, j: (bi, ni, i, 0)),
-                   pl.BlockSpec((None, None, 1, block_q), lambda bi, ni, i, j: (bi, ni, 0, i))],
+        out_specs=[q_tile, pl.BlockSpec((None, None, 1, block_q), lambda bi, ni, i, j, off: (bi, ni, 0, i))],
         out_shape=[jax.ShapeDtypeStruct((b, n, t, h), q.dtype), jax.ShapeDtypeStruct((b, n, 1, t), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((block_q, _LANES), jnp.float32), pltpu.VMEM((block_q, _LANES), jnp.float32),
                         pltpu.VMEM((block_q, h), jnp.float32)],
-        compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
-        interpret=interpret, name="flash_fwd",
-    )(*args)
+        semantics=("parallel", "parallel", "parallel", "arbitrary"), interpret=interpret, name="flash_fwd",
+    )(q_offset, *args)
     return _heads_major(out), lse[:, :, 0, :]
 
 
-def _transposed_tile(q_ref, k_ref, qseg_ref, kvseg_ref, i, j, *, causal, masked, sm_scale, has_seg):
+def _transposed_tile(q_ref, k_ref, qseg_ref, kvseg_ref, q_start, j, *, causal, masked, sm_scale, has_seg):
     """S^T = K Q^T for one tile, [bk, bq], masked where needed."""
     q, k = q_ref[...], k_ref[...]
     s_t = _dot(k, q, _NT) * sm_scale
     if masked:
-        block_k, block_q = s_t.shape
-        mask = blocks.tile_mask(i * block_q, j * block_k, s_t.shape, causal=causal, transposed=True,
+        block_k = s_t.shape[0]
+        mask = blocks.tile_mask(q_start, j * block_k, s_t.shape, causal=causal, transposed=True,
                                 q_seg=qseg_ref[...] if has_seg else None,
                                 kv_seg=kvseg_ref[...] if has_seg else None)
         s_t = s_t if mask is None else jnp.where(mask, s_t, MASK_VALUE)
     return s_t
 
 
-def _guarded(step, i, j, *, causal, has_seg, block_q, block_k):
+def _guarded(step, i, j, q_offset, *, causal, has_seg, block_q, block_k):
     """Run step(masked) only on visible tiles, with the mask only where the tile needs it."""
     if not causal:
         step(has_seg)
         return
-    visible = j * block_k <= i * block_q + block_q - 1
-    diagonal = (j + 1) * block_k - 1 > i * block_q
+    visible, diagonal = blocks.tile_kind(i, j, block_q, block_k, q_offset)
     needs_mask = visible if has_seg else visible & diagonal
     pl.when(needs_mask)(lambda: step(True))
     pl.when(visible & jnp.logical_not(needs_mask))(lambda: step(False))
 
 
-def _dkdv_kernel(*refs, causal, sm_scale, block_q, block_k, has_seg):
+def _dkdv_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
     if has_seg:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref,
          dk_ref, dv_ref, dk_sc, dv_sc) = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
         qseg_ref = kvseg_ref = None
-    j, gi, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    j, gi, i, q_offset = pl.program_id(2), pl.program_id(3), pl.program_id(4), off_ref[0]
 
     @pl.when((gi == 0) & (i == 0))
     def _init():
@@ -173,7 +174,7 @@ def _dkdv_kernel(*refs, causal, sm_scale, block_q, block_k, has_seg):
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
     def step(masked):
-        s_t = _transposed_tile(q_ref, k_ref, qseg_ref, kvseg_ref, i, j, causal=causal, masked=masked,
+        s_t = _transposed_tile(q_ref, k_ref, qseg_ref, kvseg_ref, q_offset + i * block_q, j, causal=causal, masked=masked,
                                sm_scale=sm_scale, has_seg=has_seg)
         p_t = jnp.exp(s_t - lse_ref[...])  # [bk, bq] - [1, bq]
         do = do_ref[...]
@@ -182,7 +183,7 @@ def _dkdv_kernel(*refs, causal, sm_scale, block_q, block_k, has_seg):
         ds_t = p_t * (dp_t - delta_ref[...])
         dk_sc[...] += _dot(ds_t.astype(q_ref.dtype), q_ref[...])
 
-    _guarded(step, i, j, causal=causal, has_seg=has_seg, block_q=block_q, block_k=block_k)
+    _guarded(step, i, j, q_offset, causal=causal, has_seg=has_seg, block_q=block_q, block_k=block_k)
 
     @pl.when((gi == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
     def _finish():
@@ -190,20 +191,20 @@ def _dkdv_kernel(*refs, causal, sm_scale, block_q, block_k, has_seg):
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, causal, sm_scale, block_q, block_k, has_seg):
+def _dq_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
     if has_seg:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, dq_ref, dq_sc = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc = refs
         qseg_ref = kvseg_ref = None
-    i, j = pl.program_id(2), pl.program_id(3)
+    i, j, q_offset = pl.program_id(2), pl.program_id(3), off_ref[0]
 
     @pl.when(j == 0)
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
     def step(masked):
-        s_t = _transposed_tile(q_ref, k_ref, qseg_ref, kvseg_ref, i, j, causal=causal, masked=masked,
+        s_t = _transposed_tile(q_ref, k_ref, qseg_ref, kvseg_ref, q_offset + i * block_q, j, causal=causal, masked=masked,
                                sm_scale=sm_scale, has_seg=has_seg)
         p_t = jnp.exp(s_t - lse_ref[...])
         dp_t = _dot(v_ref[...], do_ref[...], _NT)
@@ -211,14 +212,14 @@ def _dq_kernel(*refs, causal, sm_scale, block_q, block_k, has_seg):
         k = k_ref[...]
         dq_sc[...] += _dot(ds_t.T.astype(k.dtype), k)
 
-    _guarded(step, i, j, causal=causal, has_seg=has_seg, block_q=block_q, block_k=block_k)
+    _guarded(step, i, j, q_offset, causal=causal, has_seg=has_seg, block_q=block_q, block_k=block_k)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
         dq_ref[...] = (dq_sc[...] * sm_scale).astype(dq_ref.dtype)
 
 
-def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool, sm_scale: float, block_q: int,
+def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, sm_scale: float, block_q: int,
              block_k: int, interpret: bool, **_):
     """dq, dk, dv in the model layout from lse and delta [B,N,T] float32."""
     b, t, n, h = q.shape
@@ -227,46 +228,48 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool, sm_scale: 
     has_seg = q_seg is not None
     qh, kh, vh, doh = (_heads_major(x) for x in (q, k, v, do))
     lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]
-    qi = functools.partial(_q_index, block_q=block_q, block_k=block_k, causal=causal)
+    qi = functools.partial(_q_index, block_q=block_q, block_k=block_k, causal=causal, num_q_blocks=t // block_q)
     kvi = functools.partial(_kv_index, block_q=block_q, block_k=block_k, causal=causal)
 
     # dK, dV: grid (batch, kv head, key tile, query head in group, query tile); the last two accumulate.
-    q_tile = pl.BlockSpec((None, None, block_q, h), lambda bi, ki, j, gi, i: (bi, ki * g + gi, qi(i, j), 0))
-    row_tile = pl.BlockSpec((None, None, 1, block_q), lambda bi, ki, j, gi, i: (bi, ki * g + gi, 0, qi(i, j)))
-    kv_tile = pl.BlockSpec((None, None, block_k, h), lambda bi, ki, j, gi, i: (bi, ki, j, 0))
+    q_tile = pl.BlockSpec((None, None, block_q, h),
+                          lambda bi, ki, j, gi, i, off: (bi, ki * g + gi, qi(i, j, off), 0))
+    row_tile = pl.BlockSpec((None, None, 1, block_q),
+                            lambda bi, ki, j, gi, i, off: (bi, ki * g + gi, 0, qi(i, j, off)))
+    kv_tile = pl.BlockSpec((None, None, block_k, h), lambda bi, ki, j, gi, i, off: (bi, ki, j, 0))
     in_specs = [q_tile, kv_tile, kv_tile, q_tile, row_tile, row_tile]
     args = [qh, kh, vh, doh, lse_rows, delta_rows]
     if has_seg:
-        in_specs += [pl.BlockSpec((None, 1, block_q), lambda bi, ki, j, gi, i: (bi, 0, qi(i, j))),
-                     pl.BlockSpec((None, block_k, 1), lambda bi, ki, j, gi, i: (bi, j, 0))]
+        in_specs += [pl.BlockSpec((None, 1, block_q), lambda bi, ki, j, gi, i, off: (bi, 0, qi(i, j, off))),
+                     pl.BlockSpec((None, block_k, 1), lambda bi, ki, j, gi, i, off: (bi, j, 0))]
         args += [q_seg[:, None, :], kv_seg[:, :, None]]
-    dk, dv = pl.pallas_call(
+    dk, dv = _call(
         functools.partial(_dkdv_kernel, causal=causal, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
                           has_seg=has_seg),
         grid=(b, kv_heads, s // block_k, g, t // block_q), in_specs=in_specs, out_specs=[kv_tile, kv_tile],
         out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((block_k, h), jnp.float32), pltpu.VMEM((block_k, h), jnp.float32)],
-        compiler_params=_params("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
-        interpret=interpret, name="flash_bwd_dkdv",
-    )(*args)
+        semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"), interpret=interpret,
+        name="flash_bwd_dkdv",
+    )(q_offset, *args)
 
     # dQ: grid (batch, query head, query tile, key tile); the key tiles accumulate.
-    q_tile = pl.BlockSpec((None, None, block_q, h), lambda bi, ni, i, j: (bi, ni, i, 0))
-    row_tile = pl.BlockSpec((None, None, 1, block_q), lambda bi, ni, i, j: (bi, ni, 0, i))
-    kv_tile = pl.BlockSpec((None, None, block_k, h), lambda bi, ni, i, j: (bi, blocks.div(ni, g), kvi(i, j), 0))
+    q_tile = pl.BlockSpec((None, None, block_q, h), lambda bi, ni, i, j, off: (bi, ni, i, 0))
+    row_tile = pl.BlockSpec((None, None, 1, block_q), lambda bi, ni, i, j, off: (bi, ni, 0, i))
+    kv_tile = pl.BlockSpec((None, None, block_k, h),
+                           lambda bi, ni, i, j, off: (bi, blocks.div(ni, g), kvi(i, j, off), 0))
     in_specs = [q_tile, kv_tile, kv_tile, q_tile, row_tile, row_tile]
     args = [qh, kh, vh, doh, lse_rows, delta_rows]
     if has_seg:
-        in_specs += [pl.BlockSpec((None, 1, block_q), lambda bi, ni, i, j: (bi, 0, i)),
-                     pl.BlockSpec((None, block_k, 1), lambda bi, ni, i, j: (bi, kvi(i, j), 0))]
+        in_specs += [pl.BlockSpec((None, 1, block_q), lambda bi, ni, i, j, off: (bi, 0, i)),
+                     pl.BlockSpec((None, block_k, 1), lambda bi, ni, i, j, off: (bi, kvi(i, j, off), 0))]
         args += [q_seg[:, None, :], kv_seg[:, :, None]]
-    dq = pl.pallas_call(
+    dq = _call(
         functools.partial(_dq_kernel, causal=causal, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
                           has_seg=has_seg),
         grid=(b, n, t // block_q, s // block_k), in_specs=in_specs, out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((block_q, h), jnp.float32)],
-        compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
-        interpret=interpret, name="flash_bwd_dq",
-    )(*args)
+        semantics=("parallel", "parallel", "parallel", "arbitrary"), interpret=interpret, name="flash_bwd_dq",
+    )(q_offset, *args)
     return _heads_major(dq), _heads_major(dk), _heads_major(dv)

@@ -36,7 +36,7 @@ def _packed_segments(b, length, cuts):
 
 
 def _compare(*, backend, causal, n, k, t=64, s=None, h=64, segments=False, blocks=SMALL,
-             dtype=jnp.float32):
+             dtype=jnp.float32, q_offset=0):
     s = t if s is None else s
     b = 2
     q, kk, v, do = _inputs(b, t, s, n, k, h, dtype)
@@ -48,10 +48,12 @@ def _compare(*, backend, causal, n, k, t=64, s=None, h=64, segments=False, block
         q_seg, kv_seg, seg_arg = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32), None
 
     def flash(q, kk, v):
-        return flash_attention(q, kk, v, causal=causal, segment_ids=seg_arg, block_sizes=blocks, backend=backend)
+        return flash_attention(q, kk, v, causal=causal, segment_ids=seg_arg, block_sizes=blocks, backend=backend,
+                               q_offset=q_offset)
 
     def ref(q, kk, v):
-        return mha_reference(q, kk, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal)
+        return mha_reference(q, kk, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal,
+                             q_offset=q_offset)
 
     f32 = lambda x: x.astype(jnp.float32)
     out, vjp = jax.vjp(flash, q, kk, v)
@@ -89,6 +91,19 @@ def test_cross_attention_lengths(backend, segments):
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("segments", [False, True])
+def test_causal_queries_at_an_offset(backend, segments):
+    # A sequence shard: 32 queries at slots 48..79 against all 96 keys (the offset is traced, as under
+    # shard_map where it comes from the device's index on the sequence axis).
+    _compare(backend=backend, causal=True, n=4, k=2, t=32, s=96, segments=segments, q_offset=jnp.int32(48))
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_causal_top_left_when_t_differs_from_s(backend):
+    _compare(backend=backend, causal=True, n=4, k=1, t=48, s=80)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_head_dim_128_bfloat16(backend):
     _compare(backend=backend, causal=True, n=4, k=2, h=128, dtype=jnp.bfloat16, segments=True)
 
@@ -123,7 +138,7 @@ def test_padding_query_outputs_zero():
 def test_bad_arguments_raise_clear_errors():
     q, kk, v, _ = _inputs(1, 32, 48, 4, 2, 64, jnp.float32)
     with pytest.raises(ValueError, match="T == S"):
-        flash_attention(q, kk, v, causal=True)
+        flash_attention(q, kk, v, causal=False, segment_ids=jnp.ones((1, 32), jnp.int32))
     with pytest.raises(ValueError, match="multiple of kv heads"):
         flash_attention(q[:, :, :3], kk, v, causal=False)
     with pytest.raises(ValueError, match="backend"):
@@ -136,7 +151,7 @@ def test_bad_arguments_raise_clear_errors():
         flash_attention(q, kk, v, causal=False, segment_ids=(jnp.ones((1, 32)), jnp.ones((1, 32))))
 
 
-def _export(backend, platform, *, causal, segments):
+def _export(backend, platform, *, causal, segments, q_offset=0):
     b, t, n, k, h = 2, 1024, 8, 2, 128
     q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((b, t, k, h), jnp.bfloat16)
@@ -144,7 +159,7 @@ def _export(backend, platform, *, causal, segments):
 
     def loss(q, kk, v, seg):
         out = flash_attention(q, kk, v, causal=causal, segment_ids=seg if segments else None,
-                              backend=backend, interpret=False)
+                              backend=backend, interpret=False, q_offset=q_offset)
         return out.astype(jnp.float32).sum()
 
     fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
