@@ -7,9 +7,9 @@ cuDNN fused kernel on NVIDIA GPUs; `impl="pallas"` is maxlm's own flash attentio
 packed-sequence segment ids (0 = padding), causal over cache slots.
 
 A Pallas kernel is a per-device program, so under a mesh it runs inside `shard_map`: each device gets
-its local batch rows and heads, as the logical-axis rules in the config shard them (the model never
-names a mesh axis). The sequence stays whole inside the kernel: attention needs every key, so a
-sequence-sharded activation is gathered at the `shard_map` boundary.
+its local batch rows, heads and query slice, as the logical-axis rules in the config shard them (the
+model never names a mesh axis). Sequence parallelism uses the same path for both impls: queries stay
+sharded, keys/values are all-gathered over the sequence axes (see `_per_device`).
 """
 
 from __future__ import annotations
@@ -29,41 +29,72 @@ from kernels import reference
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
            q_offset: jax.Array | int = 0, causal: bool = True, impl: str = "xla") -> jax.Array:
     """q [B,T,N,H], k/v [B,S,K,H], segment ids [B,T] / [B,S] -> [B,T,N,H] in q's dtype."""
-    if impl == "pallas" and isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]:
-        return _flash_sharded(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
-    if impl in ("xla", "pallas"):
-        # Under "pallas", cached decoding (queries at an offset into a longer cache) is memory-bound and
-        # served here; the flash kernel is for training, scoring and prefill.
-        return reference.mha_reference(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                       causal=causal, q_offset=q_offset)
     if impl == "cudnn":
         mask = reference.attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
-    raise ValueError(f"unknown attention impl {impl!r}")
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"unknown attention impl {impl!r}")
+    self_attention = isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
+    if self_attention and (impl == "pallas" or _sequence_shards() > 1):
+        return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, impl=impl)
+    # Cached decoding (queries at an offset into a longer cache) is memory-bound and served by the
+    # reference under every impl; the flash kernel is for training, scoring and prefill.
+    return reference.mha_reference(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                   causal=causal, q_offset=q_offset)
 
 
-def _flash_sharded(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool) -> jax.Array:
-    """Run the flash kernel on each device's shard when a mesh is active, else directly."""
+def _local(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, impl: str) -> jax.Array:
+    if impl == "pallas":
+        return kernels.flash_attention(q, k, v, causal=causal, segment_ids=(q_seg, kv_seg), q_offset=q_offset)
+    return reference.mha_reference(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal,
+                                   q_offset=q_offset)
 
-    def kernel(q, k, v, q_seg, kv_seg):
-        return kernels.flash_attention(q, k, v, causal=causal, segment_ids=(q_seg, kv_seg))
 
+def _specs():
+    """Mesh axes of q, k/v and segment ids, from the logical-axis rules in force."""
+    q_spec = nn.logical_to_mesh_axes(("activation_batch", "activation_length", "activation_heads", None))
+    kv_spec = nn.logical_to_mesh_axes(("activation_batch", "activation_length", "activation_kv_heads", None))
+    return q_spec, kv_spec, P(q_spec[0], q_spec[1])
+
+
+def _shards(mesh, entry) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[a] for a in names if a is not None)
+
+
+def _sequence_shards() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else _shards(mesh, _specs()[0][1])
+
+
+def _per_device(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, impl: str) -> jax.Array:
+    """Self-attention as a per-device program under `shard_map`: each device keeps its batch rows, heads
+    and query slice, and gathers the keys/values of the whole sequence over the sequence axes.
+
+    All-gathered K/V rather than ring attention (Llama 3, Dubey et al. 2024, section 3.3.2, makes the
+    same choice): with grouped-query attention K/V are G times smaller than the queries, so one
+    all-gather costs little; any mask (causal plus packed documents) is just the local kernel's mask at
+    a query offset; and the kernel runs unchanged with `q_offset` = shard index x local length. Memory
+    per device still drops by the sequence degree for everything but K/V themselves.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return kernel(q, k, v, q_segment_ids, kv_segment_ids)
-    q_spec = nn.logical_to_mesh_axes(("activation_batch", None, "activation_heads", None))
-    kv_spec = nn.logical_to_mesh_axes(("activation_batch", None, "activation_kv_heads", None))
-    seg_spec = P(q_spec[0], None)
-
-    def shards(entry) -> int:
-        names = entry if isinstance(entry, tuple) else (entry,)
-        return math.prod(mesh.shape[a] for a in names if a is not None)
-
-    if any(x.shape[d] % shards(spec[d]) for x, spec in ((q, q_spec), (k, kv_spec)) for d in (0, 2)):
+        return _local(q, k, v, q_segment_ids, kv_segment_ids, 0, causal=causal, impl=impl)
+    q_spec, kv_spec, seg_spec = _specs()
+    if any(x.shape[d] % _shards(mesh, spec[d]) for x, spec in ((q, q_spec), (k, kv_spec)) for d in (0, 1, 2)):
         # Shapes the mesh cannot split evenly (e.g. the 1x1 dummy batch of parameter init): one call on
         # the whole arrays, which the partitioner gathers. Correct, just not per-device.
-        return kernel(q, k, v, q_segment_ids, kv_segment_ids)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+        return _local(q, k, v, q_segment_ids, kv_segment_ids, 0, causal=causal, impl=impl)
+    seq_axes = q_spec[1]
+
+    def body(q, k, v, q_seg, kv_seg):
+        offset = 0
+        if seq_axes is not None:
+            k, v, kv_seg = (jax.lax.all_gather(x, seq_axes, axis=1, tiled=True) for x in (k, v, kv_seg))
+            offset = jax.lax.axis_index(seq_axes) * q.shape[1]
+        return _local(q, k, v, q_seg, kv_seg, offset, causal=causal, impl=impl)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
                          out_specs=q_spec, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
 
 

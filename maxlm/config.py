@@ -141,6 +141,10 @@ def default_config() -> ml_collections.ConfigDict:
     me.fsdp = 1
     me.tensor = 1
     me.sequence = 1
+    # ZeRO degree over the fsdp axis (Rajbhandari et al. 2020; InternEvo's zero1/2/3): 1 shards the
+    # optimizer state, 2 also the gradients (reduce-scatter instead of all-reduce), 3 also the
+    # parameters (fully sharded data parallel). Tensor-parallel sharding applies at every stage.
+    me.zero_stage = 3
     me.rules = DEFAULT_RULES
 
     c.lock()
@@ -213,6 +217,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for a, s in zip(MESH_AXES, sizes):
         _check(s == -1 or s >= 1, f"mesh.{a}", f"must be >= 1 or -1, got {s}")
     _check(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis may be -1")
+    _check(c.mesh.zero_stage in (1, 2, 3), "mesh.zero_stage", f"must be 1, 2 or 3, got {c.mesh.zero_stage}")
     _check(m.num_kv_heads % c.mesh.tensor == 0 or m.num_kv_heads == 1 or c.mesh.tensor == 1, "mesh.tensor",
            f"num_kv_heads={m.num_kv_heads} is not divisible by mesh.tensor={c.mesh.tensor}")
     _check(m.attention_impl != "pallas" or c.mesh.tensor in (1, -1) or m.num_kv_heads % c.mesh.tensor == 0,

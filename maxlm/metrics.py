@@ -130,6 +130,13 @@ class MetricsWriter:
             self._tb.close()
 
 
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 def log_line(message: str) -> None:
     if jax.process_index() == 0:
         print(message, file=sys.stdout, flush=True)

@@ -54,10 +54,44 @@ def logical_to_sharding(spec: PartitionSpec, mesh: Mesh, config: ml_collections.
     return NamedSharding(mesh, nn.logical_to_mesh_axes(spec, rules(config)))
 
 
-def param_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
-    """NamedSharding for every parameter, from its logical axes and the rules table."""
-    return jax.tree.map(lambda spec: logical_to_sharding(spec, mesh, config), model.logical_axes(config),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+def _without(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:
+    """The spec with the given mesh axes removed (those dims become replicated over them)."""
+    def keep(entry):
+        if entry is None:
+            return None
+        names = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a not in axes)
+        return None if not names else names[0] if len(names) == 1 else names
+
+    return PartitionSpec(*(keep(e) for e in spec))
+
+
+def param_shardings(config: ml_collections.ConfigDict, mesh: Mesh, replicate_over: tuple[str, ...] = ()) -> dict:
+    """NamedSharding for every parameter, from its logical axes and the rules table; `replicate_over`
+    drops mesh axes (ZeRO-1/2 keep whole parameters on each fsdp rank)."""
+    def to_sharding(spec):
+        mesh_spec = nn.logical_to_mesh_axes(spec, rules(config))
+        return NamedSharding(mesh, _without(mesh_spec, replicate_over))
+
+    return jax.tree.map(to_sharding, model.logical_axes(config), is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def zero_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[dict, dict]:
+    """(parameter shardings, gradient shardings) for `config.mesh.zero_stage`. The optimizer state is
+    always laid out like the fully sharded parameters (`param_shardings(config, mesh)`)."""
+    full = param_shardings(config, mesh)
+    stage = config.mesh.zero_stage
+    whole = full if stage == 3 else param_shardings(config, mesh, replicate_over=("fsdp",))
+    return whole, (full if stage >= 2 else whole)
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds for a tree of arrays or ShapeDtypeStructs carrying shardings (the largest
+    shard of each leaf: a replicated leaf counts whole)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+    return total
 
 
 def batch_sharding(config: ml_collections.ConfigDict, mesh: Mesh) -> NamedSharding:

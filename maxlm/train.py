@@ -15,6 +15,7 @@ gradient as one large batch, however the padding falls.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -30,7 +31,7 @@ from maxlm import checkpoint as checkpoint_lib
 from maxlm import cli, data, model, optim, sharding
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
-from maxlm.metrics import MetricsWriter, log_line, peak_flops_per_device
+from maxlm.metrics import MetricsWriter, format_bytes, log_line, peak_flops_per_device
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -46,17 +47,22 @@ def loss_fn(params: dict, config: ml_collections.ConfigDict, batch: Batch) -> tu
 
 
 def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation, state: State,
-               batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-    """One optimizer update, accumulating gradients over `optim.grad_accum_steps` micro-batches."""
+               batch: Batch, grad_shardings: Any = None) -> tuple[State, dict[str, jax.Array]]:
+    """One optimizer update, accumulating gradients over `optim.grad_accum_steps` micro-batches.
+
+    `grad_shardings` pins the layout of the (accumulated) gradients: sharded over fsdp for ZeRO-2/3,
+    which makes the data-parallel gradient reduction a reduce-scatter; whole for ZeRO-1 (all-reduce).
+    """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     params = state["params"]
     accum = config.optim.grad_accum_steps
+    pin = (lambda g: g) if grad_shardings is None else (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
 
     def micro_step(carry, micro_batch):
         (loss_sum, tokens), grads = grad_fn(params, config, micro_batch)
-        return jax.tree.map(jnp.add, carry, (grads, loss_sum, tokens)), None
+        return jax.tree.map(jnp.add, carry, (pin(grads), loss_sum, tokens)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    zeros = (pin(jax.tree.map(jnp.zeros_like, params)), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
     micro_batches = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
     (grads, loss_sum, tokens), _ = jax.lax.scan(micro_step, zeros, micro_batches)
     denom = jnp.maximum(tokens, 1.0)
@@ -76,9 +82,10 @@ class Trainer:
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config)
         abstract_params = model.abstract_params(config)
         self.optimizer = optim.make_optimizer(config, abstract_params)
-        param_sh = sharding.param_shardings(config, self.mesh)
+        param_sh, self.grad_shardings = sharding.zero_shardings(config, self.mesh)
         abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
-        opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_opt, param_sh,
+        opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_opt,
+                                       sharding.param_shardings(config, self.mesh),
                                        transform_non_params=lambda _: sharding.replicated(self.mesh))
         self.state_shardings = {"step": sharding.replicated(self.mesh), "params": param_sh, "opt_state": opt_sh}
         self.abstract_state = jax.tree.map(
@@ -88,7 +95,8 @@ class Trainer:
         self.batch_sharding = sharding.batch_sharding(config, self.mesh)
         self._compiled = None
         with sharding.activation_rules(config, self.mesh):
-            self._step = jax.jit(functools.partial(train_step, config, self.optimizer),
+            self._step = jax.jit(functools.partial(train_step, config, self.optimizer,
+                                                   grad_shardings=self.grad_shardings),
                                  in_shardings=(self.state_shardings, self.batch_sharding),
                                  out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                                  donate_argnums=0)
@@ -112,6 +120,27 @@ class Trainer:
         """Compile the step ahead of time, so that step timings never include compilation."""
         with sharding.activation_rules(self.config, self.mesh):
             self._compiled = self._step.lower(state, batch).compile()
+
+    def memory_report(self) -> dict[str, float]:
+        """Bytes per device: parameters, optimizer state and gradients from their shardings; XLA's
+        compiled-memory analysis of the step (arguments, outputs, temporaries = activations and other
+        scratch) once `compile` has run; beside the practitioners' estimate of 16 bytes per parameter
+        (weights, gradients and AdamW's two moments, as in the ZeRO paper's mixed-precision count)
+        divided by the parameter-sharding degree fsdp x tensor."""
+        params = self.abstract_state["params"]
+        grads = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+                             self.grad_shardings)
+        report = {"params": sharding.bytes_per_device(params),
+                  "opt_state": sharding.bytes_per_device(self.abstract_state["opt_state"]),
+                  "grads": sharding.bytes_per_device(grads)}
+        degree = self.mesh.shape["fsdp"] * self.mesh.shape["tensor"]
+        report["estimate_16B_per_param"] = 16 * config_lib.num_params(self.config) / degree
+        if self._compiled is not None:
+            analysis = self._compiled.memory_analysis()
+            if analysis is not None:
+                report.update(arguments=analysis.argument_size_in_bytes, outputs=analysis.output_size_in_bytes,
+                              temporaries=analysis.temp_size_in_bytes)
+        return report
 
     def step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         if self._compiled is not None:
@@ -173,6 +202,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
         t0 = time.perf_counter()
         trainer.compile(state, batch)
         log_line(f"compiled the train step in {time.perf_counter() - t0:.1f}s; training steps {start + 1}..{total}")
+        memory = trainer.memory_report()
+        log_line("memory per device: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in memory.items())
+                 + f" (zero_stage {config.mesh.zero_stage})")
+        if primary:
+            with open(os.path.join(workdir, "memory.json"), "w") as f:
+                json.dump(memory, f, indent=1)
     run_start = interval_start = time.perf_counter()
     interval_first = start
     interval_sum = None  # metrics summed on device since the last log line (no host sync per step)

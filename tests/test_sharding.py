@@ -1,5 +1,7 @@
-"""Sharded train steps equal the single-device step (8 forced CPU devices, in a subprocess)."""
+"""Sharded train steps equal the single-device step (8 forced CPU devices, in a subprocess), and ZeRO
+stages hold the per-device bytes they promise."""
 
+import functools
 import os
 import re
 import subprocess
@@ -9,14 +11,55 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# (data, fsdp, tensor, sequence)[:attention impl[:zero stage]]
+MESHES = ["8,1,1,1", "1,8,1,1", "2,2,2,1", "1,2,2,2", "2,1,1,4", "1,1,1,8"]
+PALLAS = ["2,2,2,1:pallas", "2,1,1,4:pallas"]
+ZERO = ["1,4,2,1:xla:1", "1,4,2,1:xla:2", "1,4,2,1:xla:3"]
 
-@pytest.mark.parametrize("mesh,impl", [((8, 1, 1, 1), "xla"), ((2, 2, 2, 1), "xla"), ((1, 2, 2, 2), "xla"),
-                                       ((2, 2, 2, 1), "pallas"), ((1, 2, 2, 2), "pallas")])
-def test_sharded_step_matches_single_device(mesh, impl):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_step_check.py"), *map(str, mesh), impl],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+@functools.cache
+def _results(group: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_step_check.py"), *group],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    m = re.search(r"RESULT loss1=(\S+) loss8=(\S+) param_diff=(\S+)", proc.stdout)
-    loss1, loss8, diff = map(float, m.groups())
-    assert abs(loss1 - loss8) <= 1e-5 * abs(loss1)
-    assert diff <= 1e-5
+    out = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            _, spec, *fields = line.split()
+            out[spec] = {k: float(v) for k, v in (f.split("=") for f in fields)}
+    assert sorted(out) == sorted(group), proc.stdout
+    return out
+
+
+def _check_step(r):
+    assert abs(r["loss1"] - r["loss8"]) <= 1e-5 * abs(r["loss1"])
+    assert r["param_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_sharded_step_matches_single_device(spec):
+    _check_step(_results(tuple(MESHES))[spec])
+
+
+@pytest.mark.parametrize("spec", PALLAS)
+def test_pallas_in_shard_map_matches_single_device_xla(spec):
+    _check_step(_results(tuple(PALLAS))[spec])
+
+
+def test_zero_stages_shard_what_they_promise():
+    results = _results(tuple(ZERO))
+    fsdp, tensor = 4, 2
+    for spec, r in results.items():
+        _check_step(r)
+    z1, z2, z3 = (results[s] for s in ZERO)
+    total = z3["total_params"]  # float32 parameters; AdamW state is twice that
+    near = lambda a, b: abs(a - b) <= 0.05 * b
+    # ZeRO-3: parameters + optimizer state per device = total / (fsdp * tensor).
+    assert near(z3["params"] + z3["opt_state"], 3 * total / (fsdp * tensor))
+    assert near(z3["grads"], total / (fsdp * tensor))
+    # ZeRO-1: whole (tensor-sharded) parameters and gradients, optimizer state sharded over fsdp too.
+    assert near(z1["params"], total / tensor) and near(z1["grads"], total / tensor)
+    assert near(z1["opt_state"], 2 * total / (fsdp * tensor))
+    # ZeRO-2: as ZeRO-1, but gradients reduce-scattered over fsdp.
+    assert near(z2["params"], total / tensor) and near(z2["grads"], total / (fsdp * tensor))
+    assert near(z2["opt_state"], 2 * total / (fsdp * tensor))
