@@ -26,9 +26,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import flags
+from jax.experimental import multihost_utils
 
 from maxlm import checkpoint as checkpoint_lib
-from maxlm import cli, data, model, optim, sharding
+from maxlm import cli, data, distributed, model, optim, sharding
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.metrics import MetricsWriter, format_bytes, log_line, peak_flops_per_device
@@ -216,7 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
         interval_sum = metrics if interval_sum is None else jax.tree.map(jnp.add, interval_sum, metrics)
         step += 1
         if step % config.checkpoint.every_steps == 0 or step == total:
-            ckpt.save(step, state["params"], state["opt_state"], train_iter.get_state())
+            ckpt.save(step, state["params"], state["opt_state"], data.gather_state(train_iter))
         if step < total:
             batch = trainer.device_batch(next(train_iter))  # host work overlaps the device's step
         if step % config.train.log_every == 0 or step == total:
@@ -236,11 +237,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
             writer.progress(step, total, record, eta_seconds=eta)
             interval_start, interval_first, interval_sum = time.perf_counter(), step, None
     ckpt.close()
-    if primary and step > start:
-        png = writer.plot()
-        log_line(f"loss curve: {png}; metrics: {os.path.join(workdir, 'metrics.jsonl')}; "
-                 f"data: {train_iter.stats}")
-        _print_samples(config, state["params"], tok)
+    if step > start:
+        if primary:
+            png = writer.plot()
+            log_line(f"loss curve: {png}; metrics: {os.path.join(workdir, 'metrics.jsonl')}; "
+                     f"data: {train_iter.stats}")
+        if config.train.num_samples > 0:
+            # Every process joins the gather (parameters may be sharded across hosts); process 0 samples.
+            host_params = (multihost_utils.process_allgather(state["params"], tiled=True)
+                           if jax.process_count() > 1 else jax.device_get(state["params"]))
+            if primary:
+                _print_samples(config, host_params, tok)
     writer.close()
     return writer.history
 
@@ -248,10 +255,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
 def _print_samples(config: ml_collections.ConfigDict, params: dict, tok) -> None:
     from maxlm import sample
 
-    if config.train.num_samples <= 0:
-        return
     prompts = ["import ", "def ", "class ", "    for ", "    return "][: config.train.num_samples]
-    params = jax.device_get(params)
     outs = sample.generate(config, params, [[tok.bos_id] + tok.encode(p) for p in prompts],
                            max_new_tokens=config.train.sample_tokens, rng=jax.random.key(config.train.seed),
                            temperature=0.8, top_k=40, eos_id=tok.eos_id)
@@ -262,6 +266,7 @@ def _print_samples(config: ml_collections.ConfigDict, params: dict, tok) -> None
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise config_lib.ConfigError("argv", f"unexpected arguments {argv[1:]}")
+    distributed.initialize_from_flags()
     train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
@@ -269,4 +274,5 @@ if __name__ == "__main__":
     cli.define_config_flag()
     flags.declare_key_flag("config")
     flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics.jsonl, TensorBoard, loss.png.")
+    distributed.define_flags()
     cli.run(main)

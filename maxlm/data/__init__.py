@@ -1,6 +1,6 @@
 """Pretraining data: random-access document sources (sources.py) and the packed batch iterator (packing.py)."""
 
-from maxlm.data.packing import Batch, PackedIterator
+from maxlm.data.packing import Batch, PackedIterator, gather_state, merge_states
 from maxlm.data.sources import (
     SKIP_REASONS,
     JsonlSource,
@@ -16,5 +16,5 @@ from maxlm.data.sources import (
 
 __all__ = [
     "SKIP_REASONS", "Batch", "JsonlSource", "PackedIterator", "Source", "StdlibSource", "Subset", "TfdsSource",
-    "iter_texts", "make_base_source", "make_source", "split_indices",
+    "gather_state", "iter_texts", "make_base_source", "make_source", "merge_states", "split_indices",
 ]

@@ -10,8 +10,14 @@ last token of a window is only peeked and starts the next row, so the target at 
 still trained when its document continues -- no target is lost at row boundaries and none crosses a
 document: `loss_weights` is 1 exactly where input and target belong to the same document piece.
 
-Position in the data = (epoch, cursor into this host's document order, token offset in that document):
-three integers that `get_state` / `set_state` save and restore for exact resumption.
+Each row of the global batch is its own document stream: row r reads the documents `perm[r::B]` of each
+epoch's permutation. A host owns a contiguous block of rows and reads only their documents, so the global
+batch is the same whatever the number of hosts (any divisor of B): one process on 8 devices and two
+processes on 4 each train on identical data, and a run can resume on a different number of hosts.
+
+Position in the data = per row (epoch, cursor into the row's document order, token offset in that
+document): integers that `get_state` / `set_state` save and restore for exact resumption; `merge_states`
+joins the hosts' states into the global one that a checkpoint stores.
 """
 
 from __future__ import annotations
@@ -32,13 +38,72 @@ class TokenizerLike(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
+class _Stream:
+    """One row's document stream: the documents perm[row::stride] of every epoch, in order."""
+
+    def __init__(self, source: Source, tokenizer: TokenizerLike, seed: int, row: int, stride: int,
+                 stats: dict[str, int]):
+        self.source, self.tokenizer, self.seed, self.row, self.stride = source, tokenizer, seed, row, stride
+        self.stats = stats  # shared with the iterator
+        self.epoch, self.cursor, self.offset = 0, 0, 0
+        self._order_epoch, self._order = -1, np.zeros(0, np.int64)
+        self._doc_key, self._doc = None, np.zeros(0, np.int32)
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            perm = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.source))
+            self._order, self._order_epoch = perm[self.row::self.stride], self.epoch
+        return self._order
+
+    def current_doc(self) -> np.ndarray:
+        """[bos] + tokens + [eos] of the document under the cursor, moving past unreadable documents."""
+        skipped = 0
+        while True:
+            order = self._epoch_order()
+            if self.cursor == len(order):
+                self.epoch, self.cursor, self.offset = self.epoch + 1, 0, 0
+                continue
+            if self._doc_key == (self.epoch, self.cursor):
+                return self._doc
+            text, reason = self.source.lookup(int(order[self.cursor]))
+            if text is None:
+                self.stats[f"skipped_{reason}"] += 1
+                self.cursor, self.offset = self.cursor + 1, 0
+                skipped += 1
+                if skipped > len(order):
+                    raise RuntimeError(f"row {self.row}: no readable document in a whole epoch "
+                                       f"(skipped: {dict(self.stats)})")
+                continue
+            tokens = [self.tokenizer.bos_id] + self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+            self._doc_key, self._doc = (self.epoch, self.cursor), np.asarray(tokens, np.int32)
+            return self._doc
+
+    def fill_row(self, tokens: np.ndarray, segments: np.ndarray, positions: np.ndarray) -> None:
+        """Fill one window of T + 1 tokens and advance by T (the last token begins the next row)."""
+        width, filled, segment = len(tokens), 0, 0
+        while filled < width:
+            doc = self.current_doc()
+            take = min(width - filled, len(doc) - self.offset)
+            tokens[filled:filled + take] = doc[self.offset:self.offset + take]
+            segment += 1
+            segments[filled:filled + take] = segment
+            positions[filled:filled + take] = np.arange(take)
+            filled += take
+            self.offset += take
+            if self.offset == len(doc) and filled < width:
+                self.stats["docs"] += 1
+                self.cursor, self.offset = self.cursor + 1, 0
+        self.offset -= 1
+        self.stats["tokens"] += width - 1
+
+
 class PackedIterator:
     """Infinite iterator of packed per-host batches: dict of [B/num_hosts, T] arrays.
 
     Keys: inputs, targets, segment_ids (1, 2, ... per document piece in the row; 0 would be padding),
     positions (0 at each piece start), all int32, and loss_weights (float32). Each epoch draws the
-    permutation `default_rng((seed, epoch))` of all documents; host h reads every num_hosts-th entry of it
-    starting at h, so within an epoch hosts read disjoint documents that together cover the source.
+    permutation `default_rng((seed, epoch))` of all documents; global row r reads its entries r, r + B,
+    r + 2B, ...; host h owns rows [h B/H, (h+1) B/H), so hosts read disjoint documents.
     """
 
     def __init__(self, source: Source, tokenizer: TokenizerLike, *, seq_len: int, batch_size: int, seed: int,
@@ -49,15 +114,15 @@ class PackedIterator:
             raise ValueError(f"host_id={host_id} must be in [0, num_hosts={num_hosts})")
         if batch_size % num_hosts:
             raise ValueError(f"batch_size={batch_size} is not divisible by num_hosts={num_hosts}")
-        if len(source) <= host_id:
-            raise ValueError(f"host {host_id} of {num_hosts} gets no documents: the source has {len(source)}")
-        self.source, self.tokenizer = source, tokenizer
-        self.seq_len, self.rows, self.seed = seq_len, batch_size // num_hosts, seed
-        self.host_id, self.num_hosts = host_id, num_hosts
-        self._epoch, self._cursor, self._offset = 0, 0, 0
+        if len(source) < batch_size:
+            raise ValueError(f"the source has {len(source)} documents, fewer than the {batch_size} rows of a "
+                             "batch: each row is its own document stream (so that the global batch does not "
+                             "depend on the number of hosts); use a smaller data.batch_size")
+        self.seq_len, self.rows, self.seed, self.batch_size = seq_len, batch_size // num_hosts, seed, batch_size
+        self.first_row = host_id * self.rows
         self._stats = dict.fromkeys(("docs", "tokens") + tuple(f"skipped_{r}" for r in SKIP_REASONS), 0)
-        self._order_epoch, self._order = -1, np.zeros(0, np.int64)
-        self._doc_key, self._doc = None, np.zeros(0, np.int32)
+        self._streams = [_Stream(source, tokenizer, seed, self.first_row + r, batch_size, self._stats)
+                         for r in range(self.rows)]
 
     def __iter__(self) -> PackedIterator:
         return self
@@ -67,70 +132,66 @@ class PackedIterator:
         """Documents finished, tokens emitted (T per row) and skipped documents by reason, this host."""
         return dict(self._stats)
 
-    def get_state(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "cursor": self._cursor, "offset": self._offset, "seed": self.seed,
-                "num_hosts": self.num_hosts, **self._stats}
+    @property
+    def epoch(self) -> int:
+        """The epoch every row of this host has reached (rows advance at their own pace)."""
+        return min(s.epoch for s in self._streams)
 
-    def set_state(self, state: dict[str, int]) -> None:
-        for key, mine in (("seed", self.seed), ("num_hosts", self.num_hosts)):
+    def get_state(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "first_row": self.first_row,
+                "streams": [[s.epoch, s.cursor, s.offset] for s in self._streams], **self._stats}
+
+    def set_state(self, state: dict) -> None:
+        """Restore from this host's state or from a merged (global) one covering this host's rows."""
+        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size)):
             if key in state and int(state[key]) != mine:
                 raise ValueError(f"data state was saved with {key}={state[key]}, this iterator has {mine}")
-        self._epoch, self._cursor, self._offset = (int(state[k]) for k in ("epoch", "cursor", "offset"))
-        self._stats = {k: int(state.get(k, 0)) for k in self._stats}
-
-    def _host_order(self) -> np.ndarray:
-        if self._order_epoch != self._epoch:
-            perm = np.random.default_rng((self.seed, self._epoch)).permutation(len(self.source))
-            self._order, self._order_epoch = perm[self.host_id::self.num_hosts], self._epoch
-        return self._order
-
-    def _current_doc(self) -> np.ndarray:
-        """[bos] + tokens + [eos] of the document under the cursor, moving past unreadable documents."""
-        skipped = 0
-        while True:
-            order = self._host_order()
-            if self._cursor == len(order):
-                self._epoch, self._cursor, self._offset = self._epoch + 1, 0, 0
-                continue
-            if self._doc_key == (self._epoch, self._cursor):
-                return self._doc
-            text, reason = self.source.lookup(int(order[self._cursor]))
-            if text is None:
-                self._stats[f"skipped_{reason}"] += 1
-                self._cursor, self._offset = self._cursor + 1, 0
-                skipped += 1
-                if skipped > len(order):
-                    raise RuntimeError(f"host {self.host_id}: no readable document in a whole epoch "
-                                       f"(skipped: {self.stats})")
-                continue
-            tokens = [self.tokenizer.bos_id] + self.tokenizer.encode(text) + [self.tokenizer.eos_id]
-            self._doc_key, self._doc = (self._epoch, self._cursor), np.asarray(tokens, np.int32)
-            return self._doc
-
-    def _fill_row(self, tokens: np.ndarray, segments: np.ndarray, positions: np.ndarray) -> None:
-        """Fill one window of T + 1 tokens and advance by T (the last token begins the next row)."""
-        width, filled, segment = len(tokens), 0, 0
-        while filled < width:
-            doc = self._current_doc()
-            take = min(width - filled, len(doc) - self._offset)
-            tokens[filled:filled + take] = doc[self._offset:self._offset + take]
-            segment += 1
-            segments[filled:filled + take] = segment
-            positions[filled:filled + take] = np.arange(take)
-            filled += take
-            self._offset += take
-            if self._offset == len(doc) and filled < width:
-                self._stats["docs"] += 1
-                self._cursor, self._offset = self._cursor + 1, 0
-        self._offset -= 1
-        self._stats["tokens"] += width - 1
+        lo = self.first_row - int(state["first_row"])
+        rows = state["streams"][lo:lo + self.rows] if lo >= 0 else []
+        if len(rows) != self.rows:
+            raise ValueError(f"data state covers rows {state['first_row']}..+{len(state['streams'])}, this host "
+                             f"reads rows {self.first_row}..+{self.rows}")
+        for stream, (epoch, cursor, offset) in zip(self._streams, rows):
+            stream.epoch, stream.cursor, stream.offset = int(epoch), int(cursor), int(offset)
+        self._stats.update({k: int(state.get(k, 0)) for k in self._stats})
 
     def __next__(self) -> Batch:
         shape = (self.rows, self.seq_len + 1)  # [B, T + 1] windows
         tokens, segments, positions = (np.zeros(shape, np.int32) for _ in range(3))
-        for r in range(self.rows):
-            self._fill_row(tokens[r], segments[r], positions[r])
+        for r, stream in enumerate(self._streams):
+            stream.fill_row(tokens[r], segments[r], positions[r])
         same_piece = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] > 0)
         batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments[:, :-1],
                  "positions": positions[:, :-1], "loss_weights": same_piece.astype(np.float32)}
         return {k: np.ascontiguousarray(v) for k, v in batch.items()}
+
+
+def merge_states(states: list[dict]) -> dict:
+    """Join per-host iterator states into the global state (all rows; statistics summed)."""
+    states = sorted(states, key=lambda st: int(st["first_row"]))
+    merged = {k: v for k, v in states[0].items() if k not in ("streams", "first_row")}
+    merged.update(first_row=0, streams=[row for st in states for row in st["streams"]])
+    for key in merged:
+        if key not in ("seed", "batch_size", "first_row", "streams"):
+            merged[key] = sum(int(st.get(key, 0)) for st in states)
+    return merged
+
+
+def gather_state(iterator: PackedIterator) -> dict:
+    """The global data state, assembled on every process from each host's iterator (a collective: all
+    processes must call it). One process returns its own state unchanged."""
+    import json
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    local = iterator.get_state()
+    if jax.process_count() == 1:
+        return local
+    # Counters can pass 2^31 (tokens), and JAX arrays are 32-bit here: ship the JSON text as bytes.
+    blob = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([blob.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:blob.size] = blob
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return merge_states([json.loads(bytes(row[:n]).decode()) for row, n in zip(every, sizes)])
