@@ -57,7 +57,9 @@ def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTrans
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     params = state["params"]
     accum = config.optim.grad_accum_steps
-    pin = (lambda g: g) if grad_shardings is None else (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
+
+    def pin(grads):
+        return grads if grad_shardings is None else jax.lax.with_sharding_constraint(grads, grad_shardings)
 
     def micro_step(carry, micro_batch):
         (loss_sum, tokens), grads = grad_fn(params, config, micro_batch)
