@@ -4,8 +4,11 @@ One step directory holds four items: `params`, `opt_state` (array pytrees, writt
 training continues), `meta` (JSON: step and data-iterator state) and `config` (JSON). Parameters are their
 own item so that inference (`maxlm.sample`) and conversion restore them without the optimizer state.
 Orbax writes each step into a temporary directory and renames it when complete, so a checkpoint is visible
-only once whole. Restoring onto an abstract target (ShapeDtypeStructs carrying shardings) creates every
-array directly with its sharding on the current mesh.
+only once whole; a run killed mid-save leaves only a temporary directory, which is never listed. A
+complete-looking checkpoint that still fails to restore (a truncated file, a disk error) is moved aside as
+`<step>.damaged` with a warning naming it, and the next older one is tried. Restoring onto an abstract
+target (ShapeDtypeStructs carrying shardings) creates every array directly with its sharding on the
+current mesh, which is also what reshards a checkpoint written under another mesh.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 from typing import Any
 
 import jax
+from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -32,9 +36,10 @@ class Checkpointer:
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
         ck = config.checkpoint
-        options = ocp.CheckpointManagerOptions(max_to_keep=ck.max_to_keep, create=True,
-                                               enable_async_checkpointing=ck.async_save)
-        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+        options = ocp.CheckpointManagerOptions(max_to_keep=ck.max_to_keep, keep_period=ck.keep_period or None,
+                                               create=True, enable_async_checkpointing=ck.async_save)
+        self.directory = checkpoint_dir(workdir)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self.config = config
 
     def latest_step(self) -> int | None:
@@ -56,6 +61,26 @@ class Checkpointer:
             meta=ocp.args.JsonRestore(),
         ))
         return out["params"], out["opt_state"], out["meta"]
+
+    def restore_latest(self, abstract_params: Any, abstract_opt_state: Any) -> tuple[Any, Any, dict] | None:
+        """The newest checkpoint that restores, or None; damaged ones are moved aside with a warning."""
+        self.manager.wait_until_finished()
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self.restore(step, abstract_params, abstract_opt_state)
+            except Exception as e:  # noqa: BLE001 -- any failure to read means this checkpoint is unusable
+                path = os.path.join(self.directory, str(step))
+                message = f"checkpoint {path} is damaged and is skipped ({type(e).__name__}: {str(e)[:200]})"
+                logging.warning(message)
+                if jax.process_index() == 0:
+                    print(f"warning: {message}", flush=True)
+                    if os.path.isdir(path):
+                        os.replace(path, f"{path}.damaged")
+                self.manager.reload()
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

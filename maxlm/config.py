@@ -130,10 +130,15 @@ def default_config() -> ml_collections.ConfigDict:
     tr.num_samples = 3  # samples printed at the end of a run
     tr.sample_tokens = 96
     tr.peak_tflops = 0.0  # per device, for MFU; 0 means look it up from the device kind
+    # A step whose loss or gradient norm is not finite leaves parameters and optimizer state unchanged;
+    # after this many such steps in a row the run reloads the last checkpoint (0: never reload).
+    tr.max_bad_steps = 3
+    tr.inject_nan_at = ()  # fault injection for tests: steps (1-based) whose gradients become NaN
 
     c.checkpoint = ck = ml_collections.ConfigDict()
     ck.every_steps = 500
     ck.max_to_keep = 3
+    ck.keep_period = 0  # also keep every checkpoint whose step is a multiple of this forever (0: none)
     ck.async_save = True
 
     c.mesh = me = ml_collections.ConfigDict()
@@ -210,8 +215,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     tr = c.train
     _check(tr.num_steps > 0, "train.num_steps", "must be positive")
     _check(tr.log_every > 0, "train.log_every", "must be positive")
+    _check(tr.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0 (0 never reloads)")
+    _check(all(isinstance(s, int) and s > 0 for s in tr.inject_nan_at), "train.inject_nan_at",
+           "must be a tuple of positive step numbers")
     _check(c.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
     _check(c.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be positive")
+    _check(c.checkpoint.keep_period >= 0, "checkpoint.keep_period", "must be >= 0 (0 keeps none extra)")
 
     sizes = [c.mesh[a] for a in MESH_AXES]
     for a, s in zip(MESH_AXES, sizes):

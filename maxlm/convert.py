@@ -468,3 +468,44 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
         json.dump(hf, f, indent=2, sort_keys=True)
         f.write("\n")
     save_file(t, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def main(argv: list[str]) -> None:
+    """`python -m maxlm.convert to_hf --workdir=W --out=DIR [--step=N] [--architecture=A]`."""
+    import shutil
+
+    from absl import flags
+
+    from maxlm import checkpoint
+
+    FLAGS = flags.FLAGS
+    if argv[1:] != ["to_hf"]:
+        raise ConvertError(f"expected the command `to_hf`, got {' '.join(argv[1:]) or 'nothing'}")
+    if not FLAGS.workdir or not FLAGS.out:
+        raise ConvertError("to_hf needs --workdir (a training workdir) and --out (the folder to write)")
+    config, params, step = checkpoint.load_latest(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
+    to_hf(config, jax.device_get(params), FLAGS.out, architecture=FLAGS.architecture or None)
+    tokenizer = os.path.join(FLAGS.workdir, "tokenizer.model")
+    if os.path.exists(tokenizer):  # SentencePiece model, which Hugging Face's LlamaTokenizer reads
+        shutil.copy(tokenizer, os.path.join(FLAGS.out, "tokenizer.model"))
+    print(f"wrote step {step} of {FLAGS.workdir} to {FLAGS.out}", flush=True)
+
+
+class ConvertError(ValueError):
+    """A user mistake on the command line (reported as one line, exit status 2)."""
+
+
+def _run() -> None:
+    from absl import flags
+
+    from maxlm import cli
+
+    flags.DEFINE_string("workdir", "", "Training workdir whose checkpoint to export.")
+    flags.DEFINE_string("out", "", "Folder to write (config.json + model.safetensors [+ tokenizer.model]).")
+    flags.DEFINE_integer("step", -1, "Checkpoint step to export (default: the newest).")
+    flags.DEFINE_string("architecture", "", "llama | qwen2 | internlm2 (default: from the model config).")
+    cli.run(main, user_errors=(ConvertError,))
+
+
+if __name__ == "__main__":
+    _run()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -53,6 +55,10 @@ def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTrans
 
     `grad_shardings` pins the layout of the (accumulated) gradients: sharded over fsdp for ZeRO-2/3,
     which makes the data-parallel gradient reduction a reduce-scatter; whole for ZeRO-1 (all-reduce).
+
+    A bad step -- non-finite loss or gradient norm -- keeps parameters and optimizer state as they were
+    (the step counter still advances: its batch is consumed) and reports `bad_step` = 1, so one spike
+    costs one batch, not the run (the loop reloads a checkpoint after `train.max_bad_steps` in a row).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     params = state["params"]
@@ -70,10 +76,17 @@ def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTrans
     (grads, loss_sum, tokens), _ = jax.lax.scan(micro_step, zeros, micro_batches)
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
+    if config.train.inject_nan_at:
+        poisoned = jnp.isin(state["step"] + 1, jnp.asarray(config.train.inject_nan_at))
+        grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
+    grad_norm = optax.global_norm(grads)
+    good = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
-    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
-               "lr": optim.schedule(config)(state["step"]), "tokens": tokens}
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(good, n, o), new, old)
+    new_state = {"step": state["step"] + 1, "params": keep(optax.apply_updates(params, updates), params),
+                 "opt_state": keep(opt_state, state["opt_state"])}
+    metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": optim.schedule(config)(state["step"]),
+               "tokens": tokens, "bad_step": 1.0 - good.astype(jnp.float32)}
     return new_state, metrics
 
 
@@ -177,14 +190,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
     trainer = Trainer(config)
     log_line(f"mesh {dict(trainer.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
     ckpt = checkpoint_lib.Checkpointer(workdir, config)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        params, opt_state, meta = ckpt.restore(latest, trainer.abstract_state["params"],
-                                               trainer.abstract_state["opt_state"])
-        step0 = jax.device_put(jnp.asarray(meta["step"], jnp.int32), trainer.state_shardings["step"])
-        state = {"step": step0, "params": params, "opt_state": opt_state}
-        train_iter.set_state(meta["data"])
-        log_line(f"resumed from step {latest} ({checkpoint_lib.checkpoint_dir(workdir)})")
+    restored = _restore(ckpt, trainer)
+    if restored is not None:
+        state, data_state = restored
+        train_iter.set_state(data_state)
+        log_line(f"resumed from step {int(state['step'])} ({ckpt.directory})")
     else:
         state = trainer.init_state(jax.random.key(config.train.seed))
     start = int(state["step"])
@@ -214,30 +224,49 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
     run_start = interval_start = time.perf_counter()
     interval_first = start
     interval_sum = None  # metrics summed on device since the last log line (no host sync per step)
-    while step < total:
-        state, metrics = trainer.step(state, batch)
-        interval_sum = metrics if interval_sum is None else jax.tree.map(jnp.add, interval_sum, metrics)
-        step += 1
-        if step % config.checkpoint.every_steps == 0 or step == total:
-            ckpt.save(step, state["params"], state["opt_state"], data.gather_state(train_iter))
-        if step < total:
-            batch = trainer.device_batch(next(train_iter))  # host work overlaps the device's step
-        if step % config.train.log_every == 0 or step == total:
-            n = step - interval_first
-            record = {k: float(v) / n for k, v in jax.device_get(interval_sum).items()}
-            record["lr"] = float(metrics["lr"])
-            now = time.perf_counter()
-            step_time = (now - interval_start) / n
-            record["tokens_per_sec"] = config.data.seq_len * config.data.batch_size / step_time
-            record["mfu"] = flops_per_step / step_time / peak
-            record["step_time"] = step_time
-            record["data_skipped"] = float(sum(v for k, v in train_iter.stats.items() if k.startswith("skipped")))
-            if eval_batches and (step % config.train.eval_every == 0 or step == total):
-                record["eval_loss"] = trainer.eval_loss(state["params"], eval_batches)
-            writer.write(step, record)
-            eta = (now - run_start) / (step - start) * (total - step)
-            writer.progress(step, total, record, eta_seconds=eta)
-            interval_start, interval_first, interval_sum = time.perf_counter(), step, None
+    bad_streak = reloads = 0
+    with _StopSignals() as stop:
+        while step < total:
+            state, metrics = trainer.step(state, batch)
+            interval_sum = metrics if interval_sum is None else jax.tree.map(jnp.add, interval_sum, metrics)
+            step += 1
+            stopping = stop.requested  # read once: a signal may land at any point of this iteration
+            if step % config.checkpoint.every_steps == 0 or step == total or stopping:
+                ckpt.save(step, state["params"], state["opt_state"], data.gather_state(train_iter))
+            if step < total and not stopping:
+                batch = trainer.device_batch(next(train_iter))  # host work overlaps the device's step
+            if step % config.train.log_every == 0 or step == total or stopping:
+                n = step - interval_first
+                record = {k: float(v) / n for k, v in jax.device_get(interval_sum).items()}
+                record["bad_steps"] = round(record.pop("bad_step") * n)
+                record["lr"] = float(metrics["lr"])
+                now = time.perf_counter()
+                step_time = (now - interval_start) / n
+                record["tokens_per_sec"] = config.data.seq_len * config.data.batch_size / step_time
+                record["mfu"] = flops_per_step / step_time / peak
+                record["step_time"] = step_time
+                record["data_skipped"] = float(sum(v for k, v in train_iter.stats.items()
+                                                   if k.startswith("skipped")))
+                record["reloads"] = reloads
+                if eval_batches and (step % config.train.eval_every == 0 or step == total):
+                    record["eval_loss"] = trainer.eval_loss(state["params"], eval_batches)
+                writer.write(step, record)
+                eta = (now - run_start) / max(step - start, 1) * (total - step)
+                writer.progress(step, total, record, eta_seconds=eta)
+                interval_start, interval_first, interval_sum = time.perf_counter(), step, None
+            if stopping:
+                log_line(f"{stopping}: saved step {step}; waiting for the checkpoint, then exiting")
+                break
+            bad_streak = bad_streak + 1 if float(metrics["bad_step"]) else 0
+            if config.train.max_bad_steps and bad_streak >= config.train.max_bad_steps:
+                restored = _restore(ckpt, trainer)
+                if restored is None:
+                    raise RuntimeError(f"{bad_streak} non-finite steps in a row and no checkpoint to go back to")
+                state = restored[0]
+                log_line(f"{bad_streak} non-finite steps in a row at step {step}: reloaded step "
+                         f"{int(state['step'])}, continuing with the next data")
+                step, bad_streak, reloads = int(state["step"]), 0, reloads + 1
+                interval_start, interval_first, interval_sum = time.perf_counter(), step, None
     ckpt.close()
     if step > start:
         if primary:
@@ -252,6 +281,38 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
                 _print_samples(config, host_params, tok)
     writer.close()
     return writer.history
+
+
+def _restore(ckpt: checkpoint_lib.Checkpointer, trainer: Trainer) -> tuple[State, dict] | None:
+    """(state, data state) of the newest usable checkpoint, laid out for this trainer's mesh, or None."""
+    restored = ckpt.restore_latest(trainer.abstract_state["params"], trainer.abstract_state["opt_state"])
+    if restored is None:
+        return None
+    params, opt_state, meta = restored
+    step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), trainer.state_shardings["step"])
+    return {"step": step, "params": params, "opt_state": opt_state}, meta["data"]
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) request a clean stop: the loop saves at the next step
+    boundary, waits for the checkpoint and returns, so the process exits 0 and a rerun resumes there."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _print_samples(config: ml_collections.ConfigDict, params: dict, tok) -> None:

@@ -103,7 +103,8 @@ class PackedIterator:
     Keys: inputs, targets, segment_ids (1, 2, ... per document piece in the row; 0 would be padding),
     positions (0 at each piece start), all int32, and loss_weights (float32). Each epoch draws the
     permutation `default_rng((seed, epoch))` of all documents; global row r reads its entries r, r + B,
-    r + 2B, ...; host h owns rows [h B/H, (h+1) B/H), so hosts read disjoint documents.
+    r + 2B, ...; host h owns rows [h B/H, (h+1) B/H), so hosts read disjoint documents. (A source of
+    n < B documents has n streams: row r reads stream r mod n.)
     """
 
     def __init__(self, source: Source, tokenizer: TokenizerLike, *, seq_len: int, batch_size: int, seed: int,
@@ -114,14 +115,14 @@ class PackedIterator:
             raise ValueError(f"host_id={host_id} must be in [0, num_hosts={num_hosts})")
         if batch_size % num_hosts:
             raise ValueError(f"batch_size={batch_size} is not divisible by num_hosts={num_hosts}")
-        if len(source) < batch_size:
-            raise ValueError(f"the source has {len(source)} documents, fewer than the {batch_size} rows of a "
-                             "batch: each row is its own document stream (so that the global batch does not "
-                             "depend on the number of hosts); use a smaller data.batch_size")
+        if len(source) == 0:
+            raise ValueError("the data source has no documents")
         self.seq_len, self.rows, self.seed, self.batch_size = seq_len, batch_size // num_hosts, seed, batch_size
         self.first_row = host_id * self.rows
         self._stats = dict.fromkeys(("docs", "tokens") + tuple(f"skipped_{r}" for r in SKIP_REASONS), 0)
-        self._streams = [_Stream(source, tokenizer, seed, self.first_row + r, batch_size, self._stats)
+        # With fewer documents than rows (a tiny eval split), rows r and r + n share a document order.
+        stride = min(batch_size, len(source))
+        self._streams = [_Stream(source, tokenizer, seed, (self.first_row + r) % stride, stride, self._stats)
                          for r in range(self.rows)]
 
     def __iter__(self) -> PackedIterator:
