@@ -476,7 +476,7 @@ def main(argv: list[str]) -> None:
 
     from absl import flags
 
-    from maxlm import checkpoint
+    from maxlm import checkpoint, tokenizer
 
     FLAGS = flags.FLAGS
     if argv[1:] != ["to_hf"]:
@@ -485,9 +485,9 @@ def main(argv: list[str]) -> None:
         raise ConvertError("to_hf needs --workdir (a training workdir) and --out (the folder to write)")
     config, params, step = checkpoint.load_latest(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
     to_hf(config, jax.device_get(params), FLAGS.out, architecture=FLAGS.architecture or None)
-    tokenizer = os.path.join(FLAGS.workdir, "tokenizer.model")
-    if os.path.exists(tokenizer):  # SentencePiece model, which Hugging Face's LlamaTokenizer reads
-        shutil.copy(tokenizer, os.path.join(FLAGS.out, "tokenizer.model"))
+    tok_path = tokenizer.run_tokenizer_path(config, FLAGS.workdir)
+    if os.path.exists(tok_path):  # SentencePiece model, which Hugging Face's LlamaTokenizer reads
+        shutil.copy(tok_path, os.path.join(FLAGS.out, "tokenizer.model"))
     print(f"wrote step {step} of {FLAGS.workdir} to {FLAGS.out}", flush=True)
 
 

@@ -275,14 +275,6 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 
 
-def _tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
-    in_workdir = os.path.join(workdir, "tokenizer.model")
-    configured = config.tokenizer.path if "tokenizer" in config else ""
-    if configured and (os.path.exists(configured) or not os.path.exists(in_workdir)):
-        return configured
-    return in_workdir
-
-
 def main(argv: list[str]) -> None:
     from absl import flags
 
@@ -299,7 +291,7 @@ def main(argv: list[str]) -> None:
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"no such workdir: {workdir}")
     config, params, step = checkpoint.load_latest(workdir)
-    path = _tokenizer_path(config, workdir)
+    path = tokenizer.run_tokenizer_path(config, workdir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer at {path}")
     tok = tokenizer.load(path)

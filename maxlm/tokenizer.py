@@ -140,6 +140,16 @@ def _checked(tok: Tokenizer, config: ml_collections.ConfigDict, origin: str) -> 
     return tok
 
 
+def run_tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The tokenizer a training run in `workdir` used: `tokenizer.path` when set (and present, or when the
+    workdir has none), else the workdir's own `tokenizer.model`."""
+    in_workdir = os.path.join(workdir, "tokenizer.model")
+    configured = config.tokenizer.path if "tokenizer" in config else ""
+    if configured and (os.path.exists(configured) or not os.path.exists(in_workdir)):
+        return configured
+    return in_workdir
+
+
 def load_or_train(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
     """`config.tokenizer.path`, else the workdir's cached `tokenizer.model`, else train and cache one.
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import checkpoint, convert, train
+from maxlm import checkpoint, convert, tokenizer, train
 from tests.test_train import _corpus, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,14 +27,26 @@ def corpus(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tok_path(corpus, tmp_path_factory):
+    """One tokenizer for every run here (training it is most of a tiny run's start-up)."""
+    folder = tmp_path_factory.mktemp("tok")
+    tokenizer.load_or_train(small_config(corpus), str(folder))
+    return str(folder / "tokenizer.model")
+
+
+def _cfg(corpus, tok_path, **extra):
+    return small_config(corpus, **{"tokenizer.path": tok_path, **extra})
+
+
 def _records(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
-def test_one_bad_step_is_skipped(corpus, tmp_path):
-    clean = train.train(small_config(corpus, **{"train.num_steps": 4}), str(tmp_path / "clean"))
-    cfg = small_config(corpus, **{"train.num_steps": 4, "train.inject_nan_at": (3,)})
+def test_one_bad_step_is_skipped(corpus, tok_path, tmp_path):
+    clean = train.train(_cfg(corpus, tok_path, **{"train.num_steps": 4}), str(tmp_path / "clean"))
+    cfg = _cfg(corpus, tok_path, **{"train.num_steps": 4, "train.inject_nan_at": (3,)})
     work = tmp_path / "nan"
     history = train.train(cfg, str(work))
     assert [r["bad_steps"] for r in history] == [0, 0, 1, 0]
@@ -47,8 +59,8 @@ def test_one_bad_step_is_skipped(corpus, tmp_path):
     assert _records(work)[2]["bad_steps"] == 1  # visible in metrics.jsonl
 
 
-def test_consecutive_bad_steps_reload_the_last_checkpoint(corpus, tmp_path, capsys):
-    cfg = small_config(corpus, **{"train.num_steps": 10, "train.inject_nan_at": (5, 6, 7),
+def test_consecutive_bad_steps_reload_the_last_checkpoint(corpus, tok_path, tmp_path, capsys):
+    cfg = _cfg(corpus, tok_path, **{"train.num_steps": 10, "train.inject_nan_at": (5, 6, 7),
                                   "train.max_bad_steps": 3, "checkpoint.every_steps": 2})
     work = tmp_path / "w"
     history = train.train(cfg, str(work))
@@ -61,13 +73,13 @@ def test_consecutive_bad_steps_reload_the_last_checkpoint(corpus, tmp_path, caps
     assert history[-1]["step"] == 10 and np.isfinite(history[-1]["loss"])
 
 
-def test_sigterm_saves_exits_zero_and_resumes(corpus, tmp_path):
+def test_sigterm_saves_exits_zero_and_resumes(corpus, tok_path, tmp_path):
     work = tmp_path / "w"
     args = [sys.executable, "-m", "maxlm.train", "--config=configs/tiny.py", f"--workdir={work}",
             "--config.data.source=jsonl", f"--config.data.path={corpus}", "--config.data.eval_fraction=0",
             "--config.model.vocab_size=320", "--config.model.num_layers=2", "--config.model.d_model=64",
             "--config.model.mlp_dim=128", "--config.data.seq_len=64", "--config.data.batch_size=8",
-            "--config.tokenizer.train_max_bytes=200000", "--config.train.log_every=1",
+            f"--config.tokenizer.path={tok_path}", "--config.train.log_every=1",
             "--config.train.eval_every=0", "--config.train.num_samples=0", "--config.checkpoint.every_steps=1000"]
     proc = subprocess.Popen([*args, "--config.train.num_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -81,7 +93,7 @@ def test_sigterm_saves_exits_zero_and_resumes(corpus, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     last = _records(work)[-1]["step"]
     assert f"SIGTERM: saved step {last}" in out
-    assert checkpoint.Checkpointer(str(work), small_config(corpus)).latest_step() == last
+    assert checkpoint.Checkpointer(str(work), _cfg(corpus, tok_path)).latest_step() == last
     resumed = subprocess.run([*args, f"--config.train.num_steps={last + 2}"], cwd=ROOT, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -89,8 +101,8 @@ def test_sigterm_saves_exits_zero_and_resumes(corpus, tmp_path):
     assert [r["step"] for r in _records(work)][-2:] == [last + 1, last + 2]
 
 
-def test_damaged_checkpoint_is_skipped(corpus, tmp_path, capsys):
-    cfg = small_config(corpus, **{"train.num_steps": 4, "checkpoint.every_steps": 2})
+def test_damaged_checkpoint_is_skipped(corpus, tok_path, tmp_path, capsys):
+    cfg = _cfg(corpus, tok_path, **{"train.num_steps": 4, "checkpoint.every_steps": 2})
     work = str(tmp_path / "w")
     train.train(cfg, work)
     ckpt_dir = checkpoint.checkpoint_dir(work)
@@ -106,7 +118,7 @@ def test_damaged_checkpoint_is_skipped(corpus, tmp_path, capsys):
     assert meta["step"] == 2
     assert f"checkpoint {damaged} is damaged and is skipped" in capsys.readouterr().out
     assert os.path.isdir(damaged + ".damaged") and not os.path.exists(damaged)
-    history = train.train(small_config(corpus, **{"train.num_steps": 5, "checkpoint.every_steps": 2}), work)
+    history = train.train(_cfg(corpus, tok_path, **{"train.num_steps": 5, "checkpoint.every_steps": 2}), work)
     assert [r["step"] for r in history] == [3, 4, 5]  # resumed from step 2 without a crash
 
 
@@ -120,9 +132,9 @@ def test_restore_across_meshes(tmp_path):
         assert step == "7" and float(diff) == 0.0 and placed == "True"
 
 
-def test_convert_cli_exports_a_checkpoint(corpus, tmp_path):
+def test_convert_cli_exports_a_checkpoint(corpus, tok_path, tmp_path):
     work, out = tmp_path / "w", tmp_path / "hf"
-    train.train(small_config(corpus, **{"train.num_steps": 2}), str(work))
+    train.train(_cfg(corpus, tok_path, **{"train.num_steps": 2}), str(work))
     proc = subprocess.run([sys.executable, "-m", "maxlm.convert", "to_hf", f"--workdir={work}", f"--out={out}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -135,3 +147,12 @@ def test_convert_cli_exports_a_checkpoint(corpus, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "maxlm.convert", "to_hf", f"--workdir={work}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "--out" in bad.stderr
+
+
+def test_keeps_the_last_k_and_every_mth(corpus, tok_path, tmp_path):
+    cfg = _cfg(corpus, tok_path, **{"train.num_steps": 9, "checkpoint.every_steps": 1, "checkpoint.max_to_keep": 2,
+                                  "checkpoint.keep_period": 4, "train.num_samples": 0})
+    train.train(cfg, str(tmp_path / "w"))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "w"), cfg)
+    assert sorted(ckpt.manager.all_steps()) == [4, 8, 9]
+    ckpt.close()
