@@ -295,13 +295,16 @@ def _restore(ckpt: checkpoint_lib.Checkpointer, trainer: Trainer) -> tuple[State
 
 class _StopSignals:
     """SIGTERM / SIGINT (preemption, Ctrl-C) request a clean stop: the loop saves at the next step
-    boundary, waits for the checkpoint and returns, so the process exits 0 and a rerun resumes there."""
+    boundary, waits for the checkpoint and returns, so the process exits 0 and a rerun resumes there.
+    A second Ctrl-C aborts at once (the newest complete checkpoint stays valid)."""
 
     def __init__(self):
         self.requested: str | None = None
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C aborts without waiting for the save
         self.requested = signal.Signals(signum).name
 
     def __enter__(self) -> "_StopSignals":
