@@ -79,9 +79,6 @@ class Checkpointer:
                 self.manager.reload()
         return None
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
