@@ -23,6 +23,8 @@ setup(
         "matplotlib>=3.8,<4",
         "numpy>=1.26,<3",
         "absl-py>=2.1,<3",
+        "safetensors>=0.4,<1",  # Hugging Face import / export (maxlm.convert, fine-tuning an HF model)
+        "protobuf>=4",  # editing SentencePiece models (chat special tokens)
     ],
     extras_require={
         # The oracle for the decoder: Hugging Face transformers on the CPU build of torch the machines carry.
@@ -31,7 +33,6 @@ setup(
             "pytest-xdist>=3.5,<4",
             "torch==2.13.0",
             "transformers>=4.56,<6",
-            "safetensors>=0.4,<1",
         ],
     },
 )

@@ -22,7 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from maxlm import config as config_lib
-from maxlm import model
+from maxlm import lora, model
 
 ITEMS = ("params", "opt_state", "meta", "config")
 
@@ -86,6 +86,7 @@ class Checkpointer:
 
 def load_latest(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
     """(config, params, step) of the newest (or the given) checkpoint in `workdir`, params on one device.
+    For a LoRA run the params are its adapters (`maxlm.pretrained.load_workdir` merges them into the base).
 
     Raises FileNotFoundError with a readable message when there is nothing to load.
     """
@@ -100,7 +101,7 @@ def load_latest(workdir: str, step: int | None = None) -> tuple[ml_collections.C
         config=ocp.args.JsonRestore()))["config"])
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                            model.abstract_params(config))
+                            lora.abstract(config) if config.lora.rank else model.abstract_params(config))
     params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
     manager.close()
     return config, params, step

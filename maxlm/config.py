@@ -49,6 +49,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 ROPE_SCALINGS = ("none", "linear", "ntk")
 DATA_SOURCES = ("stdlib", "jsonl", "tfds")
+CHAT_TEMPLATES = ("chatml", "internlm2")
+SFT_TASKS = ("format", "reverse", "sort", "add")
+LORA_TARGETS = ("q", "k", "v", "o", "wqkv", "gate", "up", "down")
 
 
 class ConfigError(ValueError):
@@ -141,6 +144,26 @@ def default_config() -> ml_collections.ConfigDict:
     ck.keep_period = 0  # also keep every checkpoint whose step is a multiple of this forever (0: none)
     ck.async_save = True
 
+    # Supervised fine-tuning (python -m maxlm.sft). The run starts from `sft.base`; data is `sft.data_path`
+    # (chat jsonl) or, when empty, the built-in synthetic task suite (maxlm/tasks.py).
+    c.sft = s = ml_collections.ConfigDict()
+    s.base = ""  # a maxlm workdir (its newest checkpoint) or a Hugging Face folder (config.json + safetensors)
+    s.base_step = -1  # checkpoint step of a maxlm base; -1 the newest
+    s.data_path = ""  # glob of chat jsonl: {"messages": [...]} or {"prompt", "response", "history"} records
+    s.template = "chatml"  # chatml | internlm2 (adds the environment role and tool-call markers)
+    s.system_prompt = ""  # inserted when a conversation has no system message ("" inserts none)
+    s.tasks = ("format", "reverse", "sort", "add")  # built-in suite, used when data_path is empty
+    s.task_train_size = 2000  # training conversations per task
+    s.task_eval_size = 200  # held-out items per task (disjoint from training)
+    s.task_seed = 0
+    s.eval_items = 64  # held-out items per task scored with the sampler at the end of a run (0: none)
+
+    # Low-rank adaptation (Hu et al. 2021) for fine-tuning; rank 0 trains every parameter.
+    c.lora = lo = ml_collections.ConfigDict()
+    lo.rank = 0
+    lo.alpha = 16.0  # the update is (alpha / rank) * A @ B
+    lo.targets = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get adapters (wqkv: fused)
+
     c.mesh = me = ml_collections.ConfigDict()
     me.data = -1  # -1: all devices not used by the other axes
     me.fsdp = 1
@@ -221,6 +244,20 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(c.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
     _check(c.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be positive")
     _check(c.checkpoint.keep_period >= 0, "checkpoint.keep_period", "must be >= 0 (0 keeps none extra)")
+
+    s = c.sft
+    _check(s.template in CHAT_TEMPLATES, "sft.template", f"must be one of {CHAT_TEMPLATES}")
+    _check(all(t in SFT_TASKS for t in s.tasks), "sft.tasks", f"each must be one of {SFT_TASKS}, got {s.tasks}")
+    for key in ("task_train_size", "task_eval_size"):
+        _check(s[key] > 0, f"sft.{key}", "must be positive")
+    _check(s.eval_items >= 0, "sft.eval_items", "must be >= 0")
+    lo = c.lora
+    _check(lo.rank >= 0, "lora.rank", "must be >= 0 (0 disables LoRA)")
+    _check(lo.alpha > 0, "lora.alpha", "must be positive")
+    # A fused wqkv model (InternLM2) adapts wqkv when any of q, k, v is named.
+    allowed = LORA_TARGETS if m.fused_qkv else tuple(t for t in LORA_TARGETS if t != "wqkv")
+    _check(lo.rank == 0 or (len(lo.targets) > 0 and all(t in allowed for t in lo.targets)), "lora.targets",
+           f"must be a non-empty subset of {allowed}, got {lo.targets}")
 
     sizes = [c.mesh[a] for a in MESH_AXES]
     for a, s in zip(MESH_AXES, sizes):

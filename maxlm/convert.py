@@ -476,15 +476,16 @@ def main(argv: list[str]) -> None:
 
     from absl import flags
 
-    from maxlm import checkpoint, tokenizer
+    from maxlm import pretrained, tokenizer
 
     FLAGS = flags.FLAGS
     if argv[1:] != ["to_hf"]:
         raise ConvertError(f"expected the command `to_hf`, got {' '.join(argv[1:]) or 'nothing'}")
     if not FLAGS.workdir or not FLAGS.out:
         raise ConvertError("to_hf needs --workdir (a training workdir) and --out (the folder to write)")
-    config, params, step = checkpoint.load_latest(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
-    to_hf(config, jax.device_get(params), FLAGS.out, architecture=FLAGS.architecture or None)
+    # A LoRA run comes back with its adapters merged into the base weights.
+    config, params, step = pretrained.load_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
+    to_hf(config, params, FLAGS.out, architecture=FLAGS.architecture or None)
     tok_path = tokenizer.run_tokenizer_path(config, FLAGS.workdir)
     if os.path.exists(tok_path):  # SentencePiece model, which Hugging Face's LlamaTokenizer reads
         shutil.copy(tok_path, os.path.join(FLAGS.out, "tokenizer.model"))

@@ -278,7 +278,7 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
     from absl import flags
 
-    from maxlm import checkpoint, tokenizer
+    from maxlm import pretrained, tokenizer
 
     FLAGS = flags.FLAGS
     if len(argv) > 1:
@@ -290,7 +290,7 @@ def main(argv: list[str]) -> None:
         raise SampleError("give at least one --prompt")
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"no such workdir: {workdir}")
-    config, params, step = checkpoint.load_latest(workdir)
+    config, params, step = pretrained.load_workdir(workdir)
     path = tokenizer.run_tokenizer_path(config, workdir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer at {path}")

@@ -65,22 +65,25 @@ def _without(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:
     return PartitionSpec(*(keep(e) for e in spec))
 
 
-def param_shardings(config: ml_collections.ConfigDict, mesh: Mesh, replicate_over: tuple[str, ...] = ()) -> dict:
+def param_shardings(config: ml_collections.ConfigDict, mesh: Mesh, replicate_over: tuple[str, ...] = (),
+                    logical: Any = None) -> dict:
     """NamedSharding for every parameter, from its logical axes and the rules table; `replicate_over`
-    drops mesh axes (ZeRO-1/2 keep whole parameters on each fsdp rank)."""
+    drops mesh axes (ZeRO-1/2 keep whole parameters on each fsdp rank). `logical` is a tree of logical
+    PartitionSpecs (default: the model's; LoRA passes its adapters')."""
     def to_sharding(spec):
         mesh_spec = nn.logical_to_mesh_axes(spec, rules(config))
         return NamedSharding(mesh, _without(mesh_spec, replicate_over))
 
-    return jax.tree.map(to_sharding, model.logical_axes(config), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    logical = model.logical_axes(config) if logical is None else logical
+    return jax.tree.map(to_sharding, logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def zero_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[dict, dict]:
+def zero_shardings(config: ml_collections.ConfigDict, mesh: Mesh, logical: Any = None) -> tuple[dict, dict]:
     """(parameter shardings, gradient shardings) for `config.mesh.zero_stage`. The optimizer state is
     always laid out like the fully sharded parameters (`param_shardings(config, mesh)`)."""
-    full = param_shardings(config, mesh)
+    full = param_shardings(config, mesh, logical=logical)
     stage = config.mesh.zero_stage
-    whole = full if stage == 3 else param_shardings(config, mesh, replicate_over=("fsdp",))
+    whole = full if stage == 3 else param_shardings(config, mesh, replicate_over=("fsdp",), logical=logical)
     return whole, (full if stage >= 2 else whole)
 
 

@@ -127,6 +127,38 @@ def train(texts: Iterable[str], out_prefix: str, config: ml_collections.ConfigDi
     return tok
 
 
+def add_special_tokens(path: str, pieces: Iterable[str], out_path: str) -> tuple[Tokenizer, list[str]]:
+    """Append `pieces` missing from the SentencePiece model at `path` as user-defined (never split) pieces,
+    without retraining: existing ids and the encoding of text without the new pieces are unchanged, and
+    each new piece gets the next id. Writes `out_path` atomically (only when something was added; otherwise
+    the model at `path` is returned) -> (tokenizer, the pieces added).
+
+    The new pieces are user-defined symbols, which SentencePiece matches before segmentation wherever
+    they occur in the text -- the same treatment `tokenizer.user_defined_symbols` get at training time.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    with open(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    present = {p.piece for p in proto.pieces}
+    added = []
+    for piece in pieces:
+        if piece not in present:
+            entry = proto.pieces.add()
+            entry.piece, entry.score, entry.type = piece, 0.0, model_pb2.ModelProto.SentencePiece.USER_DEFINED
+            present.add(piece)
+            added.append(piece)
+    if not added:
+        return load(path), []
+    directory = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".tokenizer-", delete=False) as f:
+        f.write(proto.SerializeToString())
+    os.replace(f.name, out_path)
+    return load(out_path), added
+
+
 def load(path: str) -> Tokenizer:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer model at {path}")

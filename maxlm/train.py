@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from absl import flags
 from jax.experimental import multihost_utils
 
 from maxlm import checkpoint as checkpoint_lib
-from maxlm import cli, data, distributed, model, optim, sharding
+from maxlm import cli, data, distributed, lora, model, optim, sharding
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.metrics import MetricsWriter, format_bytes, log_line, peak_flops_per_device
@@ -40,8 +40,14 @@ State = dict[str, Any]
 Batch = dict[str, jax.Array]
 
 
-def loss_fn(params: dict, config: ml_collections.ConfigDict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token cross-entropies, sum of weights) for one (micro-)batch."""
+def loss_fn(params: dict, config: ml_collections.ConfigDict, batch: Batch, base: dict | None = None
+            ) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token cross-entropies, sum of weights) for one (micro-)batch.
+
+    With a frozen `base`, `params` are LoRA adapters, merged into it for the forward pass.
+    """
+    if base is not None:
+        params = lora.merge(config, base, params)
     logits = model.apply(config, params, batch["inputs"], positions=batch["positions"],
                          segment_ids=batch["segment_ids"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
@@ -56,6 +62,8 @@ def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTrans
     `grad_shardings` pins the layout of the (accumulated) gradients: sharded over fsdp for ZeRO-2/3,
     which makes the data-parallel gradient reduction a reduce-scatter; whole for ZeRO-1 (all-reduce).
 
+    `state` may carry a frozen "base" (LoRA): it is passed through unchanged and never differentiated.
+
     A bad step -- non-finite loss or gradient norm -- keeps parameters and optimizer state as they were
     (the step counter still advances: its batch is consumed) and reports `bad_step` = 1, so one spike
     costs one batch, not the run (the loop reloads a checkpoint after `train.max_bad_steps` in a row).
@@ -68,7 +76,7 @@ def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTrans
         return grads if grad_shardings is None else jax.lax.with_sharding_constraint(grads, grad_shardings)
 
     def micro_step(carry, micro_batch):
-        (loss_sum, tokens), grads = grad_fn(params, config, micro_batch)
+        (loss_sum, tokens), grads = grad_fn(params, config, micro_batch, state.get("base"))
         return jax.tree.map(jnp.add, carry, (pin(grads), loss_sum, tokens)), None
 
     zeros = (pin(jax.tree.map(jnp.zeros_like, params)), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
@@ -85,29 +93,40 @@ def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTrans
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(good, n, o), new, old)
     new_state = {"step": state["step"] + 1, "params": keep(optax.apply_updates(params, updates), params),
                  "opt_state": keep(opt_state, state["opt_state"])}
+    if "base" in state:
+        new_state["base"] = state["base"]
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": optim.schedule(config)(state["step"]),
                "tokens": tokens, "bad_step": 1.0 - good.astype(jnp.float32)}
     return new_state, metrics
 
 
 class Trainer:
-    """Builds the mesh, the sharded state and the jitted step for a config (everything but the loop)."""
+    """Builds the mesh, the sharded state and the jitted step for a config (everything but the loop).
+
+    With `lora.rank > 0` the trainable "params" are LoRA adapters (sharded by their own logical axes) and
+    the state also holds the frozen "base" parameters, laid out like parameters at the ZeRO stage.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
         self.config = config
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config)
-        abstract_params = model.abstract_params(config)
+        self.lora = config.lora.rank > 0
+        logical = lora.logical_axes(config) if self.lora else None
+        abstract_params = lora.abstract(config) if self.lora else model.abstract_params(config)
         self.optimizer = optim.make_optimizer(config, abstract_params)
-        param_sh, self.grad_shardings = sharding.zero_shardings(config, self.mesh)
+        param_sh, self.grad_shardings = sharding.zero_shardings(config, self.mesh, logical)
         abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
         opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_opt,
-                                       sharding.param_shardings(config, self.mesh),
+                                       sharding.param_shardings(config, self.mesh, logical=logical),
                                        transform_non_params=lambda _: sharding.replicated(self.mesh))
         self.state_shardings = {"step": sharding.replicated(self.mesh), "params": param_sh, "opt_state": opt_sh}
-        self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt},
-            self.state_shardings)
+        abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
+        base_sh = None
+        if self.lora:
+            base_sh = self.state_shardings["base"] = sharding.zero_shardings(config, self.mesh)[0]
+            abstract["base"] = model.abstract_params(config)
+        self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                           abstract, self.state_shardings)
         self.batch_sharding = sharding.batch_sharding(config, self.mesh)
         self._compiled = None
         with sharding.activation_rules(config, self.mesh):
@@ -116,18 +135,28 @@ class Trainer:
                                  in_shardings=(self.state_shardings, self.batch_sharding),
                                  out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                                  donate_argnums=0)
-            self._eval = jax.jit(lambda params, batch: loss_fn(params, config, batch),
-                                 in_shardings=(param_sh, self.batch_sharding))
+            self._eval = jax.jit(lambda params, base, batch: loss_fn(params, config, batch, base),
+                                 in_shardings=(param_sh, base_sh, self.batch_sharding))
 
-    def init_state(self, rng: jax.Array) -> State:
-        """Random parameters and fresh optimizer state, created directly with their shardings."""
+    def init_state(self, rng: jax.Array, params: dict | None = None, base: dict | None = None) -> State:
+        """Fresh optimizer state and parameters, created directly with their shardings: `params` when given
+        (fine-tuning), else random ones (LoRA: fresh adapters, `base` required)."""
+        if self.lora and base is None:
+            raise ValueError("a LoRA trainer needs the frozen base parameters")
+        if params is not None:
+            params = jax.device_put(params, self.state_shardings["params"])
 
-        def make(rng):
-            params = model.init(self.config, rng)
+        def make(rng, params):
+            if params is None:
+                params = lora.init(self.config, rng) if self.lora else model.init(self.config, rng)
             return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
 
+        shardings = {k: v for k, v in self.state_shardings.items() if k != "base"}
         with sharding.activation_rules(self.config, self.mesh):
-            return jax.jit(make, out_shardings=self.state_shardings)(rng)
+            state = jax.jit(make, out_shardings=shardings)(rng, params)
+        if self.lora:  # placed, not copied: the frozen base is the largest thing in memory
+            state["base"] = jax.device_put(base, self.state_shardings["base"])
+        return state
 
     def device_batch(self, local: dict[str, np.ndarray]) -> Batch:
         return sharding.global_batch(local, self.batch_sharding)
@@ -149,6 +178,8 @@ class Trainer:
         report = {"params": sharding.bytes_per_device(params),
                   "opt_state": sharding.bytes_per_device(self.abstract_state["opt_state"]),
                   "grads": sharding.bytes_per_device(grads)}
+        if self.lora:
+            report["frozen_base"] = sharding.bytes_per_device(self.abstract_state["base"])
         degree = self.mesh.shape["fsdp"] * self.mesh.shape["tensor"]
         report["estimate_16B_per_param"] = 16 * config_lib.num_params(self.config) / degree
         if self._compiled is not None:
@@ -164,9 +195,9 @@ class Trainer:
         with sharding.activation_rules(self.config, self.mesh):
             return self._step(state, batch)
 
-    def eval_loss(self, params: dict, batches: list[Batch]) -> float:
+    def eval_loss(self, state: State, batches: list[Batch]) -> float:
         with sharding.activation_rules(self.config, self.mesh):
-            sums = [self._eval(params, b) for b in batches]
+            sums = [self._eval(state["params"], state.get("base"), b) for b in batches]
         loss_sum = sum(float(s) for s, _ in sums)
         tokens = sum(float(t) for _, t in sums)
         return loss_sum / max(tokens, 1.0)
@@ -182,27 +213,55 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
     """Train (or resume) to `train.num_steps`; returns the metrics records logged by this invocation."""
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
-    primary = jax.process_index() == 0
     log_line(f"maxlm.train: {config_lib.describe(config)}")
     tok = tokenizer_lib.load_or_train(config, workdir)
     train_iter = _iterator(config, tok, "train", config.data.shuffle_seed)
-
     trainer = Trainer(config)
+    eval_batches = []
+    if config.train.eval_every and config.data.eval_fraction > 0:
+        eval_iter = _iterator(config, tok, "eval", seed=0)
+        eval_batches = [trainer.device_batch(next(eval_iter)) for _ in range(config.train.eval_batches)]
+
+    def finish(state: State) -> None:
+        if config.train.num_samples > 0:
+            # Every process joins the gather (parameters may be sharded across hosts); process 0 samples.
+            params = host_params(config, state)
+            if jax.process_index() == 0:
+                _print_samples(config, params, tok)
+
+    return run(config, workdir, trainer, train_iter, init_state=lambda: trainer.init_state(
+        jax.random.key(config.train.seed)), eval_batches=eval_batches, finish=finish)
+
+
+def host_params(config: ml_collections.ConfigDict, state: State) -> dict:
+    """The full parameters (LoRA: adapters merged into the base) as host arrays; a collective on
+    multi-host runs (every process must call it)."""
+    params = state["params"]
+    if "base" in state:
+        params = jax.jit(functools.partial(lora.merge, config))(state["base"], params)
+    return (multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1
+            else jax.device_get(params))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, train_iter: Any, *,
+        init_state: Callable[[], State], frozen: dict | None = None, eval_batches: list[Batch] = (),
+        finish: Callable[[State], None] | None = None) -> list[dict[str, float]]:
+    """The training loop shared by pretraining and fine-tuning: resume or `init_state()`, step to
+    `train.num_steps` with logging, evaluation, checkpoints, signal handling and bad-step recovery, then
+    `finish(state)` (samples). `frozen` holds state entries that are not checkpointed (LoRA's base), added
+    back to a restored state. Returns the metrics records logged by this invocation."""
+    primary = jax.process_index() == 0
+    frozen = frozen or {}
     log_line(f"mesh {dict(trainer.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
     ckpt = checkpoint_lib.Checkpointer(workdir, config)
-    restored = _restore(ckpt, trainer)
+    restored = _restore(ckpt, trainer, frozen)
     if restored is not None:
         state, data_state = restored
         train_iter.set_state(data_state)
         log_line(f"resumed from step {int(state['step'])} ({ckpt.directory})")
     else:
-        state = trainer.init_state(jax.random.key(config.train.seed))
+        state = init_state()
     start = int(state["step"])
-
-    eval_batches = []
-    if config.train.eval_every and config.data.eval_fraction > 0:
-        eval_iter = _iterator(config, tok, "eval", seed=0)
-        eval_batches = [trainer.device_batch(next(eval_iter)) for _ in range(config.train.eval_batches)]
 
     writer = MetricsWriter(workdir, enabled=primary)
     flops_per_step = config_lib.flops_per_token(config, config.data.seq_len) * config.data.seq_len \
@@ -249,7 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
                                                    if k.startswith("skipped")))
                 record["reloads"] = reloads
                 if eval_batches and (step % config.train.eval_every == 0 or step == total):
-                    record["eval_loss"] = trainer.eval_loss(state["params"], eval_batches)
+                    record["eval_loss"] = trainer.eval_loss(state, eval_batches)
                 writer.write(step, record)
                 eta = (now - run_start) / max(step - start, 1) * (total - step)
                 writer.progress(step, total, record, eta_seconds=eta)
@@ -259,7 +318,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
                 break
             bad_streak = bad_streak + 1 if float(metrics["bad_step"]) else 0
             if config.train.max_bad_steps and bad_streak >= config.train.max_bad_steps:
-                restored = _restore(ckpt, trainer)
+                restored = _restore(ckpt, trainer, {k: state[k] for k in frozen})
                 if restored is None:
                     raise RuntimeError(f"{bad_streak} non-finite steps in a row and no checkpoint to go back to")
                 state = restored[0]
@@ -273,24 +332,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
             png = writer.plot()
             log_line(f"loss curve: {png}; metrics: {os.path.join(workdir, 'metrics.jsonl')}; "
                      f"data: {train_iter.stats}")
-        if config.train.num_samples > 0:
-            # Every process joins the gather (parameters may be sharded across hosts); process 0 samples.
-            host_params = (multihost_utils.process_allgather(state["params"], tiled=True)
-                           if jax.process_count() > 1 else jax.device_get(state["params"]))
-            if primary:
-                _print_samples(config, host_params, tok)
+        if finish is not None:
+            finish(state)
     writer.close()
     return writer.history
 
 
-def _restore(ckpt: checkpoint_lib.Checkpointer, trainer: Trainer) -> tuple[State, dict] | None:
+def _restore(ckpt: checkpoint_lib.Checkpointer, trainer: Trainer, frozen: dict) -> tuple[State, dict] | None:
     """(state, data state) of the newest usable checkpoint, laid out for this trainer's mesh, or None."""
     restored = ckpt.restore_latest(trainer.abstract_state["params"], trainer.abstract_state["opt_state"])
     if restored is None:
         return None
     params, opt_state, meta = restored
     step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), trainer.state_shardings["step"])
-    return {"step": step, "params": params, "opt_state": opt_state}, meta["data"]
+    return {"step": step, "params": params, "opt_state": opt_state, **frozen}, meta["data"]
 
 
 class _StopSignals:

@@ -180,14 +180,15 @@ def merge_states(states: list[dict]) -> dict:
 
 def gather_state(iterator: PackedIterator) -> dict:
     """The global data state, assembled on every process from each host's iterator (a collective: all
-    processes must call it). One process returns its own state unchanged."""
+    processes must call it). One process, or an iterator whose state is the same on every host
+    (`replicated_state`, e.g. the SFT iterator), returns its own state unchanged."""
     import json
 
     import jax
     from jax.experimental import multihost_utils
 
     local = iterator.get_state()
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or getattr(iterator, "replicated_state", False):
         return local
     # Counters can pass 2^31 (tokens), and JAX arrays are 32-bit here: ship the JSON text as bytes.
     blob = np.frombuffer(json.dumps(local).encode(), np.uint8)

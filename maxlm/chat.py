@@ -1,0 +1,180 @@
+"""Chat templates as data, and rendering a conversation to token ids with a loss mask.
+
+A template says how each message is framed: a header naming the role (and, for tool messages, the tool),
+the content, an end marker and a separator. Two ship with maxlm:
+
+* `chatml` (OpenAI's ChatML, used by Qwen and InternLM2):
+  `<|im_start|>{role}\\n{content}<|im_end|>\\n` with roles system, user, assistant.
+* `internlm2` (InternLM2's tool-use format, Cai et al. 2024, section 4.1): ChatML plus an `environment`
+  role for tool results and a `name` on system / environment messages marking which tool they describe or
+  come from (`<|im_start|>environment name=<|interpreter|>\\n...`); an assistant message may end in a tool
+  call `<|action_start|><|plugin|>\\n{call}<|action_end|>`. Every marker is one special token.
+
+A custom template is a JSON file with the fields of `Template` (`--config.sft.template=path/to/t.json`).
+
+Rendering encodes each piece of text separately (header, content, end, separator) and concatenates the
+ids, so a marker is never merged with its neighbours and the prompt a sampler is given is tokenized exactly
+as the training data was. `weights[i]` is 1 where token i is a target the model must learn to produce:
+the content and end marker of every assistant message (so every turn of a multi-turn conversation is
+trained, and the model learns to stop); system, user and environment tokens, headers and separators are 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Protocol
+
+import numpy as np
+
+
+class TokenizerLike(Protocol):
+    bos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    name: str
+    roles: tuple[str, ...]  # roles a message may have
+    trained_roles: tuple[str, ...]  # roles whose content (and end marker) carry loss
+    header: str  # "{role}" and "{name}" are filled in; {name} is name_format(tool) or ""
+    end: str  # closes a message; trained for trained roles (the model must learn to stop)
+    separator: str  # after the end marker; never trained
+    special_tokens: tuple[str, ...]  # must be single tokens (added to the tokenizer when missing)
+    name_format: str = ""  # e.g. " name=<|{tool}|>"; empty: messages may not carry a name
+    tool_names: tuple[str, ...] = ()  # allowed values of a message's "name"
+    tool_call_format: str = ""  # appended to an assistant message with a "tool_call": {"name", "content"}
+
+    @property
+    def stop(self) -> str:
+        """The text that ends a reply: generation stops at its token."""
+        return self.end
+
+    def generation_prompt(self, role: str = "assistant") -> str:
+        return self.header.format(role=role, name="")
+
+
+CHATML = Template(
+    name="chatml", roles=("system", "user", "assistant"), trained_roles=("assistant",),
+    header="<|im_start|>{role}{name}\n", end="<|im_end|>", separator="\n",
+    special_tokens=("<|im_start|>", "<|im_end|>"))
+
+INTERNLM2 = dataclasses.replace(
+    CHATML, name="internlm2", roles=("system", "user", "assistant", "environment"),
+    special_tokens=CHATML.special_tokens + ("<|action_start|>", "<|action_end|>", "<|interpreter|>",
+                                            "<|plugin|>"),
+    name_format=" name=<|{tool}|>", tool_names=("interpreter", "plugin"),
+    tool_call_format="<|action_start|><|{tool}|>\n{content}<|action_end|>")
+
+TEMPLATES = {t.name: t for t in (CHATML, INTERNLM2)}
+
+
+def load_template(name_or_path: str) -> Template:
+    """A built-in template by name, or a JSON file holding `Template`'s fields."""
+    if name_or_path in TEMPLATES:
+        return TEMPLATES[name_or_path]
+    if not os.path.isfile(name_or_path):
+        raise FileNotFoundError(f"no chat template named {name_or_path!r} (built in: {sorted(TEMPLATES)}) "
+                                f"and no such JSON file")
+    with open(name_or_path, encoding="utf-8") as f:
+        fields = json.load(f)
+    return Template(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+class MessageError(ValueError):
+    """A conversation that does not fit the template; `reason` is a short key for skip statistics."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def check_messages(template: Template, messages: list) -> None:
+    """Raise MessageError unless `messages` is a list of well-formed messages with an assistant reply."""
+    if not isinstance(messages, list) or not messages:
+        raise MessageError("no_messages", "expected a non-empty list of messages")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise MessageError("bad_message", f"a message must be an object with string content: {str(m)[:80]}")
+        if m.get("role") not in template.roles:
+            raise MessageError("unknown_role", f"role {m.get('role')!r} is not one of {template.roles}")
+        name = m.get("name")
+        if name is not None and name not in template.tool_names:
+            raise MessageError("unknown_name", f"name {name!r} is not one of {template.tool_names}")
+        call = m.get("tool_call")
+        if call is not None and not (template.tool_call_format and m["role"] in template.trained_roles
+                                     and isinstance(call, dict) and call.get("name") in template.tool_names
+                                     and isinstance(call.get("content"), str)):
+            raise MessageError("bad_tool_call", f"tool_call {str(call)[:80]}")
+    if not any(m["role"] in template.trained_roles and (m["content"] or m.get("tool_call")) for m in messages):
+        raise MessageError("no_assistant", "no non-empty assistant message to learn from")
+
+
+def _pieces(template: Template, message: dict) -> list[tuple[str, bool]]:
+    """A message as (text, trained) pieces, in order."""
+    name = message.get("name")
+    header = template.header.format(role=message["role"],
+                                    name=template.name_format.format(tool=name) if name else "")
+    trained = message["role"] in template.trained_roles
+    body = [(message["content"], trained)]
+    call = message.get("tool_call")
+    if call is not None:
+        body.append((template.tool_call_format.format(tool=call["name"], content=call["content"]), trained))
+    return [(header, False), *body, (template.end, trained), (template.separator, False)]
+
+
+def render(template: Template, tok: TokenizerLike, messages: list[dict], *, bos: bool = True
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [n], weights float32 [n]) of a whole conversation; weights as in the module docstring."""
+    ids: list[int] = [tok.bos_id] if bos else []
+    weights: list[float] = [0.0] * len(ids)
+    for message in messages:
+        for text, trained in _pieces(template, message):
+            piece = tok.encode(text) if text else []
+            ids += piece
+            weights += [float(trained)] * len(piece)
+    return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
+
+
+def render_prompt(template: Template, tok: TokenizerLike, messages: list[dict], *, bos: bool = True) -> list[int]:
+    """Token ids a sampler continues to produce the next assistant message: the conversation so far plus
+    the assistant header, tokenized exactly as `render` tokenizes training data."""
+    ids, _ = render(template, tok, messages, bos=bos)
+    return ids.tolist() + tok.encode(template.generation_prompt())
+
+
+def rounds(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
+    """(leading system messages, rounds): a round starts at a user message and runs to the next one."""
+    k = 0
+    while k < len(messages) and messages[k]["role"] == "system":
+        k += 1
+    head, out = messages[:k], []
+    for m in messages[k:]:
+        if m["role"] == "user" or not out:
+            out.append([])
+        out[-1].append(m)
+    return head, out
+
+
+def truncate_left(template: Template, tok: TokenizerLike, messages: list[dict], max_tokens: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Render, dropping the oldest rounds (system messages are kept) until at most `max_tokens` ids remain;
+    MessageError("too_long") when no round with a trained token survives. Rendering is additive per
+    message, so each round is rendered once."""
+    head, rs = rounds(messages)
+    head_ids, head_w = render(template, tok, head)
+    parts = [render(template, tok, r, bos=False) for r in rs]
+    total = len(head_ids) + sum(len(p[0]) for p in parts)
+    first = 0
+    while first < len(parts) and total > max_tokens:
+        total -= len(parts[first][0])
+        first += 1
+    kept = parts[first:]
+    if not kept or not any(w.any() for _, w in kept):
+        raise MessageError("too_long", f"the newest round alone exceeds {max_tokens} tokens")
+    ids = np.concatenate([head_ids] + [p[0] for p in kept])
+    weights = np.concatenate([head_w] + [p[1] for p in kept])
+    return ids, weights

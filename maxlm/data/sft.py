@@ -1,0 +1,197 @@
+"""Supervised fine-tuning data: chat jsonl -> tokenized conversations -> packed rows with a loss mask.
+
+Records come in the two common shapes:
+  {"messages": [{"role": "system"|"user"|"assistant"|..., "content": "..."}, ...]}
+  {"prompt": "...", "response": "...", "history": [["q1", "a1"], ...], "system": "..."}   (history optional)
+the second being the multi-turn Chinese dialogue shape (e.g. BELLE, Firefly). A conversation longer than
+the row is truncated from the left, dropping its oldest rounds and keeping system messages and the
+newest turns. A record that cannot be used is counted under a reason and skipped (`SFT_SKIP_REASONS`).
+
+Packing: whole conversations are packed greedily, in a per-epoch shuffled order, into rows of T tokens;
+a conversation that does not fit the rest of the row starts the next one (the tail is padding with segment
+id 0 and loss weight 0). A conversation is never split -- a reply's loss needs its prompt in the same row.
+Each conversation is its own segment (attention never crosses it) with positions restarting at 0, so a
+packed row computes exactly what separate rows would (tested). The batch keys are the pretraining ones
+(inputs, targets, positions, segment_ids, loss_weights), so the pretraining step trains on them unchanged:
+the loss is the sum of the per-token cross-entropies of the assistant tokens of the whole global batch
+divided by their number -- every supervised token weighs the same, whichever row or conversation it is in.
+
+State is (epoch, cursor) into the epoch's order: every host builds the same global batch and keeps its own
+rows, so the data of a run does not depend on the number of hosts, and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from maxlm import chat
+
+Batch = dict[str, np.ndarray]
+SFT_SKIP_REASONS = ("bad_json", "not_object", "unknown_shape", "no_messages", "bad_message", "unknown_role",
+                    "unknown_name", "bad_tool_call", "no_assistant", "too_long")
+
+
+def to_messages(record: Any, system_prompt: str = "") -> list[dict]:
+    """Either record shape -> a message list (MessageError for anything else); `system_prompt` is
+    prepended when the record has no system message of its own."""
+    if not isinstance(record, dict):
+        raise chat.MessageError("not_object", f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+    elif "prompt" in record and "response" in record:
+        history = record.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+            raise chat.MessageError("bad_message", "history must be a list of [question, answer] pairs")
+        messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        for q, a in [*history, (record["prompt"], record["response"])]:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    else:
+        raise chat.MessageError("unknown_shape", "expected a `messages` list or `prompt` and `response`")
+    if system_prompt and isinstance(messages, list) and not any(
+            isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+class Conversations:
+    """Tokenized, truncated conversations (ids, weights) plus the per-reason count of skipped records."""
+
+    def __init__(self, template: chat.Template, tok: chat.TokenizerLike, max_tokens: int, system_prompt: str = ""):
+        self.template, self.tok, self.max_tokens, self.system_prompt = template, tok, max_tokens, system_prompt
+        self.items: list[tuple[np.ndarray, np.ndarray]] = []
+        self.skipped = dict.fromkeys(SFT_SKIP_REASONS, 0)
+        self.truncated = 0
+
+    def add(self, record: Any) -> bool:
+        """Add one parsed record; False (and the reason counted) when it is skipped."""
+        try:
+            messages = to_messages(record, self.system_prompt)
+            chat.check_messages(self.template, messages)
+            full = sum(len(chat.render(self.template, self.tok, [m], bos=False)[0]) for m in messages) + 1
+            ids, weights = chat.truncate_left(self.template, self.tok, messages, self.max_tokens)
+        except chat.MessageError as e:
+            self.skipped[e.reason] += 1
+            return False
+        self.truncated += int(len(ids) < full)
+        self.items.append((ids, weights))
+        return True
+
+    def add_line(self, line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self.skipped["bad_json"] += 1
+            return False
+        return self.add(record)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def summary(self) -> str:
+        skipped = {k: v for k, v in self.skipped.items() if v}
+        return (f"{len(self)} conversations ({sum(len(i) for i, _ in self.items)} tokens, "
+                f"{int(sum(w.sum() for _, w in self.items))} trained), {self.truncated} truncated from the "
+                f"left, skipped {sum(skipped.values())}" + (f" {skipped}" if skipped else ""))
+
+
+def load_jsonl(pattern: str, conversations: Conversations) -> Conversations:
+    """Read every line of the files matching `pattern` (sorted; blank lines ignored) into `conversations`."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no files match sft.data_path={pattern!r}")
+    for path in files:
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    conversations.add_line(raw.decode("utf-8", errors="strict") if _utf8(raw) else "\0")
+    return conversations
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+class SFTIterator:
+    """Infinite iterator of packed per-host batches (see the module docstring) over `conversations`."""
+
+    replicated_state = True  # every host holds the global state (no per-host merge needed)
+
+    def __init__(self, conversations: Conversations, *, seq_len: int, batch_size: int, seed: int, pad_id: int = 0,
+                 host_id: int = 0, num_hosts: int = 1):
+        if len(conversations) == 0:
+            raise ValueError(f"no usable conversations ({conversations.summary()})")
+        if batch_size % num_hosts:
+            raise ValueError(f"batch_size={batch_size} is not divisible by num_hosts={num_hosts}")
+        too_long = [len(ids) for ids, _ in conversations.items if len(ids) - 1 > seq_len]
+        if too_long:
+            raise ValueError(f"{len(too_long)} conversations exceed seq_len={seq_len} + 1 tokens")
+        self.items = conversations.items
+        self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, seed, pad_id
+        self.rows = batch_size // num_hosts
+        self.first_row = host_id * self.rows
+        self.epoch, self.cursor = 0, 0
+        self._stats = {"conversations": 0, "tokens": 0, "trained_tokens": 0, "padding": 0}
+        self._order_epoch, self._order = -1, np.zeros(0, np.int64)
+
+    def __iter__(self) -> SFTIterator:
+        return self
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    def get_state(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "epoch": self.epoch, "cursor": self.cursor,
+                **self._stats}
+
+    def set_state(self, state: dict) -> None:
+        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size)):
+            if int(state.get(key, mine)) != mine:
+                raise ValueError(f"data state was saved with {key}={state[key]}, this iterator has {mine}")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._stats.update({k: int(state.get(k, 0)) for k in self._stats})
+
+    def _next_conversation(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.cursor == len(self.items):
+            self.epoch, self.cursor = self.epoch + 1, 0
+        if self._order_epoch != self.epoch:
+            self._order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.items))
+            self._order_epoch = self.epoch
+        return self.items[self._order[self.cursor]]
+
+    def __next__(self) -> Batch:
+        b, t = self.batch_size, self.seq_len
+        out = {k: np.zeros((b, t), np.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
+        out["inputs"][:] = self.pad_id
+        out["targets"][:] = self.pad_id
+        out["loss_weights"] = np.zeros((b, t), np.float32)
+        for row in range(b):
+            filled, segment = 0, 0
+            while True:
+                ids, weights = self._next_conversation()
+                n = len(ids) - 1  # (input, target) pairs
+                if filled + n > t:
+                    break
+                segment += 1
+                span = slice(filled, filled + n)
+                out["inputs"][row, span], out["targets"][row, span] = ids[:-1], ids[1:]
+                out["loss_weights"][row, span] = weights[1:]
+                out["positions"][row, span] = np.arange(n)
+                out["segment_ids"][row, span] = segment
+                filled += n
+                self.cursor += 1
+                self._stats["conversations"] += 1
+                self._stats["trained_tokens"] += int(weights[1:].sum())
+            self._stats["tokens"] += filled
+            self._stats["padding"] += t - filled
+        mine = slice(self.first_row, self.first_row + self.rows)
+        return {k: np.ascontiguousarray(v[mine]) for k, v in out.items()}

@@ -1,0 +1,128 @@
+"""Evaluation: exact-match accuracy on the built-in task suite's held-out items, with the KV-cache sampler.
+
+    python -m maxlm.evaluate --workdir=runs/sft --task=reverse      # or --task=all
+    python -m maxlm.evaluate --hf=path/to/hf_folder --task=add
+
+Each held-out item (`maxlm.tasks`, split "eval": disjoint from every training item) is rendered with the
+run's chat template up to the assistant header, continued greedily (argmax, as exact-match evaluations of
+instruction following do) until the template's end marker, and checked by the task's programmatic checker.
+Per-item results go to `<workdir>/eval/<task>.jsonl`; the last console line is one JSON object with
+`task`, `accuracy`, `n` (and per-language accuracy; for `all`, every task's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import ml_collections
+
+from maxlm import chat, sample, tasks
+from maxlm import tokenizer as tokenizer_lib
+
+MAX_NEW_TOKENS = 24  # the longest reply in the suite ({"answer": "abcdefg"}) is 13 tokens
+GENERATE_BATCH = 64
+
+
+class EvaluateError(ValueError):
+    """A user mistake on the command line (one line, exit status 2)."""
+
+
+def stop_id(template: chat.Template, tok: tokenizer_lib.Tokenizer) -> int:
+    """The token that ends a reply: the template's end marker when it is one piece, else eos."""
+    ids = tok.encode(template.stop)
+    return ids[0] if len(ids) == 1 else tok.eos_id
+
+
+def task_accuracy(config: ml_collections.ConfigDict, params: dict, tok: tokenizer_lib.Tokenizer, task: str, *,
+                  n: int, split: str = "eval") -> dict:
+    """Greedy exact match on the first `n` items of a task's split -> {accuracy, n, by_lang, examples, items}."""
+    template = chat.load_template(config.sft.template)
+    items = tasks.make_items(task, split, n, seed=config.sft.task_seed)
+    prompts = [chat.render_prompt(template, tok, tasks.messages(item, config.sft.system_prompt, with_answer=False))
+               for item in items]
+    responses: list[str] = []
+    for start in range(0, len(prompts), GENERATE_BATCH):
+        outs = sample.generate(config, params, prompts[start:start + GENERATE_BATCH], max_new_tokens=MAX_NEW_TOKENS,
+                               greedy=True, eos_id=stop_id(template, tok), pad_id=tok.pad_id)
+        responses += [tok.decode(o) for o in outs]
+    rows = [{"key": it.key, "lang": it.lang, "prompt": it.prompt, "answer": it.answer, "response": r,
+             "correct": tasks.check(it, r)} for it, r in zip(items, responses)]
+    by_lang = {}
+    for lang in sorted({r["lang"] for r in rows}):
+        mine = [r["correct"] for r in rows if r["lang"] == lang]
+        by_lang[lang] = sum(mine) / len(mine)
+    return {"task": task, "accuracy": sum(r["correct"] for r in rows) / len(rows), "n": len(rows),
+            "by_lang": by_lang, "examples": rows[:3], "items": rows}
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", "", "A maxlm run to evaluate (its newest checkpoint; LoRA runs merged).")
+    flags.DEFINE_string("hf", "", "A Hugging Face folder to evaluate instead (with a SentencePiece "
+                        "tokenizer.model).")
+    flags.DEFINE_integer("step", -1, "Checkpoint step (default: the newest).")
+    flags.DEFINE_string("task", "all", f"One of {', '.join(tasks.TASKS)}, or all.")
+    flags.DEFINE_integer("n", 0, "Held-out items per task (default: the run's sft.task_eval_size).")
+    flags.DEFINE_string("template", "", "Chat template (default: the run's sft.template).")
+    flags.DEFINE_string("out", "", "Folder for per-item results (default: <workdir>/eval).")
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    from maxlm import pretrained
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise EvaluateError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if bool(FLAGS.workdir) == bool(FLAGS.hf):
+        raise EvaluateError("give exactly one of --workdir (a maxlm run) or --hf (a Hugging Face folder)")
+    names = list(tasks.TASKS) if FLAGS.task == "all" else [FLAGS.task]
+    if any(t not in tasks.TASKS for t in names):
+        raise EvaluateError(f"unknown --task={FLAGS.task}; choose one of {', '.join(tasks.TASKS)} or all")
+    if FLAGS.workdir:
+        if not os.path.isdir(FLAGS.workdir):
+            raise FileNotFoundError(f"no such workdir: {FLAGS.workdir}")
+        config, params, step = pretrained.load_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
+        tok_path = tokenizer_lib.run_tokenizer_path(config, FLAGS.workdir)
+    else:
+        config, params, tok_path = pretrained.load_base(FLAGS.hf)
+        step = None
+    if not tok_path or not os.path.exists(tok_path):
+        raise FileNotFoundError(f"no SentencePiece tokenizer at {tok_path or FLAGS.hf + '/tokenizer.model'}")
+    tok = tokenizer_lib.load(tok_path)
+    if FLAGS.template:
+        with config.unlocked():
+            config.sft.template = FLAGS.template
+    n = FLAGS.n or config.sft.task_eval_size
+    out_dir = FLAGS.out or os.path.join(FLAGS.workdir or FLAGS.hf, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    results = {}
+    for task in names:
+        r = task_accuracy(config, params, tok, task, n=n)
+        with open(os.path.join(out_dir, f"{task}.jsonl"), "w", encoding="utf-8") as f:
+            for row in r["items"]:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        results[task] = {k: r[k] for k in ("task", "accuracy", "n", "by_lang")}
+        print(f"{task}: exact match {r['accuracy']:.3f} on {r['n']} held-out items {r['by_lang']}",
+              file=sys.stderr, flush=True)
+    if len(names) == 1:
+        summary = dict(results[names[0]], step=step)
+    else:
+        summary = {"task": "all", "accuracy": sum(r["accuracy"] for r in results.values()) / len(results),
+                   "n": sum(r["n"] for r in results.values()), "step": step, "tasks": results}
+    print(json.dumps(summary), flush=True)
+
+
+def _run() -> None:
+    from maxlm import cli, pretrained
+
+    _define_flags()
+    cli.run(main, user_errors=(EvaluateError, sample.SampleError, pretrained.BaseModelError))
+
+
+if __name__ == "__main__":
+    _run()

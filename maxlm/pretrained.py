@@ -1,0 +1,101 @@
+"""Where weights come from: a maxlm workdir or a Hugging Face folder, for fine-tuning and for inference.
+
+`load_base(path)` reads the model a fine-tuning run starts from; `load_workdir(workdir)` reads any run's
+newest checkpoint for inference (sampling, evaluation, export), merging a LoRA run's adapters into the
+base they were trained on (`config.sft.base`, stored as an absolute path in the run's config).
+
+Adding tokens (chat markers) to a model grows its vocabulary: `resize_vocab` appends rows to the input
+embedding and output head. New rows are drawn from a Gaussian fitted to the existing rows (their mean and
+per-dimension standard deviation): starting at the mean keeps the new tokens' logits close to the average
+token's, so the model's distribution barely moves (Hewitt 2021, "Initializing new word embeddings"; the
+default of Hugging Face's `resize_token_embeddings`), and the spread keeps several new markers
+distinguishable from one another even where the embedding stays frozen (LoRA).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from maxlm import checkpoint, convert, lora, tokenizer
+
+# Model keys fixed by the weights; the rest of `model` (dtypes of compute, attention kernel, remat, scan)
+# is how to run them, and comes from the fine-tuning config.
+SHAPE_KEYS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+              "max_seq_len", "rope_theta", "rope_scaling", "rope_factor", "norm_eps", "tie_embeddings",
+              "fused_qkv", "qkv_bias", "init_std", "param_dtype")
+
+
+class BaseModelError(ValueError):
+    """A base model that cannot be used (unsupported architecture, damaged files): one line for the user."""
+
+
+def is_hf_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_base(path: str, step: int = -1) -> tuple[ml_collections.ConfigDict, dict, str]:
+    """(config, host params, tokenizer path or "") of a maxlm workdir (its newest or given checkpoint; a
+    LoRA run comes back merged) or a Hugging Face folder (its `tokenizer.model`, when it has one)."""
+    if not path:
+        raise FileNotFoundError("no base model: set --config.sft.base to a maxlm workdir or a Hugging Face folder")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"sft.base={path} is not a directory")
+    if is_hf_folder(path):
+        try:
+            config, params = convert.from_hf(path)
+        except ValueError as e:
+            raise BaseModelError(f"cannot import the Hugging Face model at {path}: {e}") from e
+        tok = os.path.join(path, "tokenizer.model")
+        return config, params, tok if os.path.exists(tok) else ""
+    config, params, _ = load_workdir(path, None if step < 0 else step)
+    return config, params, tokenizer.run_tokenizer_path(config, path)
+
+
+def load_workdir(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
+    """(config, host params, step) of a run's checkpoint; LoRA adapters are merged into their base."""
+    config, params, step = checkpoint.load_latest(workdir, step)
+    params = jax.device_get(params)
+    if config.lora.rank:
+        _, base, _ = load_base(config.sft.base, config.sft.base_step)
+        base = resize_vocab(base, config.model.vocab_size, seed=config.train.seed)
+        params = jax.device_get(jax.jit(lambda b, a: lora.merge(config, b, a))(base, params))
+    return config, params, step
+
+
+def with_base_model(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict, vocab_size: int
+                    ) -> ml_collections.ConfigDict:
+    """`config` with the base's shape keys (and `vocab_size`), so the run's model is the base model."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for key in SHAPE_KEYS:
+            config.model[key] = base.model[key]
+        config.model.vocab_size = vocab_size
+    config.lock()
+    return config
+
+
+def resize_vocab(params: dict, vocab_size: int, seed: int = 0) -> dict:
+    """Grow the embedding [V,D] (and an untied head [D,V]) to `vocab_size` rows (see module docstring)."""
+    emb = np.asarray(params["embedding"])
+    old = emb.shape[0]
+    if vocab_size < old:
+        raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+    if vocab_size == old:
+        return params
+    rng = np.random.default_rng(seed)
+
+    def grow(rows: np.ndarray) -> np.ndarray:  # rows [V, D] -> [vocab_size, D]
+        mean, std = rows.mean(0), rows.std(0)
+        new = mean + std * rng.standard_normal((vocab_size - old, rows.shape[1]))
+        return np.concatenate([rows, new.astype(rows.dtype)])
+
+    out: dict[str, Any] = dict(params)
+    out["embedding"] = grow(emb)
+    if "lm_head" in params:
+        out["lm_head"] = grow(np.asarray(params["lm_head"]).T).T
+    return out

@@ -1,0 +1,181 @@
+"""SFT: the answer-only mask, packing equivalence, and fine-tuning an imported Hugging Face model end to end
+(full and LoRA), exported back to a folder `transformers` loads with the same logits."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxlm import chat, model, pretrained, tasks, tokenizer, train
+from maxlm import config as C
+from maxlm.data import sft as sft_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tok(shared_tok_path):
+    return tokenizer.load(shared_tok_path)
+
+
+def _model_config(vocab):
+    return C.override(C.default_config(), **{
+        "model.vocab_size": vocab, "model.num_layers": 2, "model.d_model": 32, "model.num_heads": 4,
+        "model.num_kv_heads": 2, "model.mlp_dim": 64, "model.max_seq_len": 256, "model.compute_dtype": "float32"})
+
+
+def _conversations(tok, items):
+    convs = sft_data.Conversations(chat.CHATML, tok, 257)
+    for item in items:
+        assert convs.add({"messages": tasks.messages(item)})
+    return convs
+
+
+def _batch(convs, rows=1):
+    it = sft_data.SFTIterator(convs, seq_len=256, batch_size=rows, seed=0)
+    return {k: jnp.asarray(v) for k, v in next(it).items()}
+
+
+def _mean_loss_and_grads(config):
+    def mean_loss(params, batch):
+        loss_sum, n = train.loss_fn(params, config, batch)
+        return loss_sum / n
+    return jax.jit(jax.value_and_grad(mean_loss))
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_only_assistant_labels_matter(tok):
+    config = _model_config(tok.vocab_size)
+    params = model.init(config, jax.random.key(0))
+    batch = _batch(_conversations(tok, tasks.make_items("add", "train", 2, seed=5)))
+    weights = np.asarray(batch["loss_weights"][0])
+    assert 0 < weights.sum() < (batch["segment_ids"][0] > 0).sum()  # some tokens are masked, some are not
+    loss_and_grads = _mean_loss_and_grads(config)
+    loss, grads = loss_and_grads(params, batch)
+    rng = np.random.default_rng(0)
+
+    def relabel(positions):
+        targets = np.array(batch["targets"])
+        for t in positions:
+            targets[0, t] = (targets[0, t] + 1 + rng.integers(tok.vocab_size - 1)) % tok.vocab_size
+        return {**batch, "targets": jnp.asarray(targets)}
+
+    masked = np.flatnonzero(weights == 0)
+    for positions in [masked, *[[t] for t in masked]]:  # all at once, then each one alone
+        other_loss, other_grads = loss_and_grads(params, relabel(positions))
+        assert float(other_loss) == float(loss) and _same(other_grads, grads), positions
+    for t in np.flatnonzero(weights):
+        other_loss, other_grads = loss_and_grads(params, relabel([t]))
+        assert float(other_loss) != float(loss) and not _same(other_grads, grads), t
+
+
+def test_packed_row_equals_conversations_run_separately(tok):
+    config = _model_config(tok.vocab_size)
+    params = model.init(config, jax.random.key(1))
+    items = [tasks.make_items(t, "train", 1, seed=2)[0] for t in ("format", "sort", "add")]
+    packed = _batch(_conversations(tok, items))
+    assert packed["segment_ids"].max() == 3  # all three share one row
+
+    def alone(item):  # one conversation, its own unpadded row, built here without the packer
+        ids, weights = chat.render(chat.CHATML, tok, tasks.messages(item))
+        n = len(ids) - 1
+        return {"inputs": jnp.asarray(ids[None, :-1]), "targets": jnp.asarray(ids[None, 1:]),
+                "positions": jnp.arange(n)[None], "segment_ids": jnp.ones((1, n), jnp.int32),
+                "loss_weights": jnp.asarray(weights[None, 1:])}
+
+    loss_sum, n = train.loss_fn(params, config, packed)
+    parts = [train.loss_fn(params, config, alone(item)) for item in items]
+    separate = sum(float(s) for s, _ in parts) / sum(float(k) for _, k in parts)
+    np.testing.assert_allclose(float(loss_sum) / float(n), separate, rtol=1e-5)
+    assert float(n) == sum(float(k) for _, k in parts)
+    # The gradients agree as well: packing does not change the objective.
+    grad = lambda batch: jax.grad(lambda p: train.loss_fn(p, config, batch)[0])(params)  # noqa: E731
+    total = jax.tree.map(lambda *g: sum(g), *[grad(alone(it)) for it in items])
+    for a, b in zip(jax.tree.leaves(grad(packed)), jax.tree.leaves(total)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def hf_base(tok, shared_tok_path, tmp_path_factory):
+    """A random-weight transformers Llama with the shared tokenizer beside it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("hf_base")
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, tie_word_embeddings=False))
+    hf.save_pretrained(str(folder), safe_serialization=True)
+    shutil.copy(shared_tok_path, folder / "tokenizer.model")
+    return str(folder)
+
+
+def _sft_config(base, **extra):
+    c = C.load_config_file(os.path.join(ROOT, "configs", "sft_tiny.py"))
+    return C.override(c, **{
+        "sft.base": base, "sft.template": "internlm2", "sft.tasks": ("format", "add"), "sft.task_train_size": 30,
+        "sft.task_eval_size": 8, "sft.eval_items": 4, "data.seq_len": 192, "data.batch_size": 4,
+        "train.num_steps": 3, "train.log_every": 1, "train.eval_every": 3, "train.eval_batches": 1,
+        "checkpoint.every_steps": 3, "optim.warmup_steps": 1, **extra})
+
+
+def _hf_logits(folder, tokens):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_sft_on_imported_hf_model_exports_back(hf_base, tok, tmp_path, rank):
+    from maxlm import sft
+
+    work = str(tmp_path / "sft")
+    history = sft.finetune(_sft_config(hf_base, **{"lora.rank": rank}), work)
+    assert [r["step"] for r in history] == [1, 2, 3] and np.isfinite(history[-1]["eval_loss"])
+    # The internlm2 template's tool markers were added to the tokenizer and the embeddings grew to match.
+    run_tok = tokenizer.load(os.path.join(work, "tokenizer.model"))
+    assert run_tok.vocab_size == tok.vocab_size + 4
+    with open(os.path.join(work, "sft_eval.json")) as f:
+        assert set(json.load(f)) == {"format", "add"}
+    memory = json.load(open(os.path.join(work, "memory.json")))
+    config, params, step = pretrained.load_workdir(work)
+    assert step == 3 and config.model.vocab_size == run_tok.vocab_size
+    if rank:  # only adapters are trained: their optimizer state is a small fraction of the model's
+        assert memory["opt_state"] < 0.2 * memory["frozen_base"] * 2
+        _, base, _ = pretrained.load_base(hf_base)
+        np.testing.assert_array_equal(params["embedding"][:tok.vocab_size], base["embedding"])  # frozen
+
+    out = str(tmp_path / "hf_out")
+    done = subprocess.run([sys.executable, "-m", "maxlm.convert", "to_hf", f"--workdir={work}", f"--out={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert tokenizer.load(os.path.join(out, "tokenizer.model")).vocab_size == run_tok.vocab_size
+    tokens = np.asarray([chat.render_prompt(chat.INTERNLM2, run_tok, [{"role": "user", "content": "1+2"}])])
+    ours = np.asarray(model.apply(config, params, jnp.asarray(tokens)))
+    np.testing.assert_allclose(_hf_logits(out, tokens), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_cli_prints_json(hf_base, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "maxlm.evaluate", f"--hf={hf_base}", "--task=format", "--n=5",
+                           f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["task"] == "format" and summary["n"] == 5 and 0.0 <= summary["accuracy"] <= 1.0
+    rows = [json.loads(line) for line in open(tmp_path / "format.jsonl", encoding="utf-8")]
+    assert len(rows) == 5 and sum(r["correct"] for r in rows) / 5 == summary["accuracy"]
+    bad = subprocess.run([sys.executable, "-m", "maxlm.evaluate", f"--hf={hf_base}", "--task=chess"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown --task=chess" in bad.stderr and "Traceback" not in bad.stderr
