@@ -99,6 +99,10 @@ def check_messages(template: Template, messages: list) -> None:
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise MessageError("bad_message", f"a message must be an object with string content: {str(m)[:80]}")
+        try:  # a JSON "\ud800" escape decodes to a lone surrogate, which is not text
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise MessageError("bad_utf8", "content is not valid Unicode text") from None
         if m.get("role") not in template.roles:
             raise MessageError("unknown_role", f"role {m.get('role')!r} is not one of {template.roles}")
         name = m.get("name")

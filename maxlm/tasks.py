@@ -4,8 +4,10 @@ Why: to show that supervised fine-tuning works we need tasks whose answers a bas
 but a fine-tuned one does, and that a program can grade exactly -- no network, no downloaded data set, no
 judge model. Four tasks of rising difficulty (names from `config.SFT_TASKS`):
 
-* ``format``  -- wrap a pseudo-word in a requested format: ``[bav]``, ``"bav"``, ``{"answer": "bav"}``,
-  ``Answer: bav`` or ``bav bav`` (copying plus a wrapper: the easiest).
+* ``format``  -- wrap 3-6 spaced letters in a requested format: ``[b a v]``, ``"b a v"``,
+  ``{"answer": "b a v"}``, ``Answer: b a v`` or ``b a v b a v`` (copying plus a wrapper: the easiest).
+  Letters are spaced as in the other letter tasks, so the copy is token for token: a random unspaced
+  string would be cut into different BPE pieces in the prompt and in the reply.
 * ``reverse`` -- reverse 3-6 letters written with spaces (``p l a n e t`` -> ``t e n a l p``), so a BPE
   tokenizer sees one token per letter.
 * ``sort``    -- sort 3-6 spaced letters alphabetically.
@@ -82,8 +84,9 @@ def _letters(rng: random.Random, lo: int, hi: int) -> str:
 def _draw(task: str, rng: random.Random) -> tuple[str, str, dict]:
     """One random input: (key, answer, fields for the prompt template)."""
     if task == "format":
-        variant, word = rng.choice(sorted(_FORMATS)), _letters(rng, 3, 7)
-        return f"format:{variant}:{word}", _FORMATS[variant][0](word), {"x": word, "variant": variant}
+        variant, letters = rng.choice(sorted(_FORMATS)), _letters(rng, 3, 6)
+        word = " ".join(letters)
+        return f"format:{variant}:{letters}", _FORMATS[variant][0](word), {"x": word, "variant": variant}
     if task in ("reverse", "sort"):
         letters = _letters(rng, 3, 6)
         out = letters[::-1] if task == "reverse" else "".join(sorted(letters))
@@ -133,7 +136,8 @@ def wrong_answer(item: Item, rng: random.Random) -> str:
     if item.task == "add":
         return str(int(item.answer) + rng.choice((-10, -2, -1, 1, 2, 10)))
     if item.task == "format":
-        _, variant, word = item.key.split(":")
+        _, variant, letters = item.key.split(":")
+        word = " ".join(letters)
         others = [_FORMATS[v][0](word) for v in sorted(_FORMATS) if v != variant]
         return rng.choice(others + [word])
     letters = item.answer.split(" ")

@@ -1,9 +1,10 @@
 """One train step on meshes of 8 forced CPU devices against the same step on 1 device.
 
-    python tests/sharded_step_check.py 2,2,2,1 1,1,1,8:pallas 1,8,1,1:xla:1 ...
+    python tests/sharded_step_check.py 2,2,2,1 1,1,1,8:pallas 1,8,1,1:xla:1 1,2,2,2:xla:3:lora ...
 
 Each argument is a mesh `data,fsdp,tensor,sequence`, optionally followed by `:impl` (attention on the
-mesh; default xla) and `:zero_stage` (default 3). The single-device step always uses XLA attention (the
+mesh; default xla), `:zero_stage` (default 3) and `:lora` (train rank-4 LoRA adapters on a frozen random
+base, on both sides; the adapters are compared). The single-device step always uses XLA attention (the
 oracle). Prints one `RESULT` line per mesh: both losses, the largest parameter difference, and the
 per-device bytes of parameters and optimizer state (from the arrays' shards) and gradients. Run as a
 subprocess by tests/test_sharding.py, because the device count must be fixed before jax starts.
@@ -18,6 +19,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maxlm import config as C  # noqa: E402
+from maxlm import model  # noqa: E402
 from maxlm.sharding import make_mesh  # noqa: E402
 from maxlm.train import Trainer  # noqa: E402
 
@@ -43,7 +45,8 @@ def _device_bytes(tree) -> int:
 
 def run(cfg, devices) -> tuple[float, dict, str]:
     trainer = Trainer(cfg, mesh=make_mesh(cfg, devices))
-    state = trainer.init_state(jax.random.key(0))
+    base = jax.device_get(model.init(cfg, jax.random.key(1))) if trainer.lora else None
+    state = trainer.init_state(jax.random.key(0), base=base)
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(state["params"]))
     memory = (f"params={_device_bytes(state['params'])} opt_state={_device_bytes(state['opt_state'])} "
               f"grads={trainer.memory_report()['grads']} total_params={total}")
@@ -52,12 +55,16 @@ def run(cfg, devices) -> tuple[float, dict, str]:
 
 
 def main(specs: list[str]) -> None:
-    single = C.validate(C.override(C.default_config(), **BASE, **{"mesh.data": 1}))
-    loss1, p1, _ = run(single, jax.devices()[:1])
+    singles = {}
     for spec in specs:
-        shape, impl, zero = (spec.split(":") + ["xla", "3"][spec.count(":"):])[:3]
+        shape, impl, zero, mode = (spec.split(":") + ["xla", "3", ""][spec.count(":"):])[:4]
+        extra = {"lora.rank": 4} if mode == "lora" else {}
+        if mode not in singles:
+            single = C.validate(C.override(C.default_config(), **BASE, **extra, **{"mesh.data": 1}))
+            singles[mode] = run(single, jax.devices()[:1])[:2]
+        loss1, p1 = singles[mode]
         sizes = dict(zip(("data", "fsdp", "tensor", "sequence"), map(int, shape.split(","))))
-        cfg = C.validate(C.override(C.default_config(), **BASE, **{f"mesh.{k}": v for k, v in sizes.items()},
+        cfg = C.validate(C.override(C.default_config(), **BASE, **extra, **{f"mesh.{k}": v for k, v in sizes.items()},
                                     **{"model.attention_impl": impl, "mesh.zero_stage": int(zero)}))
         loss8, p8, memory = run(cfg, jax.devices())
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))

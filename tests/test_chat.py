@@ -107,15 +107,16 @@ def test_malformed_records_are_counted_by_reason(tok, tmp_path):
              json.dumps({"messages": [{"role": "robot", "content": "hi"}]}),
              json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
              json.dumps({"prompt": "q", "response": "a", "history": [["only one"]]}),
-             json.dumps({"prompt": "x " * 400, "response": "y"}), "", json.dumps(good)]
+             json.dumps({"prompt": "x " * 400, "response": "y"}), '{"prompt": "\\ud800", "response": "y"}', "",
+             json.dumps(good)]
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "b.jsonl").write_bytes(b"\xff\xfe not utf-8\n")
     convs = sft_data.load_jsonl(str(tmp_path / "*.jsonl"), sft_data.Conversations(chat.CHATML, tok, 64))
     assert len(convs) == 2
     assert {k: v for k, v in convs.skipped.items() if v} == {
-        "bad_json": 2, "not_object": 1, "unknown_shape": 1, "no_messages": 1, "bad_message": 2,
+        "bad_utf8": 2, "bad_json": 1, "not_object": 1, "unknown_shape": 1, "no_messages": 1, "bad_message": 2,
         "unknown_role": 1, "no_assistant": 1, "too_long": 1}
-    assert "skipped 10" in convs.summary()
+    assert "skipped 11" in convs.summary()
     with pytest.raises(FileNotFoundError):
         sft_data.load_jsonl(str(tmp_path / "none*.jsonl"), convs)
 

@@ -11,8 +11,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (data, fsdp, tensor, sequence)[:attention impl[:zero stage]]
+# (data, fsdp, tensor, sequence)[:attention impl[:zero stage[:lora]]]
 MESHES = ["8,1,1,1", "1,8,1,1", "2,2,2,1", "1,2,2,2", "2,1,1,4", "1,1,1,8"]
+LORA = ["1,2,2,2:xla:3:lora", "2,2,2,1:xla:1:lora"]  # adapters sharded by the base weights' logical axes
 PALLAS = ["2,2,2,1:pallas", "2,1,1,4:pallas"]
 ZERO = ["1,4,2,1:xla:1", "1,4,2,1:xla:2", "1,4,2,1:xla:3"]
 
@@ -36,9 +37,9 @@ def _check_step(r):
     assert r["param_diff"] <= 1e-5
 
 
-@pytest.mark.parametrize("spec", MESHES)
+@pytest.mark.parametrize("spec", MESHES + LORA)
 def test_sharded_step_matches_single_device(spec):
-    _check_step(_results(tuple(MESHES))[spec])
+    _check_step(_results(tuple(MESHES + LORA))[spec])
 
 
 @pytest.mark.parametrize("spec", PALLAS)

@@ -30,9 +30,9 @@ def _expected(item):
     task, rest = item.key.split(":", 1)
     assert task == item.task
     if task == "format":
-        variant, word = rest.split(":")
-        assert re.fullmatch(r"[a-z]{3,7}", word) and word in item.prompt
-        return WRAPPERS[variant](word)
+        variant, letters = rest.split(":")
+        assert re.fullmatch(r"[a-z]{3,6}", letters) and " ".join(letters) in item.prompt
+        return WRAPPERS[variant](" ".join(letters))
     if task == "add":
         a, b = (int(s) for s in rest.split("+"))
         assert 10 <= a <= 999 and 10 <= b <= 999 and f"{a}" in item.prompt and f"{b}" in item.prompt
@@ -106,7 +106,7 @@ def test_wrong_answer_never_correct_and_plausible(splits):
                 w, a = Counter(wrong.split(" ")), Counter(item.answer.split(" "))
                 assert w == a or (sum(w.values()) == sum(a.values()) - 1 and not w - a), (item, wrong)
             else:
-                assert item.key.split(":")[2] in wrong
+                assert " ".join(item.key.split(":")[2]) in wrong
 
 
 def test_messages():

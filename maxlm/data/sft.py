@@ -32,7 +32,7 @@ import numpy as np
 from maxlm import chat
 
 Batch = dict[str, np.ndarray]
-SFT_SKIP_REASONS = ("bad_json", "not_object", "unknown_shape", "no_messages", "bad_message", "unknown_role",
+SFT_SKIP_REASONS = ("bad_utf8", "bad_json", "not_object", "unknown_shape", "no_messages", "bad_message", "unknown_role",
                     "unknown_name", "bad_tool_call", "no_assistant", "too_long")
 
 
@@ -84,7 +84,7 @@ class Conversations:
     def add_line(self, line: str) -> bool:
         try:
             record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except json.JSONDecodeError:
             self.skipped["bad_json"] += 1
             return False
         return self.add(record)
@@ -107,17 +107,15 @@ def load_jsonl(pattern: str, conversations: Conversations) -> Conversations:
     for path in files:
         with open(path, "rb") as f:
             for raw in f:
-                if raw.strip():
-                    conversations.add_line(raw.decode("utf-8", errors="strict") if _utf8(raw) else "\0")
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    conversations.skipped["bad_utf8"] += 1
+                    continue
+                conversations.add_line(line)
     return conversations
-
-
-def _utf8(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 class SFTIterator:
