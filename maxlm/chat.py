@@ -164,10 +164,10 @@ def rounds(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
 
 
 def truncate_left(template: Template, tok: TokenizerLike, messages: list[dict], max_tokens: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Render, dropping the oldest rounds (system messages are kept) until at most `max_tokens` ids remain;
-    MessageError("too_long") when no round with a trained token survives. Rendering is additive per
-    message, so each round is rendered once."""
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Render, dropping the oldest rounds (system messages are kept) until at most `max_tokens` ids remain
+    -> (ids, weights, rounds dropped); MessageError("too_long") when no round with a trained token
+    survives. Rendering is additive per message, so each round is rendered once."""
     head, rs = rounds(messages)
     head_ids, head_w = render(template, tok, head)
     parts = [render(template, tok, r, bos=False) for r in rs]
@@ -181,4 +181,4 @@ def truncate_left(template: Template, tok: TokenizerLike, messages: list[dict], 
         raise MessageError("too_long", f"the newest round alone exceeds {max_tokens} tokens")
     ids = np.concatenate([head_ids] + [p[0] for p in kept])
     weights = np.concatenate([head_w] + [p[1] for p in kept])
-    return ids, weights
+    return ids, weights, first

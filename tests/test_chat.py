@@ -125,7 +125,8 @@ def test_truncation_drops_oldest_rounds_keeps_system(tok):
     rounds = [{"role": r, "content": f"{r} {k} " + "word " * 6} for k in range(6) for r in ("user", "assistant")]
     messages = [{"role": "system", "content": "sys"}] + rounds
     full, _ = chat.render(chat.CHATML, tok, messages)
-    ids, weights = chat.truncate_left(chat.CHATML, tok, messages, len(full) - 5)
+    ids, weights, dropped = chat.truncate_left(chat.CHATML, tok, messages, len(full) - 5)
+    assert dropped == 1
     text = tok.decode(ids[1:].tolist())
     assert text.startswith("<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nuser 1 ")
     assert text.endswith("assistant 5 " + "word " * 6 + "<|im_end|>\n")

@@ -85,22 +85,22 @@ def test_packed_row_equals_conversations_run_separately(tok):
     packed = _batch(_conversations(tok, items))
     assert packed["segment_ids"].max() == 3  # all three share one row
 
-    def alone(item):  # one conversation, its own unpadded row, built here without the packer
+    def alone(item):  # one conversation in its own row (padded like the packed one), built here
         ids, weights = chat.render(chat.CHATML, tok, tasks.messages(item))
-        n = len(ids) - 1
-        return {"inputs": jnp.asarray(ids[None, :-1]), "targets": jnp.asarray(ids[None, 1:]),
-                "positions": jnp.arange(n)[None], "segment_ids": jnp.ones((1, n), jnp.int32),
-                "loss_weights": jnp.asarray(weights[None, 1:])}
+        n, t = len(ids) - 1, packed["inputs"].shape[1]
+        row = lambda x: jnp.zeros((1, t), x.dtype).at[0, :n].set(x)  # noqa: E731
+        return {"inputs": row(ids[:-1]), "targets": row(ids[1:]), "positions": row(np.arange(n, dtype=np.int32)),
+                "segment_ids": row(np.ones(n, np.int32)), "loss_weights": row(weights[1:])}
 
-    loss_sum, n = train.loss_fn(params, config, packed)
-    parts = [train.loss_fn(params, config, alone(item)) for item in items]
-    separate = sum(float(s) for s, _ in parts) / sum(float(k) for _, k in parts)
+    sums = jax.jit(jax.value_and_grad(lambda p, b: train.loss_fn(p, config, b), has_aux=True))
+    (loss_sum, n), grads = sums(params, packed)
+    parts = [sums(params, alone(item)) for item in items]
+    separate = sum(float(s) for (s, _), _ in parts) / sum(float(k) for (_, k), _ in parts)
     np.testing.assert_allclose(float(loss_sum) / float(n), separate, rtol=1e-5)
-    assert float(n) == sum(float(k) for _, k in parts)
+    assert float(n) == sum(float(k) for (_, k), _ in parts)
     # The gradients agree as well: packing does not change the objective.
-    grad = lambda batch: jax.grad(lambda p: train.loss_fn(p, config, batch)[0])(params)  # noqa: E731
-    total = jax.tree.map(lambda *g: sum(g), *[grad(alone(it)) for it in items])
-    for a, b in zip(jax.tree.leaves(grad(packed)), jax.tree.leaves(total)):
+    total = jax.tree.map(lambda *g: sum(g), *[g for _, g in parts])
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(total)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

@@ -72,12 +72,11 @@ class Conversations:
         try:
             messages = to_messages(record, self.system_prompt)
             chat.check_messages(self.template, messages)
-            full = sum(len(chat.render(self.template, self.tok, [m], bos=False)[0]) for m in messages) + 1
-            ids, weights = chat.truncate_left(self.template, self.tok, messages, self.max_tokens)
+            ids, weights, dropped = chat.truncate_left(self.template, self.tok, messages, self.max_tokens)
         except chat.MessageError as e:
             self.skipped[e.reason] += 1
             return False
-        self.truncated += int(len(ids) < full)
+        self.truncated += int(dropped > 0)
         self.items.append((ids, weights))
         return True
 
