@@ -14,25 +14,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import checkpoint, convert, tokenizer, train
-from tests.test_train import _corpus, small_config
+from maxlm import checkpoint, convert, train
+from tests.test_train import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
-    _corpus(path)
-    return path
+def corpus(shared_corpus):
+    return shared_corpus
 
 
 @pytest.fixture(scope="module")
-def tok_path(corpus, tmp_path_factory):
-    """One tokenizer for every run here (training it is most of a tiny run's start-up)."""
-    folder = tmp_path_factory.mktemp("tok")
-    tokenizer.load_or_train(small_config(corpus), str(folder))
-    return str(folder / "tokenizer.model")
+def tok_path(shared_tok_path):
+    """One tokenizer for every run here (conftest.py; training it is most of a tiny run's start-up)."""
+    return shared_tok_path
 
 
 def _cfg(corpus, tok_path, **extra):
