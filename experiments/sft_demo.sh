@@ -15,7 +15,7 @@ mkdir -p "$W"
 # LoRA on every projection but the MLP's down: at d_model 128, rank 8 on all seven would be 5.1% of the
 # model's parameters (and so of the optimizer state); without `down` it is 4.1%.
 LORA_FLAGS=(--config.lora.rank=8 --config.lora.alpha=16 "--config.lora.targets=('q','k','v','o','gate','up')"
-            --config.optim.peak_lr="${LORA_LR:-1e-2}")
+            --config.optim.peak_lr="${LORA_LR:-4e-3}")
 
 if [ ! -d "$W/base/checkpoints" ]; then
   echo "== pretraining the tiny base ($W/base)" >&2
