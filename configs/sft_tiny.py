@@ -16,7 +16,7 @@ def get_config():
     c.sft.base = "runs/tiny"
     c.sft.template = "chatml"
     c.sft.tasks = ("format", "reverse", "sort", "add")
-    c.sft.task_train_size = 20000  # 2000 overfits within a few epochs (held-out loss rises)
+    c.sft.task_train_size = 40000  # 2000 overfits within a few epochs (held-out loss rises)
     c.sft.task_eval_size = 200
     c.sft.eval_items = 64
 
@@ -25,15 +25,15 @@ def get_config():
     c.data.seq_len = 128
     c.data.batch_size = 4
 
-    c.optim.peak_lr = 1.5e-3
-    c.optim.warmup_steps = 100
+    c.optim.peak_lr = 2e-3
+    c.optim.warmup_steps = 30
     c.optim.weight_decay = 0.0
 
-    c.train.num_steps = 7000
-    c.train.log_every = 50
+    c.train.num_steps = 14000
+    c.train.log_every = 100
     c.train.eval_every = 3500
     c.train.eval_batches = 8
     c.train.num_samples = 0
 
-    c.checkpoint.every_steps = 1000
+    c.checkpoint.every_steps = 2000
     return c

@@ -12,10 +12,12 @@ W=${1:?usage: bash experiments/sft_demo.sh WORKDIR}
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 mkdir -p "$W"
-# LoRA on every projection but the MLP's down: at d_model 128, rank 8 on all seven would be 5.1% of the
-# model's parameters (and so of the optimizer state); without `down` it is 4.1%.
-LORA_FLAGS=(--config.lora.rank=8 --config.lora.alpha=16 "--config.lora.targets=('q','k','v','o','gate','up')"
-            --config.optim.peak_lr="${LORA_LR:-4e-3}")
+# LoRA rank 8 on the attention projections, the MLP's up and the LM head, within the issue's budget of 5%
+# of full fine-tuning's optimizer state (4.97% at d_model 128). The head is needed: on the tiny base the
+# output columns of letters rare in pretraining have collapsed together, and adapters below a frozen head
+# cannot separate them (see maxlm/lora.py). The markers' rows are left frozen to stay in budget.
+LORA_FLAGS=(--config.lora.rank=8 --config.lora.alpha=16 "--config.lora.targets=('q','k','v','o','up','lm_head')"
+            --config.lora.train_template_tokens=False --config.optim.peak_lr="${LORA_LR:-4e-3}")
 
 if [ ! -d "$W/base/checkpoints" ]; then
   echo "== pretraining the tiny base ($W/base)" >&2

@@ -24,6 +24,19 @@ B = ('layers', None, *out_axes). The rank axis is None (never sharded: it is tin
 product A @ B comes out laid out like W and the add needs no communication.
 
 The adapter tree mirrors the base tree: {"layers": {"attn": {"q": {"a": A, "b": B}, ...}, "mlp": {...}}}.
+
+The untied output projection `lm_head` [D, V] may be a target too (A [1, D, r], B [1, r, V]: a layer axis of
+one keeps the code uniform). It matters for small or domain-shifted bases: tokens rare in pretraining end
+up with nearly identical output columns (every step pushes all unseen tokens' logits down together), and
+no adapter below a frozen head can tell them apart again -- measured on the tiny base, LoRA on every other
+projection (or full fine-tuning with a frozen head) stalls at ln(k) loss between k such letters.
+
+Trainable tokens. Chat markers added for fine-tuning (or reserved in the base vocabulary but never seen in
+pretraining) have untrained embedding rows and LM-head columns; with those frozen, no adapter can make the
+model emit `<|im_end|>` -- it cannot learn to stop. So, as PEFT's `trainable_token_indices` does, the rows
+of `lora.token_ids` (set by `maxlm.sft` to the template's markers) are trained too, as deltas: the tree gets
+{"tokens": {"embedding": [n, D], "lm_head": [D, n]}} (no lm_head with tied embeddings), zeros at start,
+added to those rows / columns by `merge`.
 """
 
 from __future__ import annotations
@@ -76,12 +89,13 @@ def _paths_in(tree: dict, names: frozenset[str]) -> list[Path]:
     paths = []
     for key_path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
         path = tuple(str(getattr(k, "key", k)) for k in key_path)
-        if len(path) == 3 and path[0] == "layers" and path[1] in _PARENTS and path[2] in names:
+        if (len(path) == 3 and path[0] == "layers" and path[1] in _PARENTS and path[2] in names) or \
+                (path == ("lm_head",) and "lm_head" in names):
             paths.append(path)
     missing = names - {p[-1] for p in paths}
     if missing:
         raise ConfigError("lora.targets", f"the model has no weight named {sorted(missing)} under layers/attn "
-                                          "or layers/mlp")
+                                          "or layers/mlp (lm_head: only with untied embeddings)")
     return paths
 
 
@@ -108,7 +122,9 @@ def _nest(items: list[tuple[Path, Any]]) -> dict:
 
 
 def _split_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """(L, input dims, output dims) of a stacked weight."""
+    """(L, input dims, output dims) of a stacked weight; the unstacked lm_head counts as L = 1."""
+    if path == ("lm_head",):
+        return 1, tuple(shape[:1]), tuple(shape[1:])
     n_in = _num_in_dims(path)
     return shape[0], tuple(shape[1:1 + n_in]), tuple(shape[1 + n_in:])
 
@@ -151,7 +167,19 @@ def init(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
         b = jnp.zeros((layers, r, *out_dims), ADAPTER_DTYPE)
         items.append((path, {"a": a, "b": b}))
         start += size
-    return _nest(items)
+    out = _nest(items)
+    if config.lora.token_ids:
+        out["tokens"] = {k: jnp.zeros(v, ADAPTER_DTYPE) for k, v in _token_shapes(config).items()}
+    return out
+
+
+def _token_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, int]]:
+    m = model.model_config(config)
+    n = len(config.lora.token_ids)
+    shapes = {"embedding": (n, m.d_model)}
+    if not m.tie_embeddings:
+        shapes["lm_head"] = (m.d_model, n)
+    return shapes
 
 
 def abstract(config: ml_collections.ConfigDict) -> dict:
@@ -167,10 +195,16 @@ def logical_axes(config: ml_collections.ConfigDict) -> dict:
     items = []
     for path in _paths_in(model.abstract_params(config), names):
         spec = tuple(_get(base_axes, path))
+        if path == ("lm_head",):
+            spec = (None, *spec)
         n_in = _num_in_dims(path)
         items.append((path, {"a": PartitionSpec(spec[0], *spec[1:1 + n_in], None),
                              "b": PartitionSpec(spec[0], None, *spec[1 + n_in:])}))
-    return _nest(items)
+    out = _nest(items)
+    if config.lora.token_ids:
+        token_axes = {"embedding": PartitionSpec(None, "embed"), "lm_head": PartitionSpec("embed", None)}
+        out["tokens"] = {k: token_axes[k] for k in _token_shapes(config)}
+    return out
 
 
 def num_params(config: ml_collections.ConfigDict) -> int:
@@ -182,6 +216,8 @@ def num_params(config: ml_collections.ConfigDict) -> int:
     for path in _paths_in(shapes, names):
         layers, in_dims, out_dims = _split_shape(path, _get(shapes, path).shape)
         total += layers * r * (math.prod(in_dims) + math.prod(out_dims))
+    if config.lora.token_ids:
+        total += sum(math.prod(shape) for shape in _token_shapes(config).values())
     return total
 
 
@@ -209,6 +245,8 @@ def merge(config: ml_collections.ConfigDict, base: dict, adapters: dict) -> dict
     names = _target_names(config)
     s = scale(config)
     paths = _paths_in(base, names)
+    tokens = adapters.get("tokens")
+    adapters = {k: v for k, v in adapters.items() if k != "tokens"}
     adapter_paths = {tuple(str(getattr(k, "key", k)) for k in kp)[:-1]
                      for kp, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]}
     if adapter_paths != set(paths):
@@ -222,5 +260,14 @@ def merge(config: ml_collections.ConfigDict, base: dict, adapters: dict) -> dict
         if got != expected or not ad["a"].shape[-1] == ad["b"].shape[1] == config.lora.rank:
             raise ValueError(f"adapter for {'/'.join(path)}: A {ad['a'].shape}, B {ad['b'].shape} do not fit "
                              f"the weight {w.shape} at rank {config.lora.rank}")
-        out = _replace(out, path, w + _delta(ad["a"], ad["b"], s).astype(w.dtype))
+        delta = _delta(ad["a"], ad["b"], s)
+        out = _replace(out, path, w + (delta[0] if path == ("lm_head",) else delta).astype(w.dtype))
+    if bool(config.lora.token_ids) != (tokens is not None):
+        raise ValueError(f"lora.token_ids={tuple(config.lora.token_ids)} but the adapters "
+                         f"{'have' if tokens is not None else 'lack'} token rows")
+    if tokens is not None:
+        ids = jnp.asarray(config.lora.token_ids, jnp.int32)
+        out = dict(out, embedding=out["embedding"].at[ids].add(tokens["embedding"].astype(out["embedding"].dtype)))
+        if "lm_head" in tokens:
+            out["lm_head"] = out["lm_head"].at[:, ids].add(tokens["lm_head"].astype(out["lm_head"].dtype))
     return out

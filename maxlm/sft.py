@@ -75,17 +75,24 @@ def load_conversations(config: ml_collections.ConfigDict, tok, template: chat.Te
     return convs
 
 
-def build(config: ml_collections.ConfigDict, workdir: str):
-    """(run config, tokenizer, template, base params) for fine-tuning `config.sft.base` in `workdir`."""
+def build(config: ml_collections.ConfigDict, workdir: str, section: str = "sft"):
+    """(run config, tokenizer, template, base params) for fine-tuning `config.<section>.base` in `workdir`
+    (`section` is "sft", or "reward" for a reward model)."""
     config_lib.validate(config)
     template = chat.load_template(config.sft.template)
-    base_config, base_params, base_tok = pretrained.load_base(config.sft.base, config.sft.base_step)
+    base_path = config[section].base
+    base_config, base_params, base_tok = pretrained.load_base(base_path, config[section].base_step,
+                                                                   key=f"{section}.base")
     os.makedirs(workdir, exist_ok=True)
     tok = prepare_tokenizer(config, base_tok, template, workdir)
     vocab = max(base_config.model.vocab_size, tok.vocab_size)
     run_config = pretrained.with_base_model(config, base_config, vocab)
     with run_config.unlocked():
-        run_config.sft.base = os.path.abspath(config.sft.base)
+        run_config[section].base = os.path.abspath(base_path)
+        if run_config.lora.rank and run_config.lora.train_template_tokens:
+            # The markers' rows were never trained (new, or reserved but unseen in pretraining): train them.
+            markers = {i for piece in template.special_tokens for i in tok.encode(piece)}
+            run_config.lora.token_ids = tuple(sorted(set(run_config.lora.token_ids) | markers))
         run_config.tokenizer.path = ""  # the workdir's tokenizer.model
     config_lib.validate(run_config)
     params = pretrained.resize_vocab(base_params, vocab, seed=config.train.seed)

@@ -10,7 +10,9 @@ judge model. Four tasks of rising difficulty (names from `config.SFT_TASKS`):
   string would be cut into different BPE pieces in the prompt and in the reply.
 * ``reverse`` -- reverse 3-6 letters written with spaces (``p l a n e t`` -> ``t e n a l p``), so a BPE
   tokenizer sees one token per letter.
-* ``sort``    -- sort 3-6 spaced letters alphabetically.
+* ``sort``    -- sort 3-6 distinct spaced letters alphabetically. Distinct, because repeated letters are a
+  different and much harder skill for a small model (measured on the 1M-parameter tiny model after full
+  SFT: 43% of the items with a repeated letter wrong, 6% of the others).
 * ``add``     -- add two integers in [10, 999].
 
 Every item is phrased in English or Chinese (about half each) with one of a few phrasings. Train and eval
@@ -88,7 +90,8 @@ def _draw(task: str, rng: random.Random) -> tuple[str, str, dict]:
         word = " ".join(letters)
         return f"format:{variant}:{letters}", _FORMATS[variant][0](word), {"x": word, "variant": variant}
     if task in ("reverse", "sort"):
-        letters = _letters(rng, 3, 6)
+        letters = _letters(rng, 3, 6) if task == "reverse" else "".join(rng.sample(string.ascii_lowercase,
+                                                                                   rng.randint(3, 6)))
         out = letters[::-1] if task == "reverse" else "".join(sorted(letters))
         return f"{task}:{letters}", " ".join(out), {"x": " ".join(letters)}
     a, b = rng.randint(10, 999), rng.randint(10, 999)

@@ -313,3 +313,29 @@ def test_merge_rejects_mismatched_adapters(cfg, base):
     wrong_rank = C.override(cfg, **{"lora.rank": 2})
     with pytest.raises(ValueError, match="do not fit"):
         lora.merge(wrong_rank, base, adapters)
+
+
+def test_lm_head_target_and_trainable_token_rows_match_numpy(base):
+    """The untied LM head as a target (A [1,D,r], B [1,r,V]) and the trainable rows of `lora.token_ids`:
+    embedding rows and head columns move by their deltas, nothing else in those matrices does."""
+    cfg = _cfg(**{"lora.targets": ("q", "lm_head"), "lora.token_ids": (3, 9)})
+    adapters = _random_adapters(cfg)
+    assert adapters["lm_head"]["a"].shape == (1, 32, 4) and adapters["lm_head"]["b"].shape == (1, 4, 64)
+    assert adapters["tokens"]["embedding"].shape == (2, 32) and adapters["tokens"]["lm_head"].shape == (32, 2)
+    merged = jax.jit(lambda b, a: lora.merge(cfg, b, a))(base, adapters)
+    s = cfg.lora.alpha / cfg.lora.rank
+    head = np.asarray(base["lm_head"], np.float64) + s * (np.asarray(adapters["lm_head"]["a"][0], np.float64)
+                                                           @ np.asarray(adapters["lm_head"]["b"][0], np.float64))
+    head[:, [3, 9]] += np.asarray(adapters["tokens"]["lm_head"], np.float64)
+    np.testing.assert_allclose(np.asarray(merged["lm_head"]), head, rtol=1e-5, atol=1e-6)
+    emb = np.asarray(base["embedding"], np.float64).copy()
+    emb[[3, 9]] += np.asarray(adapters["tokens"]["embedding"], np.float64)
+    np.testing.assert_allclose(np.asarray(merged["embedding"]), emb, rtol=1e-6, atol=1e-7)
+    axes = lora.logical_axes(cfg)
+    assert axes["lm_head"] == {"a": PartitionSpec(None, "embed", None), "b": PartitionSpec(None, None, "vocab")}
+    assert axes["tokens"] == {"embedding": PartitionSpec(None, "embed"), "lm_head": PartitionSpec("embed", None)}
+    assert lora.num_params(cfg) == sum(x.size for x in jax.tree.leaves(adapters))
+    with pytest.raises(ValueError, match="token rows"):
+        lora.merge(_cfg(**{"lora.targets": ("q", "lm_head")}), base, adapters)
+    with pytest.raises(C.ConfigError, match="lora.targets"):
+        C.validate(C.override(cfg, **{"model.tie_embeddings": True, "lora.token_ids": ()}))

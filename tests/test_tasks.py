@@ -38,6 +38,7 @@ def _expected(item):
         assert 10 <= a <= 999 and 10 <= b <= 999 and f"{a}" in item.prompt and f"{b}" in item.prompt
         return str(a + b)
     assert re.fullmatch(r"[a-z]{3,6}", rest) and " ".join(rest) in item.prompt
+    assert task != "sort" or len(set(rest)) == len(rest)  # sort draws distinct letters
     return " ".join(reversed(rest)) if task == "reverse" else " ".join(sorted(rest))
 
 
