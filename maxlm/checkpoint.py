@@ -14,7 +14,7 @@ current mesh, which is also what reshards a checkpoint written under another mes
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from absl import logging
@@ -84,9 +84,11 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_latest(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
+def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_collections.ConfigDict], Any] | None = None
+                ) -> tuple[ml_collections.ConfigDict, dict, int]:
     """(config, params, step) of the newest (or the given) checkpoint in `workdir`, params on one device.
     For a LoRA run the params are its adapters (`maxlm.pretrained.load_workdir` merges them into the base).
+    `abstract(config)` gives the parameter tree of runs that are not language models (reward models, PPO).
 
     Raises FileNotFoundError with a readable message when there is nothing to load.
     """
@@ -101,7 +103,8 @@ def load_latest(workdir: str, step: int | None = None) -> tuple[ml_collections.C
         config=ocp.args.JsonRestore()))["config"])
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                            lora.abstract(config) if config.lora.rank else model.abstract_params(config))
+                            abstract(config) if abstract is not None
+                            else lora.abstract(config) if config.lora.rank else model.abstract_params(config))
     params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
     manager.close()
     return config, params, step

@@ -51,7 +51,8 @@ ROPE_SCALINGS = ("none", "linear", "ntk")
 DATA_SOURCES = ("stdlib", "jsonl", "tfds")
 CHAT_TEMPLATES = ("chatml", "internlm2")
 SFT_TASKS = ("format", "reverse", "sort", "add")
-LORA_TARGETS = ("q", "k", "v", "o", "wqkv", "gate", "up", "down")
+LORA_TARGETS = ("q", "k", "v", "o", "wqkv", "gate", "up", "down", "lm_head")
+PREFERENCE_DOMAINS = ("correct", "brief")  # built-in preference rules (maxlm/data/preference.py)
 
 
 class ConfigError(ValueError):
@@ -163,6 +164,54 @@ def default_config() -> ml_collections.ConfigDict:
     lo.rank = 0
     lo.alpha = 16.0  # the update is (alpha / rank) * A @ B
     lo.targets = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get adapters (wqkv: fused)
+    # Token ids whose embedding rows / LM-head columns are trained too (PEFT's trainable_token_indices);
+    # maxlm.sft adds the chat template's markers when `train_template_tokens`.
+    lo.token_ids = ()
+    lo.train_template_tokens = True
+
+    # Reward model (python -m maxlm.reward): the decoder with a scalar head, trained on preference pairs.
+    # Chat template and task seed come from `sft`.
+    c.reward = r = ml_collections.ConfigDict()
+    r.base = ""  # the SFT or pretrained model it starts from (maxlm workdir or Hugging Face folder)
+    r.base_step = -1
+    r.data_path = ""  # glob of {"prompt", "chosen", "rejected"[, "system"]} jsonl; empty: built-in pairs
+    r.tasks = ("sort",)  # built-in pairs: tasks whose hidden rule labels them
+    r.domains = ("correct",)  # built-in preference domains (PREFERENCE_DOMAINS)
+    r.conditional = True  # built-in pairs carry their domain's system prompt (COOL RLHF)
+    r.train_size = 4000  # built-in training pairs per task and domain
+    r.eval_size = 200  # built-in held-out pairs per task and domain (from the held-out task split)
+
+    # PPO (python -m maxlm.ppo): InstructGPT's RLHF stage. Defaults follow trlX's PPOConfig unless noted.
+    # One iteration samples `rollout_batch` prompts, scores them, then runs `epochs` passes of minibatch
+    # updates of `data.batch_size` rollouts each; `optim.*` applies to actor and critic alike.
+    c.ppo = p = ml_collections.ConfigDict()
+    p.policy = ""  # the SFT model: actor and frozen reference (maxlm workdir or Hugging Face folder)
+    p.policy_step = -1
+    p.reward_model = ""  # a maxlm.reward workdir (frozen); used when reward_fn == "model"
+    p.reward_fn = "model"  # model | shortest_path (a programmatic reward: the graph task of maxlm/graph.py)
+    p.reward_domain = "correct"  # system prompt the reward model is queried with (PREFERENCE_DOMAINS; "" none)
+    p.critic_init = "reward"  # reward (InternLM2's choice) | policy (a zero value head on the SFT trunk)
+    p.tasks = ("sort",)  # built-in tasks whose train prompts are sampled and held-out items are scored
+    p.iterations = 100
+    p.rollout_batch = 64  # prompts per iteration
+    p.max_new_tokens = 16
+    p.temperature = 1.0  # sampling temperature of rollouts (1: the policy's own distribution)
+    p.epochs = 4  # passes over each rollout batch
+    p.gamma = 1.0
+    p.lam = 0.95  # GAE lambda
+    p.clip_eps = 0.2  # policy ratio clip
+    p.value_clip = 0.2  # value clip around the rollout's values
+    p.vf_coef = 1.0
+    p.entropy_coef = 0.0
+    p.init_kl_coef = 0.05  # beta of the per-token KL penalty
+    p.target_kl = 6.0  # per-sequence KL the adaptive controller steers to (Ziegler et al.); 0: fixed beta
+    p.kl_horizon = 10000
+    p.whiten_advantages = True
+    p.ptx_coef = 0.0  # InstructGPT's PPO-ptx: weight of the language-model loss on `data.*` batches
+    p.eval_every = 10  # iterations between held-out evaluations (greedy exact match)
+    p.eval_items = 200
+    p.graph_nodes = 21  # shortest_path: nodes of the random directed graph (maxlm/graph.py)
+    p.graph_seed = 0
 
     c.mesh = me = ml_collections.ConfigDict()
     me.data = -1  # -1: all devices not used by the other axes
@@ -252,13 +301,37 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("task_train_size", "task_eval_size"):
         _check(s[key] > 0, f"sft.{key}", "must be positive")
     _check(s.eval_items >= 0, "sft.eval_items", "must be >= 0")
+    r = c.reward
+    _check(all(t in SFT_TASKS for t in r.tasks), "reward.tasks", f"each must be one of {SFT_TASKS}, got {r.tasks}")
+    _check(len(r.domains) > 0 and all(d in PREFERENCE_DOMAINS for d in r.domains), "reward.domains",
+           f"must be a non-empty subset of {PREFERENCE_DOMAINS}, got {r.domains}")
+    for key in ("train_size", "eval_size"):
+        _check(r[key] > 0, f"reward.{key}", "must be positive")
+    p = c.ppo
+    _check(p.reward_fn in ("model", "shortest_path"), "ppo.reward_fn", "must be model or shortest_path")
+    _check(p.reward_domain in ("",) + PREFERENCE_DOMAINS, "ppo.reward_domain",
+           f"must be '' or one of {PREFERENCE_DOMAINS}")
+    _check(p.critic_init in ("reward", "policy"), "ppo.critic_init", "must be reward or policy")
+    _check(all(t in SFT_TASKS for t in p.tasks), "ppo.tasks", f"each must be one of {SFT_TASKS}, got {p.tasks}")
+    for key in ("iterations", "rollout_batch", "max_new_tokens", "epochs", "eval_every", "eval_items"):
+        _check(p[key] > 0, f"ppo.{key}", "must be positive")
+    _check(p.temperature > 0, "ppo.temperature", "must be positive")
+    _check(2 <= p.graph_nodes <= 26, "ppo.graph_nodes", "must be in [2, 26] (nodes are named by letters)")
+    _check(0 < p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma", "need 0 < gamma <= 1 and 0 <= lam <= 1")
+    for key in ("clip_eps", "value_clip", "kl_horizon"):
+        _check(p[key] > 0, f"ppo.{key}", "must be positive")
+    for key in ("vf_coef", "entropy_coef", "init_kl_coef", "target_kl", "ptx_coef"):
+        _check(p[key] >= 0, f"ppo.{key}", "must be >= 0")
     lo = c.lora
     _check(lo.rank >= 0, "lora.rank", "must be >= 0 (0 disables LoRA)")
     _check(lo.alpha > 0, "lora.alpha", "must be positive")
     # A fused wqkv model (InternLM2) adapts wqkv when any of q, k, v is named.
-    allowed = LORA_TARGETS if m.fused_qkv else tuple(t for t in LORA_TARGETS if t != "wqkv")
+    allowed = tuple(t for t in LORA_TARGETS
+                    if (t != "wqkv" or m.fused_qkv) and (t != "lm_head" or not m.tie_embeddings))
     _check(lo.rank == 0 or (len(lo.targets) > 0 and all(t in allowed for t in lo.targets)), "lora.targets",
            f"must be a non-empty subset of {allowed}, got {lo.targets}")
+    _check(all(isinstance(i, int) and 0 <= i < m.vocab_size for i in lo.token_ids), "lora.token_ids",
+           f"must be token ids in [0, model.vocab_size={m.vocab_size}), got {lo.token_ids}")
 
     sizes = [c.mesh[a] for a in MESH_AXES]
     for a, s in zip(MESH_AXES, sizes):

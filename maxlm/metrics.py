@@ -96,8 +96,10 @@ class MetricsWriter:
                   f"eta {format_duration(eta_seconds)}"]
         print(" | ".join(parts), flush=True)
 
-    def plot(self, filename: str = "loss.png") -> str | None:
-        """Loss (and eval loss) against step, from every record this run and earlier runs wrote."""
+    def plot(self, filename: str = "loss.png", keys: tuple[str, ...] = ("loss", "eval_loss"),
+             ylabel: str = "cross-entropy (nats/token)") -> str | None:
+        """`keys` (default: loss and eval loss) against step, from every record this run and earlier runs
+        wrote; a key is drawn wherever a record has it (with markers when it is sparse)."""
         if not self.enabled:
             return None
         path = os.path.join(self.workdir, "metrics.jsonl")
@@ -110,12 +112,13 @@ class MetricsWriter:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(steps, [by_step[s]["loss"] for s in steps], label="train loss")
-        evals = [s for s in steps if "eval_loss" in by_step[s]]
-        if evals:
-            ax.plot(evals, [by_step[s]["eval_loss"] for s in evals], "o-", label="eval loss")
+        for key in keys:
+            have = [s for s in steps if key in by_step[s]]
+            if have:
+                ax.plot(have, [by_step[s][key] for s in have], "o-" if len(have) < len(steps) else "-",
+                        label=key.replace("_", " "))
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
         out = os.path.join(self.workdir, filename)

@@ -170,8 +170,11 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, cache: Cache | None = None):
+                 segment_ids: jax.Array | None = None, cache: Cache | None = None, hidden_only: bool = False):
         """tokens [B,T] -> (float32 logits [B,T,V], updated cache or None).
+
+        `hidden_only`: return the final-norm hidden states [B,T,D] instead of logits, without touching (or
+        needing) the LM head -- the trunk that reward and value heads read.
 
         positions default to 0..T-1 (RoPE); segment_ids default to all ones (one document per row; 0 marks
         padding). With a cache, the T new tokens are written at slots cache["index"] .. + T - 1.
@@ -205,6 +208,8 @@ class Decoder(nn.Module):
         x, new_layer_caches = layers(cfg, name="layers")(x, aux, layer_caches)
 
         x = RMSNorm(cfg.norm_eps, pdt, name="final_norm")(x)
+        if hidden_only:
+            return x, None
         if cfg.tie_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(dt), preferred_element_type=jnp.float32)
         else:
@@ -250,6 +255,13 @@ def apply(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *,
     """tokens [B,T] int -> float32 logits [B,T,V]. Stable public API."""
     logits, _ = Decoder(model_config(config)).apply({"params": params}, tokens, positions, segment_ids)
     return logits
+
+
+def hidden(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *,
+           positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """tokens [B,T] -> final-norm hidden states [B,T,D] in the compute dtype (`params` may lack `lm_head`)."""
+    x, _ = Decoder(model_config(config)).apply({"params": params}, tokens, positions, segment_ids, None, True)
+    return x
 
 
 def init_cache(config: ml_collections.ConfigDict, batch: int, max_len: int, dtype: Any = None) -> Cache:

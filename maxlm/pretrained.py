@@ -38,13 +38,13 @@ def is_hf_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load_base(path: str, step: int = -1) -> tuple[ml_collections.ConfigDict, dict, str]:
+def load_base(path: str, step: int = -1, key: str = "sft.base") -> tuple[ml_collections.ConfigDict, dict, str]:
     """(config, host params, tokenizer path or "") of a maxlm workdir (its newest or given checkpoint; a
     LoRA run comes back merged) or a Hugging Face folder (its `tokenizer.model`, when it has one)."""
     if not path:
-        raise FileNotFoundError("no base model: set --config.sft.base to a maxlm workdir or a Hugging Face folder")
+        raise FileNotFoundError(f"no base model: set --config.{key} to a maxlm workdir or a Hugging Face folder")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"sft.base={path} is not a directory")
+        raise FileNotFoundError(f"{key}={path} is not a directory")
     if is_hf_folder(path):
         try:
             config, params = convert.from_hf(path)

@@ -253,6 +253,20 @@ def generate(config: ml_collections.ConfigDict, params: dict, prompts: list[list
     return results
 
 
+def sample_padded(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, positions: jax.Array,
+                  segment_ids: jax.Array, *, rng: jax.Array, max_new_tokens: int, temperature: float = 1.0,
+                  eos_id: int | None = None, pad_id: int = 0) -> jax.Array:
+    """Already left-padded prompts [B,P] (see `left_pad`) -> sampled tokens [B, max_new_tokens], each row's
+    `eos_id` kept and `pad_id` after it: the fixed-shape form RL rollouts need (one compiled program per
+    (B, P, max_new_tokens); nothing leaves the device). Plain sampling at `temperature`, no filters."""
+    cfg = ml_collections.FrozenConfigDict(model.model_config(config))
+    hp = dict(repetition_penalty=jnp.float32(1.0), temperature=jnp.float32(temperature))
+    out, _ = _generate_jit(cfg, params, tokens, positions, segment_ids, rng, hp,
+                           jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
+                           max_new_tokens=max_new_tokens, greedy=False)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 

@@ -14,6 +14,7 @@ gradient as one large batch, however the padding falls.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -38,6 +39,9 @@ from maxlm.metrics import MetricsWriter, format_bytes, log_line, peak_flops_per_
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
+# (params, config, batch, frozen base or None) -> (sum of per-example losses, sums: {"weight": the number of
+# examples or tokens they cover, other metrics as sums}): sums, so that micro-batches and hosts add up exactly.
+LossFn = Callable[[dict, ml_collections.ConfigDict, Batch, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def loss_fn(params: dict, config: ml_collections.ConfigDict, batch: Batch, base: dict | None = None
@@ -55,8 +59,31 @@ def loss_fn(params: dict, config: ml_collections.ConfigDict, batch: Batch, base:
     return jnp.sum(ce * weights), jnp.sum(weights)
 
 
+def lm_loss(params: dict, config: ml_collections.ConfigDict, batch: Batch, base: dict | None = None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`loss_fn` in the `LossFn` shape: the weight is the number of target tokens."""
+    loss_sum, tokens = loss_fn(params, config, batch, base)
+    return loss_sum, {"weight": tokens}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a `Trainer` optimises: a loss and the parameter tree it is defined on (its abstract shapes,
+    logical axis names and random init). Language modelling is the default; LoRA, the reward model and PPO
+    bring their own, and share the step, the sharding, the loop and the checkpoints."""
+    loss: LossFn
+    abstract_params: Callable[[ml_collections.ConfigDict], Any]
+    logical_axes: Callable[[ml_collections.ConfigDict], Any] | None  # None: the decoder's own
+    init: Callable[[ml_collections.ConfigDict, jax.Array], Any]
+
+
+LM = Objective(lm_loss, model.abstract_params, None, model.init)
+LORA = Objective(lm_loss, lora.abstract, lora.logical_axes, lora.init)
+
+
 def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation, state: State,
-               batch: Batch, grad_shardings: Any = None) -> tuple[State, dict[str, jax.Array]]:
+               batch: Batch, grad_shardings: Any = None, loss: LossFn = lm_loss
+               ) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer update, accumulating gradients over `optim.grad_accum_steps` micro-batches.
 
     `grad_shardings` pins the layout of the (accumulated) gradients: sharded over fsdp for ZeRO-2/3,
@@ -68,7 +95,7 @@ def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTrans
     (the step counter still advances: its batch is consumed) and reports `bad_step` = 1, so one spike
     costs one batch, not the run (the loop reloads a checkpoint after `train.max_bad_steps` in a row).
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
     params = state["params"]
     accum = config.optim.grad_accum_steps
 
@@ -76,12 +103,15 @@ def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTrans
         return grads if grad_shardings is None else jax.lax.with_sharding_constraint(grads, grad_shardings)
 
     def micro_step(carry, micro_batch):
-        (loss_sum, tokens), grads = grad_fn(params, config, micro_batch, state.get("base"))
-        return jax.tree.map(jnp.add, carry, (pin(grads), loss_sum, tokens)), None
+        (loss_sum, sums), grads = grad_fn(params, config, micro_batch, state.get("base"))
+        return jax.tree.map(jnp.add, carry, (pin(grads), loss_sum, sums)), None
 
-    zeros = (pin(jax.tree.map(jnp.zeros_like, params)), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
     micro_batches = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-    (grads, loss_sum, tokens), _ = jax.lax.scan(micro_step, zeros, micro_batches)
+    shapes = jax.eval_shape(lambda b: loss(params, config, b, state.get("base")),
+                            jax.tree.map(lambda x: x[0], micro_batches))
+    zeros = (pin(jax.tree.map(jnp.zeros_like, params)), *jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))
+    (grads, loss_sum, sums), _ = jax.lax.scan(micro_step, zeros, micro_batches)
+    tokens = sums["weight"]
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     if config.train.inject_nan_at:
@@ -96,23 +126,29 @@ def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTrans
     if "base" in state:
         new_state["base"] = state["base"]
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": optim.schedule(config)(state["step"]),
-               "tokens": tokens, "bad_step": 1.0 - good.astype(jnp.float32)}
+               "tokens": tokens, "bad_step": 1.0 - good.astype(jnp.float32),
+               **{k: v / denom for k, v in sums.items() if k != "weight"}}
     return new_state, metrics
 
 
 class Trainer:
     """Builds the mesh, the sharded state and the jitted step for a config (everything but the loop).
 
-    With `lora.rank > 0` the trainable "params" are LoRA adapters (sharded by their own logical axes) and
-    the state also holds the frozen "base" parameters, laid out like parameters at the ZeRO stage.
+    `objective` defaults to language modelling (`LM`), or `LORA` when `lora.rank > 0`: then the trainable
+    "params" are LoRA adapters (sharded by their own logical axes) and the state also holds the frozen
+    "base" parameters, laid out like parameters at the ZeRO stage.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
+                 objective: Objective | None = None):
         self.config = config
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config)
         self.lora = config.lora.rank > 0
-        logical = lora.logical_axes(config) if self.lora else None
-        abstract_params = lora.abstract(config) if self.lora else model.abstract_params(config)
+        if objective is None:
+            objective = LORA if self.lora else LM
+        self.objective = objective
+        logical = objective.logical_axes(config) if objective.logical_axes is not None else None
+        abstract_params = objective.abstract_params(config)
         self.optimizer = optim.make_optimizer(config, abstract_params)
         param_sh, self.grad_shardings = sharding.zero_shardings(config, self.mesh, logical)
         abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
@@ -131,11 +167,11 @@ class Trainer:
         self._compiled = None
         with sharding.activation_rules(config, self.mesh):
             self._step = jax.jit(functools.partial(train_step, config, self.optimizer,
-                                                   grad_shardings=self.grad_shardings),
+                                                   grad_shardings=self.grad_shardings, loss=objective.loss),
                                  in_shardings=(self.state_shardings, self.batch_sharding),
                                  out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                                  donate_argnums=0)
-            self._eval = jax.jit(lambda params, base, batch: loss_fn(params, config, batch, base),
+            self._eval = jax.jit(lambda params, base, batch: objective.loss(params, config, batch, base),
                                  in_shardings=(param_sh, base_sh, self.batch_sharding))
 
     def init_state(self, rng: jax.Array, params: dict | None = None, base: dict | None = None) -> State:
@@ -148,7 +184,7 @@ class Trainer:
 
         def make(rng, params):
             if params is None:
-                params = lora.init(self.config, rng) if self.lora else model.init(self.config, rng)
+                params = self.objective.init(self.config, rng)
             return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
 
         shardings = {k: v for k, v in self.state_shardings.items() if k != "base"}
@@ -195,12 +231,18 @@ class Trainer:
         with sharding.activation_rules(self.config, self.mesh):
             return self._step(state, batch)
 
-    def eval_loss(self, state: State, batches: list[Batch]) -> float:
+    def evaluate(self, state: State, batches: list[Batch]) -> dict[str, float]:
+        """The objective on held-out batches: {"loss": ..., and its other metrics}, each a mean over the
+        total weight of all the batches (tokens, or examples), not a mean of per-batch means."""
         with sharding.activation_rules(self.config, self.mesh):
-            sums = [self._eval(state["params"], state.get("base"), b) for b in batches]
-        loss_sum = sum(float(s) for s, _ in sums)
-        tokens = sum(float(t) for _, t in sums)
-        return loss_sum / max(tokens, 1.0)
+            outs = [self._eval(state["params"], state.get("base"), b) for b in batches]
+        loss_sum = sum(float(s) for s, _ in outs)
+        sums = {k: sum(float(o[1][k]) for o in outs) for k in outs[0][1]} if outs else {"weight": 0.0}
+        denom = max(sums.pop("weight"), 1.0)
+        return {"loss": loss_sum / denom, **{k: v / denom for k, v in sums.items()}}
+
+    def eval_loss(self, state: State, batches: list[Batch]) -> float:
+        return self.evaluate(state, batches)["loss"]
 
 
 def _iterator(config, tok, split: str, seed: int) -> data.PackedIterator:
@@ -308,7 +350,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, train
                                                    if k.startswith("skipped")))
                 record["reloads"] = reloads
                 if eval_batches and (step % config.train.eval_every == 0 or step == total):
-                    record["eval_loss"] = trainer.eval_loss(state, eval_batches)
+                    record.update({f"eval_{k}": v for k, v in trainer.evaluate(state, eval_batches).items()})
                 writer.write(step, record)
                 eta = (now - run_start) / max(step - start, 1) * (total - step)
                 writer.progress(step, total, record, eta_seconds=eta)

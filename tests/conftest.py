@@ -1,5 +1,11 @@
 """Session-wide fixtures: one small jsonl corpus and one tokenizer trained on it (training a tokenizer is
-most of a tiny run's start-up, so tests that only need *a* tokenizer share this one)."""
+most of a tiny run's start-up, so tests that only need *a* tokenizer share this one), and a small
+random-weight Hugging Face model using that tokenizer (a base for fine-tuning tests)."""
+
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -20,3 +26,36 @@ def shared_tok_path(shared_corpus, tmp_path_factory):
     folder = tmp_path_factory.mktemp("shared_tok")
     tokenizer.load_or_train(small_config(shared_corpus), str(folder))
     return str(folder / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def hf_base(shared_tok_path, tmp_path_factory):
+    """A random-weight transformers Llama (2 layers, width 32) with the shared tokenizer beside it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("hf_base")
+    vocab = tokenizer.load(shared_tok_path).vocab_size
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, tie_word_embeddings=False))
+    hf.save_pretrained(str(folder), safe_serialization=True)
+    shutil.copy(shared_tok_path, folder / "tokenizer.model")
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def reward_run(hf_base, tmp_path_factory):
+    """`python -m maxlm.reward` for 3 steps on `hf_base` with both built-in preference domains:
+    (workdir, the finished process). The reward-model tests check it; PPO tests use it as their RM."""
+    work = str(tmp_path_factory.mktemp("reward") / "rm")
+    flags = [f"--config.reward.base={hf_base}", "--config.reward.domains=('correct','brief')",
+             "--config.reward.train_size=16", "--config.reward.eval_size=8", "--config.data.batch_size=4",
+             "--config.data.seq_len=192", "--config.train.num_steps=3", "--config.train.log_every=1",
+             "--config.train.eval_every=3", "--config.train.eval_batches=2", "--config.checkpoint.every_steps=3",
+             "--config.optim.warmup_steps=1"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "maxlm.reward", "--config=configs/reward_tiny.py",
+                           f"--workdir={work}", *flags], cwd=root, capture_output=True, text=True, timeout=600)
+    return work, done

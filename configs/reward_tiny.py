@@ -1,0 +1,35 @@
+"""Reward model on the tiny SFT model (configs/sft_tiny.py, in runs/sft) with the built-in preference pairs
+of the sort task: the correct answer beats a plausible mistake. CPU, a few minutes.
+
+`--config.reward.domains="('correct','brief')"` adds the conflicting brevity preference; with
+`--config.reward.conditional=False` the pairs carry no system prompt (the COOL RLHF baseline).
+"""
+
+import os
+
+from maxlm.config import load_config_file
+
+
+def get_config():
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_tiny.py"))
+    c.reward.base = "runs/sft"
+    c.reward.tasks = ("sort",)
+    c.reward.domains = ("correct",)
+    c.reward.train_size = 8000
+    c.reward.eval_size = 200
+    c.sft.eval_items = 0
+
+    c.data.seq_len = 96  # one conversation per row: system prompt + prompt + reply fit in 80 tokens
+    c.data.batch_size = 16  # pairs
+
+    c.optim.peak_lr = 5e-4
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.0
+
+    c.train.num_steps = 1000
+    c.train.log_every = 50
+    c.train.eval_every = 250
+    c.train.eval_batches = 13  # the 200 held-out pairs
+
+    c.checkpoint.every_steps = 500
+    return c

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The RLHF demonstration, from nothing (InstructGPT's pipeline on the built-in sort task, CPU):
+#   tiny base (configs/tiny.py) -> partial SFT on sort (held-out exact match 30-60%) -> reward models on the
+#   built-in preference pairs -> PPO against the reward model -> held-out exact match again.
+#
+#   bash experiments/rlhf_demo.sh WORKDIR
+#
+# Two reward models are trained on the same pairs from two conflicting domains ("correct": the right answer
+# wins; "brief": a shorter, wrong answer wins): one sees each pair's domain as a system prompt (COOL RLHF's
+# conditional reward prompts), the other does not. PPO uses the conditional one, queried under "correct".
+# Reuses whatever WORKDIR already has (a finished stage is not rerun). Prints, as its last line, one JSON
+# object: rm_accuracy, the per-domain accuracies of both reward models, true_score_before/after, kl, and
+# ppo_seconds.
+set -euo pipefail
+W=${1:?usage: bash experiments/rlhf_demo.sh WORKDIR}
+cd "$(dirname "$0")/.."
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+mkdir -p "$W"
+SFT_STEPS=${SFT_STEPS:-1200}
+PPO_ITERATIONS=${PPO_ITERATIONS:-150}
+
+if [ ! -d "$W/base/checkpoints" ]; then
+  echo "== pretraining the tiny base ($W/base)" >&2
+  $PY -m maxlm.train --config=configs/tiny.py --workdir="$W/base" >&2
+fi
+echo "== partial SFT on sort ($W/sft, $SFT_STEPS steps)" >&2
+$PY -m maxlm.sft --config=configs/sft_tiny.py --workdir="$W/sft" --config.sft.base="$W/base" \
+    "--config.sft.tasks=('sort',)" --config.train.num_steps="$SFT_STEPS" --config.train.eval_every=100000 \
+    --config.sft.eval_items=0 >&2
+
+for kind in conditional unconditional; do
+  cond=True; [ $kind = unconditional ] && cond=False
+  echo "== $kind reward model ($W/rm_$kind)" >&2
+  $PY -m maxlm.reward --config=configs/reward_tiny.py --workdir="$W/rm_$kind" --config.reward.base="$W/sft" \
+      "--config.reward.domains=('correct','brief')" --config.reward.conditional=$cond >&2
+done
+
+echo "== PPO ($W/ppo, $PPO_ITERATIONS iterations)" >&2
+start=$SECONDS
+$PY -m maxlm.ppo --config=configs/ppo_tiny.py --workdir="$W/ppo" --config.ppo.policy="$W/sft" \
+    --config.ppo.reward_model="$W/rm_conditional" --config.ppo.iterations="$PPO_ITERATIONS" >&2
+[ -s "$W/ppo_seconds" ] || echo $((SECONDS - start)) > "$W/ppo_seconds"
+
+$PY - "$W" <<'PY'
+import json, os, sys
+
+w = sys.argv[1]
+rm = {k: json.load(open(os.path.join(w, f"rm_{k}", "reward_eval.json"))) for k in ("conditional", "unconditional")}
+records = [json.loads(line) for line in open(os.path.join(w, "ppo", "metrics.jsonl"))]
+by_step = {r["step"]: r for r in records}
+evals = [by_step[s] for s in sorted(by_step) if "eval_true_score" in by_step[s]]
+last = by_step[max(by_step)]
+result = {
+    "rm_accuracy": rm["conditional"]["by_domain"]["correct"]["accuracy"],
+    "rm_by_domain": {k: {d: r["accuracy"] for d, r in v["by_domain"].items()} for k, v in rm.items()},
+    "true_score_before": evals[0]["eval_true_score"], "true_score_after": evals[-1]["eval_true_score"],
+    "kl": last["kl"], "kl_target": last["kl_target"], "reward_mean_first": by_step[1]["reward_mean"],
+    "reward_mean_last": last["reward_mean"], "iterations": last["iteration"],
+    "ppo_seconds": int(open(os.path.join(w, "ppo_seconds")).read()),
+}
+print("held-out accuracy of the reward models (pairs of both domains):", file=sys.stderr)
+for k, v in result["rm_by_domain"].items():
+    print(f"  {k:<14}" + "  ".join(f"{d} {a:.3f}" for d, a in v.items()), file=sys.stderr)
+print("PPO: iteration  reward  kl  true(rollouts)  held-out", file=sys.stderr)
+for r in records[1:]:
+    if r["iteration"] % 10 == 0 or "eval_true_score" in r:
+        print(f"  {r['iteration']:>4}  {r['reward_mean']:+.3f}  {r['kl']:.3f}  {r['true_score']:.3f}  "
+              f"{r.get('eval_true_score', float('nan')):.3f}", file=sys.stderr)
+print(json.dumps(result))
+PY

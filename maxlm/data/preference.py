@@ -1,0 +1,243 @@
+"""Preference pairs for reward modelling: `{"prompt", "chosen", "rejected"[, "system"]}` jsonl, the built-in
+pairs drawn from the task suite, and a batch iterator.
+
+Each pair is rendered twice through the chat template -- the same (optional) system prompt and prompt, then
+one reply each -- ending at the assistant's end marker, where the reward model reads its score (the last
+real token has attended to the whole exchange, as in InstructGPT's RM and Hugging Face's
+`LlamaForSequenceClassification`).
+
+The system prompt names the preference domain: COOL RLHF's *conditional reward prompts* (InternLM2, Cai et al.
+2024, section 4.3.1) train one reward model on several, even conflicting, preferences (helpful vs. harmless
+there; correct vs. brief here) and let the system prompt say which one applies.
+
+Batches hold one pair per row, as [B, T] arrays only (so they take the same sharding as language-model
+batches, rows over the data axes, tokens over the sequence axis): `chosen_inputs`, `chosen_segment_ids`
+(1 on real tokens, 0 on padding), `chosen_last` (1.0 at the token whose hidden state gives the score), the
+same three for `rejected`, and `positions`.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import random
+from typing import Any
+
+import numpy as np
+
+from maxlm import chat, tasks
+
+Batch = dict[str, np.ndarray]
+
+PAIR_SKIP_REASONS = ("bad_utf8", "bad_json", "not_object", "bad_pair", "identical", "no_messages", "bad_message",
+                     "unknown_role", "unknown_name", "bad_tool_call", "too_long")
+
+# The built-in domains: name -> the system prompt that conditions the reward model on it.
+DOMAINS = {
+    "correct": "Prefer the reply that answers the request correctly.",
+    "brief": "Prefer the shorter reply.",
+}
+
+
+def render_pair(template: chat.Template, tok: Any, prompt: str | list[dict], chosen: str, rejected: str,
+                system: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of both conversations (system, prompt, reply), each ending with the assistant's end marker.
+
+    `prompt` is a user message or a list of earlier messages (multi-turn). Raises `chat.MessageError`.
+    """
+    history = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    head = ([{"role": "system", "content": system}] if system else []) + history
+    out = []
+    for reply in (chosen, rejected):
+        messages = head + [{"role": "assistant", "content": reply}]
+        chat.check_messages(template, messages)
+        ids, _ = chat.render(template, tok, messages)
+        out.append(np.asarray(ids, np.int32))
+    return out[0], out[1]
+
+
+class Pairs:
+    """Rendered preference pairs plus the per-reason count of the records that were skipped."""
+
+    def __init__(self, template: chat.Template, tok: Any, max_tokens: int):
+        self.template, self.tok, self.max_tokens = template, tok, max_tokens
+        self.items: list[tuple[np.ndarray, np.ndarray]] = []
+        self.domains: list[str] = []
+        self.skipped: collections.Counter = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, record: Any, domain: str = "") -> bool:
+        """Render one record; on a malformed one count the reason and return False."""
+        if not isinstance(record, dict):
+            self.skipped["not_object"] += 1
+            return False
+        prompt, chosen, rejected = record.get("prompt"), record.get("chosen"), record.get("rejected")
+        system = record.get("system", "")
+        prompt_ok = isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt))
+        if not (prompt_ok and isinstance(chosen, str) and isinstance(rejected, str) and isinstance(system, str)):
+            self.skipped["bad_pair"] += 1
+            return False
+        if chosen == rejected:
+            self.skipped["identical"] += 1
+            return False
+        try:
+            pair = render_pair(self.template, self.tok, prompt, chosen, rejected, system)
+        except chat.MessageError as e:
+            self.skipped[e.reason if e.reason in PAIR_SKIP_REASONS else "bad_message"] += 1
+            return False
+        if max(len(pair[0]), len(pair[1])) > self.max_tokens:
+            self.skipped["too_long"] += 1
+            return False
+        self.items.append(pair)
+        self.domains.append(domain or record.get("domain", "") or system)
+        return True
+
+    def add_line(self, line: bytes | str) -> bool:
+        try:
+            text = line.decode("utf-8") if isinstance(line, bytes) else line
+        except UnicodeDecodeError:
+            self.skipped["bad_utf8"] += 1
+            return False
+        if not text.strip():
+            return False
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            self.skipped["bad_json"] += 1
+            return False
+        return self.add(record)
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"{len(self.items)} pairs; skipped: {skipped}"
+
+
+def load_jsonl(pattern: str, pairs: Pairs) -> Pairs:
+    """Add every line of the files matching `pattern` (sorted, so the order is deterministic)."""
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"no preference files match {pattern!r}")
+    for path in paths:
+        with open(path, "rb") as f:
+            for line in f:
+                pairs.add_line(line)
+    return pairs
+
+
+def shorter_reply(item: tasks.Item, rng: random.Random) -> str:
+    """A reply shorter than the correct one, hence wrong: what a pure brevity preference would pick."""
+    if item.task == "format":
+        _, variant, letters = item.key.split(":")
+        return " ".join(letters[: rng.randint(1, len(letters) - 1)])
+    if item.task == "add":
+        return item.answer[: rng.randint(1, len(item.answer) - 1)]
+    letters = item.answer.split(" ")
+    return " ".join(letters[: rng.randint(1, len(letters) - 1)])
+
+
+def task_pairs(task_names: tuple[str, ...], split: str, n: int, seed: int = 0,
+               domains: tuple[str, ...] = ("correct",), conditional: bool = True) -> list[dict]:
+    """`n` pair records per task and domain from the built-in tasks (the hidden rule labels them).
+
+    * ``correct``: the right answer beats a plausible mistake (`tasks.wrong_answer`: a near-miss sum, a swapped
+      or dropped letter, a wrong wrapper).
+    * ``brief``: a truncated (so wrong) reply beats the correct one -- deliberately the opposite of
+      ``correct`` on such pairs, so that only the system prompt can tell the two apart.
+
+    With `conditional`, each record carries its domain's system prompt (`DOMAINS`); without, none do (the
+    baseline a conditional reward model is compared against). Every record has its "domain".
+    """
+    records = []
+    for task in task_names:
+        items = tasks.make_items(task, split, n, seed=seed)
+        for domain in domains:
+            if domain not in DOMAINS:
+                raise ValueError(f"unknown preference domain {domain!r}; expected one of {sorted(DOMAINS)}")
+            rng = random.Random(f"maxlm.preference|{task}|{split}|{domain}|{seed}")
+            for item in items:
+                if domain == "correct":
+                    chosen, rejected = item.answer, tasks.wrong_answer(item, rng)
+                else:
+                    chosen, rejected = shorter_reply(item, rng), item.answer
+                if chosen == rejected:
+                    continue
+                records.append({"prompt": item.prompt, "chosen": chosen, "rejected": rejected,
+                                "system": DOMAINS[domain] if conditional else "", "domain": domain,
+                                "task": task})
+    return records
+
+
+class PairIterator:
+    """Infinite iterator of per-host batches of pairs, reshuffled every epoch; exact-resume state."""
+
+    replicated_state = True  # every host holds the global state
+
+    def __init__(self, pairs: Pairs, *, seq_len: int, batch_size: int, seed: int, pad_id: int = 0,
+                 host_id: int = 0, num_hosts: int = 1):
+        if len(pairs) == 0:
+            raise ValueError(f"no usable preference pairs ({pairs.summary()})")
+        if batch_size % num_hosts:
+            raise ValueError(f"batch_size={batch_size} is not divisible by num_hosts={num_hosts}")
+        longest = max(max(len(c), len(r)) for c, r in pairs.items)
+        if longest > seq_len:
+            raise ValueError(f"a pair has {longest} tokens, more than seq_len={seq_len}")
+        self.items = pairs.items
+        self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, seed, pad_id
+        self.rows = batch_size // num_hosts
+        self.first_row = host_id * self.rows
+        self.epoch, self.cursor = 0, 0
+        self._stats = {"pairs": 0}
+        self._order_epoch, self._order = -1, np.zeros(0, np.int64)
+
+    def __iter__(self) -> PairIterator:
+        return self
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    def get_state(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "epoch": self.epoch, "cursor": self.cursor,
+                **self._stats}
+
+    def set_state(self, state: dict) -> None:
+        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size)):
+            if int(state.get(key, mine)) != mine:
+                raise ValueError(f"data state was saved with {key}={state[key]}, this iterator has {mine}")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._stats.update({k: int(state.get(k, 0)) for k in self._stats})
+
+    def _next_pair(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.cursor == len(self.items):
+            self.epoch, self.cursor = self.epoch + 1, 0
+        if self._order_epoch != self.epoch:
+            self._order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.items))
+            self._order_epoch = self.epoch
+        pair = self.items[self._order[self.cursor]]
+        self.cursor += 1
+        self._stats["pairs"] += 1
+        return pair
+
+    def __next__(self) -> Batch:
+        batch = pair_batch([self._next_pair() for _ in range(self.batch_size)], self.seq_len, self.pad_id)
+        return {k: np.ascontiguousarray(v[self.first_row:self.first_row + self.rows]) for k, v in batch.items()}
+
+
+def pair_batch(pairs: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int = 0,
+               rows: int | None = None) -> Batch:
+    """Right-padded [rows, seq_len] arrays for `pairs` (rows beyond len(pairs) are all padding: weight 0)."""
+    rows = len(pairs) if rows is None else rows
+    out: Batch = {"positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy()}
+    for side in ("chosen", "rejected"):
+        out[f"{side}_inputs"] = np.full((rows, seq_len), pad_id, np.int32)
+        out[f"{side}_segment_ids"] = np.zeros((rows, seq_len), np.int32)
+        out[f"{side}_last"] = np.zeros((rows, seq_len), np.float32)
+    for row, pair in enumerate(pairs):
+        for side, ids in zip(("chosen", "rejected"), pair):
+            out[f"{side}_inputs"][row, :len(ids)] = ids
+            out[f"{side}_segment_ids"][row, :len(ids)] = 1
+            out[f"{side}_last"][row, len(ids) - 1] = 1.0
+    return out

@@ -1,0 +1,206 @@
+"""Reward model: the decoder with a scalar head, trained on preference pairs (InstructGPT, Ouyang et al. 2022).
+
+    python -m maxlm.reward --config=configs/reward_tiny.py --workdir=runs/rm [--config.reward.base=runs/sft]
+
+The model is the decoder trunk (no LM head) plus a vector `head` [D]: the reward of a conversation is the
+head's projection of the final hidden state at its last real token (the assistant's end marker), as in
+InstructGPT's RM and Hugging Face's `LlamaForSequenceClassification`. Applied at every token instead, the
+same parameters give PPO's critic its per-token values (`token_values`), so a critic can start from the
+reward model (InternLM2, section 4.3.1, found this better than starting from the policy).
+
+Training minimises the pairwise (Bradley-Terry) loss -log sigmoid(r_chosen - r_rejected), summed over
+pairs and divided by the number of pairs in the global batch. It starts from an SFT or pretrained
+checkpoint (`reward.base`); the head starts at zero, so every reward is 0 at step 0 and the first updates
+move only the head. Held-out pairwise accuracy and mean margin r_chosen - r_rejected are logged at every
+evaluation and, per preference domain, written to `reward_eval.json` at the end.
+
+Conditional reward prompts (COOL RLHF, InternLM2 section 4.3.1): a pair may carry a system prompt naming its
+preference domain; the model is trained and later queried (by PPO) with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
+from jax.sharding import PartitionSpec
+
+from maxlm import chat, checkpoint, cli, distributed, model, pretrained, sft, train
+from maxlm import config as config_lib
+from maxlm import tokenizer as tokenizer_lib
+from maxlm.data import preference
+from maxlm.data.sources import split_indices
+from maxlm.metrics import log_line
+
+
+def _trunk(tree: dict) -> dict:
+    return {k: v for k, v in tree.items() if k != "lm_head"}
+
+
+def from_lm(lm_params: dict) -> dict:
+    """Reward-model parameters from a language model's: its trunk, and a zero head."""
+    emb = lm_params["embedding"]
+    return {"decoder": _trunk(lm_params), "head": jnp.zeros(emb.shape[-1:], emb.dtype)}
+
+
+def abstract_params(config: ml_collections.ConfigDict) -> dict:
+    lm = model.abstract_params(config)
+    emb = lm["embedding"]
+    return {"decoder": _trunk(lm), "head": jax.ShapeDtypeStruct(emb.shape[-1:], emb.dtype)}
+
+
+def logical_axes(config: ml_collections.ConfigDict) -> dict:
+    return {"decoder": _trunk(model.logical_axes(config)), "head": PartitionSpec("embed")}
+
+
+def init(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+    return from_lm(model.init(config, rng))
+
+
+def token_values(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *,
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """tokens [B,T] -> float32 [B,T]: the head read at every position (PPO's critic uses all of them)."""
+    x = model.hidden(config, params["decoder"], tokens, positions=positions, segment_ids=segment_ids)
+    return jnp.einsum("BTD,D->BT", x.astype(jnp.float32), params["head"].astype(jnp.float32))
+
+
+def scores(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, positions: jax.Array,
+           segment_ids: jax.Array, last: jax.Array) -> jax.Array:
+    """Rewards [B]: the head at the position where `last` [B,T] is 1 (the last real token of each row)."""
+    values = token_values(config, params, tokens, positions=positions, segment_ids=segment_ids)
+    return jnp.sum(values * last, axis=-1)
+
+
+def pair_loss(params: dict, config: ml_collections.ConfigDict, batch: train.Batch, base: Any = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(sum over pairs of -log sigmoid(r_chosen - r_rejected), {"weight": pairs, "accuracy", "margin"} sums).
+
+    Padding rows (no `last` token: eval batches filled up to the batch size) have weight 0. Chosen and
+    rejected go through the model as one [2B, T] batch.
+    """
+    tokens = jnp.concatenate([batch["chosen_inputs"], batch["rejected_inputs"]])
+    segments = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]])
+    last = jnp.concatenate([batch["chosen_last"], batch["rejected_last"]])
+    positions = jnp.concatenate([batch["positions"], batch["positions"]])
+    r = scores(config, params, tokens, positions, segments, last)
+    r_chosen, r_rejected = jnp.split(r, 2)
+    weight = jnp.sum(batch["chosen_last"], axis=-1)
+    margin = r_chosen - r_rejected
+    return (jnp.sum(jax.nn.softplus(-margin) * weight),
+            {"weight": jnp.sum(weight), "accuracy": jnp.sum((margin > 0) * weight), "margin": jnp.sum(margin * weight)})
+
+
+OBJECTIVE = train.Objective(pair_loss, abstract_params, logical_axes, init)
+
+
+def load(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, tokenizer_lib.Tokenizer]:
+    """(config, host params, tokenizer) of a trained reward model."""
+    config, params, _ = checkpoint.load_latest(workdir, step, abstract=abstract_params)
+    return config, jax.device_get(params), tokenizer_lib.load(os.path.join(workdir, "tokenizer.model"))
+
+
+def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Template, split: str
+               ) -> preference.Pairs:
+    """`reward.data_path` (split by `data.eval_fraction` of records) or the built-in pairs' split."""
+    r = config.reward
+    pairs = preference.Pairs(template, tok, config.data.seq_len)
+    if r.data_path:
+        everything = preference.load_jsonl(r.data_path, preference.Pairs(template, tok, config.data.seq_len))
+        keep = split_indices(len(everything), config.data.eval_fraction, split)
+        pairs.items = [everything.items[i] for i in keep]
+        pairs.domains = [everything.domains[i] for i in keep]
+        pairs.skipped = everything.skipped
+        return pairs
+    size = r.train_size if split == "train" else r.eval_size
+    for record in preference.task_pairs(tuple(r.tasks), split, size, seed=config.sft.task_seed,
+                                        domains=tuple(r.domains), conditional=r.conditional):
+        pairs.add(record, domain=record["domain"])
+    return pairs
+
+
+def pair_batches(config: ml_collections.ConfigDict, pairs: preference.Pairs, pad_id: int,
+                 indices: list[int] | None = None) -> list[dict[str, np.ndarray]]:
+    """All of `pairs` (or those at `indices`) as full global batches, the last one padded with weight-0 rows."""
+    indices = list(range(len(pairs))) if indices is None else indices
+    b = config.data.batch_size
+    return [preference.pair_batch([pairs.items[i] for i in indices[s:s + b]], config.data.seq_len, pad_id, rows=b)
+            for s in range(0, len(indices), b)]
+
+
+def evaluate_pairs(config: ml_collections.ConfigDict, trainer: train.Trainer, state: train.State,
+                   pairs: preference.Pairs, pad_id: int) -> dict:
+    """Held-out {accuracy, margin, loss, n} over all pairs and per domain."""
+    def run(indices):
+        batches = [_local(trainer, b) for b in pair_batches(config, pairs, pad_id, indices)]
+        return {**trainer.evaluate(state, batches), "n": len(indices)}
+
+    out = run(list(range(len(pairs))))
+    domains = sorted(set(pairs.domains))
+    if len(domains) > 1:
+        out["by_domain"] = {d: run([i for i, x in enumerate(pairs.domains) if x == d]) for d in domains}
+    return out
+
+
+def _local(trainer: train.Trainer, batch: dict[str, np.ndarray]) -> train.Batch:
+    """A global host batch -> this host's rows, placed as a global array."""
+    n = jax.process_count()
+    rows = next(iter(batch.values())).shape[0] // n
+    first = jax.process_index() * rows
+    return trainer.device_batch({k: v[first:first + rows] for k, v in batch.items()})
+
+
+def train_reward(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, float]]:
+    """Train (or resume) the reward model to `train.num_steps`; returns the metrics records logged."""
+    config, tok, template, lm_params = sft.build(config, workdir, section="reward")
+    with config.unlocked():
+        config.lora.rank = 0  # the reward model trains every parameter
+    log_line(f"maxlm.reward: {config_lib.describe(config)}; base {config.reward.base}; template {template.name}")
+    train_pairs = load_pairs(config, tok, template, "train")
+    log_line(f"preference data: {train_pairs.summary()}")
+    held_out = load_pairs(config, tok, template, "eval")
+    iterator = preference.PairIterator(train_pairs, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+                                       seed=config.data.shuffle_seed, pad_id=tok.pad_id,
+                                       host_id=jax.process_index(), num_hosts=jax.process_count())
+    trainer = train.Trainer(config, objective=OBJECTIVE)
+    eval_batches = []
+    if config.train.eval_every and len(held_out):
+        eval_batches = [_local(trainer, b) for b in pair_batches(config, held_out, tok.pad_id)
+                        [:config.train.eval_batches]]
+    params = from_lm(lm_params)
+
+    def finish(state: train.State) -> None:
+        if not len(held_out):
+            return
+        result = evaluate_pairs(config, trainer, state, held_out, tok.pad_id)
+        line = f"held-out pairs: accuracy {result['accuracy']:.3f}, margin {result['margin']:.3f} on {result['n']}"
+        for d, r in result.get("by_domain", {}).items():
+            line += f"; {d}: accuracy {r['accuracy']:.3f}, margin {r['margin']:.3f} on {r['n']}"
+        log_line(line)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "reward_eval.json"), "w") as f:
+                json.dump(result, f, indent=1)
+
+    return train.run(config, workdir, trainer, iterator,
+                     init_state=lambda: trainer.init_state(jax.random.key(config.train.seed), params=params),
+                     eval_batches=eval_batches, finish=finish)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise config_lib.ConfigError("argv", f"unexpected arguments {argv[1:]}")
+    distributed.initialize_from_flags()
+    train_reward(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    cli.define_config_flag("configs/reward_tiny.py")
+    flags.declare_key_flag("config")
+    flags.DEFINE_string("workdir", "runs/rm", "Directory for checkpoints, metrics.jsonl, TensorBoard, loss.png.")
+    distributed.define_flags()
+    cli.run(main, user_errors=(pretrained.BaseModelError,))

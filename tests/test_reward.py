@@ -1,0 +1,118 @@
+"""Reward model: the pairwise loss against numpy on unpadded sequences, the built-in (conflicting) preference
+pairs, malformed records, and `python -m maxlm.reward` end to end on an imported Hugging Face model."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxlm import chat, model, reward, tasks, tokenizer
+from maxlm import config as C
+from maxlm.data import preference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tok(shared_tok_path):
+    return tokenizer.load(shared_tok_path)
+
+
+def _config(vocab):
+    return C.override(C.default_config(), **{
+        "model.vocab_size": vocab, "model.num_layers": 2, "model.d_model": 32, "model.num_heads": 4,
+        "model.num_kv_heads": 2, "model.mlp_dim": 64, "model.max_seq_len": 256, "model.compute_dtype": "float32"})
+
+
+def test_pair_loss_matches_numpy_on_unpadded_sequences(tok):
+    config = _config(tok.vocab_size)
+    params = reward.from_lm(model.init(config, jax.random.key(0)))
+    params["head"] = jax.random.normal(jax.random.key(1), params["head"].shape)
+    pairs = preference.Pairs(chat.CHATML, tok, 192)
+    rng = random.Random(0)
+    for i, item in enumerate(tasks.make_items("sort", "train", 5)):
+        system = "" if i % 2 else preference.DOMAINS["correct"]
+        assert pairs.add({"prompt": item.prompt, "chosen": item.answer, "rejected": tasks.wrong_answer(item, rng),
+                          "system": system})
+    batch = preference.pair_batch(pairs.items, 192, tok.pad_id, rows=6)  # the 6th row is padding
+    loss_sum, sums = jax.jit(lambda p, b: reward.pair_loss(p, config, b))(params, batch)
+
+    def score(ids):  # the oracle: one unpadded sequence, the head applied to the last hidden state by numpy
+        h = np.asarray(model.hidden(config, params["decoder"], jnp.asarray([ids])))[0, -1]
+        return float(h @ np.asarray(params["head"]))
+
+    margins = np.array([score(c) - score(r) for c, r in pairs.items])
+    np.testing.assert_allclose(float(loss_sum), np.sum(np.log1p(np.exp(-margins))), rtol=1e-4)
+    assert float(sums["weight"]) == 5
+    assert float(sums["accuracy"]) == np.sum(margins > 0)
+    np.testing.assert_allclose(float(sums["margin"]), margins.sum(), rtol=1e-4, atol=1e-4)
+    # Tokens after a sequence's last one (padding, or anything else) do not change its score.
+    junk = dict(batch, chosen_inputs=np.where(batch["chosen_segment_ids"] == 0, 7, batch["chosen_inputs"]))
+    np.testing.assert_allclose(float(reward.pair_loss(params, config, junk)[0]), float(loss_sum), rtol=1e-6)
+
+
+def test_builtin_pairs_and_conflicting_domains():
+    records = preference.task_pairs(("sort", "add"), "train", 30, domains=("correct", "brief"))
+    by_domain = {d: [r for r in records if r["domain"] == d] for d in ("correct", "brief")}
+    for r in by_domain["correct"]:
+        assert r["system"] == preference.DOMAINS["correct"] and r["chosen"] != r["rejected"]
+    for r in by_domain["brief"]:  # the brief domain prefers a shorter, wrong reply over the right one
+        assert len(r["chosen"]) < len(r["rejected"]) and r["system"] == preference.DOMAINS["brief"]
+    items = {(t, i.prompt): i for t in ("sort", "add") for i in tasks.make_items(t, "train", 30)}
+    for r in records:
+        item = items[(r["task"], r["prompt"])]
+        correct_one = r["chosen"] if r["domain"] == "correct" else r["rejected"]
+        other = r["rejected"] if r["domain"] == "correct" else r["chosen"]
+        assert tasks.check(item, correct_one) and not tasks.check(item, other)
+    plain = preference.task_pairs(("sort",), "train", 10, domains=("correct", "brief"), conditional=False)
+    assert all(r["system"] == "" for r in plain)
+    held_out = {r["prompt"] for r in preference.task_pairs(("sort",), "eval", 30)}
+    assert not held_out & {r["prompt"] for r in records if r["task"] == "sort"}
+    with pytest.raises(ValueError, match="unknown preference domain"):
+        preference.task_pairs(("sort",), "train", 1, domains=("kind",))
+
+
+def test_malformed_pair_records_are_counted(tok, tmp_path):
+    good = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    lines = [json.dumps(good), "{not json", json.dumps([1]), json.dumps({"prompt": "x", "chosen": 1, "rejected": "y"}),
+             json.dumps({"prompt": "x", "chosen": "y", "rejected": "y"}),
+             json.dumps({"prompt": [{"role": "wizard", "content": "x"}], "chosen": "a", "rejected": "b"}),
+             json.dumps({**good, "chosen": "word " * 200}),
+             json.dumps({"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                    {"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "22",
+                         "system": "Be right."})]
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe\n")
+    pairs = preference.load_jsonl(str(path), preference.Pairs(chat.CHATML, tok, 128))
+    assert len(pairs) == 2
+    assert dict(pairs.skipped) == {"bad_json": 1, "not_object": 1, "bad_pair": 1, "identical": 1,
+                                   "unknown_role": 1, "too_long": 1, "bad_utf8": 1}
+    chosen, rejected = pairs.items[1]
+    assert tok.decode(chosen.tolist()).startswith(tok.decode(
+        chat.render_prompt(chat.CHATML, tok, [{"role": "system", "content": "Be right."},
+                                              {"role": "user", "content": "hi"}])))
+
+
+def test_reward_cli_end_to_end(reward_run, hf_base, tmp_path):
+    work, done = reward_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert 0.0 <= records[-1]["eval_accuracy"] <= 1.0 and "eval_margin" in records[-1]
+    result = json.load(open(os.path.join(work, "reward_eval.json")))
+    assert result["n"] == 16 and set(result["by_domain"]) == {"correct", "brief"}
+    assert all(r["n"] == 8 for r in result["by_domain"].values())
+    config, params, run_tok = reward.load(work)
+    assert set(params) == {"decoder", "head"} and "lm_head" not in params["decoder"]
+    assert np.abs(params["head"]).sum() > 0  # trained away from its zero init
+
+    bad = subprocess.run([sys.executable, "-m", "maxlm.reward", "--config=configs/reward_tiny.py",
+                          f"--workdir={tmp_path / 'bad'}", f"--config.reward.base={hf_base}",
+                          "--config.reward.domains=('polite',)"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "reward.domains" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
