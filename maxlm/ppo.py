@@ -168,6 +168,9 @@ class TaskEnvironment:
         return [self.prompt(self.train_items[i]) for i in rng.choice(len(self.train_items), n, replace=False)]
 
     def true_score(self, prompt: Prompt, response: list[int]) -> float:
+        """The hidden checker on the reply text (the stop marker, when sampled, is not text)."""
+        if self.stop_id in response:
+            response = response[:response.index(self.stop_id)]
         return float(tasks.check(prompt.item, self.tok.decode(response)))
 
     def held_out_score(self, config: ml_collections.ConfigDict, actor: dict) -> float:

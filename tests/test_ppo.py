@@ -126,3 +126,21 @@ def test_ppo_cli_end_to_end_and_resume(hf_base, reward_run, tmp_path):
                           f"--workdir={tmp_path / 'bad'}", f"--config.ppo.policy={hf_base}",
                           "--config.ppo.reward_model=/no/such/rm"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "ppo.reward_model" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_reward_model_sees_a_sampled_reply_as_it_was_trained(shared_tok_path):
+    """PPO's reward-model input for a reply that stopped at the end marker is token for token the
+    rendering `maxlm.reward` trains on, and the checker ignores the marker."""
+    from maxlm import tasks, tokenizer
+    from maxlm.data import preference
+
+    tok = tokenizer.load(shared_tok_path)
+    config = C.override(C.default_config(), **{"sft.task_train_size": 20, "ppo.eval_items": 4})
+    env = ppo.TaskEnvironment(config, tok)
+    item = tasks.make_items("sort", "train", 1)[0]
+    prompt = env.prompt(item)
+    reply = tok.encode(item.answer) + [env.stop_id]
+    trained, _ = preference.render_pair(env.template, tok, item.prompt, item.answer, "x",
+                                        system=preference.DOMAINS["correct"])
+    assert prompt.reward_ids + reply == trained.tolist()
+    assert env.true_score(prompt, reply) == 1.0 and env.true_score(prompt, reply[:-2] + [env.stop_id]) == 0.0

@@ -2,9 +2,10 @@
 pairs drawn from the task suite, and a batch iterator.
 
 Each pair is rendered twice through the chat template -- the same (optional) system prompt and prompt, then
-one reply each -- ending at the assistant's end marker, where the reward model reads its score (the last
-real token has attended to the whole exchange, as in InstructGPT's RM and Hugging Face's
-`LlamaForSequenceClassification`).
+one reply each -- ending at the assistant's end marker (the template's separator after it is dropped, so a
+reply sampled by PPO, which stops at the marker, is scored at the same token), where the reward model
+reads its score (the last real token has attended to the whole exchange, as in InstructGPT's RM and
+Hugging Face's `LlamaForSequenceClassification`).
 
 The system prompt names the preference domain: COOL RLHF's *conditional reward prompts* (InternLM2, Cai et al.
 2024, section 4.3.1) train one reward model on several, even conflicting, preferences (helpful vs. harmless
@@ -48,11 +49,15 @@ def render_pair(template: chat.Template, tok: Any, prompt: str | list[dict], cho
     """
     history = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     head = ([{"role": "system", "content": system}] if system else []) + history
+    stop = tok.encode(template.stop)
     out = []
     for reply in (chosen, rejected):
         messages = head + [{"role": "assistant", "content": reply}]
         chat.check_messages(template, messages)
         ids, _ = chat.render(template, tok, messages)
+        ids = list(ids)
+        if len(stop) == 1 and stop[0] in ids:  # end at the marker, as a sampled reply does (no separator)
+            ids = ids[:len(ids) - ids[::-1].index(stop[0])]
         out.append(np.asarray(ids, np.int32))
     return out[0], out[1]
 
