@@ -27,7 +27,7 @@ def get_config():
     p.eval_every = 10
     c.data.batch_size = 16
     c.optim.schedule = "constant"
-    c.optim.peak_lr = 3e-4
+    c.optim.peak_lr = 1e-4
     c.optim.warmup_steps = 10
     c.optim.weight_decay = 0.0
     c.checkpoint.every_steps = 25

@@ -207,6 +207,8 @@ def default_config() -> ml_collections.ConfigDict:
     p.target_kl = 6.0  # per-sequence KL the adaptive controller steers to (Ziegler et al.); 0: fixed beta
     p.kl_horizon = 10000
     p.whiten_advantages = True
+    p.penalize_no_stop = True  # a reply that never emitted the stop marker scores `no_stop_score`, not the RM's
+    p.no_stop_score = -10.0
     p.ptx_coef = 0.0  # InstructGPT's PPO-ptx: weight of the language-model loss on `data.*` batches
     p.eval_every = 10  # iterations between held-out evaluations (greedy exact match)
     p.eval_items = 200

@@ -336,6 +336,11 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, f
         stats = score_fn(state["params"]["actor"], ref, state["params"]["critic"], rm_params, batch)
         scores = stats["scores"] if rm_params is not None else jnp.asarray(
             [env.reward(pr, r) for pr, r in zip(prompts, response_lists)], jnp.float32)
+        stopped = np.asarray([env.stop_id in r for r in response_lists])
+        if rm_params is not None and p.penalize_no_stop:
+            # A reply cut off at max_new_tokens ends on a token the reward model never scored in training:
+            # give it a fixed low score instead of an out-of-distribution one ("N implementation details").
+            scores = jnp.where(jnp.asarray(stopped), scores, jnp.float32(p.no_stop_score))
         extra = advantage_fn(scores, stats, jnp.asarray(mask), jnp.float32(kl_coef))
         t2 = time.perf_counter()
         rollout = {k: batch[k] for k in ("inputs", "positions", "segment_ids", "responses", "mask")}
@@ -357,7 +362,7 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, f
         record.update(iteration=iteration, reward_mean=float(jnp.mean(scores)), kl=kl, kl_coef=kl_coef,
                       kl_target=p.target_kl,
                       explained_variance=float(extra["explained_variance"]),
-                      response_length=float(mask.sum(1).mean()),
+                      response_length=float(mask.sum(1).mean()), stopped=float(stopped.mean()),
                       true_score=float(np.mean([env.true_score(pr, r) for pr, r in zip(prompts, response_lists)])),
                       time_sampling=t1 - t0, time_scoring=t2 - t1, time_training=t3 - t2,
                       lr=float(metrics["lr"]), bad_steps=sums.get("bad_step", 0.0))

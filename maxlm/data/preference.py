@@ -23,6 +23,7 @@ import collections
 import glob
 import json
 import random
+import string
 from typing import Any
 
 import numpy as np
@@ -133,22 +134,46 @@ def load_jsonl(pattern: str, pairs: Pairs) -> Pairs:
 
 
 def shorter_reply(item: tasks.Item, rng: random.Random) -> str:
-    """A reply shorter than the correct one, hence wrong: what a pure brevity preference would pick."""
+    """The correct reply with one letter (digit) dropped, or a format reply without its wrapper: shorter,
+    hence wrong -- the very kind of mistake the ``correct`` domain rejects, so the two domains disagree on
+    the same pairs and only the system prompt can tell which preference applies."""
     if item.task == "format":
-        _, variant, letters = item.key.split(":")
-        return " ".join(letters[: rng.randint(1, len(letters) - 1)])
+        return " ".join(item.key.split(":")[2])
     if item.task == "add":
-        return item.answer[: rng.randint(1, len(item.answer) - 1)]
+        i = rng.randrange(len(item.answer))
+        return item.answer[:i] + item.answer[i + 1:]
     letters = item.answer.split(" ")
-    return " ".join(letters[: rng.randint(1, len(letters) - 1)])
+    del letters[rng.randrange(len(letters))]
+    return " ".join(letters)
+
+
+def plausible_mistake(item: tasks.Item, rng: random.Random) -> str:
+    """A wrong reply for the `correct` domain: `tasks.wrong_answer` (a near-miss sum, swapped or dropped
+    letters, a wrong wrapper) or, for the letter tasks, an inserted, replaced or doubled letter. The wider the
+    range of mistakes the reward model has seen, the fewer a policy can find that it scores as right: with
+    only swaps and drops, PPO learned to add letters within ten iterations."""
+    if item.task == "add" or rng.random() < 0.4:
+        return tasks.wrong_answer(item, rng)
+    letters = item.answer.split(" ")
+    if item.task == "format":
+        return tasks.wrong_answer(item, rng)
+    i = rng.randrange(len(letters))
+    kind = rng.choice(("insert", "replace", "double"))
+    other = rng.choice([c for c in string.ascii_lowercase if c != letters[i]])
+    if kind == "insert":
+        letters.insert(rng.randrange(len(letters) + 1), other)
+    elif kind == "replace":
+        letters[i] = other
+    else:
+        letters.insert(i, letters[i])
+    return " ".join(letters)
 
 
 def task_pairs(task_names: tuple[str, ...], split: str, n: int, seed: int = 0,
                domains: tuple[str, ...] = ("correct",), conditional: bool = True) -> list[dict]:
     """`n` pair records per task and domain from the built-in tasks (the hidden rule labels them).
 
-    * ``correct``: the right answer beats a plausible mistake (`tasks.wrong_answer`: a near-miss sum, a swapped
-      or dropped letter, a wrong wrapper).
+    * ``correct``: the right answer beats a plausible mistake (`plausible_mistake`).
     * ``brief``: a truncated (so wrong) reply beats the correct one -- deliberately the opposite of
       ``correct`` on such pairs, so that only the system prompt can tell the two apart.
 
@@ -164,7 +189,7 @@ def task_pairs(task_names: tuple[str, ...], split: str, n: int, seed: int = 0,
             rng = random.Random(f"maxlm.preference|{task}|{split}|{domain}|{seed}")
             for item in items:
                 if domain == "correct":
-                    chosen, rejected = item.answer, tasks.wrong_answer(item, rng)
+                    chosen, rejected = item.answer, plausible_mistake(item, rng)
                 else:
                     chosen, rejected = shorter_reply(item, rng), item.answer
                 if chosen == rejected:
