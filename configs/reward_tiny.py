@@ -15,7 +15,7 @@ def get_config():
     c.reward.base = "runs/sft"
     c.reward.tasks = ("sort",)
     c.reward.domains = ("correct",)
-    c.reward.train_size = 8000
+    c.reward.train_size = 8000  # items: 8000 `correct` pairs (+ ~4000 `brief` with both domains)
     c.reward.eval_size = 200
     c.sft.eval_items = 0
 
@@ -29,7 +29,7 @@ def get_config():
     c.train.num_steps = 1000
     c.train.log_every = 50
     c.train.eval_every = 250
-    c.train.eval_batches = 13  # the 200 held-out pairs
+    c.train.eval_batches = 13  # 208 held-out pairs (all of them: reward_eval.json at the end)
 
     c.checkpoint.every_steps = 500
     return c

@@ -178,8 +178,8 @@ def default_config() -> ml_collections.ConfigDict:
     r.tasks = ("sort",)  # built-in pairs: tasks whose hidden rule labels them
     r.domains = ("correct",)  # built-in preference domains (PREFERENCE_DOMAINS)
     r.conditional = True  # built-in pairs carry their domain's system prompt (COOL RLHF)
-    r.train_size = 4000  # built-in training pairs per task and domain
-    r.eval_size = 200  # built-in held-out pairs per task and domain (from the held-out task split)
+    r.train_size = 4000  # built-in: training items per task (a `correct` pair each, a `brief` pair for ~half)
+    r.eval_size = 200  # built-in: held-out items per task (from the held-out task split)
 
     # PPO (python -m maxlm.ppo): InstructGPT's RLHF stage. Defaults follow trlX's PPOConfig unless noted.
     # One iteration samples `rollout_batch` prompts, scores them, then runs `epochs` passes of minibatch

@@ -106,8 +106,9 @@ def test_reward_cli_end_to_end(reward_run, hf_base, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert 0.0 <= records[-1]["eval_accuracy"] <= 1.0 and "eval_margin" in records[-1]
     result = json.load(open(os.path.join(work, "reward_eval.json")))
-    assert result["n"] == 16 and set(result["by_domain"]) == {"correct", "brief"}
-    assert all(r["n"] == 8 for r in result["by_domain"].values())
+    by_domain = result["by_domain"]
+    assert set(by_domain) == {"correct", "brief"} and by_domain["correct"]["n"] == 8  # one per held-out item
+    assert 1 <= by_domain["brief"]["n"] <= 8 and result["n"] == 8 + by_domain["brief"]["n"]
     config, params, run_tok = reward.load(work)
     assert set(params) == {"decoder", "head"} and "lm_head" not in params["decoder"]
     assert np.abs(params["head"]).sum() > 0  # trained away from its zero init

@@ -171,32 +171,39 @@ def plausible_mistake(item: tasks.Item, rng: random.Random) -> str:
 
 def task_pairs(task_names: tuple[str, ...], split: str, n: int, seed: int = 0,
                domains: tuple[str, ...] = ("correct",), conditional: bool = True) -> list[dict]:
-    """`n` pair records per task and domain from the built-in tasks (the hidden rule labels them).
+    """Pair records from the `n` items per task of the built-in tasks (the hidden rule labels them).
 
-    * ``correct``: the right answer beats a plausible mistake (`plausible_mistake`).
-    * ``brief``: a truncated (so wrong) reply beats the correct one -- deliberately the opposite of
-      ``correct`` on such pairs, so that only the system prompt can tell the two apart.
+    Every item gets a shorter wrong reply (`shorter_reply`) with probability 1/2, else another mistake
+    (`plausible_mistake`), drawn from the item alone so both domains see the same pairs:
+
+    * ``correct`` (one pair per item): the right answer beats the mistake.
+    * ``brief`` (one pair per item with a shorter mistake): the shorter, wrong reply beats the right one --
+      the exact opposite of ``correct`` on the same pairs, as many of them as ``correct`` has, so without
+      the system prompt they are a coin toss and only a conditional reward model can learn both.
 
     With `conditional`, each record carries its domain's system prompt (`DOMAINS`); without, none do (the
-    baseline a conditional reward model is compared against). Every record has its "domain".
+    baseline a conditional reward model is compared against). Every record has its "domain" and "task".
     """
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown preference domain {unknown[0]!r}; expected one of {sorted(DOMAINS)}")
     records = []
     for task in task_names:
-        items = tasks.make_items(task, split, n, seed=seed)
-        for domain in domains:
-            if domain not in DOMAINS:
-                raise ValueError(f"unknown preference domain {domain!r}; expected one of {sorted(DOMAINS)}")
-            rng = random.Random(f"maxlm.preference|{task}|{split}|{domain}|{seed}")
-            for item in items:
-                if domain == "correct":
-                    chosen, rejected = item.answer, plausible_mistake(item, rng)
-                else:
-                    chosen, rejected = shorter_reply(item, rng), item.answer
-                if chosen == rejected:
-                    continue
-                records.append({"prompt": item.prompt, "chosen": chosen, "rejected": rejected,
-                                "system": DOMAINS[domain] if conditional else "", "domain": domain,
-                                "task": task})
+        for item in tasks.make_items(task, split, n, seed=seed):
+            rng = random.Random(f"maxlm.preference|{seed}|{item.key}")
+            shorter = rng.random() < 0.5
+            mistake = shorter_reply(item, rng) if shorter else plausible_mistake(item, rng)
+            if mistake == item.answer:
+                continue
+            pairs = {"correct": (item.answer, mistake)}
+            if shorter:
+                pairs["brief"] = (mistake, item.answer)
+            for domain in domains:
+                if domain in pairs:
+                    chosen, rejected = pairs[domain]
+                    records.append({"prompt": item.prompt, "chosen": chosen, "rejected": rejected,
+                                    "system": DOMAINS[domain] if conditional else "", "domain": domain,
+                                    "task": task})
     return records
 
 
