@@ -17,6 +17,7 @@ def get_config():
     c.reward.domains = ("correct",)
     c.reward.train_size = 8000  # items: 8000 `correct` pairs (+ ~4000 `brief` with both domains)
     c.reward.eval_size = 200
+    c.reward.policy_samples = 4  # + pairs from the base's own replies (the mistakes PPO will make)
     c.sft.eval_items = 0
 
     c.data.seq_len = 96  # one conversation per row: system prompt + prompt + reply fit in 80 tokens

@@ -180,6 +180,8 @@ def default_config() -> ml_collections.ConfigDict:
     r.conditional = True  # built-in pairs carry their domain's system prompt (COOL RLHF)
     r.train_size = 4000  # built-in: training items per task (a `correct` pair each, a `brief` pair for ~half)
     r.eval_size = 200  # built-in: held-out items per task (from the held-out task split)
+    r.policy_samples = 0  # built-in: also sample this many replies of the base to `sampled_items` train
+    r.sampled_items = 2000  # prompts per task, and pair each wrong one with a right one (reward.sampled_pairs)
 
     # PPO (python -m maxlm.ppo): InstructGPT's RLHF stage. Defaults follow trlX's PPOConfig unless noted.
     # One iteration samples `rollout_batch` prompts, scores them, then runs `epochs` passes of minibatch
@@ -307,8 +309,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(all(t in SFT_TASKS for t in r.tasks), "reward.tasks", f"each must be one of {SFT_TASKS}, got {r.tasks}")
     _check(len(r.domains) > 0 and all(d in PREFERENCE_DOMAINS for d in r.domains), "reward.domains",
            f"must be a non-empty subset of {PREFERENCE_DOMAINS}, got {r.domains}")
-    for key in ("train_size", "eval_size"):
+    for key in ("train_size", "eval_size", "sampled_items"):
         _check(r[key] > 0, f"reward.{key}", "must be positive")
+    _check(r.policy_samples >= 0, "reward.policy_samples", "must be >= 0 (0: synthetic pairs only)")
     p = c.ppo
     _check(p.reward_fn in ("model", "shortest_path"), "ppo.reward_fn", "must be model or shortest_path")
     _check(p.reward_domain in ("",) + PREFERENCE_DOMAINS, "ppo.reward_domain",

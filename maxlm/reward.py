@@ -31,7 +31,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import PartitionSpec
 
-from maxlm import chat, checkpoint, cli, distributed, model, pretrained, sft, train
+from maxlm import chat, checkpoint, cli, distributed, model, pretrained, sft, tasks, train
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.data import preference
@@ -105,9 +105,41 @@ def load(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDi
     return config, jax.device_get(params), tokenizer_lib.load(os.path.join(workdir, "tokenizer.model"))
 
 
-def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Template, split: str
-               ) -> preference.Pairs:
-    """`reward.data_path` (split by `data.eval_fraction` of records) or the built-in pairs' split."""
+def sampled_pairs(config: ml_collections.ConfigDict, params: dict, tok: Any, template: chat.Template,
+                  items: list, samples: int, seed: int = 0) -> list[dict]:
+    """`correct`-domain pairs from the policy's own replies, judged by the hidden checker -- InstructGPT's
+    comparisons of model outputs, with the checker as the labeller. Each item's prompt is sampled `samples`
+    times at temperature 1; every distinct wrong reply is rejected against a right one (a sampled right
+    reply when there is one, else the reference answer). The reward model so sees the mistakes the policy
+    actually makes, which PPO would otherwise find unjudged and exploit."""
+    from maxlm import evaluate, sample
+
+    stop = evaluate.stop_id(template, tok)
+    prompts = [chat.render_prompt(template, tok, tasks.messages(item, config.sft.system_prompt, with_answer=False))
+               for item in items for _ in range(samples)]
+    replies: list[str] = []
+    batch = evaluate.GENERATE_BATCH
+    for start in range(0, len(prompts), batch):
+        outs = sample.generate(config, params, prompts[start:start + batch], max_new_tokens=evaluate.MAX_NEW_TOKENS,
+                               rng=jax.random.key(seed * 1_000_003 + start), temperature=1.0, eos_id=stop,
+                               pad_id=tok.pad_id)
+        replies += [tok.decode(o).strip() for o in outs]
+    system = preference.DOMAINS["correct"] if config.reward.conditional else ""
+    records = []
+    for i, item in enumerate(items):
+        mine = replies[i * samples:(i + 1) * samples]
+        right = [r for r in mine if tasks.check(item, r)]
+        wrong = sorted({r for r in mine if r and not tasks.check(item, r)})
+        for rejected in wrong:
+            records.append({"prompt": item.prompt, "chosen": right[0] if right else item.answer, "rejected": rejected,
+                            "system": system, "domain": "correct", "task": item.task})
+    return records
+
+
+def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Template, split: str,
+               params: dict | None = None) -> preference.Pairs:
+    """`reward.data_path` (split by `data.eval_fraction` of records) or the built-in pairs' split; with
+    `reward.policy_samples` and the policy's `params`, the train split also gets `sampled_pairs`."""
     r = config.reward
     pairs = preference.Pairs(template, tok, config.data.seq_len)
     if r.data_path:
@@ -121,6 +153,15 @@ def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Templ
     for record in preference.task_pairs(tuple(r.tasks), split, size, seed=config.sft.task_seed,
                                         domains=tuple(r.domains), conditional=r.conditional):
         pairs.add(record, domain=record["domain"])
+    if split == "train" and r.policy_samples and params is not None and "correct" in r.domains:
+        # Items past the synthetic ones (the same split, so never a held-out input).
+        items = [i for t in r.tasks for i in tasks.make_items(t, split, size + r.sampled_items,
+                                                              seed=config.sft.task_seed)[size:]]
+        sampled = sampled_pairs(config, params, tok, template, items, r.policy_samples, seed=config.train.seed)
+        for record in sampled:
+            pairs.add(record, domain=record["domain"])
+        log_line(f"sampled {r.policy_samples} replies to each of {len(items)} prompts: {len(sampled)} pairs "
+                 "(a wrong reply against a right one)")
     return pairs
 
 
@@ -161,7 +202,7 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
     with config.unlocked():
         config.lora.rank = 0  # the reward model trains every parameter
     log_line(f"maxlm.reward: {config_lib.describe(config)}; base {config.reward.base}; template {template.name}")
-    train_pairs = load_pairs(config, tok, template, "train")
+    train_pairs = load_pairs(config, tok, template, "train", params=lm_params)
     log_line(f"preference data: {train_pairs.summary()}")
     held_out = load_pairs(config, tok, template, "eval")
     iterator = preference.PairIterator(train_pairs, seq_len=config.data.seq_len, batch_size=config.data.batch_size,

@@ -117,3 +117,19 @@ def test_reward_cli_end_to_end(reward_run, hf_base, tmp_path):
                           f"--workdir={tmp_path / 'bad'}", f"--config.reward.base={hf_base}",
                           "--config.reward.domains=('polite',)"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "reward.domains" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_sampled_pairs_reject_the_policys_wrong_replies(hf_base, tok):
+    from maxlm import pretrained
+
+    config, params, _ = pretrained.load_base(hf_base)
+    items = tasks.make_items("sort", "train", 3)
+    records = reward.sampled_pairs(config, params, tok, chat.CHATML, items, samples=3, seed=1)
+    assert records, "a random model gets sorting wrong"
+    by_prompt = {i.prompt: i for i in items}
+    for r in records:
+        item = by_prompt[r["prompt"]]
+        assert tasks.check(item, r["chosen"]) and not tasks.check(item, r["rejected"]) and r["rejected"]
+        assert r["domain"] == "correct" and r["system"] == preference.DOMAINS["correct"]
+    assert len({(r["prompt"], r["rejected"]) for r in records}) == len(records)  # distinct wrong replies
+    assert records == reward.sampled_pairs(config, params, tok, chat.CHATML, items, samples=3, seed=1)
