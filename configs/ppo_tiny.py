@@ -21,9 +21,13 @@ def get_config():
     p.rollout_batch = 64
     p.max_new_tokens = 16
     p.epochs = 4
-    p.init_kl_coef = 0.05
-    p.target_kl = 1.0  # nats per response: the replies are ~10 tokens, not trlX's hundreds
-    p.kl_horizon = 10000
+    # KL control sized for a tiny reward model whose scores span ~+-10: with trlX's beta 0.05 and horizon
+    # 10000 the controller barely moved (beta 0.050 -> 0.059 in 150 iterations) while KL reached 11 nats and
+    # the policy learnt to please the reward model instead of sorting (held-out 0.52 -> 0.20). Beta 0.5 with
+    # horizon 1000 kept KL at 1-2.6 and raised held-out exact match 0.52 -> 0.655 in 100 iterations.
+    p.init_kl_coef = 0.5
+    p.target_kl = 1.0  # nats per response: the replies are ~6 tokens, not trlX's hundreds
+    p.kl_horizon = 1000
     p.eval_every = 25
     p.eval_items = 200
     c.sft.eval_items = 0
