@@ -133,3 +133,24 @@ def test_sampled_pairs_reject_the_policys_wrong_replies(hf_base, tok):
         assert r["domain"] == "correct" and r["system"] == preference.DOMAINS["correct"]
     assert len({(r["prompt"], r["rejected"]) for r in records}) == len(records)  # distinct wrong replies
     assert records == reward.sampled_pairs(config, params, tok, chat.CHATML, items, samples=3, seed=1)
+
+
+def test_pair_iterator_resumes_exactly_on_any_number_of_hosts(tok):
+    pairs = preference.Pairs(chat.CHATML, tok, 192)
+    for record in preference.task_pairs(("sort",), "train", 7):
+        pairs.add(record)
+    a = preference.PairIterator(pairs, seq_len=192, batch_size=4, seed=1, pad_id=tok.pad_id)
+    for _ in range(3):  # crosses an epoch boundary (7 pairs)
+        next(a)
+    state = json.loads(json.dumps(a.get_state()))
+    b = preference.PairIterator(pairs, seq_len=192, batch_size=4, seed=1, pad_id=tok.pad_id)
+    b.set_state(state)
+    host1 = preference.PairIterator(pairs, seq_len=192, batch_size=4, seed=1, pad_id=tok.pad_id, host_id=1, num_hosts=2)
+    host1.set_state(state)
+    want, got, half = next(a), next(b), next(host1)
+    for k in want:
+        np.testing.assert_array_equal(want[k], got[k])
+        np.testing.assert_array_equal(want[k][2:], half[k])
+    assert a.stats["pairs"] == 16 and state["epoch"] == 1
+    with pytest.raises(ValueError, match="seed"):
+        preference.PairIterator(pairs, seq_len=192, batch_size=4, seed=2).set_state(state)

@@ -197,3 +197,45 @@ def gather_state(iterator: PackedIterator) -> dict:
     padded[:blob.size] = blob
     every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
     return merge_states([json.loads(bytes(row[:n]).decode()) for row, n in zip(every, sizes)])
+
+
+class EpochIterator:
+    """The part the SFT and preference iterators share: every host builds the same global batch from the
+    same per-epoch order and keeps its own rows, so the state -- (epoch, cursor, counters) -- is global
+    (`replicated_state`), and a resumed run, on any number of hosts, continues exactly."""
+
+    replicated_state = True
+    STATS: tuple[str, ...] = ()  # counters kept in the state
+
+    def __init__(self, items: list, *, seq_len: int, batch_size: int, seed: int, pad_id: int = 0,
+                 host_id: int = 0, num_hosts: int = 1):
+        if batch_size % num_hosts:
+            raise ValueError(f"batch_size={batch_size} is not divisible by num_hosts={num_hosts}")
+        self.items = items
+        self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, seed, pad_id
+        self.rows = batch_size // num_hosts
+        self.first_row = host_id * self.rows
+        self.epoch, self.cursor = 0, 0
+        self._stats = {k: 0 for k in self.STATS}
+
+    def __iter__(self) -> "EpochIterator":
+        return self
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    def get_state(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "epoch": self.epoch, "cursor": self.cursor,
+                **self._stats}
+
+    def set_state(self, state: dict) -> None:
+        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size)):
+            if int(state.get(key, mine)) != mine:
+                raise ValueError(f"data state was saved with {key}={state[key]}, this iterator has {mine}")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._stats.update({k: int(state.get(k, 0)) for k in self._stats})
+
+    def _mine(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This host's rows of a global batch."""
+        return {k: np.ascontiguousarray(v[self.first_row:self.first_row + self.rows]) for k, v in batch.items()}

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from maxlm import chat, tasks
+from maxlm.data.packing import EpochIterator
 
 Batch = dict[str, np.ndarray]
 
@@ -207,45 +208,21 @@ def task_pairs(task_names: tuple[str, ...], split: str, n: int, seed: int = 0,
     return records
 
 
-class PairIterator:
+class PairIterator(EpochIterator):
     """Infinite iterator of per-host batches of pairs, reshuffled every epoch; exact-resume state."""
 
-    replicated_state = True  # every host holds the global state
+    STATS = ("pairs",)
 
     def __init__(self, pairs: Pairs, *, seq_len: int, batch_size: int, seed: int, pad_id: int = 0,
                  host_id: int = 0, num_hosts: int = 1):
         if len(pairs) == 0:
             raise ValueError(f"no usable preference pairs ({pairs.summary()})")
-        if batch_size % num_hosts:
-            raise ValueError(f"batch_size={batch_size} is not divisible by num_hosts={num_hosts}")
         longest = max(max(len(c), len(r)) for c, r in pairs.items)
         if longest > seq_len:
             raise ValueError(f"a pair has {longest} tokens, more than seq_len={seq_len}")
-        self.items = pairs.items
-        self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, seed, pad_id
-        self.rows = batch_size // num_hosts
-        self.first_row = host_id * self.rows
-        self.epoch, self.cursor = 0, 0
-        self._stats = {"pairs": 0}
+        super().__init__(pairs.items, seq_len=seq_len, batch_size=batch_size, seed=seed, pad_id=pad_id,
+                         host_id=host_id, num_hosts=num_hosts)
         self._order_epoch, self._order = -1, np.zeros(0, np.int64)
-
-    def __iter__(self) -> PairIterator:
-        return self
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return dict(self._stats)
-
-    def get_state(self) -> dict:
-        return {"seed": self.seed, "batch_size": self.batch_size, "epoch": self.epoch, "cursor": self.cursor,
-                **self._stats}
-
-    def set_state(self, state: dict) -> None:
-        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size)):
-            if int(state.get(key, mine)) != mine:
-                raise ValueError(f"data state was saved with {key}={state[key]}, this iterator has {mine}")
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._stats.update({k: int(state.get(k, 0)) for k in self._stats})
 
     def _next_pair(self) -> tuple[np.ndarray, np.ndarray]:
         if self.cursor == len(self.items):
@@ -259,8 +236,8 @@ class PairIterator:
         return pair
 
     def __next__(self) -> Batch:
-        batch = pair_batch([self._next_pair() for _ in range(self.batch_size)], self.seq_len, self.pad_id)
-        return {k: np.ascontiguousarray(v[self.first_row:self.first_row + self.rows]) for k, v in batch.items()}
+        return self._mine(pair_batch([self._next_pair() for _ in range(self.batch_size)], self.seq_len,
+                                     self.pad_id))
 
 
 def pair_batch(pairs: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int = 0,

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from maxlm import chat
+from maxlm.data.packing import EpochIterator
 
 Batch = dict[str, np.ndarray]
 PACK_OPEN_ROWS = 16
@@ -139,46 +140,22 @@ def pack_first_fit(lengths: np.ndarray, capacity: int, open_rows: int = PACK_OPE
     return rows + [row[1] for row in window]
 
 
-class SFTIterator:
+class SFTIterator(EpochIterator):
     """Infinite iterator of packed per-host batches (see the module docstring) over `conversations`."""
 
-    replicated_state = True  # every host holds the global state (no per-host merge needed)
+    STATS = ("conversations", "tokens", "trained_tokens", "padding")
 
     def __init__(self, conversations: Conversations, *, seq_len: int, batch_size: int, seed: int, pad_id: int = 0,
                  host_id: int = 0, num_hosts: int = 1):
         if len(conversations) == 0:
             raise ValueError(f"no usable conversations ({conversations.summary()})")
-        if batch_size % num_hosts:
-            raise ValueError(f"batch_size={batch_size} is not divisible by num_hosts={num_hosts}")
         too_long = [len(ids) for ids, _ in conversations.items if len(ids) - 1 > seq_len]
         if too_long:
             raise ValueError(f"{len(too_long)} conversations exceed seq_len={seq_len} + 1 tokens")
-        self.items = conversations.items
-        self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, seed, pad_id
-        self.rows = batch_size // num_hosts
-        self.first_row = host_id * self.rows
-        self.epoch, self.cursor = 0, 0
-        self._stats = {"conversations": 0, "tokens": 0, "trained_tokens": 0, "padding": 0}
+        super().__init__(conversations.items, seq_len=seq_len, batch_size=batch_size, seed=seed, pad_id=pad_id,
+                         host_id=host_id, num_hosts=num_hosts)
         self._lengths = np.asarray([len(ids) - 1 for ids, _ in self.items])
         self._plan_epoch, self._rows_plan = -1, []
-
-    def __iter__(self) -> SFTIterator:
-        return self
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return dict(self._stats)
-
-    def get_state(self) -> dict:
-        return {"seed": self.seed, "batch_size": self.batch_size, "epoch": self.epoch, "cursor": self.cursor,
-                **self._stats}
-
-    def set_state(self, state: dict) -> None:
-        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size)):
-            if int(state.get(key, mine)) != mine:
-                raise ValueError(f"data state was saved with {key}={state[key]}, this iterator has {mine}")
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._stats.update({k: int(state.get(k, 0)) for k in self._stats})
 
     def _plan(self, epoch: int) -> list[list[int]]:
         order = np.random.default_rng((self.seed, epoch)).permutation(len(self.items))
@@ -214,5 +191,4 @@ class SFTIterator:
                 self._stats["trained_tokens"] += int(weights[1:].sum())
             self._stats["tokens"] += filled
             self._stats["padding"] += t - filled
-        mine = slice(self.first_row, self.first_row + self.rows)
-        return {k: np.ascontiguousarray(v[mine]) for k, v in out.items()}
+        return self._mine(out)
