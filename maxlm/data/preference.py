@@ -20,7 +20,6 @@ same three for `rejected`, and `positions`.
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import random
 import string
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from maxlm import chat, tasks
+from maxlm.data import sft as sft_data
 from maxlm.data.packing import EpochIterator
 
 Batch = dict[str, np.ndarray]
@@ -102,16 +102,9 @@ class Pairs:
         self.domains.append(domain or record.get("domain", "") or system)
         return True
 
-    def add_line(self, line: bytes | str) -> bool:
+    def add_line(self, line: str) -> bool:
         try:
-            text = line.decode("utf-8") if isinstance(line, bytes) else line
-        except UnicodeDecodeError:
-            self.skipped["bad_utf8"] += 1
-            return False
-        if not text.strip():
-            return False
-        try:
-            record = json.loads(text)
+            record = json.loads(line)
         except json.JSONDecodeError:
             self.skipped["bad_json"] += 1
             return False
@@ -124,14 +117,7 @@ class Pairs:
 
 def load_jsonl(pattern: str, pairs: Pairs) -> Pairs:
     """Add every line of the files matching `pattern` (sorted, so the order is deterministic)."""
-    paths = sorted(glob.glob(pattern))
-    if not paths:
-        raise FileNotFoundError(f"no preference files match {pattern!r}")
-    for path in paths:
-        with open(path, "rb") as f:
-            for line in f:
-                pairs.add_line(line)
-    return pairs
+    return sft_data.load_jsonl(pattern, pairs, what="reward.data_path")
 
 
 def shorter_reply(item: tasks.Item, rng: random.Random) -> str:

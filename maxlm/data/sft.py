@@ -103,11 +103,13 @@ class Conversations:
                 f"left, skipped {sum(skipped.values())}" + (f" {skipped}" if skipped else ""))
 
 
-def load_jsonl(pattern: str, conversations: Conversations) -> Conversations:
-    """Read every line of the files matching `pattern` (sorted; blank lines ignored) into `conversations`."""
+def load_jsonl(pattern: str, conversations: Any, what: str = "sft.data_path") -> Any:
+    """Read every line of the files matching `pattern` (sorted; blank lines ignored) into `conversations`
+    (or any collection with a `skipped` counter and `add_line(str)`, e.g. preference pairs); `what` names
+    the setting in the error when nothing matches."""
     files = sorted(glob.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"no files match sft.data_path={pattern!r}")
+        raise FileNotFoundError(f"no files match {what}={pattern!r}")
     for path in files:
         with open(path, "rb") as f:
             for raw in f:
