@@ -168,6 +168,9 @@ def default_config() -> ml_collections.ConfigDict:
     # maxlm.sft adds the chat template's markers when `train_template_tokens`.
     lo.token_ids = ()
     lo.train_template_tokens = True
+    # LoRA+ (Hayou et al. 2024): B's learning rate is `lr_ratio` times A's. B starts at zero and its
+    # gradient is small while A is random, so one shared lr leaves B learning slowly; 1 is plain LoRA.
+    lo.lr_ratio = 1.0
 
     # Reward model (python -m maxlm.reward): the decoder with a scalar head, trained on preference pairs.
     # Chat template and task seed come from `sft`.
@@ -330,6 +333,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     lo = c.lora
     _check(lo.rank >= 0, "lora.rank", "must be >= 0 (0 disables LoRA)")
     _check(lo.alpha > 0, "lora.alpha", "must be positive")
+    _check(lo.lr_ratio > 0, "lora.lr_ratio", "must be positive")
     # A fused wqkv model (InternLM2) adapts wqkv when any of q, k, v is named.
     allowed = tuple(t for t in LORA_TARGETS
                     if (t != "wqkv" or m.fused_qkv) and (t != "lm_head" or not m.tie_embeddings))

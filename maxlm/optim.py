@@ -10,6 +10,9 @@ Weight decay skips norm scales and biases (decaying them has no regularising mea
 `optim.decay_embeddings`, the input embedding (the LLaMA / GPT-NeoX convention). The mask is built from
 parameter *names*, because with scanned layers every tensor has a leading layer axis, so a rank test
 ("decay only matrices") would wrongly decay the [L, D] norm scales.
+
+LoRA+ (Hayou et al. 2024, `lora.lr_ratio`): when the trained tree is a LoRA adapter tree, the updates of the
+B factors are scaled by the ratio after AdamW, i.e. B trains at `lr_ratio` times the scheduled lr.
 """
 
 from __future__ import annotations
@@ -72,4 +75,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: dict) -> optax.Gra
         parts.append(optax.clip_by_global_norm(o.grad_clip))
     parts.append(optax.adamw(schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                              mask=decay_mask(config, params)))
+    if config.lora.rank > 0 and config.lora.lr_ratio != 1.0:
+        is_b = tree_map_with_path(lambda path, _: _path_names(path)[-1] == "b", params)
+        parts.append(optax.masked(optax.scale(config.lora.lr_ratio), is_b))
     return optax.chain(*parts)

@@ -36,6 +36,7 @@ def test_param_counts_match_published_models():
     ("optim.grad_accum_steps", 5, "not divisible"),
     ("optim.schedule", "exp", "must be one of"),
     ("mesh.tensor", 0, ">= 1 or -1"),
+    ("lora.lr_ratio", 0.0, "must be positive"),
 ])
 def test_invalid_values_name_the_key(key, value, fragment):
     c = C.override(C.load_config_file(os.path.join(ROOT, "configs", "tiny.py")), **{key: value})

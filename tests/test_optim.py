@@ -86,3 +86,20 @@ def test_adamw_matches_numpy_reference():
             ref[k] = ref[k] - 0.1 * update
     for k in ref:
         np.testing.assert_allclose(p[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_lora_plus_scales_only_b_updates():
+    """LoRA+ (`lora.lr_ratio`): one step moves B by exactly ratio x the plain-LoRA step, A not at all differently."""
+    base = {"optim.schedule": "constant", "optim.warmup_steps": 0, "optim.peak_lr": 0.01, "lora.rank": 2}
+    tree = {"layers": {"attn": {"q": {"a": np.ones((1, 3, 2), np.float32), "b": np.zeros((1, 2, 3), np.float32)}}}}
+    grads = {"layers": {"attn": {"q": {"a": np.full((1, 3, 2), 0.5, np.float32),
+                                       "b": np.full((1, 2, 3), -2.0, np.float32)}}}}
+    steps = {}
+    for ratio in (1.0, 16.0):
+        c = C.override(C.default_config(), **base, **{"lora.lr_ratio": ratio})
+        opt = optim.make_optimizer(c, tree)
+        updates, _ = opt.update(grads, opt.init(tree), tree)
+        steps[ratio] = updates["layers"]["attn"]["q"]
+    np.testing.assert_allclose(steps[16.0]["a"], steps[1.0]["a"], rtol=1e-6)
+    np.testing.assert_allclose(steps[16.0]["b"], 16.0 * steps[1.0]["b"], rtol=1e-6)
+    assert np.all(np.asarray(steps[1.0]["b"]) > 0)  # sanity: a real (non-zero) step was taken
