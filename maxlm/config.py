@@ -183,8 +183,12 @@ def default_config() -> ml_collections.ConfigDict:
     r.conditional = True  # built-in pairs carry their domain's system prompt (COOL RLHF)
     r.train_size = 4000  # built-in: training items per task (a `correct` pair each, a `brief` pair for ~half)
     r.eval_size = 200  # built-in: held-out items per task (from the held-out task split)
-    r.policy_samples = 0  # built-in: also sample this many replies of the base to `sampled_items` train
+    r.policy_samples = 0  # built-in: also sample this many replies of the policy to `sampled_items` train
     r.sampled_items = 2000  # prompts per task, and pair each wrong one with a right one (reward.sampled_pairs)
+    # The policy whose replies are sampled: the model PPO will train (InstructGPT labels comparisons of the
+    # policy's own outputs). Empty: the reward model's base. It must share the base's tokenizer.
+    r.sample_policy = ""
+    r.sample_policy_step = -1
 
     # PPO (python -m maxlm.ppo): InstructGPT's RLHF stage. Defaults follow trlX's PPOConfig unless noted.
     # One iteration samples `rollout_batch` prompts, scores them, then runs `epochs` passes of minibatch

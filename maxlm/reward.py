@@ -139,7 +139,8 @@ def sampled_pairs(config: ml_collections.ConfigDict, params: dict, tok: Any, tem
 def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Template, split: str,
                params: dict | None = None) -> preference.Pairs:
     """`reward.data_path` (split by `data.eval_fraction` of records) or the built-in pairs' split; with
-    `reward.policy_samples` and the policy's `params`, the train split also gets `sampled_pairs`."""
+    `reward.policy_samples`, the train split also gets `sampled_pairs` of `reward.sample_policy` (default:
+    the model of `params`, the reward model's base)."""
     r = config.reward
     pairs = preference.Pairs(template, tok, config.data.seq_len)
     if r.data_path:
@@ -153,7 +154,17 @@ def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Templ
     for record in preference.task_pairs(tuple(r.tasks), split, size, seed=config.sft.task_seed,
                                         domains=tuple(r.domains), conditional=r.conditional):
         pairs.add(record, domain=record["domain"])
-    if split == "train" and r.policy_samples and params is not None and "correct" in r.domains:
+    if split == "train" and r.policy_samples and "correct" in r.domains:
+        if r.sample_policy:
+            policy_config, params, tok_path = pretrained.load_base(r.sample_policy, r.sample_policy_step,
+                                                                   key="reward.sample_policy")
+            if policy_config.model.vocab_size != config.model.vocab_size or (
+                    tok_path and tokenizer_lib.load(tok_path).vocab_size != tok.vocab_size):
+                raise pretrained.BaseModelError(f"reward.sample_policy={r.sample_policy} and reward.base="
+                                                f"{r.base} have different vocabularies")
+            config = pretrained.with_base_model(config, policy_config, policy_config.model.vocab_size)
+        if params is None:
+            return pairs
         # Items past the synthetic ones (the same split, so never a held-out input).
         items = [i for t in r.tasks for i in tasks.make_items(t, split, size + r.sampled_items,
                                                               seed=config.sft.task_seed)[size:]]

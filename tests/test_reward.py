@@ -154,3 +154,21 @@ def test_pair_iterator_resumes_exactly_on_any_number_of_hosts(tok):
     assert a.stats["pairs"] == 16 and state["epoch"] == 1
     with pytest.raises(ValueError, match="seed"):
         preference.PairIterator(pairs, seq_len=192, batch_size=4, seed=2).set_state(state)
+
+
+def test_pairs_sampled_from_another_policy(hf_base, tok):
+    """`reward.sample_policy`: the sampled pairs come from that model even when the reward model's own base
+    params are not passed, and they are exactly `sampled_pairs` of it on the items past the synthetic ones."""
+    from maxlm import pretrained
+
+    config, params, _ = pretrained.load_base(hf_base)
+    cfg = pretrained.with_base_model(C.override(C.default_config(), **{
+        "reward.tasks": ("sort",), "reward.train_size": 4, "reward.policy_samples": 2, "reward.sampled_items": 3,
+        "reward.sample_policy": hf_base, "data.seq_len": 192, "model.max_seq_len": 256}), config, tok.vocab_size)
+    pairs = reward.load_pairs(cfg, tok, chat.CHATML, "train")
+    synthetic = reward.load_pairs(C.override(cfg, **{"reward.policy_samples": 0}), tok, chat.CHATML, "train")
+    items = tasks.make_items("sort", "train", 7)[4:]
+    expected = reward.sampled_pairs(cfg, params, tok, chat.CHATML, items, samples=2, seed=cfg.train.seed)
+    assert expected and len(pairs) == len(synthetic) + len(expected)
+    with pytest.raises(FileNotFoundError, match="reward.sample_policy"):
+        reward.load_pairs(C.override(cfg, **{"reward.sample_policy": "/nonexistent"}), tok, chat.CHATML, "train")
