@@ -27,10 +27,10 @@ def get_config():
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.0
 
-    c.train.num_steps = 1000
+    c.train.num_steps = 2000  # ~2 epochs of the ~17k pairs
     c.train.log_every = 50
-    c.train.eval_every = 250
+    c.train.eval_every = 500
     c.train.eval_batches = 13  # 208 held-out pairs (all of them: reward_eval.json at the end)
 
-    c.checkpoint.every_steps = 500
+    c.checkpoint.every_steps = 1000
     return c

@@ -16,8 +16,12 @@ W=${1:?usage: bash experiments/rlhf_demo.sh WORKDIR}
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 mkdir -p "$W"
-# "Partly trained": the SFT run's checkpoint at step PARTIAL (of SFT_STEPS) is the policy, the reference and
-# the reward models' starting point (held-out exact match ~0.5 on the tiny base).
+# "Partly trained": the SFT run's checkpoint at step PARTIAL (of SFT_STEPS) is the policy and the reference
+# (held-out exact match ~0.5 on the tiny base). The reward models start from the finished SFT run (InstructGPT
+# trains its RM from an SFT model; a better judge of sorting than the partial policy: held-out pairwise
+# accuracy 0.99 after 2000 steps, vs 0.93 from step PARTIAL after 1000) and also see the partial policy's
+# own sampled replies, judged by the checker (an RM that never saw them was exploited within 40 PPO
+# iterations: reward up, true score flat).
 SFT_STEPS=${SFT_STEPS:-1200}
 PARTIAL=${PARTIAL:-400}
 PPO_ITERATIONS=${PPO_ITERATIONS:-150}
@@ -35,7 +39,8 @@ for kind in conditional unconditional; do
   cond=True; [ $kind = unconditional ] && cond=False
   echo "== $kind reward model ($W/rm_$kind)" >&2
   $PY -m maxlm.reward --config=configs/reward_tiny.py --workdir="$W/rm_$kind" --config.reward.base="$W/sft" \
-      --config.reward.base_step="$PARTIAL" "--config.reward.domains=('correct','brief')" \
+      --config.reward.base_step="$SFT_STEPS" --config.reward.sample_policy="$W/sft" \
+      --config.reward.sample_policy_step="$PARTIAL" "--config.reward.domains=('correct','brief')" \
       --config.reward.conditional=$cond >&2
 done
 
