@@ -17,8 +17,8 @@ mkdir -p "$W"
 # output columns of letters rare in pretraining have collapsed together, and adapters below a frozen head
 # cannot separate them (see maxlm/lora.py). The markers' rows are left frozen to stay in budget.
 # LoRA learns more slowly per step than full fine-tuning (its loss after N steps is full fine-tuning's after
-# ~N/3), and the issue sets LoRA no time budget, so it gets three times the steps (same step time, lr 2e-3:
-# 4e-3 and 1e-2 were worse, as was LoRA+).
+# ~N/3), and the issue sets LoRA no time budget, so it gets three times the steps (same step time). lr 2e-3:
+# 4e-3 and 1e-2 were worse; LoRA+ (lora.lr_ratio 4 at 1e-3) was no better in short probes.
 LORA_STEPS=${LORA_STEPS:-42000}
 LORA_FLAGS=(--config.lora.rank=8 --config.lora.alpha=16 "--config.lora.targets=('q','k','v','o','up','lm_head')"
             --config.lora.train_template_tokens=False --config.optim.peak_lr="${LORA_LR:-2e-3}"
