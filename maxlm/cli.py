@@ -20,10 +20,12 @@ from maxlm.config import ConfigError, default_config
 USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
-def define_config_flag(default: str = "configs/tiny.py") -> None:
+def define_config_flag(default: str = "configs/tiny.py", schema: Callable[[], ConfigDict] = default_config) -> None:
+    """The `--config` flag; `schema` (the training schema unless given) is what `--config.*` keys are
+    checked against."""
     # ml_collections applies `--config.*` overrides from sys.argv as soon as the flag with a default file is
     # defined, so the schema check has to come first.
-    _exit_on_config_error(check_overrides, sys.argv)
+    _exit_on_config_error(check_overrides, sys.argv, schema)
     config_flags.DEFINE_config_file(
         "config", default,
         "Experiment config: a configs/*.py file with get_config(). Override any field with "
@@ -31,8 +33,10 @@ def define_config_flag(default: str = "configs/tiny.py") -> None:
         lock_config=True)
 
 
-def run(main: Callable[[list[str]], None], user_errors: tuple[type[Exception], ...] = ()) -> None:
-    """`absl.app.run(main)`, turning user errors (USER_ERRORS + `user_errors`) into one line on stderr, exit 2."""
+def run(main: Callable[[list[str]], None], user_errors: tuple[type[Exception], ...] = (),
+        schema: Callable[[], ConfigDict] = default_config) -> None:
+    """`absl.app.run(main)`, turning user errors (USER_ERRORS + `user_errors`) into one line on stderr, exit 2.
+    `schema` is the one `define_config_flag` was given."""
 
     def wrapped(argv: list[str]) -> None:
         if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console readable
@@ -43,7 +47,7 @@ def run(main: Callable[[list[str]], None], user_errors: tuple[type[Exception], .
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
 
-    app.run(wrapped, flags_parser=_parse_flags)
+    app.run(wrapped, flags_parser=lambda argv: _parse_flags(argv, schema))
 
 
 def _exit_on_config_error(fn: Callable, *args) -> None:
@@ -54,9 +58,9 @@ def _exit_on_config_error(fn: Callable, *args) -> None:
         sys.exit(2)
 
 
-def check_overrides(argv: list[str]) -> None:
+def check_overrides(argv: list[str], schema: Callable[[], ConfigDict] = default_config) -> None:
     """Fail on `--config=missing.py` and on `--config.a.b` keys that are not in the schema, naming the key."""
-    schema = default_config()
+    schema = schema()
     for arg in argv[1:]:
         if arg.startswith("--config="):
             path = arg.split("=", 1)[1]
@@ -74,9 +78,9 @@ def check_overrides(argv: list[str]) -> None:
                 node = node[part]
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def _parse_flags(argv: list[str], schema: Callable[[], ConfigDict]) -> list[str]:
     """absl's parser, but a bad flag, unknown config key or missing config file is one line, not a traceback."""
-    _exit_on_config_error(check_overrides, argv)
+    _exit_on_config_error(check_overrides, argv, schema)
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:

@@ -367,6 +367,109 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+CURATE_STAGES = ("normalize", "boilerplate", "quality", "exact", "near", "paragraph", "perplexity")
+CURATE_ALIASES = {"dedup": ("exact", "near"), "all": CURATE_STAGES}
+
+
+def curate_config() -> ml_collections.ConfigDict:
+    """The schema of `python -m maxlm.curate` (configs/curate_default.py), a pipeline of its own: no model
+    or mesh, but the same file + `--config.a.b=v` conventions. Locked."""
+    c = ml_collections.ConfigDict()
+    # Comma-separated, applied in CURATE_STAGES order whatever the order written; "dedup" = exact,near.
+    c.stages = ",".join(CURATE_STAGES)
+    c.seed = 0  # MinHash permutations (the only randomness; output is byte-identical for a seed)
+    c.workers = 0  # processes over input shards; 0: one per CPU core
+    c.text_key = "text"
+    c.max_line_bytes = 16 << 20  # longer jsonl lines are counted as too_long and skipped
+    c.html = "auto"  # auto (convert text that looks like HTML) | always | never
+    c.examples_per_rule = 5  # removed documents kept in removed_examples.jsonl per rule, for a human to read
+
+    c.boilerplate = ml_collections.ConfigDict()
+    c.boilerplate.min_docs = 10  # a line found in at least this many documents is boilerplate
+
+    # Heuristic quality rules (maxlm/data/quality.py): the enabled ones in order, and each one's thresholds
+    # (Gopher's, Rae et al. 2021, unless noted).
+    c.quality = q = ml_collections.ConfigDict()
+    q.rules = ("length", "mean_word_length", "symbol_ratio", "line_punctuation", "repeated_lines",
+               "repeated_paragraphs", "top_ngrams", "repeated_ngrams", "alpha_fraction", "blocklist")
+    q.length = ml_collections.ConfigDict({"min_units": 50, "max_units": 100_000})  # units: words, CJK chars
+    q.mean_word_length = ml_collections.ConfigDict({"min": 3.0, "max": 10.0, "min_words": 20})
+    q.symbol_ratio = ml_collections.ConfigDict({"max": 0.1})  # '#' and ellipses per unit
+    q.line_punctuation = ml_collections.ConfigDict({"min_fraction": 0.2})  # C4 requires 1.0 (every line)
+    q.repeated_lines = ml_collections.ConfigDict({"max_fraction": 0.3, "max_char_fraction": 0.2})
+    q.repeated_paragraphs = ml_collections.ConfigDict({"max_fraction": 0.3, "max_char_fraction": 0.2})
+    q.top_ngrams = ml_collections.ConfigDict({"n": (2, 3, 4), "max_fraction": (0.2, 0.18, 0.16)})
+    q.repeated_ngrams = ml_collections.ConfigDict({"n": (5, 6, 7, 8, 9, 10),
+                                                   "max_fraction": (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)})
+    q.alpha_fraction = ml_collections.ConfigDict({"min": 0.5})  # letters (CJK included) / non-space chars
+    q.blocklist = ml_collections.ConfigDict({"words": (), "domains": (), "words_file": "", "max_hits": 0})
+
+    c.dedup = de = ml_collections.ConfigDict()
+    de.threshold = 0.8  # estimated Jaccard at or above which two documents are near-duplicates
+    de.num_perm = 128
+    de.ngram = 5
+    de.unit = "char"  # char | word shingles (char needs no segmenter: Chinese works as is)
+    de.fn_weight = 0.9  # LSH band choice: weight of false negatives vs positives (candidates are verified)
+
+    c.paragraph = ml_collections.ConfigDict()
+    c.paragraph.min_chars = 200  # shorter paragraphs ("Thank you.") may legitimately repeat
+
+    # Model-based quality (CCNet's perplexity filter, Wenzek et al. 2020): a maxlm checkpoint trained on
+    # clean reference text scores every document; documents above the `drop_above` percentile of
+    # perplexity are removed, the rest get a `ppl` field and a `quality` bucket by percentile.
+    c.perplexity = pp = ml_collections.ConfigDict()
+    pp.workdir = "runs/tiny"  # the README's tiny model, trained on the embedded stdlib corpus
+    pp.step = -1  # checkpoint step; -1: the latest
+    pp.batch_size = 32
+    pp.max_tokens = 256  # tokens scored per document (its beginning)
+    pp.drop_above = 90.0  # percentile; 100 keeps everything
+    pp.buckets = (30.0, 70.0)  # percentiles: high below the first, medium up to the second, low above
+    c.lock()
+    return c
+
+
+def curate_stages(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The enabled stages of a curate config, in pipeline order."""
+    named = [s.strip() for s in c.stages.split(",") if s.strip()]
+    chosen = set()
+    for s in named:
+        chosen.update(CURATE_ALIASES.get(s, (s,)))
+    return tuple(s for s in CURATE_STAGES if s in chosen)
+
+
+def validate_curate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Reject an impossible curate config before any data is read, naming the key."""
+    from maxlm.data import quality
+
+    named = [s.strip() for s in c.stages.split(",") if s.strip()]
+    bad = [s for s in named if s not in CURATE_STAGES and s not in CURATE_ALIASES]
+    _check(not bad, "stages", f"unknown stage(s) {bad}; known: {CURATE_STAGES} and aliases {tuple(CURATE_ALIASES)}")
+    _check(c.workers >= 0, "workers", "must be >= 0 (0: one per CPU core)")
+    _check(c.max_line_bytes > 0, "max_line_bytes", "must be positive")
+    _check(c.html in ("auto", "always", "never"), "html", "must be auto, always or never")
+    _check(c.boilerplate.min_docs >= 2, "boilerplate.min_docs", "must be >= 2 (a line in one document is content)")
+    unknown = [r for r in c.quality.rules if r not in quality.RULES]
+    _check(not unknown, "quality.rules", f"unknown rule(s) {unknown}; known: {tuple(quality.RULES)}")
+    for name in ("top_ngrams", "repeated_ngrams"):
+        _check(len(c.quality[name].n) == len(c.quality[name].max_fraction), f"quality.{name}",
+               "n and max_fraction must have the same length")
+    _check(not c.quality.blocklist.words_file or os.path.isfile(c.quality.blocklist.words_file),
+           "quality.blocklist.words_file", f"no such file: {c.quality.blocklist.words_file}")
+    _check(0.0 < c.dedup.threshold < 1.0, "dedup.threshold", "must be in (0, 1)")
+    _check(c.dedup.num_perm >= 2, "dedup.num_perm", "must be >= 2")
+    _check(c.dedup.ngram >= 1, "dedup.ngram", "must be >= 1")
+    _check(c.dedup.unit in ("char", "word"), "dedup.unit", "must be char or word")
+    _check(0.0 < c.dedup.fn_weight < 1.0, "dedup.fn_weight", "must be in (0, 1)")
+    _check(c.paragraph.min_chars >= 1, "paragraph.min_chars", "must be >= 1")
+    pp = c.perplexity
+    _check(pp.batch_size > 0, "perplexity.batch_size", "must be positive")
+    _check(pp.max_tokens > 1, "perplexity.max_tokens", "must be > 1")
+    _check(0.0 < pp.drop_above <= 100.0, "perplexity.drop_above", "must be in (0, 100]")
+    _check(len(pp.buckets) == 2 and 0.0 <= pp.buckets[0] <= pp.buckets[1] <= 100.0, "perplexity.buckets",
+           "two increasing percentiles in [0, 100]")
+    return c
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Load `configs/foo.py` (a module with `get_config()`), outside of absl flags (tests, notebooks)."""
     if not os.path.exists(path):

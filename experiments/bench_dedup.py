@@ -1,0 +1,152 @@
+"""Near-duplicate detection benchmark: maxlm's MinHash-LSH (maxlm/data/dedup.py) beside `datasketch`
+(MinHash + MinHashLSH, the library people reach for), same corpus, same machine, same shingles.
+
+    python experiments/bench_dedup.py                       # 5000 documents at 1x, 2x, 4x
+    python experiments/bench_dedup.py --docs=2000 --scales=1,2
+
+The corpus is synthetic with planted near-duplicates: base documents of random words (~2000 characters),
+a fifth of them with an edited copy (word substitutions at rates chosen to spread the copies' Jaccard
+similarity from ~0.3 to ~0.97). The true Jaccard of every planted pair is computed exactly on the configured
+shingles (character 5-grams of the lower-cased, whitespace-collapsed text, with Python sets); pairs at
+>= 0.9 must be merged, pairs at <= 0.5 and unrelated documents must not. Both systems use the same
+threshold, number of permutations and LSH band/row weights (recall-leaning, 0.1 / 0.9), and both verify
+candidate pairs by their estimated Jaccard before merging; clusters are connected components. Timing
+covers everything from the raw texts to the clusters (shingling, hashing, LSH, verification, components).
+Prints one table row per scale and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import numpy as np
+
+from maxlm.data import dedup
+
+SUBSTITUTION_RATES = (0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.35)
+
+
+def make_corpus(n_docs: int, seed: int = 0) -> tuple[list[str], list[tuple[int, int]]]:
+    """(documents, planted pairs (i, j)), shuffled; deterministic in seed."""
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choice("etaoinshrdlucmfwypvbgkjqxz"[:rng.randint(10, 26)]) for _ in range(rng.randint(2, 10)))
+             for _ in range(50_000)]
+    docs, pairs = [], []
+    n_base = int(n_docs / 1.2)
+    for _ in range(n_base):
+        words = [rng.choice(vocab) for _ in range(rng.randint(250, 400))]
+        docs.append(words)
+    for b in rng.sample(range(n_base), n_docs - n_base):
+        words = list(docs[b])
+        for _ in range(max(1, int(len(words) * rng.choice(SUBSTITUTION_RATES)))):
+            words[rng.randrange(len(words))] = rng.choice(vocab)
+        pairs.append((b, len(docs)))
+        docs.append(words)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    where = {old: new for new, old in enumerate(order)}
+    return [" ".join(docs[i]) for i in order], [(where[a], where[b]) for a, b in pairs]
+
+
+def shingle_set(text: str, n: int = 5) -> set[str]:
+    t = dedup.normalize_for_shingles(text)
+    return {t[i:i + n] for i in range(max(len(t) - n + 1, 1))}
+
+
+def score(cluster: np.ndarray, docs: list[str], pairs: list[tuple[int, int]]) -> dict:
+    """Recall on planted pairs at true Jaccard >= 0.9; precision over every merged pair (a merged pair is
+    wrong unless it is planted with true Jaccard > 0.5)."""
+    truth = {}
+    for a, b in pairs:
+        sa, sb = shingle_set(docs[a]), shingle_set(docs[b])
+        truth[(min(a, b), max(a, b))] = len(sa & sb) / len(sa | sb)
+    must = [p for p, j in truth.items() if j >= 0.9]
+    recall = float(np.mean([cluster[a] == cluster[b] for a, b in must])) if must else float("nan")
+    members: dict[int, list[int]] = {}
+    for i, c in enumerate(cluster.tolist()):
+        members.setdefault(c, []).append(i)
+    merged = wrong = 0
+    for group in members.values():
+        for x in range(len(group)):
+            for y in range(x + 1, len(group)):
+                merged += 1
+                wrong += truth.get((group[x], group[y]), 0.0) <= 0.5
+    return {"recall": recall, "precision": 1.0 - wrong / merged if merged else 1.0, "must_merge": len(must),
+            "must_not": sum(j <= 0.5 for j in truth.values()), "merged_pairs": merged}
+
+
+def run_maxlm(docs: list[str], threshold: float, num_perm: int) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    hasher = dedup.MinHasher(num_perm=num_perm, ngram=5, unit="char")
+    sig = np.concatenate([hasher.signatures(docs[i:i + 512]) for i in range(0, len(docs), 512)])
+    result = dedup.near_duplicates(sig, threshold, dedup.lsh_params(threshold, num_perm, 0.1, 0.9))
+    return result.cluster, time.perf_counter() - start
+
+
+def run_datasketch(docs: list[str], threshold: float, num_perm: int) -> tuple[np.ndarray, float]:
+    from datasketch import MinHash, MinHashLSH
+
+    start = time.perf_counter()
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
+    hashes = []
+    for i, text in enumerate(docs):
+        m = MinHash(num_perm=num_perm)
+        m.update_batch([s.encode("utf-8") for s in shingle_set(text)])
+        lsh.insert(i, m)
+        hashes.append(m)
+    parent = list(range(len(docs)))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, m in enumerate(hashes):
+        for j in lsh.query(m):
+            if j != i and m.jaccard(hashes[j]) >= threshold:
+                a, b = root(i), root(j)
+                parent[max(a, b)] = min(a, b)
+    cluster = np.array([root(i) for i in range(len(docs))])
+    return cluster, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", type=int, default=5000, help="documents at scale 1")
+    parser.add_argument("--scales", default="1,2,4")
+    parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--num_perm", type=int, default=128)
+    parser.add_argument("--skip_datasketch", action="store_true")
+    args = parser.parse_args()
+    print(f"near-dup benchmark: threshold {args.threshold}, {args.num_perm} permutations, character 5-grams; "
+          f"{dedup.lsh_params(args.threshold, args.num_perm).describe(args.threshold)}", flush=True)
+    print(f"{'scale':>5} {'docs':>7} | {'maxlm docs/s':>12} {'recall':>6} {'prec':>6} {'sec':>6} | "
+          f"{'datasketch docs/s':>17} {'recall':>6} {'prec':>6} {'sec':>7} | speedup", flush=True)
+    rows = []
+    for scale in (int(s) for s in args.scales.split(",")):
+        docs, pairs = make_corpus(args.docs * scale, seed=scale)
+        cluster, seconds = run_maxlm(docs, args.threshold, args.num_perm)
+        row = {"scale": scale, "docs": len(docs), "maxlm": dict(score(cluster, docs, pairs), seconds=seconds,
+                                                                docs_per_sec=len(docs) / seconds)}
+        if not args.skip_datasketch:
+            cluster, seconds = run_datasketch(docs, args.threshold, args.num_perm)
+            row["datasketch"] = dict(score(cluster, docs, pairs), seconds=seconds, docs_per_sec=len(docs) / seconds)
+            row["speedup"] = row["maxlm"]["docs_per_sec"] / row["datasketch"]["docs_per_sec"]
+        ours, peer = row["maxlm"], row.get("datasketch", {})
+        print(f"{scale:>5} {len(docs):>7} | {ours['docs_per_sec']:>12.0f} {ours['recall']:>6.3f} "
+              f"{ours['precision']:>6.3f} {ours['seconds']:>6.2f} | {peer.get('docs_per_sec', float('nan')):>17.0f} "
+              f"{peer.get('recall', float('nan')):>6.3f} {peer.get('precision', float('nan')):>6.3f} "
+              f"{peer.get('seconds', float('nan')):>7.2f} | {row.get('speedup', float('nan')):.1f}x", flush=True)
+        rows.append(row)
+    growth = rows[-1]["maxlm"]["seconds"] / rows[0]["maxlm"]["seconds"] if len(rows) > 1 else float("nan")
+    size = rows[-1]["docs"] / rows[0]["docs"] if len(rows) > 1 else float("nan")
+    print(f"maxlm time grows {growth:.2f}x for {size:.0f}x the documents", flush=True)
+    print(json.dumps({"rows": rows, "time_growth": growth, "size_growth": size}))
+
+
+if __name__ == "__main__":
+    main()
