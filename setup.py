@@ -33,6 +33,10 @@ setup(
             "pytest-xdist>=3.5,<4",
             "torch==2.13.0",
             "transformers>=4.56,<6",
+            "zstandard>=0.22",  # .zst curation input
+            "datasketch>=1.6,<3",  # the peer in experiments/bench_dedup.py
         ],
+        # Reading zstd-compressed jsonl in `python -m maxlm.curate` (gzip needs nothing extra).
+        "zstd": ["zstandard>=0.22"],
     },
 )

@@ -48,7 +48,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_atten
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 ROPE_SCALINGS = ("none", "linear", "ntk")
-DATA_SOURCES = ("stdlib", "jsonl", "tfds")
+DATA_SOURCES = ("stdlib", "jsonl", "tfds", "mixture")
 CHAT_TEMPLATES = ("chatml", "internlm2")
 SFT_TASKS = ("format", "reverse", "sort", "add")
 LORA_TARGETS = ("q", "k", "v", "o", "wqkv", "gate", "up", "down", "lm_head")
@@ -99,8 +99,8 @@ def default_config() -> ml_collections.ConfigDict:
     t.user_defined_symbols = ("<|im_start|>", "<|im_end|>")  # room for the chat template (SFT)
 
     c.data = d = ml_collections.ConfigDict()
-    d.source = "stdlib"  # stdlib | jsonl | tfds
-    d.path = ""  # jsonl: glob of files
+    d.source = "stdlib"  # stdlib | jsonl | tfds | mixture
+    d.path = ""  # jsonl: glob of files, or a `python -m maxlm.curate` output folder
     d.text_key = "text"
     d.tfds_name = ""
     d.tfds_split = "train"
@@ -109,6 +109,11 @@ def default_config() -> ml_collections.ConfigDict:
     d.batch_size = 32  # global batch, in rows of seq_len tokens
     d.shuffle_seed = 0
     d.eval_fraction = 0.01  # documents held out for the eval loss
+    # data.source=mixture (maxlm/data/mixture.py): ((glob or curate folder, weight), ...), weights as shares
+    # of bytes; and repetition factors by the `quality` bucket maxlm.curate writes (InternLM2: high quality
+    # several times, medium once, low dropped), 1 for documents without one.
+    d.mixture = ()
+    d.quality_repeat = (("high", 1.0), ("medium", 1.0), ("low", 1.0))
 
     c.optim = o = ml_collections.ConfigDict()
     o.schedule = "cosine"
@@ -278,6 +283,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}")
     _check(d.source != "jsonl" or bool(d.path), "data.path", "data.source=jsonl needs a file glob")
     _check(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name", "data.source=tfds needs a dataset name")
+    if d.source == "mixture":
+        _check(len(d.mixture) > 0 and all(len(e) == 2 for e in d.mixture), "data.mixture",
+               "data.source=mixture needs ((path, weight), ...)")
+        _check(all(float(w) >= 0 for _, w in d.mixture) and sum(float(w) for _, w in d.mixture) > 0,
+               "data.mixture", "weights must be >= 0 with a positive sum")
+    _check(all(len(e) == 2 and float(e[1]) >= 0 for e in d.quality_repeat), "data.quality_repeat",
+           "((bucket, factor >= 0), ...)")
     _check(d.seq_len > 1, "data.seq_len", "must be > 1")
     _check(d.seq_len <= m.max_seq_len, "data.seq_len",
            f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")

@@ -247,6 +247,8 @@ class Trainer:
 
 def _iterator(config, tok, split: str, seed: int) -> data.PackedIterator:
     source = data.make_source(config, split)
+    if hasattr(source, "describe") and split == "train":
+        log_line(source.describe())  # the realised data mixture beside the requested weights
     return data.PackedIterator(source, tok, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
                                seed=seed, host_id=jax.process_index(), num_hosts=jax.process_count())
 

@@ -25,6 +25,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from maxlm.data.hashing import splitmix64
+
+CURATED_SHARDS = "part-*.jsonl*"  # the shards of a curate output folder (beside report.json)
 SKIP_REASONS = ("bad_json", "bad_utf8", "missing_text", "not_string", "empty")
 Lookup = tuple[str | None, str | None]  # (text, None) or (None, skip reason)
 
@@ -85,6 +88,8 @@ class JsonlSource(Source):
     """
 
     def __init__(self, pattern: str, text_key: str = "text"):
+        if os.path.isdir(pattern):  # a `python -m maxlm.curate` output folder
+            pattern = os.path.join(pattern, CURATED_SHARDS)
         self.paths = sorted(glob.glob(pattern))
         if not self.paths:
             raise FileNotFoundError(f"data.path={pattern!r} matches no file")
@@ -117,11 +122,29 @@ class JsonlSource(Source):
     def __len__(self) -> int:
         return int(self._file_start[-1])
 
-    def lookup(self, i: int) -> Lookup:
-        self._check_index(i)
+    def line_bytes(self) -> np.ndarray:
+        """Byte length of every line (a document's size without reading it)."""
+        return np.concatenate([e - s for s, e in zip(self._starts, self._ends)]) if self._starts else np.zeros(0, np.int64)
+
+    def _raw(self, i: int) -> bytes:
         k = int(np.searchsorted(self._file_start, i, side="right")) - 1
         j = i - int(self._file_start[k])
-        raw = self._maps[k][int(self._starts[k][j]):int(self._ends[k][j])]
+        return self._maps[k][int(self._starts[k][j]):int(self._ends[k][j])]
+
+    def field(self, i: int, key: str) -> Any:
+        """Field `key` of record i, or None (absent, or the line is not a valid record)."""
+        raw = self._raw(i)
+        if f'"{key}"'.encode() not in raw:
+            return None
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            return None
+        return record.get(key) if isinstance(record, dict) else None
+
+    def lookup(self, i: int) -> Lookup:
+        self._check_index(i)
+        raw = self._raw(i)
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -209,13 +232,11 @@ class Subset(Source):
         return self.base.lookup(int(self.indices[i]))
 
 
-def _unit_hash(n: int) -> np.ndarray:
-    """splitmix64 of 0..n-1 mapped to [0, 1): a fixed, seed-free coin per document index."""
-    with np.errstate(over="ignore"):
-        z = np.arange(n, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+def unit_hash(n: int, salt: int = 0) -> np.ndarray:
+    """splitmix64 of 0..n-1 mapped to [0, 1): a fixed coin per document index; a nonzero `salt` draws an
+    independent set of coins (salt 0 is the train/eval split's, which must never change)."""
+    index = np.arange(n, dtype=np.uint64)
+    z = splitmix64(index ^ splitmix64(np.uint64(salt)) if salt else index)
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
@@ -227,7 +248,7 @@ def split_indices(n: int, eval_fraction: float, split: str) -> np.ndarray:
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    u = _unit_hash(n)
+    u = unit_hash(n)
     held_out = u < eval_fraction
     if eval_fraction > 0 and n > 1 and not held_out.any():
         held_out[np.argmin(u)] = True
@@ -245,11 +266,17 @@ def make_base_source(config: ml_collections.ConfigDict) -> Source:
         return JsonlSource(d.path, d.text_key)
     if d.source == "tfds":
         return TfdsSource(d.tfds_name, d.tfds_split, d.tfds_data_dir, d.text_key)
-    raise ValueError(f"unknown data.source {d.source!r} (stdlib | jsonl | tfds)")
+    raise ValueError(f"data.source {d.source!r} has no single base source (stdlib | jsonl | tfds)")
 
 
 def make_source(config: ml_collections.ConfigDict, split: str) -> Source:
     """The "train" or "eval" documents of the configured source (held out by `config.data.eval_fraction`)."""
+    d = config.data
+    if d.source == "mixture":
+        from maxlm.data.mixture import MixtureSource
+
+        return MixtureSource(d.mixture, split, d.eval_fraction, quality_repeat=d.quality_repeat, text_key=d.text_key,
+                             seed=d.shuffle_seed)
     base = make_base_source(config)
     return Subset(base, split_indices(len(base), config.data.eval_fraction, split))
 
