@@ -392,6 +392,7 @@ def curate_config() -> ml_collections.ConfigDict:
     c.seed = 0  # MinHash permutations (the only randomness; output is byte-identical for a seed)
     c.workers = 0  # processes over input shards; 0: one per CPU core
     c.text_key = "text"
+    c.tfds_data_dir = ""  # where --input=tfds:NAME is prepared (array_record); empty: TFDS's default
     c.max_line_bytes = 16 << 20  # longer jsonl lines are counted as too_long and skipped
     c.html = "auto"  # auto (convert text that looks like HTML) | always | never
     c.examples_per_rule = 5  # removed documents kept in removed_examples.jsonl per rule, for a human to read

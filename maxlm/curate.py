@@ -69,9 +69,10 @@ class Shard:
     lo: int = 0
     hi: int = 0
     split: str = "train"
+    data_dir: str = ""  # TFDS
 
 
-def resolve_input(spec: str) -> list[Shard]:
+def resolve_input(spec: str, tfds_data_dir: str = "") -> list[Shard]:
     """`--input`: a file glob, `stdlib` (the embedded default corpus) or `tfds:NAME[:SPLIT]`."""
     if spec == "stdlib":
         n = len(StdlibSource())
@@ -80,8 +81,8 @@ def resolve_input(spec: str) -> list[Shard]:
         name, _, split = spec[len("tfds:"):].partition(":")
         import tensorflow_datasets as tfds
 
-        n = len(tfds.data_source(name, split=split or "train"))
-        return [Shard("tfds", name, lo, min(lo + SOURCE_SHARD_DOCS, n), split or "train")
+        n = len(tfds.data_source(name, split=split or "train", data_dir=tfds_data_dir or None))
+        return [Shard("tfds", name, lo, min(lo + SOURCE_SHARD_DOCS, n), split or "train", tfds_data_dir)
                 for lo in range(0, n, SOURCE_SHARD_DOCS)]
     paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
     if not paths:
@@ -126,12 +127,18 @@ def iter_records(shard: Shard, text_key: str, max_line_bytes: int) -> Iterator[t
     if shard.kind == "tfds":
         import tensorflow_datasets as tfds
 
-        ds = tfds.data_source(shard.path, split=shard.split)
+        ds = tfds.data_source(shard.path, split=shard.split, data_dir=shard.data_dir or None)
         for i in range(shard.lo, shard.hi):
             record = ds[i]
-            text, reason = as_text(record.get(text_key)) if isinstance(record, dict) and text_key in record else (
-                None, "missing_text")
-            yield ({"id": f"{shard.path}:{shard.split}:{i}", text_key: text}, None) if text is not None else (None, reason)
+            if not isinstance(record, dict) or text_key not in record:
+                yield None, "missing_text"
+                continue
+            text, reason = as_text(record[text_key])
+            if text is None:
+                yield None, reason
+                continue
+            fields = {k: _jsonable(v) for k, v in record.items() if k != text_key}
+            yield {"id": f"{shard.path}:{shard.split}:{i}", **fields, text_key: text}, None  # its own id wins
         return
     try:
         with _open(shard.path) as f:
@@ -149,6 +156,19 @@ def iter_records(shard: Shard, text_key: str, max_line_bytes: int) -> Iterator[t
         if isinstance(e, CurateError):
             raise
         yield None, "corrupt_file"
+
+
+def _jsonable(value: Any) -> Any:
+    """A TFDS feature value as JSON: bytes decoded, numpy scalars and arrays as Python values."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()] if value.ndim else _jsonable(value.item())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
 
 
 def _parse(raw: bytes, text_key: str) -> tuple[dict | None, str | None]:
@@ -222,12 +242,8 @@ def _filter_shard(k: int, shard: Shard, config: ml_collections.ConfigDict, stage
             bytes_in += len(original.encode("utf-8"))
             text = prepare(original, config, stages)
             if "boilerplate" in stages and len(boilerplate):
-                lines = text.split("\n")
-                hit = np.isin(np.array([clean.text_hash(x) for x in lines], np.int64), boilerplate)
-                hit &= np.array([bool(x) for x in lines])
-                if hit.any():
-                    lines_cut += int(hit.sum())
-                    text = clean.drop_lines(text, set(np.array([clean.text_hash(x) for x in lines])[hit].tolist()))
+                text, cut = clean.drop_lines(text, boilerplate)
+                lines_cut += cut
             doc_id = _doc_id(record, shard, line)
             rule = None
             if not text.strip():
@@ -330,7 +346,7 @@ def curate(config: ml_collections.ConfigDict, input_spec: str, output: str) -> d
     """Run the configured stages over `input_spec` into `output`; returns (and writes) the report."""
     config_lib.validate_curate(config)
     stages = config_lib.curate_stages(config)
-    shards = resolve_input(input_spec)
+    shards = resolve_input(input_spec, config.tfds_data_dir)
     if os.path.exists(output) and not os.path.isdir(output):
         raise CurateError(f"--output={output} exists and is not a folder")
     os.makedirs(output, exist_ok=True)
@@ -456,7 +472,8 @@ def _run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: lis
 
 
 def _rule_order(config: ml_collections.ConfigDict, stages: tuple[str, ...]) -> list[str]:
-    rules = ["normalize", "boilerplate"] + (list(config.quality.rules) if "quality" in stages else [])
+    rules = [s for s in ("normalize", "boilerplate") if s in stages]
+    rules += list(config.quality.rules) if "quality" in stages else []
     return rules + [s for s in ("exact", "near", "paragraph", "perplexity") if s in stages]
 
 

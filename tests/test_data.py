@@ -106,10 +106,9 @@ def test_all_unreadable_raises(tok):
 
 # ------------------------------------------------------------------------------------------------ tfds
 
-def test_tfds_source_from_local_array_record(tmp_path):
+def build_tiny_tfds(data_dir: str, texts: list[str]) -> None:
+    """Prepare `maxlm_tiny_text` ({"text", "id"} records, one train split) under data_dir as array_record."""
     import tensorflow_datasets as tfds
-
-    texts = [f"tfds document {i}: 你好 😀" for i in range(12)]
 
     class MaxlmTinyText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version("1.0.0")
@@ -129,8 +128,13 @@ def test_tfds_source_from_local_array_record(tmp_path):
                 yield i, {"text": text, "id": i}
 
     tfds.disable_progress_bar()
-    data_dir = str(tmp_path / "tfds")
     MaxlmTinyText(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+def test_tfds_source_from_local_array_record(tmp_path):
+    texts = [f"tfds document {i}: 你好 😀" for i in range(12)]
+    data_dir = str(tmp_path / "tfds")
+    build_tiny_tfds(data_dir, texts)
     # Load by name from the prepared directory, as a dataset built elsewhere would be (class not registered).
     config = _config(**{"data.source": "tfds", "data.tfds_name": "maxlm_tiny_text", "data.tfds_data_dir": data_dir,
                         "data.eval_fraction": 0.25})

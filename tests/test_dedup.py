@@ -191,3 +191,13 @@ def test_planted_near_duplicates_are_found_at_threshold_0_8():
     assert precision >= 0.99, (precision, wrong[:5])
     assert result.keep.sum() == len(set(cluster.tolist()))
     assert all(result.keep[c] for c in cluster)  # the kept document is its cluster's first
+
+
+def test_memory_mapped_signatures_give_the_same_clusters(tmp_path):
+    docs, _ = _planted_corpus(seed=3)
+    sig = dedup.MinHasher(num_perm=64).signatures(docs)
+    np.save(tmp_path / "sig.npy", sig)
+    mapped = np.load(tmp_path / "sig.npy", mmap_mode="r")
+    assert np.array_equal(dedup.band_keys(mapped, 8, 8, chunk=7), dedup.band_keys(sig, 8, 8))
+    a, b = dedup.near_duplicates(sig, 0.8), dedup.near_duplicates(mapped, 0.8)
+    assert np.array_equal(a.cluster, b.cluster) and a.verified_pairs == b.verified_pairs > 0

@@ -18,6 +18,8 @@ import html.parser
 import re
 import unicodedata
 
+import numpy as np
+
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SPACES = re.compile(r"[^\S\n]+")  # whitespace other than newlines (tabs, no-break spaces, ideographic space)
@@ -102,10 +104,16 @@ def paragraphs_of(text: str) -> list[str]:
     return [p for p in text.split("\n\n") if p.strip()]
 
 
-def drop_lines(text: str, boilerplate: set[int]) -> str:
-    """`text` without the lines whose hash is in `boilerplate` (blank-line structure kept)."""
-    kept = [line for line in text.split("\n") if not line or text_hash(line) not in boilerplate]
-    return _BLANK_RUNS.sub("\n\n", "\n".join(kept)).strip("\n")
+def drop_lines(text: str, boilerplate: np.ndarray) -> tuple[str, int]:
+    """`text` without the lines whose hash is in `boilerplate` (a sorted int64 array), blank-line structure
+    kept; returns the text and the number of lines removed."""
+    lines = text.split("\n")
+    hashes = np.array([text_hash(line) if line else -1 for line in lines], np.int64)
+    hit = np.isin(hashes, boilerplate, assume_unique=False)
+    if not hit.any():
+        return text, 0
+    kept = [line for line, h in zip(lines, hit) if not h]
+    return _BLANK_RUNS.sub("\n\n", "\n".join(kept)).strip("\n"), int(hit.sum())
 
 
 def drop_paragraphs(text: str, owner: dict[int, int], doc: int, min_chars: int) -> tuple[str, int]:

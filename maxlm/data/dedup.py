@@ -171,12 +171,17 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.1, fn_weigh
     return best[1]
 
 
-def band_keys(signatures: np.ndarray, band: int, rows: int) -> np.ndarray:
-    """uint64 key of one band of every signature: equal keys <=> equal band values (up to 2**-64)."""
-    key = np.zeros(len(signatures), np.uint64)
-    for col in range(band * rows, (band + 1) * rows):
-        key = splitmix64(key ^ np.asarray(signatures[:, col], np.uint64))
-    return key
+def band_keys(signatures: np.ndarray, bands: int, rows: int, chunk: int = 1 << 16) -> np.ndarray:
+    """[n, bands] uint64: one key per band of every signature, equal keys <=> equal band values (up to
+    2**-64). Reads `signatures` (possibly memory-mapped) once, in row chunks."""
+    keys = np.zeros((len(signatures), bands), np.uint64)
+    for lo in range(0, len(signatures), chunk):
+        block = np.asarray(signatures[lo:lo + chunk, :bands * rows], np.uint64).reshape(-1, bands, rows)
+        key = np.zeros(block.shape[:2], np.uint64)
+        for r in range(rows):
+            key = splitmix64(key ^ block[:, :, r])
+        keys[lo:lo + chunk] = key
+    return keys
 
 
 def bucket_pairs(keys: np.ndarray) -> np.ndarray:
@@ -238,11 +243,13 @@ class DedupResult:
 def near_duplicates(signatures: np.ndarray, threshold: float, params: LshParams | None = None) -> DedupResult:
     """Cluster documents whose MinHash signatures say Jaccard >= threshold; keep each cluster's first.
 
-    `signatures` may be a memory-mapped [n, num_perm] array: it is read one band (and one chunk of
-    candidate pairs) at a time, so memory is O(n) plus the pairs, not O(n * num_perm)."""
+    `signatures` may be a memory-mapped [n, num_perm] array: it is read once in row chunks into the band
+    keys (8 bytes per band per document), then only the candidate pairs' rows are read again, so memory is
+    O(n * bands) plus the pairs, not O(n * num_perm)."""
     n, num_perm = signatures.shape
     params = params or lsh_params(threshold, num_perm)
-    pairs = [bucket_pairs(band_keys(signatures, b, params.rows)) for b in range(params.bands)]
+    keys = band_keys(signatures, params.bands, params.rows)
+    pairs = [bucket_pairs(keys[:, b]) for b in range(params.bands)]
     pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
     if len(pairs):
         pairs = np.unique(pairs, axis=0)
