@@ -19,11 +19,11 @@ Input: jsonl files (optionally .gz / .zst), one record per line with a `text` fi
 (`id`, `url`, ...) is carried through unchanged. Each input file is a shard, processed by its own worker
 process; output shard k (`part-0000k.jsonl`) holds what survives of input shard k, in input order. A line
 that is not a valid record (bad JSON, invalid UTF-8, no text, over `max_line_bytes`) is counted per reason
-and skipped. Memory stays bounded: documents stream through the workers, MinHash signatures go to disk and
-LSH reads them one band at a time. `DIR/report.json` counts documents and bytes in and out and the removals
-per rule; `DIR/removed_examples.jsonl` keeps a few removed documents per rule for a human to read. The
-output is written under a temporary folder and moved into place at the end, and is byte-identical for the
-same input, config and seed.
+and skipped. Memory stays bounded: documents stream through the workers, MinHash signatures go to disk
+and LSH reads them once, in row chunks, into 8-byte band keys. `DIR/report.json` counts documents and bytes
+in and out and the removals per rule; `DIR/removed_examples.jsonl` keeps a few removed documents per rule
+for a human to read. The output is written under a temporary folder and moved into place at the end, and
+is byte-identical for the same input, config and seed.
 """
 
 from __future__ import annotations
