@@ -346,6 +346,9 @@ def curate(config: ml_collections.ConfigDict, input_spec: str, output: str) -> d
     """Run the configured stages over `input_spec` into `output`; returns (and writes) the report."""
     config_lib.validate_curate(config)
     stages = config_lib.curate_stages(config)
+    if "perplexity" in stages and not os.path.isdir(config.perplexity.workdir):
+        raise CurateError(f"perplexity.workdir={config.perplexity.workdir} is not a maxlm run (train one, e.g. the "
+                          "README's runs/tiny, or leave the stage out: --config.stages=...)")
     shards = resolve_input(input_spec, config.tfds_data_dir)
     if os.path.exists(output) and not os.path.isdir(output):
         raise CurateError(f"--output={output} exists and is not a folder")
@@ -485,9 +488,6 @@ def _perplexity_stage(config: ml_collections.ConfigDict, n_shards: int, work: st
     from maxlm.data import perplexity
 
     pp = config.perplexity
-    if not os.path.isdir(pp.workdir):
-        raise CurateError(f"perplexity.workdir={pp.workdir} is not a maxlm run (train one, e.g. the README's "
-                          "runs/tiny, or leave the stage out: --config.stages=...)")
     model_config, params, tok_path = pretrained.load_base(pp.workdir, pp.step, key="perplexity.workdir")
     tok = tokenizer_lib.load(tok_path)
     kept = [os.path.join(work, "kept", f"part-{k:05d}.jsonl") for k in range(n_shards)]

@@ -234,6 +234,8 @@ def test_command_line(tmp_path):
     assert missing.returncode == 2 and "matches no file" in missing.stderr and "Traceback" not in missing.stderr
     stage = _cli(f"--input={tmp_path}/in.jsonl", f"--output={tmp_path}/o4", "--config.stages=dedup,typo")
     assert stage.returncode == 2 and "stages" in stage.stderr and "Traceback" not in stage.stderr
+    scorer = _cli(f"--input={tmp_path}/in.jsonl", f"--output={tmp_path}/o5", f"--config.perplexity.workdir={tmp_path}/no")
+    assert scorer.returncode == 2 and "perplexity.workdir" in scorer.stderr and not os.path.exists(tmp_path / "o5")
 
 
 def test_chinese_boilerplate_and_paragraphs():
