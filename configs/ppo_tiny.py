@@ -17,19 +17,21 @@ def get_config():
     p.policy = "runs/sft"
     p.reward_model = "runs/rm"
     p.tasks = ("sort",)
-    p.iterations = 200
+    p.iterations = 300
     p.rollout_batch = 64
     p.max_new_tokens = 16
     p.epochs = 4
     # KL control sized for a tiny reward model whose scores span ~+-10: with trlX's beta 0.05 and horizon
     # 10000 the controller barely moved (beta 0.050 -> 0.059 in 150 iterations) while KL reached 11 nats and
     # the policy learnt to please the reward model instead of sorting (held-out 0.52 -> 0.20). Beta 0.5 with
-    # horizon 1000 kept KL at 1-2.6 and raised held-out exact match 0.52 -> 0.655 in 100 iterations.
+    # horizon 1000 keeps the KL near its target. Target 2 nats per response (the replies are ~6 tokens, not
+    # trlX's hundreds): 300 iterations took held-out exact match 0.454 -> 0.668 (500 items); target 1 with
+    # 128 rollouts per iteration 0.454 -> 0.652 in 200; target 3 spent its KL early without gaining more.
     p.init_kl_coef = 0.5
-    p.target_kl = 1.0  # nats per response: the replies are ~6 tokens, not trlX's hundreds
+    p.target_kl = 2.0
     p.kl_horizon = 1000
-    p.eval_every = 25
-    p.eval_items = 200
+    p.eval_every = 50
+    p.eval_items = 500  # the held-out score's standard error is ~0.022 (200 items: ~0.035)
     c.sft.eval_items = 0
 
     c.data.batch_size = 16  # rollouts per minibatch: 4 updates per epoch

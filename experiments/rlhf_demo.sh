@@ -24,7 +24,7 @@ mkdir -p "$W"
 # iterations: reward up, true score flat).
 SFT_STEPS=${SFT_STEPS:-1200}
 PARTIAL=${PARTIAL:-400}
-PPO_ITERATIONS=${PPO_ITERATIONS:-150}
+PPO_ITERATIONS=${PPO_ITERATIONS:-300}
 
 if [ ! -d "$W/base/checkpoints" ]; then
   echo "== pretraining the tiny base ($W/base)" >&2
