@@ -277,8 +277,8 @@ def _filter_shard(k: int, shard: Shard, config: ml_collections.ConfigDict, stage
             "survivors": out_path, "signatures": sig_path}
 
 
-def _finish_shard(k: int, survivors: str, drop: list[tuple[int, str, str]], owner: dict[int, int], first: int,
-                  config: ml_collections.ConfigDict, stages: tuple[str, ...], out_path: str) -> dict:
+def _finish_shard(k: int, survivors: str, ids: list[str], drop: list[tuple[int, str, str]], owner: dict[int, int],
+                  first: int, config: ml_collections.ConfigDict, stages: tuple[str, ...], out_path: str) -> dict:
     """Pass C: drop the duplicates, cut repeated paragraphs, write the shard's kept records."""
     dropped = {i: (rule, of) for i, rule, of in drop}
     removed = collections.Counter()
@@ -288,7 +288,7 @@ def _finish_shard(k: int, survivors: str, drop: list[tuple[int, str, str]], owne
         for i, line in enumerate(src):
             record = json.loads(line)
             text = record[config.text_key]
-            doc_id = record.get("id", i)
+            doc_id = ids[i]
             if i in dropped:
                 rule, of = dropped[i]
                 removed[rule] += 1
@@ -441,8 +441,8 @@ def _run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: lis
     for k, p in enumerate(parts):
         lo = int(offsets[k])
         drop = [(i - lo, str(reason[i]), ids[of[i]]) for i in range(lo, lo + len(p["ids"])) if reason[i]]
-        futures.append(pool.submit(_finish_shard, k, p["survivors"], drop, owner_by_shard[k], lo, config, stages,
-                                   os.path.join(out_dir, f"part-{k:05d}.jsonl")))
+        futures.append(pool.submit(_finish_shard, k, p["survivors"], p["ids"], drop, owner_by_shard[k], lo, config,
+                                   stages, os.path.join(out_dir, f"part-{k:05d}.jsonl")))
     finals = [f.result() for f in futures]
 
     removed = collections.Counter()
