@@ -136,9 +136,11 @@ def shorter_reply(item: tasks.Item, rng: random.Random) -> str:
 
 def plausible_mistake(item: tasks.Item, rng: random.Random) -> str:
     """A wrong reply for the `correct` domain: `tasks.wrong_answer` (a near-miss sum, swapped or dropped
-    letters, a wrong wrapper) or, for the letter tasks, an inserted, replaced or doubled letter. The wider the
-    range of mistakes the reward model has seen, the fewer a policy can find that it scores as right: with
-    only swaps and drops, PPO learned to add letters within ten iterations."""
+    letters, a wrong wrapper) or, for the letter tasks, an inserted, replaced or doubled letter -- for sort,
+    half of those re-sorted, so that order alone does not give them away. The wider the range of mistakes the
+    reward model has seen, the fewer a policy can find that it scores as right: with only swaps and drops,
+    PPO learned to add letters within ten iterations; without the re-sorted ones, a PPO policy's in-order
+    replies with a wrong letter were scored above the right answer 14% of the time."""
     if item.task == "add" or rng.random() < 0.4:
         return tasks.wrong_answer(item, rng)
     letters = item.answer.split(" ")
@@ -153,6 +155,8 @@ def plausible_mistake(item: tasks.Item, rng: random.Random) -> str:
         letters[i] = other
     else:
         letters.insert(i, letters[i])
+    if item.task == "sort" and rng.random() < 0.5:
+        letters.sort()  # still in order: only checking the letters against the prompt's catches it
     return " ".join(letters)
 
 
