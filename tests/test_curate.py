@@ -15,7 +15,8 @@ import pytest
 
 from maxlm import config as config_lib
 from maxlm import curate
-from maxlm.data import clean
+from maxlm.data import clean, records
+from maxlm.data.sources import StdlibSource
 from tests.test_quality import GOOD_EN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,8 +159,8 @@ def test_tfds_and_stdlib_input(tmp_path):
     assert report["removed"]["exact"] == 2 and sorted(r["text"] for r in out) == sorted(texts)
     ids = [r["id"] for r in out]  # the dataset's own id field, carried through (TFDS stores its own order)
     assert len(set(ids)) == 5 and set(ids) <= set(range(7))
-    shards = curate.resolve_input("stdlib")
-    assert shards and shards[-1].hi == len(curate.StdlibSource())
+    shards = records.resolve_input("stdlib")
+    assert shards and shards[-1].hi == len(StdlibSource())
 
 
 def test_zstd_input(tmp_path):
