@@ -1,4 +1,4 @@
-"""The RLHF demonstrations end to end (slow: ~35 and ~8 minutes on 2 cores), with the issue's acceptance
+"""The RLHF demonstrations end to end (slow: ~45 and ~5 minutes on 2 cores), with the issue's acceptance
 bars checked on the scripts' JSON lines."""
 
 import json
