@@ -231,7 +231,7 @@ def test_command_line(tmp_path):
     assert "for Jaccard threshold 0.7" in done.stderr  # the band choice is printed
     bad = _cli(f"--input={tmp_path}/in.jsonl", f"--output={tmp_path}/o2", "--config.dedup.treshold=0.7")
     assert bad.returncode == 2 and "did you mean dedup.threshold" in bad.stderr and "Traceback" not in bad.stderr
-    missing = _cli(f"--input={tmp_path}/nothing*.jsonl", f"--output={tmp_path}/o3")
+    missing = _cli(f"--input={tmp_path}/nothing*.jsonl", f"--output={tmp_path}/o3", "--config.stages=dedup")
     assert missing.returncode == 2 and "matches no file" in missing.stderr and "Traceback" not in missing.stderr
     stage = _cli(f"--input={tmp_path}/in.jsonl", f"--output={tmp_path}/o4", "--config.stages=dedup,typo")
     assert stage.returncode == 2 and "stages" in stage.stderr and "Traceback" not in stage.stderr
