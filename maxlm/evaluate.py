@@ -1,4 +1,5 @@
-"""Evaluation: exact-match accuracy on the built-in task suite's held-out items, with the KV-cache sampler.
+"""Evaluation: continuation log-likelihoods (the core of perplexity and multiple-choice scoring), and
+exact-match accuracy on the built-in task suite's held-out items with the KV-cache sampler.
 
     python -m maxlm.evaluate --workdir=runs/sft --task=reverse      # or --task=all
     python -m maxlm.evaluate --hf=path/to/hf_folder --task=add
@@ -12,21 +13,86 @@ Per-item results go to `<workdir>/eval/<task>.jsonl`; the last console line is o
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from maxlm import chat, sample, tasks
 from maxlm import tokenizer as tokenizer_lib
 
 MAX_NEW_TOKENS = 24  # the longest reply in the suite ({"answer": "abcdefg"}) is 13 tokens
 GENERATE_BATCH = 64
+SCORE_BATCH = 32
 
 
 class EvaluateError(ValueError):
     """A user mistake on the command line (one line, exit status 2)."""
+
+
+@functools.lru_cache(maxsize=8)
+def _continuation_logprob_fn(config: ml_collections.FrozenConfigDict):
+    from maxlm import model
+
+    @jax.jit
+    def fn(params: dict, tokens: jax.Array, weights: jax.Array) -> jax.Array:
+        """tokens [B, L] right-padded, weights [B, L] 1 on continuation tokens -> sum of their log-probs [B]."""
+        logits = model.apply(config, params, tokens[:, :-1]).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        return jnp.sum(picked * weights[:, 1:], axis=-1)
+
+    return fn
+
+
+def loglikelihoods(config: ml_collections.ConfigDict, params: dict, contexts: Sequence[Sequence[int]],
+                   continuations: Sequence[Sequence[int]], *, batch_size: int = SCORE_BATCH) -> list[float]:
+    """sum_i log p(continuation_i | context, continuation_<i) for each (context, continuation) of token ids.
+
+    The quantity lm-evaluation-harness's `loglikelihood` requests compute. Rows are context + continuation,
+    right-padded (causal attention: padding after a token never changes it) to a length bucket so only a few
+    shapes compile, and sorted by length so a batch wastes little padding. A row longer than the model's
+    context keeps its last `max_seq_len + 1` tokens (the continuation whole; the context cut from the left).
+    Every context must hold at least one token (prepend bos for an unconditional score).
+    """
+    from maxlm import sample
+
+    if len(contexts) != len(continuations):
+        raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+    limit = config.model.max_seq_len + 1
+    rows, scored = [], []
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
+        if not ctx:
+            raise ValueError(f"pair {i}: empty context (prepend bos for an unconditional score)")
+        if not cont:
+            raise ValueError(f"pair {i}: empty continuation")
+        if len(cont) >= limit:
+            raise ValueError(f"pair {i}: continuation of {len(cont)} tokens does not fit model.max_seq_len="
+                             f"{config.model.max_seq_len} with a context token")
+        row = (list(ctx) + list(cont))[-limit:]
+        rows.append(row)
+        scored.append(len(cont))
+    fn = _continuation_logprob_fn(ml_collections.FrozenConfigDict(config))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        length = min(sample.bucket_length(max(len(rows[i]) for i in chunk)), limit)
+        tokens = np.zeros((batch_size, length), np.int32)
+        weights = np.zeros((batch_size, length), np.float32)
+        for r, i in enumerate(chunk):
+            tokens[r, :len(rows[i])] = rows[i]
+            weights[r, len(rows[i]) - scored[i]:len(rows[i])] = 1.0
+        sums = np.asarray(fn(params, tokens, weights))
+        for r, i in enumerate(chunk):
+            out[i] = float(sums[r])
+    return out
 
 
 def stop_id(template: chat.Template, tok: tokenizer_lib.Tokenizer) -> int:
