@@ -3,6 +3,7 @@ exact-match accuracy on the built-in task suite's held-out items with the KV-cac
 
     python -m maxlm.evaluate --workdir=runs/sft --task=reverse      # or --task=all
     python -m maxlm.evaluate --hf=path/to/hf_folder --task=add
+    python -m maxlm.evaluate --hf=path/to/hf_folder --task=mc --data=mmlu/ --shots=5   # maxlm/multiple_choice.py
 
 Each held-out item (`maxlm.tasks`, split "eval": disjoint from every training item) is rendered with the
 run's chat template up to the assistant header, continued greedily (argmax, as exact-match evaluations of
@@ -130,10 +131,15 @@ def _define_flags() -> None:
     flags.DEFINE_string("hf", "", "A Hugging Face folder to evaluate instead (with a SentencePiece "
                         "tokenizer.model).")
     flags.DEFINE_integer("step", -1, "Checkpoint step (default: the newest).")
-    flags.DEFINE_string("task", "all", f"One of {', '.join(tasks.TASKS)}, or all.")
+    flags.DEFINE_string("task", "all", f"One of {', '.join(tasks.TASKS)}, all (the built-in tasks), or mc "
+                        "(few-shot multiple choice on --data).")
     flags.DEFINE_integer("n", 0, "Held-out items per task (default: the run's sft.task_eval_size).")
     flags.DEFINE_string("template", "", "Chat template (default: the run's sft.template).")
     flags.DEFINE_string("out", "", "Folder for per-item results (default: <workdir>/eval).")
+    flags.DEFINE_string("data", "", "mc: a local MMLU / C-Eval shaped folder (dev/ and test/ or val/ files).")
+    flags.DEFINE_integer("shots", 5, "mc: solved dev examples before each question.")
+    flags.DEFINE_enum("lang", "en", ["en", "zh"], "mc: prompt format, MMLU's (en) or C-Eval's (zh).")
+    flags.DEFINE_enum("choices", "letter", ["letter", "text"], "mc: score each option's letter or its text.")
 
 
 def main(argv: list[str]) -> None:
@@ -147,8 +153,10 @@ def main(argv: list[str]) -> None:
     if bool(FLAGS.workdir) == bool(FLAGS.hf):
         raise EvaluateError("give exactly one of --workdir (a maxlm run) or --hf (a Hugging Face folder)")
     names = list(tasks.TASKS) if FLAGS.task == "all" else [FLAGS.task]
-    if any(t not in tasks.TASKS for t in names):
-        raise EvaluateError(f"unknown --task={FLAGS.task}; choose one of {', '.join(tasks.TASKS)} or all")
+    if FLAGS.task != "mc" and any(t not in tasks.TASKS for t in names):
+        raise EvaluateError(f"unknown --task={FLAGS.task}; choose one of {', '.join(tasks.TASKS)}, all or mc")
+    if FLAGS.task == "mc" and not os.path.isdir(FLAGS.data):
+        raise EvaluateError(f"--task=mc needs --data=DIR, a local MMLU / C-Eval shaped folder (got {FLAGS.data!r})")
     if FLAGS.workdir:
         if not os.path.isdir(FLAGS.workdir):
             raise FileNotFoundError(f"no such workdir: {FLAGS.workdir}")
@@ -166,12 +174,20 @@ def main(argv: list[str]) -> None:
     n = FLAGS.n or config.sft.task_eval_size
     out_dir = FLAGS.out or os.path.join(FLAGS.workdir or FLAGS.hf, "eval")
     os.makedirs(out_dir, exist_ok=True)
+    if FLAGS.task == "mc":
+        from maxlm import multiple_choice
+
+        r = multiple_choice.score(config, params, tok, multiple_choice.load(FLAGS.data), shots=FLAGS.shots,
+                                  lang=FLAGS.lang, mode=FLAGS.choices)
+        _write_items(os.path.join(out_dir, "mc.jsonl"), r["items"])
+        print(f"mc: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} on {r['n']} items ({FLAGS.shots}-shot)",
+              file=sys.stderr, flush=True)
+        print(json.dumps({k: r[k] for k in ("task", "acc", "acc_norm", "n", "shots")} | {"step": step}), flush=True)
+        return
     results = {}
     for task in names:
         r = task_accuracy(config, params, tok, task, n=n)
-        with open(os.path.join(out_dir, f"{task}.jsonl"), "w", encoding="utf-8") as f:
-            for row in r["items"]:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        _write_items(os.path.join(out_dir, f"{task}.jsonl"), r["items"])
         results[task] = {k: r[k] for k in ("task", "accuracy", "n", "by_lang")}
         print(f"{task}: exact match {r['accuracy']:.3f} on {r['n']} held-out items {r['by_lang']}",
               file=sys.stderr, flush=True)
@@ -183,11 +199,19 @@ def main(argv: list[str]) -> None:
     print(json.dumps(summary), flush=True)
 
 
+def _write_items(path: str, items: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in items:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def _run() -> None:
     from maxlm import cli, pretrained
 
     _define_flags()
-    cli.run(main, user_errors=(EvaluateError, sample.SampleError, pretrained.BaseModelError))
+    from maxlm.multiple_choice import DataError
+
+    cli.run(main, user_errors=(EvaluateError, sample.SampleError, pretrained.BaseModelError, DataError))
 
 
 if __name__ == "__main__":
