@@ -15,6 +15,7 @@ sharded, keys/values are all-gathered over the sequence axes (see `_per_device`)
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -98,24 +99,61 @@ def _per_device(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, impl: s
                          out_specs=q_spec, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
 
 
-def rope(x: jax.Array, positions: jax.Array, *, theta: float, scaling: str = "none",
-         factor: float = 1.0) -> jax.Array:
-    """Rotary position embedding (Su et al. 2021), "rotate half" layout as in Hugging Face Llama.
+def rope_frequencies(h: int, *, theta: float, scaling: str = "none", factor: float = 1.0,
+                     original_max_len: int = 0, beta_fast: float = 32.0, beta_slow: float = 1.0,
+                     attention_factor: float = 0.0, seq_len: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """(inverse frequencies [H/2], multiplier of cos/sin) of a rotary scaling method, as Hugging Face's
+    `rope_type`s define them (modeling_rope_utils):
 
-    Context extension: `linear` is position interpolation (Chen et al. 2023: positions / factor);
-    `ntk` is NTK-aware scaling of the base (bloc97 2023: theta * factor^(H / (H - 2))), which keeps the
-    high-frequency dimensions intact. x [B,T,N,H], positions [B,T].
+    - `ntk` (static NTK-aware, bloc97 2023): base theta * factor^(H / (H - 2)), high frequencies intact;
+    - `dynamic` (dynamic NTK, Hugging Face's "dynamic"): the same with the factor grown to the current length,
+      base theta * (factor * L / L0 - (factor - 1))^(H / (H - 2)) once L = max position + 1 exceeds L0 =
+      `original_max_len`, plain rope below it;
+    - `yarn` (Peng et al. 2023): per dimension, a ramp between interpolated (theta_i / factor) and original
+      frequencies by how many rotations a dimension makes over L0 (below `beta_slow`: interpolate, above
+      `beta_fast`: keep), and cos/sin scaled by 0.1 ln(factor) + 1 (or `attention_factor`).
+    `linear` (position interpolation) divides positions instead and is applied by `rope`.
     """
-    h = x.shape[-1]
+    exponents = jnp.arange(0, h, 2, dtype=jnp.float32) / h
+    scale = 1.0
     if scaling == "ntk":
         theta = theta * factor ** (h / (h - 2))
+    elif scaling == "dynamic":
+        grown = theta * jnp.maximum(factor * seq_len / original_max_len - (factor - 1), 1.0) ** (h / (h - 2))
+        theta = jnp.where(seq_len > original_max_len, grown, theta)
+    inv_freq = 1.0 / (theta ** exponents)
+    if scaling == "yarn":
+        def correction_dim(rotations: float) -> float:
+            return h * math.log(original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), h - 1)
+        ramp = jnp.clip((jnp.arange(h // 2, dtype=jnp.float32) - low) / max(high - low, 0.001), 0.0, 1.0)
+        extrapolate = 1.0 - ramp  # 1: keep the original frequency, 0: interpolate
+        inv_freq = inv_freq / factor * (1.0 - extrapolate) + inv_freq * extrapolate
+        scale = attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv_freq, scale
+
+
+def rope(x: jax.Array, positions: jax.Array, *, theta: float, scaling: str = "none", factor: float = 1.0,
+         original_max_len: int = 0, beta_fast: float = 32.0, beta_slow: float = 1.0,
+         attention_factor: float = 0.0) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), "rotate half" layout as in Hugging Face Llama.
+
+    Context extension: `linear` is position interpolation (Chen et al. 2023: positions / factor); `ntk`,
+    `dynamic` and `yarn` change the frequencies (`rope_frequencies`). x [B,T,N,H], positions [B,T].
+    """
+    h = x.shape[-1]
     pos = positions.astype(jnp.float32)
     if scaling == "linear":
         pos = pos / factor
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+    inv_freq, scale = rope_frequencies(h, theta=theta, scaling=scaling, factor=factor,
+                                       original_max_len=original_max_len, beta_fast=beta_fast, beta_slow=beta_slow,
+                                       attention_factor=attention_factor,
+                                       seq_len=jnp.max(positions).astype(jnp.float32) + 1.0)
     angles = pos[..., None] * inv_freq  # [B,T,H/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos = (jnp.cos(angles) * scale)[:, :, None, :]
+    sin = (jnp.sin(angles) * scale)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)

@@ -47,7 +47,7 @@ ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-ROPE_SCALINGS = ("none", "linear", "ntk")
+ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "yarn")
 DATA_SOURCES = ("stdlib", "jsonl", "tfds", "mixture")
 CHAT_TEMPLATES = ("chatml", "internlm2")
 SFT_TASKS = ("format", "reverse", "sort", "add")
@@ -78,8 +78,14 @@ def default_config() -> ml_collections.ConfigDict:
     m.mlp_dim = 2048  # F (SwiGLU hidden size)
     m.max_seq_len = 2048  # longest context the model is meant to see (sampler cache size bound)
     m.rope_theta = 10000.0
-    m.rope_scaling = "none"  # none | linear (position interpolation) | ntk (NTK-aware base scaling)
-    m.rope_factor = 1.0  # context-extension factor for linear / ntk
+    # Context extension (maxlm/attention.py): none | linear (position interpolation) | ntk (static NTK-aware
+    # base) | dynamic (NTK grown with the length past rope_original_max_len) | yarn (Peng et al. 2023).
+    m.rope_scaling = "none"
+    m.rope_factor = 1.0  # context-extension factor
+    m.rope_original_max_len = 0  # dynamic / yarn: the length pretraining used (0: max_seq_len)
+    m.rope_beta_fast = 32.0  # yarn: dimensions rotating more often than this over the original length keep
+    m.rope_beta_slow = 1.0  # their frequency, those rotating less than this are interpolated
+    m.rope_attention_factor = 0.0  # yarn: cos/sin multiplier; 0: 0.1 ln(factor) + 1
     m.norm_eps = 1e-6
     m.tie_embeddings = False
     m.fused_qkv = False  # InternLM2's single `wqkv` projection
@@ -268,6 +274,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(m.rope_theta > 0, "model.rope_theta", "must be positive")
     _check(m.rope_scaling in ROPE_SCALINGS, "model.rope_scaling", f"must be one of {ROPE_SCALINGS}")
     _check(m.rope_factor >= 1.0, "model.rope_factor", "must be >= 1 (it extends the context)")
+    _check(m.rope_original_max_len >= 0, "model.rope_original_max_len", "must be >= 0 (0: max_seq_len)")
+    _check(m.rope_beta_fast > m.rope_beta_slow > 0, "model.rope_beta_fast", "needs beta_fast > beta_slow > 0")
     _check(m.norm_eps > 0, "model.norm_eps", "must be positive")
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
     _check(m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")

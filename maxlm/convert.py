@@ -8,8 +8,8 @@ safetensors with `model.safetensors.index.json`):
 * the InternLM2 layout (`InternLM2ForCausalLM`, the remote-code model of internlm/internlm2-*): one fused
   `wqkv` projection, `wo`, `feed_forward.w1/w3/w2`, `tok_embeddings`, `output`.
 
-Rotary scaling: none (`rope_type` "default") and `linear` (position interpolation) only; anything else
-(llama3, yarn, dynamic, longrope, ...) is a `ValueError`, as is every other architecture. Both the legacy
+Rotary scaling: none (`rope_type` "default"), `linear` (position interpolation), `dynamic` (dynamic NTK)
+and `yarn`; anything else (llama3, longrope, ...) is a `ValueError`, as is every other architecture. Both the legacy
 config keys (`rope_theta`, `rope_scaling`) and transformers 5's `rope_parameters` are read; `to_hf` writes
 the legacy keys, which transformers 4.x and 5.x both read.
 
@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from typing import Any
 
@@ -218,8 +219,8 @@ def _architecture(hf: dict) -> str:
                      f"{sorted(_ARCHITECTURES.values())}")
 
 
-def _rope_from_hf(hf: dict) -> tuple[float, str, float]:
-    """(theta, maxlm rope_scaling, factor) from legacy rope_theta/rope_scaling or v5 rope_parameters."""
+def _rope_from_hf(hf: dict) -> dict[str, Any]:
+    """The model.* rope fields (and max_seq_len) from legacy rope_theta/rope_scaling or v5 rope_parameters."""
     theta = hf.get("rope_theta")
     scaling = hf.get("rope_scaling")
     params = hf.get("rope_parameters")
@@ -230,17 +231,35 @@ def _rope_from_hf(hf: dict) -> tuple[float, str, float]:
         if scaling is None:
             scaling = params
     theta = 10000.0 if theta is None else float(theta)
+    max_pos = int(hf.get("max_position_embeddings") or 2048)
+    out = {"model.rope_theta": theta, "model.rope_scaling": "none", "model.rope_factor": 1.0,
+           "model.max_seq_len": max_pos}
     rope_type = "default"
     if scaling:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type in (None, "default"):
-        return theta, "none", 1.0
-    if rope_type == "linear":
-        if "factor" not in scaling:
-            raise ValueError(f"linear rope scaling without a factor: {scaling}")
-        return theta, "linear", float(scaling["factor"])
-    raise ValueError(f"unsupported rope type {rope_type!r} (rope scaling {scaling}); maxlm.convert supports "
-                     "'default' and 'linear'")
+        return out
+    if rope_type not in ("linear", "dynamic", "yarn"):
+        raise ValueError(f"unsupported rope type {rope_type!r} (rope scaling {scaling}); maxlm.convert supports "
+                         "'default', 'linear', 'dynamic' and 'yarn'")
+    if not scaling.get("factor"):
+        raise ValueError(f"{rope_type} rope scaling without a factor: {scaling}")
+    factor = float(scaling["factor"])
+    out.update({"model.rope_scaling": rope_type, "model.rope_factor": factor})
+    if rope_type == "dynamic":  # grows past max_position_embeddings: allow factor x that many positions
+        out.update({"model.rope_original_max_len": max_pos, "model.max_seq_len": int(max_pos * factor)})
+    elif rope_type == "yarn":
+        if scaling.get("truncate", True) is False:
+            raise ValueError("yarn rope scaling with truncate=False is not supported")
+        attention = scaling.get("attention_factor")
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if attention is None and mscale and mscale_all:  # DeepSeek's form
+            attention = (0.1 * mscale * math.log(factor) + 1.0) / (0.1 * mscale_all * math.log(factor) + 1.0)
+        out.update({"model.rope_original_max_len": int(scaling.get("original_max_position_embeddings") or max_pos),
+                    "model.rope_beta_fast": float(scaling.get("beta_fast") or 32.0),
+                    "model.rope_beta_slow": float(scaling.get("beta_slow") or 1.0),
+                    "model.rope_attention_factor": float(attention or 0.0)})
+    return out
 
 
 def _require_zero(tensors: dict, key: str, why: str) -> None:
@@ -275,7 +294,7 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     n = int(hf["num_attention_heads"])
     kv = int(hf.get("num_key_value_heads") or n)
     h = int(hf.get("head_dim") or d // n) if arch != "internlm2" else d // n
-    theta, scaling, factor = _rope_from_hf(hf)
+    rope = _rope_from_hf(hf)
 
     tensors = _read_tensors(files)
     names = _hf_names(arch)
@@ -293,10 +312,7 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
         "model.num_kv_heads": kv,
         "model.head_dim": h,
         "model.mlp_dim": int(hf["intermediate_size"]),
-        "model.max_seq_len": int(hf.get("max_position_embeddings") or 2048),
-        "model.rope_theta": theta,
-        "model.rope_scaling": scaling,
-        "model.rope_factor": factor,
+        **rope,
         "model.norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "model.tie_embeddings": tie,
         "model.qkv_bias": qkv_bias,
@@ -396,12 +412,19 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
     n_layers, d, n, kv = m.num_layers, m.d_model, m.num_heads, m.num_kv_heads
     h, g = config_lib.head_dim(m), m.num_heads // m.num_kv_heads
 
-    theta, rope_scaling = float(m.rope_theta), None
-    if m.rope_scaling == "linear":
-        rope_scaling = {"rope_type": "linear", "type": "linear", "factor": float(m.rope_factor)}
+    theta, rope_scaling, max_pos = float(m.rope_theta), None, m.max_seq_len
+    if m.rope_scaling in ("linear", "dynamic", "yarn"):
+        rope_scaling = {"rope_type": m.rope_scaling, "type": m.rope_scaling, "factor": float(m.rope_factor)}
+    if m.rope_scaling == "dynamic":  # HF grows past max_position_embeddings, maxlm past rope_original_max_len
+        max_pos = m.rope_original_max_len or m.max_seq_len
+    elif m.rope_scaling == "yarn":
+        rope_scaling.update({"original_max_position_embeddings": m.rope_original_max_len or m.max_seq_len,
+                             "beta_fast": float(m.rope_beta_fast), "beta_slow": float(m.rope_beta_slow)})
+        if m.rope_attention_factor:
+            rope_scaling["attention_factor"] = float(m.rope_attention_factor)
     elif m.rope_scaling == "ntk":
         theta = theta * m.rope_factor ** (h / (h - 2))  # exactly what maxlm.attention.rope computes
-    elif m.rope_scaling != "none":
+    elif m.rope_scaling not in ("none", "linear"):
         raise ValueError(f"unsupported rope_scaling {m.rope_scaling!r}")
     if arch == "internlm2" and h * n != d:
         raise ValueError(f"the InternLM2 layout needs head_dim * num_heads == d_model, got {h} * {n} != {d}")
@@ -445,7 +468,7 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
         "num_attention_heads": n,
         "num_key_value_heads": kv,
         "hidden_act": "silu",
-        "max_position_embeddings": m.max_seq_len,
+        "max_position_embeddings": max_pos,
         "rms_norm_eps": float(m.norm_eps),
         "rope_theta": theta,
         "rope_scaling": rope_scaling,

@@ -101,7 +101,9 @@ class Attention(nn.Module):
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = _constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
-        rope = dict(theta=cfg.rope_theta, scaling=cfg.rope_scaling, factor=cfg.rope_factor)
+        rope = dict(theta=cfg.rope_theta, scaling=cfg.rope_scaling, factor=cfg.rope_factor,
+                    original_max_len=cfg.rope_original_max_len or cfg.max_seq_len, beta_fast=cfg.rope_beta_fast,
+                    beta_slow=cfg.rope_beta_slow, attention_factor=cfg.rope_attention_factor)
         q = attention.rope(q, aux["positions"], **rope)
         k = attention.rope(k, aux["positions"], **rope)
 

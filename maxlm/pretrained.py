@@ -26,7 +26,8 @@ from maxlm import checkpoint, convert, lora, tokenizer
 # Model keys fixed by the weights; the rest of `model` (dtypes of compute, attention kernel, remat, scan)
 # is how to run them, and comes from the fine-tuning config.
 SHAPE_KEYS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-              "max_seq_len", "rope_theta", "rope_scaling", "rope_factor", "norm_eps", "tie_embeddings",
+              "max_seq_len", "rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len",
+              "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "norm_eps", "tie_embeddings",
               "fused_qkv", "qkv_bias", "init_std", "param_dtype")
 
 

@@ -307,7 +307,7 @@ def test_unsupported_raise(tmp_path):
     write(rope_scaling={"rope_type": "llama3", "factor": 8.0})
     with pytest.raises(ValueError, match="rope type"):
         from_hf(src)
-    write(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    write(rope_parameters={"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4})
     with pytest.raises(ValueError, match="rope type"):
         from_hf(src)
     write()
