@@ -4,6 +4,7 @@ exact-match accuracy on the built-in task suite's held-out items with the KV-cac
     python -m maxlm.evaluate --workdir=runs/sft --task=reverse      # or --task=all
     python -m maxlm.evaluate --hf=path/to/hf_folder --task=add
     python -m maxlm.evaluate --hf=path/to/hf_folder --task=mc --data=mmlu/ --shots=5   # maxlm/multiple_choice.py
+    python -m maxlm.evaluate --task=contamination --data=mmlu/ --corpus='curated/*.jsonl'  # maxlm/contamination.py
 
 Each held-out item (`maxlm.tasks`, split "eval": disjoint from every training item) is rendered with the
 run's chat template up to the assistant header, continued greedily (argmax, as exact-match evaluations of
@@ -15,6 +16,7 @@ Per-item results go to `<workdir>/eval/<task>.jsonl`; the last console line is o
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import sys
@@ -131,8 +133,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("hf", "", "A Hugging Face folder to evaluate instead (with a SentencePiece "
                         "tokenizer.model).")
     flags.DEFINE_integer("step", -1, "Checkpoint step (default: the newest).")
-    flags.DEFINE_string("task", "all", f"One of {', '.join(tasks.TASKS)}, all (the built-in tasks), or mc "
-                        "(few-shot multiple choice on --data).")
+    flags.DEFINE_string("task", "all", f"One of {', '.join(tasks.TASKS)}, all (the built-in tasks), mc "
+                        "(few-shot multiple choice on --data) or contamination (--data against --corpus).")
     flags.DEFINE_integer("n", 0, "Held-out items per task (default: the run's sft.task_eval_size).")
     flags.DEFINE_string("template", "", "Chat template (default: the run's sft.template).")
     flags.DEFINE_string("out", "", "Folder for per-item results (default: <workdir>/eval).")
@@ -140,6 +142,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("shots", 5, "mc: solved dev examples before each question.")
     flags.DEFINE_enum("lang", "en", ["en", "zh"], "mc: prompt format, MMLU's (en) or C-Eval's (zh).")
     flags.DEFINE_enum("choices", "letter", ["letter", "text"], "mc: score each option's letter or its text.")
+    flags.DEFINE_string("corpus", "", "contamination: a glob of training jsonl files (.gz / .zst too).")
+    flags.DEFINE_integer("ngram", 13, "contamination: n-gram length in units (words; CJK characters).")
 
 
 def main(argv: list[str]) -> None:
@@ -150,6 +154,8 @@ def main(argv: list[str]) -> None:
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise EvaluateError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.task == "contamination":
+        return _contamination(FLAGS)
     if bool(FLAGS.workdir) == bool(FLAGS.hf):
         raise EvaluateError("give exactly one of --workdir (a maxlm run) or --hf (a Hugging Face folder)")
     names = list(tasks.TASKS) if FLAGS.task == "all" else [FLAGS.task]
@@ -197,6 +203,44 @@ def main(argv: list[str]) -> None:
         summary = {"task": "all", "accuracy": sum(r["accuracy"] for r in results.values()) / len(results),
                    "n": sum(r["n"] for r in results.values()), "step": step, "tasks": results}
     print(json.dumps(summary), flush=True)
+
+
+def benchmark_texts(folder: str) -> dict[str, list[str]]:
+    """The items of the benchmarks in `folder`, as text: an MMLU / C-Eval folder (each subject's dev and
+    eval rows, question and options), or *.jsonl files whose rows have `text` (or `question`)."""
+    from maxlm import multiple_choice
+
+    if os.path.isdir(os.path.join(folder, "dev")):
+        data = multiple_choice.load(folder)
+        return {subject: [multiple_choice.format_question(r, "en", True) for r in parts["dev"] + parts["eval"]]
+                for subject, parts in data.items()}
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        out[os.path.basename(path)[:-len(".jsonl")]] = [str(r.get("text", r.get("question", ""))) for r in rows]
+    if not out:
+        raise EvaluateError(f"--data={folder}: neither an MMLU / C-Eval folder nor *.jsonl benchmark files")
+    return out
+
+
+def _contamination(FLAGS) -> None:
+    from maxlm import contamination
+
+    if not os.path.isdir(FLAGS.data) or not FLAGS.corpus:
+        raise EvaluateError("--task=contamination needs --data=DIR (benchmarks) and --corpus=GLOB (training jsonl)")
+    result = contamination.check(benchmark_texts(FLAGS.data), contamination.corpus_texts(FLAGS.corpus), n=FLAGS.ngram)
+    out_dir = FLAGS.out or os.path.join(FLAGS.data, "contamination")
+    os.makedirs(out_dir, exist_ok=True)
+    _write_items(os.path.join(out_dir, "contamination.jsonl"),
+                 [dict(benchmark=name, **item) for name, r in result.items() for item in r["items"]])
+    for name, r in result.items():
+        print(f"{name}: {r['contaminated']} of {r['checked']} items share a {FLAGS.ngram}-gram with the corpus "
+              f"({r['too_short']} too short to check)", file=sys.stderr, flush=True)
+    print(json.dumps({"task": "contamination", "ngram": FLAGS.ngram,
+                      "fractions": {name: r["fraction"] for name, r in result.items()},
+                      "contaminated": {name: r["contaminated"] for name, r in result.items()},
+                      "n": sum(r["checked"] for r in result.values())}), flush=True)
 
 
 def _write_items(path: str, items: list[dict]) -> None:
