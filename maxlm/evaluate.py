@@ -5,6 +5,7 @@ exact-match accuracy on the built-in task suite's held-out items with the KV-cac
     python -m maxlm.evaluate --hf=path/to/hf_folder --task=add
     python -m maxlm.evaluate --hf=path/to/hf_folder --task=mc --data=mmlu/ --shots=5   # maxlm/multiple_choice.py
     python -m maxlm.evaluate --task=contamination --data=mmlu/ --corpus='curated/*.jsonl'  # maxlm/contamination.py
+    python -m maxlm.evaluate --workdir=runs/tiny --task=ppl --data='held_out/*.jsonl' [--window=512 --stride=256]
 
 Each held-out item (`maxlm.tasks`, split "eval": disjoint from every training item) is rendered with the
 run's chat template up to the assistant header, continued greedily (argmax, as exact-match evaluations of
@@ -98,6 +99,50 @@ def loglikelihoods(config: ml_collections.ConfigDict, params: dict, contexts: Se
     return out
 
 
+def sliding_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, score_from, end) windows over tokens 0..n-1 that score every token 1..n-1 exactly once: each
+    window sees up to `window` tokens and scores those the previous window did not (Hugging Face's
+    "perplexity of fixed-length models" recipe), so every scored token has at least window - stride tokens
+    of context once the first window is passed."""
+    if not 0 < stride <= window - 1:
+        raise ValueError(f"stride must be in [1, window - 1] (window {window}), got {stride}")
+    out, scored = [], 1
+    for end in range(min(window, n), n + stride, stride):
+        end = min(end, n)
+        if end <= scored:
+            break
+        out.append((max(0, end - window), scored, end))
+        scored = end
+    return out
+
+
+def perplexity(config: ml_collections.ConfigDict, params: dict, tok: tokenizer_lib.Tokenizer, texts: Sequence[str], *,
+               window: int = 0, stride: int = 0) -> dict:
+    """Token-level perplexity and bits per byte of `texts` ([bos] + tokens each; every token after bos is
+    scored once, with sliding windows of `window` tokens moved by `stride` for texts longer than the model's
+    context). Bits per byte = total negative log-likelihood / ln 2 / UTF-8 bytes: comparable across
+    tokenizers, unlike token perplexity."""
+    window = window or config.model.max_seq_len + 1
+    stride = stride or window // 2
+    contexts, continuations, per_text = [], [], []
+    for text in texts:
+        ids = [tok.bos_id] + tok.encode(text)
+        spans = sliding_windows(len(ids), window, stride)
+        per_text.append(len(spans))
+        for begin, scored, end in spans:
+            contexts.append(ids[begin:scored])
+            continuations.append(ids[scored:end])
+    ll = loglikelihoods(config, params, contexts, continuations)
+    rows, k = [], 0
+    for text, m in zip(texts, per_text):
+        total, tokens = sum(ll[k:k + m]), sum(len(c) for c in continuations[k:k + m])
+        rows.append({"nll": -total, "tokens": tokens, "bytes": len(text.encode("utf-8"))})
+        k += m
+    nll, tokens, nbytes = (sum(r[key] for r in rows) for key in ("nll", "tokens", "bytes"))
+    return {"task": "ppl", "ppl": float(np.exp(nll / max(tokens, 1))), "bits_per_byte": nll / np.log(2) / max(nbytes, 1),
+            "tokens": tokens, "bytes": nbytes, "n": len(rows), "window": window, "stride": stride, "items": rows}
+
+
 def stop_id(template: chat.Template, tok: tokenizer_lib.Tokenizer) -> int:
     """The token that ends a reply: the template's end marker when it is one piece, else eos."""
     ids = tok.encode(template.stop)
@@ -134,15 +179,19 @@ def _define_flags() -> None:
                         "tokenizer.model).")
     flags.DEFINE_integer("step", -1, "Checkpoint step (default: the newest).")
     flags.DEFINE_string("task", "all", f"One of {', '.join(tasks.TASKS)}, all (the built-in tasks), mc "
-                        "(few-shot multiple choice on --data) or contamination (--data against --corpus).")
+                        "(few-shot multiple choice on --data), ppl (perplexity and bits per byte of --data) or contamination "
+                        "(--data against --corpus).")
     flags.DEFINE_integer("n", 0, "Held-out items per task (default: the run's sft.task_eval_size).")
     flags.DEFINE_string("template", "", "Chat template (default: the run's sft.template).")
     flags.DEFINE_string("out", "", "Folder for per-item results (default: <workdir>/eval).")
-    flags.DEFINE_string("data", "", "mc: a local MMLU / C-Eval shaped folder (dev/ and test/ or val/ files).")
+    flags.DEFINE_string("data", "", "mc / contamination: a local MMLU / C-Eval shaped folder (dev/ and test/ or "
+                        "val/ files); ppl: a jsonl glob or tfds:NAME[:SPLIT].")
     flags.DEFINE_integer("shots", 5, "mc: solved dev examples before each question.")
     flags.DEFINE_enum("lang", "en", ["en", "zh"], "mc: prompt format, MMLU's (en) or C-Eval's (zh).")
     flags.DEFINE_enum("choices", "letter", ["letter", "text"], "mc: score each option's letter or its text.")
     flags.DEFINE_string("corpus", "", "contamination: a glob of training jsonl files (.gz / .zst too).")
+    flags.DEFINE_integer("window", 0, "ppl: tokens per sliding window (default: the model's context + 1).")
+    flags.DEFINE_integer("stride", 0, "ppl: tokens the window moves by (default: half the window).")
     flags.DEFINE_integer("ngram", 13, "contamination: n-gram length in units (words; CJK characters).")
 
 
@@ -159,8 +208,11 @@ def main(argv: list[str]) -> None:
     if bool(FLAGS.workdir) == bool(FLAGS.hf):
         raise EvaluateError("give exactly one of --workdir (a maxlm run) or --hf (a Hugging Face folder)")
     names = list(tasks.TASKS) if FLAGS.task == "all" else [FLAGS.task]
-    if FLAGS.task != "mc" and any(t not in tasks.TASKS for t in names):
-        raise EvaluateError(f"unknown --task={FLAGS.task}; choose one of {', '.join(tasks.TASKS)}, all or mc")
+    if FLAGS.task not in ("mc", "ppl") and any(t not in tasks.TASKS for t in names):
+        raise EvaluateError(f"unknown --task={FLAGS.task}; choose one of {', '.join(tasks.TASKS)}, all, mc, ppl or "
+                            "contamination")
+    if FLAGS.task == "ppl" and not FLAGS.data:
+        raise EvaluateError("--task=ppl needs --data=GLOB (jsonl files with a text field) or tfds:NAME[:SPLIT]")
     if FLAGS.task == "mc" and not os.path.isdir(FLAGS.data):
         raise EvaluateError(f"--task=mc needs --data=DIR, a local MMLU / C-Eval shaped folder (got {FLAGS.data!r})")
     if FLAGS.workdir:
@@ -180,6 +232,19 @@ def main(argv: list[str]) -> None:
     n = FLAGS.n or config.sft.task_eval_size
     out_dir = FLAGS.out or os.path.join(FLAGS.workdir or FLAGS.hf, "eval")
     os.makedirs(out_dir, exist_ok=True)
+    if FLAGS.task == "ppl":
+        from maxlm.data import records
+
+        texts = [r[config.data.text_key] for shard in records.resolve_input(FLAGS.data)
+                 for r, _ in records.iter_records(shard, config.data.text_key, 1 << 30) if r is not None]
+        r = perplexity(config, params, tok, texts[:FLAGS.n] if FLAGS.n else texts, window=FLAGS.window,
+                       stride=FLAGS.stride)
+        _write_items(os.path.join(out_dir, "ppl.jsonl"), r["items"])
+        print(f"ppl: {r['ppl']:.4f}, bits per byte {r['bits_per_byte']:.4f} over {r['tokens']} tokens of {r['n']} "
+              f"documents (window {r['window']}, stride {r['stride']})", file=sys.stderr, flush=True)
+        print(json.dumps({k: r[k] for k in ("task", "ppl", "bits_per_byte", "tokens", "bytes", "n")} | {"step": step}),
+              flush=True)
+        return
     if FLAGS.task == "mc":
         from maxlm import multiple_choice
 
@@ -253,9 +318,10 @@ def _run() -> None:
     from maxlm import cli, pretrained
 
     _define_flags()
+    from maxlm.data.records import InputError
     from maxlm.multiple_choice import DataError
 
-    cli.run(main, user_errors=(EvaluateError, sample.SampleError, pretrained.BaseModelError, DataError))
+    cli.run(main, user_errors=(EvaluateError, sample.SampleError, pretrained.BaseModelError, DataError, InputError))
 
 
 if __name__ == "__main__":

@@ -47,3 +47,81 @@ def test_loglikelihoods_reject_bad_requests(tmp_path):
     long_context = list(range(1, VOCAB)) * 3  # longer than max_seq_len (256): cut from the left
     got = evaluate.loglikelihoods(config, params, [long_context], [[5, 6]])[0]
     assert got == pytest.approx(_direct(hf_model, long_context[-(257 - 2):], [5, 6]), abs=1e-4)
+
+
+def _hf_docs_recipe(hf_model, ids, window, stride):
+    """Summed NLL by the sliding-window loop of Hugging Face's "perplexity of fixed-length models" guide."""
+    total, prev_end = 0.0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        scored = end - prev_end
+        chunk = torch.tensor([ids[begin:end]])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf_model(chunk).logits.double(), -1)[0]
+        targets = range(max(1, end - begin - scored), end - begin)  # positions scored in this window
+        total -= float(sum(logp[t - 1, ids[begin + t]] for t in targets))
+        prev_end = end
+        if end == len(ids):
+            break
+    return total
+
+
+def test_perplexity_and_bits_per_byte_match_transformers(shared_tok_path, hf_base):
+    from transformers import LlamaForCausalLM
+
+    from maxlm import pretrained
+    from maxlm import tokenizer as tokenizer_lib
+
+    config, params, _ = pretrained.load_base(hf_base)
+    tok = tokenizer_lib.load(shared_tok_path)
+    hf = LlamaForCausalLM.from_pretrained(hf_base).eval()
+    text = "The quick brown fox jumps over the lazy dog. " * 4 + "数据 999."
+    ids = [tok.bos_id] + tok.encode(text)
+    n, window = len(ids), 100
+    assert window < n < 2 * window - 1
+    stride = n - window  # two windows, placed exactly where the guide's loop puts them
+    r = evaluate.perplexity(config, params, tok, [text], window=window, stride=stride)
+    want = _hf_docs_recipe(hf, ids, window, stride)
+    assert r["tokens"] == n - 1 and r["items"][0]["nll"] == pytest.approx(want, abs=1e-3)
+    assert r["ppl"] == pytest.approx(np.exp(want / (n - 1)), rel=1e-5)
+    assert r["bits_per_byte"] == pytest.approx(want / np.log(2) / len(text.encode()), rel=1e-5)
+    short = "A short text."
+    ids = [tok.bos_id] + tok.encode(short)
+    whole = evaluate.perplexity(config, params, tok, [short], window=64, stride=32)
+    assert whole["items"][0]["nll"] == pytest.approx(_hf_docs_recipe(hf, ids, 64, 32), abs=1e-4)
+
+
+def test_sliding_windows_score_every_token_once():
+    for n in range(2, 40):
+        for window, stride in [(4, 2), (4, 3), (8, 1), (5, 4)]:
+            spans = evaluate.sliding_windows(n, window, stride)
+            scored = [t for _, a, b in spans for t in range(a, b)]
+            assert scored == list(range(1, n)) and all(e - b <= window for b, _, e in spans)
+    with pytest.raises(ValueError, match="stride"):
+        evaluate.sliding_windows(10, 4, 4)
+
+
+def test_ppl_command_line(tmp_path, hf_base):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from maxlm import pretrained
+    from maxlm import tokenizer as tokenizer_lib
+
+    texts = ["One document of plain words.", "Another, a little longer: " * 5, "第三个文件。"]
+    with open(tmp_path / "docs.jsonl", "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+        f.write("not json\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "maxlm.evaluate", f"--hf={hf_base}", "--task=ppl",
+                           f"--data={tmp_path}/docs.jsonl", "--window=32", "--stride=16", f"--out={tmp_path}/out"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    config, params, tok_path = pretrained.load_base(hf_base)
+    want = evaluate.perplexity(config, params, tokenizer_lib.load(tok_path), texts, window=32, stride=16)
+    assert summary["n"] == 3 and summary["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
+    assert summary["bits_per_byte"] == pytest.approx(want["bits_per_byte"], rel=1e-5)
