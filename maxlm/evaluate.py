@@ -6,6 +6,7 @@ exact-match accuracy on the built-in task suite's held-out items with the KV-cac
     python -m maxlm.evaluate --hf=path/to/hf_folder --task=mc --data=mmlu/ --shots=5   # maxlm/multiple_choice.py
     python -m maxlm.evaluate --task=contamination --data=mmlu/ --corpus='curated/*.jsonl'  # maxlm/contamination.py
     python -m maxlm.evaluate --workdir=runs/tiny --task=ppl --data='held_out/*.jsonl' [--window=512 --stride=256]
+    python -m maxlm.evaluate --hf=path/to/hf_folder --task=gen --data=gsm8k/ --shots=8   # maxlm/generation_eval.py
 
 Each held-out item (`maxlm.tasks`, split "eval": disjoint from every training item) is rendered with the
 run's chat template up to the assistant header, continued greedily (argmax, as exact-match evaluations of
@@ -179,9 +180,10 @@ def _define_flags() -> None:
                         "tokenizer.model).")
     flags.DEFINE_integer("step", -1, "Checkpoint step (default: the newest).")
     flags.DEFINE_string("task", "all", f"One of {', '.join(tasks.TASKS)}, all (the built-in tasks), mc "
-                        "(few-shot multiple choice on --data), ppl (perplexity and bits per byte of --data) or contamination "
-                        "(--data against --corpus).")
-    flags.DEFINE_integer("n", 0, "Held-out items per task (default: the run's sft.task_eval_size).")
+                        "(few-shot multiple choice on --data), ppl (perplexity and bits per byte of --data), gen "
+                        "(GSM8K-style answers on --data) or contamination (--data against --corpus).")
+    flags.DEFINE_integer("n", 0, "Held-out items per built-in task (default: the run's sft.task_eval_size); ppl / gen: "
+                         "at most this many documents / items (default: all).")
     flags.DEFINE_string("template", "", "Chat template (default: the run's sft.template).")
     flags.DEFINE_string("out", "", "Folder for per-item results (default: <workdir>/eval).")
     flags.DEFINE_string("data", "", "mc / contamination: a local MMLU / C-Eval shaped folder (dev/ and test/ or "
@@ -208,9 +210,12 @@ def main(argv: list[str]) -> None:
     if bool(FLAGS.workdir) == bool(FLAGS.hf):
         raise EvaluateError("give exactly one of --workdir (a maxlm run) or --hf (a Hugging Face folder)")
     names = list(tasks.TASKS) if FLAGS.task == "all" else [FLAGS.task]
-    if FLAGS.task not in ("mc", "ppl") and any(t not in tasks.TASKS for t in names):
-        raise EvaluateError(f"unknown --task={FLAGS.task}; choose one of {', '.join(tasks.TASKS)}, all, mc, ppl or "
-                            "contamination")
+    if FLAGS.task not in ("mc", "ppl", "gen") and any(t not in tasks.TASKS for t in names):
+        raise EvaluateError(f"unknown --task={FLAGS.task}; choose one of {', '.join(tasks.TASKS)}, all, mc, ppl, "
+                            "gen or contamination")
+    if FLAGS.task == "gen" and not os.path.exists(FLAGS.data):
+        raise EvaluateError("--task=gen needs --data: a GSM8K-style folder (test.jsonl, train.jsonl for the shots) "
+                            "or one jsonl file (its first --shots rows are the shots)")
     if FLAGS.task == "ppl" and not FLAGS.data:
         raise EvaluateError("--task=ppl needs --data=GLOB (jsonl files with a text field) or tfds:NAME[:SPLIT]")
     if FLAGS.task == "mc" and not os.path.isdir(FLAGS.data):
@@ -244,6 +249,22 @@ def main(argv: list[str]) -> None:
               f"documents (window {r['window']}, stride {r['stride']})", file=sys.stderr, flush=True)
         print(json.dumps({k: r[k] for k in ("task", "ppl", "bits_per_byte", "tokens", "bytes", "n")} | {"step": step}),
               flush=True)
+        return
+    if FLAGS.task == "gen":
+        from maxlm import generation_eval
+
+        if os.path.isdir(FLAGS.data):
+            rows = generation_eval.load_rows(os.path.join(FLAGS.data, "test.jsonl"))
+            train = os.path.join(FLAGS.data, "train.jsonl")
+            shots = generation_eval.load_rows(train)[:FLAGS.shots] if os.path.exists(train) else []
+        else:
+            every = generation_eval.load_rows(FLAGS.data)
+            shots, rows = every[:FLAGS.shots], every[FLAGS.shots:]
+        r = generation_eval.score(config, params, tok, rows[:FLAGS.n] if FLAGS.n else rows, shots)
+        _write_items(os.path.join(out_dir, "gen.jsonl"), r["items"])
+        print(f"gen: exact match {r['exact_match']:.4f} on {r['n']} items ({r['shots']}-shot)", file=sys.stderr,
+              flush=True)
+        print(json.dumps({k: r[k] for k in ("task", "exact_match", "n", "shots")} | {"step": step}), flush=True)
         return
     if FLAGS.task == "mc":
         from maxlm import multiple_choice

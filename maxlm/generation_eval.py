@@ -1,0 +1,84 @@
+"""Generation benchmarks in the GSM8K shape: few-shot prompts, greedy continuation, answer extraction.
+
+Rows are jsonl `{"question", "answer"}` where the answer may carry its worked solution and end in
+"#### <final answer>" as GSM8K's do (Cobbe et al. 2021). The prompt is k solved examples from a `train`
+file (or the first rows) as "Question: ...\\nAnswer: ...\\n\\n", then the question and "Answer:" -- the
+format of lm-evaluation-harness's gsm8k task. The model continues greedily with the KV-cache sampler; the
+continuation is cut where it starts a new "Question:" or a blank line, and the final answer is extracted:
+the number after "####" when there is one, else the last number in the text (commas and a trailing period
+dropped). Exact match compares the extracted strings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from maxlm import sample
+
+_HASHES = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+GENERATE_BATCH = 16
+
+
+def extract_answer(text: str) -> str:
+    """"#### 1,234" -> "1234"; otherwise the last number; "" when there is none."""
+    found = _HASHES.search(text)
+    if found:
+        value = found.group(1)
+    else:
+        numbers = _NUMBER.findall(text)
+        if not numbers:
+            return ""
+        value = numbers[-1]
+    value = value.replace(",", "").rstrip(".")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+    return value
+
+
+def load_rows(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    bad = [r for r in rows if not isinstance(r, dict) or "question" not in r or "answer" not in r]
+    if bad:
+        raise ValueError(f"{path}: rows need question and answer fields, e.g. {bad[0]}")
+    return rows
+
+
+def prompt(shots: Sequence[dict], row: dict) -> str:
+    solved = "".join(f"Question: {s['question'].strip()}\nAnswer: {s['answer'].strip()}\n\n" for s in shots)
+    return solved + f"Question: {row['question'].strip()}\nAnswer:"
+
+
+def cut(continuation: str) -> str:
+    """The answer part of a continuation: up to a new "Question:" or a blank line."""
+    return re.split(r"\n\s*\n|Question:", continuation, maxsplit=1)[0]
+
+
+def score(config: ml_collections.ConfigDict, params: dict, tok: Any, rows: Sequence[dict], shots: Sequence[dict], *,
+          max_new_tokens: int = 256) -> dict:
+    """Greedy exact match of the extracted final answers -> {"task", "exact_match", "n", "items"}. The
+    continuation gets `max_new_tokens`, or what the model's context leaves after the longest prompt."""
+    prompts = [[tok.bos_id] + tok.encode(prompt(shots, r)) for r in rows]
+    room = config.model.max_seq_len - max((len(p) for p in prompts), default=0)
+    if room < 1:
+        raise sample.SampleError(f"the longest {len(shots)}-shot prompt fills model.max_seq_len="
+                                 f"{config.model.max_seq_len}: use fewer shots")
+    max_new_tokens = min(max_new_tokens, room)
+    outputs: list[str] = []
+    for start in range(0, len(prompts), GENERATE_BATCH):
+        outs = sample.generate(config, params, prompts[start:start + GENERATE_BATCH], max_new_tokens=max_new_tokens,
+                               greedy=True, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        outputs += [tok.decode(o) for o in outs]
+    items = []
+    for row, out in zip(rows, outputs):
+        pred, gold = extract_answer(cut(out)), extract_answer(str(row["answer"]))
+        items.append({"question": row["question"], "response": cut(out), "pred": pred, "gold": gold,
+                      "correct": pred != "" and pred == gold})
+    return {"task": "gen", "exact_match": sum(i["correct"] for i in items) / max(len(items), 1), "n": len(items),
+            "shots": len(shots), "items": items}
