@@ -7,6 +7,7 @@ exact-match accuracy on the built-in task suite's held-out items with the KV-cac
     python -m maxlm.evaluate --task=contamination --data=mmlu/ --corpus='curated/*.jsonl'  # maxlm/contamination.py
     python -m maxlm.evaluate --workdir=runs/tiny --task=ppl --data='held_out/*.jsonl' [--window=512 --stride=256]
     python -m maxlm.evaluate --hf=path/to/hf_folder --task=gen --data=gsm8k/ --shots=8   # maxlm/generation_eval.py
+    python -m maxlm.evaluate --workdir=runs/long --task=passkey --lengths=512,2048 --depths=0,0.5,1  # heat map
 
 Each held-out item (`maxlm.tasks`, split "eval": disjoint from every training item) is rendered with the
 run's chat template up to the assistant header, continued greedily (argmax, as exact-match evaluations of
@@ -181,7 +182,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("step", -1, "Checkpoint step (default: the newest).")
     flags.DEFINE_string("task", "all", f"One of {', '.join(tasks.TASKS)}, all (the built-in tasks), mc "
                         "(few-shot multiple choice on --data), ppl (perplexity and bits per byte of --data), gen "
-                        "(GSM8K-style answers on --data) or contamination (--data against --corpus).")
+                        "(GSM8K-style answers on --data), passkey (needle in a haystack) or contamination (--data "
+                        "against --corpus).")
     flags.DEFINE_integer("n", 0, "Held-out items per built-in task (default: the run's sft.task_eval_size); ppl / gen: "
                          "at most this many documents / items (default: all).")
     flags.DEFINE_string("template", "", "Chat template (default: the run's sft.template).")
@@ -193,6 +195,9 @@ def _define_flags() -> None:
     flags.DEFINE_enum("choices", "letter", ["letter", "text"], "mc: score each option's letter or its text.")
     flags.DEFINE_string("corpus", "", "contamination: a glob of training jsonl files (.gz / .zst too).")
     flags.DEFINE_integer("window", 0, "ppl: tokens per sliding window (default: the model's context + 1).")
+    flags.DEFINE_list("lengths", ["1024", "2048", "4096"], "passkey: prompt lengths in tokens.")
+    flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "passkey: needle depths (0 first, 1 last).")
+    flags.DEFINE_integer("trials", 5, "passkey: random keys per (length, depth) cell.")
     flags.DEFINE_integer("stride", 0, "ppl: tokens the window moves by (default: half the window).")
     flags.DEFINE_integer("ngram", 13, "contamination: n-gram length in units (words; CJK characters).")
 
@@ -210,9 +215,9 @@ def main(argv: list[str]) -> None:
     if bool(FLAGS.workdir) == bool(FLAGS.hf):
         raise EvaluateError("give exactly one of --workdir (a maxlm run) or --hf (a Hugging Face folder)")
     names = list(tasks.TASKS) if FLAGS.task == "all" else [FLAGS.task]
-    if FLAGS.task not in ("mc", "ppl", "gen") and any(t not in tasks.TASKS for t in names):
+    if FLAGS.task not in ("mc", "ppl", "gen", "passkey") and any(t not in tasks.TASKS for t in names):
         raise EvaluateError(f"unknown --task={FLAGS.task}; choose one of {', '.join(tasks.TASKS)}, all, mc, ppl, "
-                            "gen or contamination")
+                            "gen, passkey or contamination")
     if FLAGS.task == "gen" and not os.path.exists(FLAGS.data):
         raise EvaluateError("--task=gen needs --data: a GSM8K-style folder (test.jsonl, train.jsonl for the shots) "
                             "or one jsonl file (its first --shots rows are the shots)")
@@ -248,6 +253,26 @@ def main(argv: list[str]) -> None:
         print(f"ppl: {r['ppl']:.4f}, bits per byte {r['bits_per_byte']:.4f} over {r['tokens']} tokens of {r['n']} "
               f"documents (window {r['window']}, stride {r['stride']})", file=sys.stderr, flush=True)
         print(json.dumps({k: r[k] for k in ("task", "ppl", "bits_per_byte", "tokens", "bytes", "n")} | {"step": step}),
+              flush=True)
+        return
+    if FLAGS.task == "passkey":
+        from maxlm import passkey
+
+        def generate(prompts: list[list[int]]) -> list[str]:
+            outs = sample.generate(config, params, prompts, max_new_tokens=8, greedy=True, eos_id=tok.eos_id,
+                                   pad_id=tok.pad_id)
+            return [tok.decode(o) for o in outs]
+
+        try:
+            lengths, depths = [int(x) for x in FLAGS.lengths], [float(x) for x in FLAGS.depths]
+            r = passkey.grid(generate, tok, lengths, depths, trials=FLAGS.trials)
+        except ValueError as e:
+            raise EvaluateError(f"passkey: {e}") from e
+        _write_items(os.path.join(out_dir, "passkey.jsonl"), r["items"])
+        passkey.heat_map(r, os.path.join(out_dir, "passkey.png"))
+        print(f"passkey: mean accuracy {r['mean']:.3f}; heat map {os.path.join(out_dir, 'passkey.png')}",
+              file=sys.stderr, flush=True)
+        print(json.dumps({k: r[k] for k in ("task", "lengths", "depths", "accuracy", "mean")} | {"step": step}),
               flush=True)
         return
     if FLAGS.task == "gen":

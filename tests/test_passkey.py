@@ -1,0 +1,70 @@
+"""Passkey retrieval (maxlm/passkey.py): prompts of the asked length with the needle at the asked depth,
+scoring by the first number of the answer (with an oracle that reads the key back from the prompt, and one
+that never can), the heat map, and the command line on a random model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from maxlm import passkey
+from maxlm import tokenizer as tokenizer_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tok(shared_tok_path):
+    return tokenizer_lib.load(shared_tok_path)
+
+
+@pytest.mark.parametrize("length", [400, 800])  # this test tokenizer spends ~200 tokens on the rest
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_prompt_length_and_depth(tok, length, depth):
+    ids = passkey.build(tok, length, depth, 12345)
+    unit = len(tok.encode(passkey.FILLER))
+    assert length - unit < len(ids) <= length
+    text = tok.decode(ids[1:])
+    at = text.index("The pass key is 12345")
+    before = text[:at].count("The grass is green")
+    total = text.count("The grass is green")
+    assert before == round(total * depth)
+    assert text.endswith(passkey.QUESTION) and text.count("12345") == 2
+
+
+def test_grid_scores_first_numbers(tok, tmp_path):
+    def reader(prompts):  # an oracle: answers with the key it finds in the prompt
+        return [" " + tok.decode(p).split("The pass key is ")[1].split(".")[0] + ". And 7." for p in prompts]
+
+    perfect = passkey.grid(reader, tok, [300, 500], [0.0, 1.0], trials=3)
+    assert perfect["accuracy"] == [[1.0, 1.0], [1.0, 1.0]] and len(perfect["items"]) == 12
+    wrong = passkey.grid(lambda ps: [" 7 " for _ in ps], tok, [300], [0.5], trials=2)
+    assert wrong["mean"] == 0.0
+    passkey.heat_map(perfect, str(tmp_path / "h.png"))
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    assert passkey.first_number(" is 0123 and 5") == "0123" and passkey.first_number("none") == ""
+    with pytest.raises(ValueError, match="too short"):
+        passkey.build(tok, 20, 0.5, 11111)
+
+
+def test_command_line(tmp_path, shared_tok_path):
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # a random model with room for 600-token prompts
+    LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer_lib.load(shared_tok_path).vocab_size, hidden_size=32,
+                                 intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=1024)).save_pretrained(str(tmp_path / "m"))
+    shutil.copy(shared_tok_path, tmp_path / "m" / "tokenizer.model")
+    done = subprocess.run([sys.executable, "-m", "maxlm.evaluate", f"--hf={tmp_path}/m", "--task=passkey",
+                           "--lengths=300,600", "--depths=0,0.5,1", "--trials=2", f"--out={tmp_path}/out"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["task"] == "passkey" and np.array(summary["accuracy"]).shape == (2, 3)
+    assert (tmp_path / "out" / "passkey.png").exists()
