@@ -20,10 +20,10 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from maxlm.data import dedup
+from maxlm.data.quality import CJK
 from maxlm.data.records import Shard, iter_records
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
-_UNIT = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
+_UNIT = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")  # a CJK character, or a run of other letters and digits
 BATCH = 256  # corpus documents per hashing call
 
 

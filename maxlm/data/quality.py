@@ -27,9 +27,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-_CJK = "\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
-_UNIT = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
-_IS_CJK = re.compile(rf"[{_CJK}]")
+# Scripts written without spaces between words (CJK radicals and symbols, kana, bopomofo, ideographs,
+# compatibility ideographs, hangul): one character is one unit. Shared with maxlm/contamination.py.
+CJK = "\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_UNIT = re.compile(rf"[{CJK}]|[^\s{CJK}]+")
+_IS_CJK = re.compile(rf"[{CJK}]")
 _TERMINAL = tuple(".!?\"'”’。！？…」』）)")
 _SYMBOL = re.compile(r"#|\.\.\.|…+")
 _URL_HOST = re.compile(r"https?://([^/\s:?#\"'<>]+)", re.IGNORECASE)
