@@ -122,11 +122,13 @@ def _filter_shard(k: int, shard: Shard, config: ml_collections.ConfigDict, stage
             record[config.text_key] = text
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             ids.append(doc_id)
-            exact.append(clean.text_hash(dedup.normalize_for_shingles(text)))
-            for p in clean.paragraphs_of(text):
-                if len(p) >= config.paragraph.min_chars:
-                    para_hash.append(clean.text_hash(p))
-                    para_doc.append(len(ids) - 1)
+            if "exact" in stages:
+                exact.append(clean.text_hash(dedup.normalize_for_shingles(text)))
+            if "paragraph" in stages:
+                for p in clean.paragraphs_of(text):
+                    if len(p) >= config.paragraph.min_chars:
+                        para_hash.append(clean.text_hash(p))
+                        para_doc.append(len(ids) - 1)
             if "near" in stages:
                 batch.append(text)
                 if len(batch) == SIGNATURE_BATCH:
@@ -142,7 +144,7 @@ def _filter_shard(k: int, shard: Shard, config: ml_collections.ConfigDict, stage
             "survivors": out_path, "signatures": sig_path}
 
 
-def _finish_shard(k: int, survivors: str, ids: list[str], drop: list[tuple[int, str, str]], owner: dict[int, int],
+def _finish_shard(survivors: str, ids: list[str], drop: list[tuple[int, str, str]], owner: dict[int, int],
                   first: int, config: ml_collections.ConfigDict, stages: tuple[str, ...], out_path: str) -> dict:
     """Pass C: drop the duplicates, cut repeated paragraphs, write the shard's kept records."""
     dropped = {i: (rule, of) for i, rule, of in drop}
@@ -164,7 +166,7 @@ def _finish_shard(k: int, survivors: str, ids: list[str], drop: list[tuple[int, 
                 if chars:
                     para_chars += chars
                     if not cut.strip() or ("quality" in stages and "length" in config.quality.rules
-                                           and quality.check(cut, _only_length(config)) is not None):
+                                           and quality.check(cut, config.quality, rules=("length",)) is not None):
                         removed["paragraph"] += 1
                         _examples_add(examples, "paragraph", config.examples_per_rule, id=doc_id, text=text)
                         continue
@@ -174,12 +176,6 @@ def _finish_shard(k: int, survivors: str, ids: list[str], drop: list[tuple[int, 
             bytes_out += len(text.encode("utf-8"))
     return {"removed": removed, "examples": dict(examples), "docs_out": docs_out, "bytes_out": bytes_out,
             "paragraph_chars": para_chars}
-
-
-def _only_length(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    q = ml_collections.ConfigDict(config.quality.to_dict())
-    q.rules = ("length",)
-    return q
 
 
 # ---- the driver ----
@@ -306,7 +302,7 @@ def _run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: lis
     for k, p in enumerate(parts):
         lo = int(offsets[k])
         drop = [(i - lo, str(reason[i]), ids[of[i]]) for i in range(lo, lo + len(p["ids"])) if reason[i]]
-        futures.append(pool.submit(_finish_shard, k, p["survivors"], p["ids"], drop, owner_by_shard[k], lo, config,
+        futures.append(pool.submit(_finish_shard, p["survivors"], p["ids"], drop, owner_by_shard[k], lo, config,
                                    stages, os.path.join(out_dir, f"part-{k:05d}.jsonl")))
     finals = [f.result() for f in futures]
 

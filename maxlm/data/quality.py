@@ -194,10 +194,10 @@ RULES: dict[str, Callable[[Doc, Any], bool]] = {
 }
 
 
-def check(text: str, q: ml_collections.ConfigDict, url: str = "") -> str | None:
-    """The first enabled rule that removes `text`, or None when it passes them all."""
+def check(text: str, q: ml_collections.ConfigDict, url: str = "", rules: tuple[str, ...] | None = None) -> str | None:
+    """The first of `rules` (default: the enabled ones, `q.rules`) that removes `text`, or None."""
     doc = Doc(text, url)
-    for name in q.rules:
+    for name in q.rules if rules is None else rules:
         if not RULES[name](doc, q[name]):
             return name
     return None
