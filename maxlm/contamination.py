@@ -42,13 +42,12 @@ def ngram_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def check(benchmarks: dict[str, list[str]], corpus: Iterable[str], n: int = 13) -> dict:
     """{benchmark: {"fraction", "contaminated", "checked", "too_short", "items": [per-item dicts]}}."""
-    names = sorted(benchmarks)
-    per_item = []  # (benchmark, index, hashes)
-    for name in names:
+    per_item: dict[str, list[np.ndarray]] = {}  # benchmark -> each item's n-gram hashes
+    for name in sorted(benchmarks):
         hashes, counts = ngram_hashes(benchmarks[name], n)
-        for i, part in enumerate(np.split(hashes, np.cumsum(counts)[:-1]) if len(counts) else []):
-            per_item.append((name, i, part))
-    wanted = np.unique(np.concatenate([h for _, _, h in per_item])) if per_item else np.zeros(0, np.uint64)
+        per_item[name] = np.split(hashes, np.cumsum(counts)[:-1]) if len(counts) else []
+    every = [h for parts in per_item.values() for h in parts]
+    wanted = np.unique(np.concatenate(every)) if every else np.zeros(0, np.uint64)
     found: list[np.ndarray] = []
     batch: list[str] = []
 
@@ -65,13 +64,12 @@ def check(benchmarks: dict[str, list[str]], corpus: Iterable[str], n: int = 13) 
     flush()
     seen = np.unique(np.concatenate(found)) if found else np.zeros(0, np.uint64)
     out = {}
-    for name in names:
+    for name, parts in per_item.items():
         items = []
-        for bench, i, h in per_item:
-            if bench == name:
-                hits = int(np.isin(h, seen).sum())
-                items.append({"index": i, "ngrams": int(len(h)), "matched": hits, "contaminated": hits > 0,
-                              "checked": len(h) > 0})
+        for i, h in enumerate(parts):
+            hits = int(np.isin(h, seen).sum())
+            items.append({"index": i, "ngrams": int(len(h)), "matched": hits, "contaminated": hits > 0,
+                          "checked": len(h) > 0})
         checked = [r for r in items if r["checked"]]
         dirty = sum(r["contaminated"] for r in checked)
         out[name] = {"fraction": dirty / len(checked) if checked else 0.0, "contaminated": dirty,
