@@ -84,6 +84,17 @@ class Checkpointer:
         self.manager.close()
 
 
+def latest_step(workdir: str) -> int | None:
+    """The newest complete checkpoint step in `workdir`, or None (no checkpoint, or no workdir)."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return None
+    manager = ocp.CheckpointManager(directory, item_names=ITEMS)
+    step = manager.latest_step()
+    manager.close()
+    return step
+
+
 def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_collections.ConfigDict], Any] | None = None
                 ) -> tuple[ml_collections.ConfigDict, dict, int]:
     """(config, params, step) of the newest (or the given) checkpoint in `workdir`, params on one device.

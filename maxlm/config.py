@@ -9,10 +9,13 @@ silently ignored. `validate()` runs before anything is traced or compiled and na
 
 from __future__ import annotations
 
+import ast
 import copy
+import dataclasses
 import importlib.util
 import math
 import os
+import shlex
 from typing import Any
 
 import ml_collections
@@ -126,7 +129,8 @@ def default_config() -> ml_collections.ConfigDict:
     o.peak_lr = 3e-4
     o.end_lr_ratio = 0.1  # final lr as a fraction of peak (cosine, linear, wsd)
     o.warmup_steps = 200
-    o.decay_steps = 0  # 0 means train.num_steps
+    o.decay_steps = 0  # 0 means train.num_steps (minus schedule_start)
+    o.schedule_start = 0  # step at which the schedule begins (staged training sets it to the stage start)
     o.wsd_decay_fraction = 0.2  # warmup-stable-decay: the last fraction of steps decays
     o.b1 = 0.9
     o.b2 = 0.95
@@ -149,6 +153,12 @@ def default_config() -> ml_collections.ConfigDict:
     # after this many such steps in a row the run reloads the last checkpoint (0: never reload).
     tr.max_bad_steps = 3
     tr.inject_nan_at = ()  # fault injection for tests: steps (1-based) whose gradients become NaN
+    # Staged training (InternLM2: 4k, then continued at 32k with a larger rope base): stages that follow the
+    # first `num_steps` steps, each a string of overrides "steps=N [name=..] data.seq_len=.. model.rope_..=.."
+    # applied on top of the previous stage (data.*, optim.*, mesh.*, checkpoint.*, model.rope_* and
+    # max_seq_len / attention_impl: nothing that changes the parameter tree). Each stage resumes the previous
+    # one's last checkpoint with a fresh data iterator and its own lr schedule; see `stage_plan`.
+    tr.stages = ()
 
     c.checkpoint = ck = ml_collections.ConfigDict()
     ck.every_steps = 500
@@ -260,7 +270,19 @@ def _check(cond: bool, key: str, reason: str) -> None:
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Reject impossible configs before anything compiles. Returns the config for chaining."""
+    """Reject impossible configs before anything compiles -- every stage of a staged run too, naming
+    `train.stages[i].<key>`. Returns the config for chaining."""
+    _validate_one(c)
+    if c.train.stages:
+        for stage in stage_plan(c)[1:]:
+            try:
+                _validate_one(stage.config)
+            except ConfigError as e:
+                raise ConfigError(f"train.stages[{stage.index - 1}].{e.key}", e.reason) from None
+    return c
+
+
+def _validate_one(c: ml_collections.ConfigDict) -> None:
     m = c.model
     for key in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
         _check(m[key] > 0, f"model.{key}", f"must be positive, got {m[key]}")
@@ -384,7 +406,103 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         targets = target if isinstance(target, (tuple, list)) else (target,)
         for t in targets:
             _check(t is None or t in MESH_AXES, "mesh.rules", f"{name!r} maps to unknown mesh axis {t!r}")
-    return c
+    _check(c.optim.schedule_start >= 0, "optim.schedule_start", "must be >= 0")
+    _check(c.optim.schedule_start < c.train.num_steps, "optim.schedule_start",
+           f"{c.optim.schedule_start} leaves no steps before train.num_steps={c.train.num_steps}")
+
+
+# What a stage of `train.stages` may change: anything that keeps the parameter tree and the tokenizer, so
+# that the previous stage's checkpoint restores as is.
+STAGE_SECTIONS = ("data", "optim", "checkpoint", "mesh")
+STAGE_KEYS = {"model": ("max_seq_len", "rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len",
+                        "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "attention_impl",
+                        "remat_policy", "compute_dtype"),
+              "train": ("log_every", "eval_every", "eval_batches", "num_samples", "sample_tokens",
+                        "max_bad_steps", "peak_tflops")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a run: steps `start + 1 .. end`, trained with `config` (whose `train.num_steps` is `end`)."""
+    index: int
+    name: str
+    start: int
+    end: int
+    config: ml_collections.ConfigDict
+
+
+def stage_plan(c: ml_collections.ConfigDict) -> list[Stage]:
+    """The stages of a run: the config itself for its first `train.num_steps` steps, then one per entry of
+    `train.stages` -- a string of `key=value` overrides in command-line syntax, `steps=N` and optionally
+    `name=...` among them, e.g. "name=32k steps=500 data.seq_len=32768 model.rope_theta=1e6" -- each the
+    previous stage's config with the entry's overrides, and:
+
+    - `train.num_steps` = the stage's last step; `optim.schedule_start` = its first step, so each stage warms
+      up and decays over its own steps (continued pretraining practice; set `optim.schedule_start=0` and
+      `optim.decay_steps` in the entry to keep one schedule across stages);
+    - `data.shuffle_seed` + stage index, so a stage on the same corpus does not replay the previous order;
+    - a stage that switches RoPE scaling on with `model.rope_original_max_len` 0 gets the previous stage's
+      `data.seq_len` as the original length (what dynamic NTK and YaRN scale from).
+
+    Entries are strings rather than dicts so that configs stay hashable (FrozenConfigDict), JSON-able and
+    overridable with `--config.train.stages=...`. A run without stages is one stage. A malformed entry
+    raises ConfigError naming `train.stages[i]`.
+    """
+    plan = [Stage(0, "stage 0", 0, c.train.num_steps, c)]
+    for i, entry in enumerate(c.train.stages):
+        key = f"train.stages[{i}]"
+        _check(isinstance(entry, str), key, f"must be a string of key=value overrides, got {entry!r}")
+        try:
+            words = shlex.split(entry)
+        except ValueError as e:
+            raise ConfigError(key, f"cannot split {entry!r}: {e}") from None
+        pairs = {}
+        for word in words:
+            _check("=" in word, key, f"{word!r} is not key=value")
+            name, value = word.split("=", 1)
+            pairs[name] = value
+        _check("steps" in pairs and pairs["steps"].isdigit() and int(pairs["steps"]) > 0, f"{key}.steps",
+               f"each stage needs steps=<positive int>, got {pairs.get('steps')!r}")
+        steps = int(pairs.pop("steps"))
+        prev = plan[-1]
+        name = pairs.pop("name", f"stage {i + 1}")
+        overrides = {}
+        for dotted, text in pairs.items():
+            section, _, leaf = dotted.partition(".")
+            allowed = section in STAGE_SECTIONS or leaf in STAGE_KEYS.get(section, ())
+            _check(allowed and "." not in leaf, f"{key}.{dotted}",
+                   f"a stage may set {', '.join(s + '.*' for s in STAGE_SECTIONS)}, "
+                   + ", ".join(f"{s}.{{{','.join(ks)}}}" for s, ks in STAGE_KEYS.items())
+                   + ", steps and name (the parameter tree must stay the same)")
+            _check(leaf in c[section], f"{key}.{dotted}", "no such key in the config schema (see maxlm/config.py)")
+            overrides[dotted] = _parse_like(c[section][leaf], text, f"{key}.{dotted}")
+        start = prev.end
+        implied = {"train.num_steps": start + steps, "optim.schedule_start": start,
+                   "data.shuffle_seed": c.data.shuffle_seed + i + 1}
+        scaled = overrides.get("model.rope_scaling", prev.config.model.rope_scaling) != "none"
+        if scaled and not overrides.get("model.rope_original_max_len", prev.config.model.rope_original_max_len):
+            implied["model.rope_original_max_len"] = prev.config.data.seq_len
+        config = override(prev.config, **{**implied, **overrides})
+        plan.append(Stage(i + 1, name, start, start + steps, config))
+    return plan
+
+
+def _parse_like(default: Any, text: str, key: str) -> Any:
+    """`text` as a value of `default`'s type (bool, int, float, str or tuple), as `--config.a.b=text` is read."""
+    try:
+        if isinstance(default, bool):
+            _check(text.lower() in ("true", "false", "1", "0"), key, f"expected true or false, got {text!r}")
+            return text.lower() in ("true", "1")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, (tuple, list)):
+            value = ast.literal_eval(text)
+            return _tuples(value if isinstance(value, (tuple, list)) else (value,))
+    except (ValueError, SyntaxError):
+        raise ConfigError(key, f"cannot read {text!r} as a {type(default).__name__}") from None
+    return text
 
 
 CURATE_STAGES = ("normalize", "boilerplate", "quality", "exact", "near", "paragraph", "perplexity")
@@ -542,7 +660,7 @@ def flops_per_token(c: ml_collections.ConfigDict, seq_len: int) -> float:
 
 
 def lr_decay_steps(c: ml_collections.ConfigDict) -> int:
-    return c.optim.decay_steps or c.train.num_steps
+    return c.optim.decay_steps or c.train.num_steps - c.optim.schedule_start
 
 
 def describe(c: ml_collections.ConfigDict) -> str:

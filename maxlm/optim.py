@@ -17,6 +17,7 @@ B factors are scaled by the ratio after AdamW, i.e. B trains at `lr_ratio` times
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.tree_util import DictKey, tree_map_with_path
@@ -43,9 +44,11 @@ def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
                                      [rest - decay])
     else:
         raise ValueError(f"unknown schedule {o.schedule!r}")
-    if warmup == 0:
-        return after
-    return optax.join_schedules([warm, after], [warmup])
+    full = after if warmup == 0 else optax.join_schedules([warm, after], [warmup])
+    start = o.schedule_start
+    if start == 0:
+        return full
+    return lambda step: full(jnp.maximum(step - start, 0))  # a stage's own schedule (train.stages)
 
 
 def _path_names(path) -> list[str]:

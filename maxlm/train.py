@@ -254,11 +254,47 @@ def _iterator(config, tok, split: str, seed: int) -> data.PackedIterator:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, float]]:
-    """Train (or resume) to `train.num_steps`; returns the metrics records logged by this invocation."""
+    """Train (or resume) to the end of the last stage (`train.num_steps` for a run without `train.stages`);
+    returns the metrics records logged by this invocation.
+
+    Staged runs (InternLM2's 4k -> 32k) go stage by stage: each stage builds its own trainer (sequence
+    length, rope, attention and mesh may change) and a fresh data iterator, and resumes the newest
+    checkpoint -- the previous stage's last step when it starts. Which stage to run is read from the newest
+    checkpoint's step, so a killed run resumes in the right stage, mid-stage with its data position.
+    """
     config_lib.validate(config)
+    plan = config_lib.stage_plan(config)
+    for stage in plan:  # every stage's mesh must fit the devices: fail now, not after the first stage
+        try:
+            sharding.mesh_shape(stage.config, jax.device_count())
+        except config_lib.ConfigError as e:
+            raise (e if stage.index == 0 else config_lib.ConfigError(f"train.stages[{stage.index - 1}].{e.key}",
+                                                                     e.reason)) from None
     os.makedirs(workdir, exist_ok=True)
     log_line(f"maxlm.train: {config_lib.describe(config)}")
     tok = tokenizer_lib.load_or_train(config, workdir)
+    history: list[dict[str, float]] = []
+    while True:
+        done = checkpoint_lib.latest_step(workdir) or 0
+        stage = next((s for s in plan if s.start <= done < s.end), plan[-1])
+        if len(plan) > 1:
+            m = stage.config.model
+            rope = f"rope theta {m.rope_theta:g}" + (f", {m.rope_scaling} x{m.rope_factor:g} from "
+                                                     f"{m.rope_original_max_len}" if m.rope_scaling != "none" else "")
+            log_line(f"stage {stage.index + 1}/{len(plan)} '{stage.name}': steps {stage.start + 1}..{stage.end}, "
+                     f"T={stage.config.data.seq_len} B={stage.config.data.batch_size}, {rope}, "
+                     f"attention {m.attention_impl}")
+        history += _train_stage(stage.config, workdir, tok, stage_start=stage.start, last=stage is plan[-1])
+        after = checkpoint_lib.latest_step(workdir) or 0
+        if after < stage.start:  # a damaged checkpoint was set aside: an earlier stage is unfinished
+            continue
+        if stage is plan[-1] or after < stage.end:  # done, or stopped by a signal (a rerun resumes here)
+            break
+    return history
+
+
+def _train_stage(config: ml_collections.ConfigDict, workdir: str, tok, *, stage_start: int, last: bool
+                 ) -> list[dict[str, float]]:
     train_iter = _iterator(config, tok, "train", config.data.shuffle_seed)
     trainer = Trainer(config)
     eval_batches = []
@@ -267,14 +303,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
         eval_batches = [trainer.device_batch(next(eval_iter)) for _ in range(config.train.eval_batches)]
 
     def finish(state: State) -> None:
-        if config.train.num_samples > 0:
+        if last and config.train.num_samples > 0:
             # Every process joins the gather (parameters may be sharded across hosts); process 0 samples.
             params = host_params(config, state)
             if jax.process_index() == 0:
                 _print_samples(config, params, tok)
 
     return run(config, workdir, trainer, train_iter, init_state=lambda: trainer.init_state(
-        jax.random.key(config.train.seed)), eval_batches=eval_batches, finish=finish)
+        jax.random.key(config.train.seed)), eval_batches=eval_batches, finish=finish, stage_start=stage_start)
 
 
 def host_params(config: ml_collections.ConfigDict, state: State) -> dict:
@@ -289,11 +325,15 @@ def host_params(config: ml_collections.ConfigDict, state: State) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, train_iter: Any, *,
         init_state: Callable[[], State], frozen: dict | None = None, eval_batches: list[Batch] = (),
-        finish: Callable[[State], None] | None = None) -> list[dict[str, float]]:
+        finish: Callable[[State], None] | None = None, stage_start: int = 0) -> list[dict[str, float]]:
     """The training loop shared by pretraining and fine-tuning: resume or `init_state()`, step to
     `train.num_steps` with logging, evaluation, checkpoints, signal handling and bad-step recovery, then
     `finish(state)` (samples). `frozen` holds state entries that are not checkpointed (LoRA's base), added
-    back to a restored state. Returns the metrics records logged by this invocation."""
+    back to a restored state. Returns the metrics records logged by this invocation.
+
+    `stage_start` > 0: this is a later stage of a staged run. A checkpoint at exactly that step is the
+    previous stage's end: its parameters and optimizer state are resumed, its data position (another
+    iterator's) is not. A checkpoint before it means the previous stage is unfinished: nothing is run."""
     primary = jax.process_index() == 0
     frozen = frozen or {}
     log_line(f"mesh {dict(trainer.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
@@ -301,8 +341,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, train
     restored = _restore(ckpt, trainer, frozen)
     if restored is not None:
         state, data_state = restored
-        train_iter.set_state(data_state)
-        log_line(f"resumed from step {int(state['step'])} ({ckpt.directory})")
+        resumed = int(state["step"])
+        if resumed < stage_start:
+            log_line(f"the newest usable checkpoint, step {resumed}, is before this stage's start {stage_start}")
+            ckpt.close()
+            return []
+        if resumed > stage_start or stage_start == 0:
+            train_iter.set_state(data_state)
+            log_line(f"resumed from step {resumed} ({ckpt.directory})")
+        else:
+            log_line(f"starting the stage from step {resumed}'s parameters and optimizer state, with fresh data")
+    elif stage_start > 0:
+        raise FileNotFoundError(f"stage starting at step {stage_start}: no checkpoint under {ckpt.directory}")
     else:
         state = init_state()
     start = int(state["step"])

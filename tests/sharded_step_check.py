@@ -4,7 +4,7 @@
 
 Each argument is a mesh `data,fsdp,tensor,sequence`, optionally followed by `:impl` (attention on the
 mesh; default xla), `:zero_stage` (default 3) and `:lora` (train rank-4 LoRA adapters on a frozen random
-base, on both sides; the adapters are compared). The single-device step always uses XLA attention (the
+base, on both sides; the adapters are compared) or `:yarn` (YaRN-scaled RoPE on both sides). The single-device step always uses XLA attention (the
 oracle). Prints one `RESULT` line per mesh: both losses, the largest parameter difference, and the
 per-device bytes of parameters and optimizer state (from the arrays' shards) and gradients. Run as a
 subprocess by tests/test_sharding.py, because the device count must be fixed before jax starts.
@@ -58,7 +58,9 @@ def main(specs: list[str]) -> None:
     singles = {}
     for spec in specs:
         shape, impl, zero, mode = (spec.split(":") + ["xla", "3", ""][spec.count(":"):])[:4]
-        extra = {"lora.rank": 4} if mode == "lora" else {}
+        extra = {"lora": {"lora.rank": 4}, "": {},
+                 # a long-context stage: YaRN x4 past an original length of 8 (configs/longctx_tiny.py's recipe)
+                 "yarn": {"model.rope_scaling": "yarn", "model.rope_factor": 4.0, "model.rope_original_max_len": 8}}[mode]
         if mode not in singles:
             single = C.validate(C.override(C.default_config(), **BASE, **extra, **{"mesh.data": 1}))
             singles[mode] = run(single, jax.devices()[:1])[:2]

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (data, fsdp, tensor, sequence)[:attention impl[:zero stage[:lora]]]
 MESHES = ["8,1,1,1", "1,8,1,1", "2,2,2,1", "1,2,2,2", "2,1,1,4", "1,1,1,8"]
 LORA = ["1,2,2,2:xla:3:lora", "2,2,2,1:xla:1:lora"]  # adapters sharded by the base weights' logical axes
-PALLAS = ["2,2,2,1:pallas", "2,1,1,4:pallas"]
+PALLAS = ["2,2,2,1:pallas", "2,1,1,4:pallas", "1,1,1,8:pallas:3:yarn"]  # the last: a long-context stage
 ZERO = ["1,4,2,1:xla:1", "1,4,2,1:xla:2", "1,4,2,1:xla:3"]
 
 
