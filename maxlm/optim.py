@@ -6,6 +6,10 @@
 - wsd: warmup-stable-decay (MiniCPM, Hu et al. 2024): constant after warmup, then a linear decay over the
   last `wsd_decay_fraction` of the steps -- a run can be continued from any stable-phase checkpoint.
 
+`optim.schedule_start` shifts the schedule to begin at that step (held at its first value before it): a
+later stage of a staged run (`train.stages`) warms up and decays over its own steps while AdamW's moments
+carry over.
+
 Weight decay skips norm scales and biases (decaying them has no regularising meaning) and, unless
 `optim.decay_embeddings`, the input embedding (the LLaMA / GPT-NeoX convention). The mask is built from
 parameter *names*, because with scanned layers every tensor has a leading layer axis, so a rank test

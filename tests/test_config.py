@@ -10,7 +10,7 @@ import pytest
 from maxlm import config as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ["tiny", "llama_125m", "llama_1b", "llama2_7b", "internlm2_7b"]
+CONFIGS = ["tiny", "llama_125m", "llama_1b", "llama2_7b", "internlm2_7b", "longctx_tiny", "internlm2_7b_32k"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
