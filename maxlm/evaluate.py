@@ -252,8 +252,8 @@ def main(argv: list[str]) -> None:
         _write_items(os.path.join(out_dir, "ppl.jsonl"), r["items"])
         print(f"ppl: {r['ppl']:.4f}, bits per byte {r['bits_per_byte']:.4f} over {r['tokens']} tokens of {r['n']} "
               f"documents (window {r['window']}, stride {r['stride']})", file=sys.stderr, flush=True)
-        print(json.dumps({k: r[k] for k in ("task", "ppl", "bits_per_byte", "tokens", "bytes", "n")} | {"step": step}),
-              flush=True)
+        _summary(out_dir, "ppl", {k: r[k] for k in ("task", "ppl", "bits_per_byte", "tokens", "bytes", "n", "window",
+                                                    "stride")} | {"step": step})
         return
     if FLAGS.task == "passkey":
         from maxlm import passkey
@@ -272,8 +272,7 @@ def main(argv: list[str]) -> None:
         passkey.heat_map(r, os.path.join(out_dir, "passkey.png"))
         print(f"passkey: mean accuracy {r['mean']:.3f}; heat map {os.path.join(out_dir, 'passkey.png')}",
               file=sys.stderr, flush=True)
-        print(json.dumps({k: r[k] for k in ("task", "lengths", "depths", "accuracy", "mean")} | {"step": step}),
-              flush=True)
+        _summary(out_dir, "passkey", {k: r[k] for k in ("task", "lengths", "depths", "accuracy", "mean")} | {"step": step})
         return
     if FLAGS.task == "gen":
         from maxlm import generation_eval
@@ -289,7 +288,7 @@ def main(argv: list[str]) -> None:
         _write_items(os.path.join(out_dir, "gen.jsonl"), r["items"])
         print(f"gen: exact match {r['exact_match']:.4f} on {r['n']} items ({r['shots']}-shot)", file=sys.stderr,
               flush=True)
-        print(json.dumps({k: r[k] for k in ("task", "exact_match", "n", "shots")} | {"step": step}), flush=True)
+        _summary(out_dir, "gen", {k: r[k] for k in ("task", "exact_match", "n", "shots")} | {"step": step})
         return
     if FLAGS.task == "mc":
         from maxlm import multiple_choice
@@ -299,7 +298,7 @@ def main(argv: list[str]) -> None:
         _write_items(os.path.join(out_dir, "mc.jsonl"), r["items"])
         print(f"mc: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} on {r['n']} items ({FLAGS.shots}-shot)",
               file=sys.stderr, flush=True)
-        print(json.dumps({k: r[k] for k in ("task", "acc", "acc_norm", "n", "shots")} | {"step": step}), flush=True)
+        _summary(out_dir, "mc", {k: r[k] for k in ("task", "acc", "acc_norm", "n", "shots")} | {"step": step})
         return
     results = {}
     for task in names:
@@ -313,7 +312,7 @@ def main(argv: list[str]) -> None:
     else:
         summary = {"task": "all", "accuracy": sum(r["accuracy"] for r in results.values()) / len(results),
                    "n": sum(r["n"] for r in results.values()), "step": step, "tasks": results}
-    print(json.dumps(summary), flush=True)
+    _summary(out_dir, summary["task"], summary)
 
 
 def benchmark_texts(folder: str) -> dict[str, list[str]]:
@@ -348,10 +347,17 @@ def _contamination(FLAGS) -> None:
     for name, r in result.items():
         print(f"{name}: {r['contaminated']} of {r['checked']} items share a {FLAGS.ngram}-gram with the corpus "
               f"({r['too_short']} too short to check)", file=sys.stderr, flush=True)
-    print(json.dumps({"task": "contamination", "ngram": FLAGS.ngram,
-                      "fractions": {name: r["fraction"] for name, r in result.items()},
-                      "contaminated": {name: r["contaminated"] for name, r in result.items()},
-                      "n": sum(r["checked"] for r in result.values())}), flush=True)
+    _summary(out_dir, "contamination", {"task": "contamination", "ngram": FLAGS.ngram,
+                                        "fractions": {name: r["fraction"] for name, r in result.items()},
+                                        "contaminated": {name: r["contaminated"] for name, r in result.items()},
+                                        "n": sum(r["checked"] for r in result.values())})
+
+
+def _summary(out_dir: str, name: str, summary: dict) -> None:
+    """Write `<out_dir>/<name>_summary.json` beside the per-item jsonl and print it as the last console line."""
+    with open(os.path.join(out_dir, f"{name}_summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, ensure_ascii=False, indent=1)
+    print(json.dumps(summary), flush=True)
 
 
 def _write_items(path: str, items: list[dict]) -> None:

@@ -74,5 +74,6 @@ def test_command_line(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["contaminated"] == {"en": 2, "zh": 1}
     assert summary["fractions"]["en"] == pytest.approx(2 / 30)
+    assert json.load(open(tmp_path / "out" / "contamination_summary.json")) == summary
     rows = [json.loads(line) for line in open(tmp_path / "out" / "contamination.jsonl")]
     assert {(r["benchmark"], r["index"]) for r in rows if r["contaminated"]} == {("en", 3), ("en", 17), ("zh", 5)}

@@ -105,5 +105,6 @@ def test_command_line(tmp_path, hf_base):
     assert summary["task"] == "mc" and summary["n"] == 5 and {"acc", "acc_norm"} <= set(summary)
     items = [json.loads(line) for line in open(tmp_path / "out" / "mc.jsonl")]
     assert summary["acc"] == np.mean([i["correct"] for i in items])
+    assert json.load(open(tmp_path / "out" / "mc_summary.json")) == summary
     missing = run(f"--hf={hf_base}", "--task=mc")
     assert missing.returncode == 2 and "--data" in missing.stderr and "Traceback" not in missing.stderr
