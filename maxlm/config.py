@@ -487,6 +487,12 @@ def stage_plan(c: ml_collections.ConfigDict) -> list[Stage]:
     return plan
 
 
+def require_single_stage(c: ml_collections.ConfigDict, entry: str) -> None:
+    """Fine-tuning entry points (SFT, reward model, PPO) run one stage: reject `train.stages` rather than
+    ignore it."""
+    _check(not c.train.stages, "train.stages", f"staged training is run by maxlm.train; {entry} runs one stage")
+
+
 def _parse_like(default: Any, text: str, key: str) -> Any:
     """`text` as a value of `default`'s type (bool, int, float, str or tuple), as `--config.a.b=text` is read."""
     try:

@@ -238,6 +238,7 @@ def load_models(config: ml_collections.ConfigDict, workdir: str):
     """(run config, tokenizer, policy params, reward-model params or None)."""
     p = config.ppo
     config_lib.validate(config)
+    config_lib.require_single_stage(config, "maxlm.ppo")
     if p.rollout_batch % config.data.batch_size:
         raise config_lib.ConfigError("ppo.rollout_batch", f"must be a multiple of data.batch_size="
                                      f"{config.data.batch_size} (the minibatch)")

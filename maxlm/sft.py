@@ -79,6 +79,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, section: str = "sft")
     """(run config, tokenizer, template, base params) for fine-tuning `config.<section>.base` in `workdir`
     (`section` is "sft", or "reward" for a reward model)."""
     config_lib.validate(config)
+    config_lib.require_single_stage(config, f"maxlm.{section}")
     template = chat.load_template(config.sft.template)
     base_path = config[section].base
     base_config, base_params, base_tok = pretrained.load_base(base_path, config[section].base_step,

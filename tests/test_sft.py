@@ -171,7 +171,8 @@ def test_evaluate_cli_prints_json(hf_base, tmp_path):
 def test_sft_cli_user_errors_are_one_line(tmp_path):
     for flags, message in [(["--config.sft.base=/no/such/base"], "not a directory"),
                            (["--config.sft.template=chatgpt"], "sft.template"),
-                           (["--config.lora.rank=8", "--config.lora.targets=('q','wqkv')"], "lora.targets")]:
+                           (["--config.lora.rank=8", "--config.lora.targets=('q','wqkv')"], "lora.targets"),
+                           (["--config.train.stages=('steps=5',)"], "train.stages: staged training is run by")]:
         done = subprocess.run([sys.executable, "-m", "maxlm.sft", "--config=configs/sft_tiny.py",
                                f"--workdir={tmp_path}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
