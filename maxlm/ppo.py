@@ -239,6 +239,9 @@ def load_models(config: ml_collections.ConfigDict, workdir: str):
     p = config.ppo
     config_lib.validate(config)
     config_lib.require_single_stage(config, "maxlm.ppo")
+    if config.lora.rank:
+        raise config_lib.ConfigError("lora.rank", "PPO trains every parameter of actor and critic (LoRA is for "
+                                                  "maxlm.sft); set 0")
     if p.rollout_batch % config.data.batch_size:
         raise config_lib.ConfigError("ppo.rollout_batch", f"must be a multiple of data.batch_size="
                                      f"{config.data.batch_size} (the minibatch)")
@@ -262,7 +265,6 @@ def load_models(config: ml_collections.ConfigDict, workdir: str):
         run_config.ppo.policy = os.path.abspath(p.policy)
         if p.reward_model:
             run_config.ppo.reward_model = os.path.abspath(p.reward_model)
-        run_config.lora.rank = 0
         run_config.train.num_steps = p.iterations * p.epochs * (p.rollout_batch // config.data.batch_size)
     config_lib.validate(run_config)
     os.makedirs(workdir, exist_ok=True)

@@ -209,9 +209,10 @@ def _local(trainer: train.Trainer, batch: dict[str, np.ndarray]) -> train.Batch:
 
 def train_reward(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, float]]:
     """Train (or resume) the reward model to `train.num_steps`; returns the metrics records logged."""
+    if config.lora.rank:
+        raise config_lib.ConfigError("lora.rank", "the reward model trains every parameter (LoRA is for maxlm.sft); "
+                                                  "set 0")
     config, tok, template, lm_params = sft.build(config, workdir, section="reward")
-    with config.unlocked():
-        config.lora.rank = 0  # the reward model trains every parameter
     log_line(f"maxlm.reward: {config_lib.describe(config)}; base {config.reward.base}; template {template.name}")
     train_pairs = load_pairs(config, tok, template, "train", params=lm_params)
     log_line(f"preference data: {train_pairs.summary()}")

@@ -126,6 +126,11 @@ def test_ppo_cli_end_to_end_and_resume(hf_base, reward_run, tmp_path):
                           f"--workdir={tmp_path / 'bad'}", f"--config.ppo.policy={hf_base}",
                           "--config.ppo.reward_model=/no/such/rm"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "ppo.reward_model" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    for flag, key in (("--config.lora.rank=4", "lora.rank"), ("--config.train.stages=('steps=2',)", "train.stages")):
+        bad = subprocess.run([sys.executable, "-m", "maxlm.ppo", "--config=configs/ppo_tiny.py",
+                              f"--workdir={tmp_path / 'bad'}", f"--config.ppo.policy={hf_base}", flag],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and key in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_reward_model_sees_a_sampled_reply_as_it_was_trained(shared_tok_path):

@@ -117,6 +117,10 @@ def test_reward_cli_end_to_end(reward_run, hf_base, tmp_path):
                           f"--workdir={tmp_path / 'bad'}", f"--config.reward.base={hf_base}",
                           "--config.reward.domains=('polite',)"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "reward.domains" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    lora = subprocess.run([sys.executable, "-m", "maxlm.reward", "--config=configs/reward_tiny.py",
+                           f"--workdir={tmp_path / 'lora'}", f"--config.reward.base={hf_base}", "--config.lora.rank=4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert lora.returncode == 2 and "lora.rank" in lora.stderr and "Traceback" not in lora.stderr, lora.stderr
 
 
 def test_sampled_pairs_reject_the_policys_wrong_replies(hf_base, tok):

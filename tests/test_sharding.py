@@ -3,7 +3,6 @@ stages hold the per-device bytes they promise."""
 
 import functools
 import os
-import re
 import subprocess
 import sys
 
