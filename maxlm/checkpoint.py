@@ -112,7 +112,7 @@ def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_co
         raise FileNotFoundError(f"no complete checkpoint under {directory}")
     config = config_lib.from_dict(manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"])
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                             abstract(config) if abstract is not None
                             else lora.abstract(config) if config.lora.rank else model.abstract_params(config))
