@@ -159,7 +159,7 @@ def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Templ
             policy_config, params, tok_path = pretrained.load_base(r.sample_policy, r.sample_policy_step,
                                                                    key="reward.sample_policy")
             if policy_config.model.vocab_size != config.model.vocab_size or (
-                    tok_path and tokenizer_lib.load(tok_path).vocab_size != tok.vocab_size):
+                    tok_path and not tokenizer_lib.same_vocabulary(tokenizer_lib.load(tok_path), tok)):
                 raise pretrained.BaseModelError(f"reward.sample_policy={r.sample_policy} and reward.base="
                                                 f"{r.base} have different vocabularies")
             config = pretrained.with_base_model(config, policy_config, policy_config.model.vocab_size)

@@ -159,6 +159,12 @@ def add_special_tokens(path: str, pieces: Iterable[str], out_path: str) -> tuple
     return load(out_path), added
 
 
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers map every id to the same piece (so one model's token ids mean the same text
+    under both); equal sizes alone do not say that."""
+    return a.vocab_size == b.vocab_size and all(a.id_to_piece(i) == b.id_to_piece(i) for i in range(a.vocab_size))
+
+
 def load(path: str) -> Tokenizer:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer model at {path}")

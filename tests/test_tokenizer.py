@@ -117,3 +117,21 @@ def test_load_or_train_caches_and_checks_vocab(tmp_path):
         tokenizer.load_or_train(_config(**{"model.vocab_size": 512, "tokenizer.path": str(path)}), "/nonexistent")
     explicit = tokenizer.load_or_train(_config(**{"tokenizer.path": str(path)}), "/nonexistent")
     assert explicit.path == str(path)
+
+
+def test_same_vocabulary_compares_pieces_not_sizes(tok, tmp_path):
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    with open(tok.path, "rb") as f:
+        proto.ParseFromString(f.read())
+    same = tmp_path / "same.model"
+    same.write_bytes(proto.SerializeToString())
+    proto.pieces[-1].piece = proto.pieces[-1].piece + "\u2581renamed"  # one piece differs, same size
+    other = tmp_path / "other.model"
+    other.write_bytes(proto.SerializeToString())
+    grown, _ = tokenizer.add_special_tokens(tok.path, ["<|x|>"], str(tmp_path / "grown.model"))
+    assert tokenizer.same_vocabulary(tok, tokenizer.load(str(same)))
+    assert tokenizer.load(str(other)).vocab_size == tok.vocab_size
+    assert not tokenizer.same_vocabulary(tok, tokenizer.load(str(other)))
+    assert not tokenizer.same_vocabulary(tok, grown)
