@@ -3,8 +3,10 @@
     python -m maxlm.train --config=configs/tiny.py --workdir=runs/tiny [--config.train.num_steps=N ...]
 
 Logged `loss`, `grad_norm` and `tokens` are means over the steps since the previous log line (as Hugging
-Face's Trainer reports them); `lr` is the rate of the last of those steps. Rerunning the same command resumes from the newest checkpoint in the workdir, data position included, so
-the resumed run computes exactly the steps an uninterrupted run would have.
+Face's Trainer reports them); `lr` is the rate of the last of those steps. Rerunning the same command
+resumes from the newest checkpoint in the workdir, data position included, so the resumed run computes
+exactly the steps an uninterrupted run would have. A config with `train.stages` (InternLM2's 4k -> 32k)
+trains stage by stage, each resuming the previous one's checkpoint (see `train`).
 
 The step is `(state, batch) -> (state, metrics)` with `state = {"step", "params", "opt_state"}` donated to
 jit. The loss is the mean cross-entropy over the *real* target tokens of the whole global batch (sum of
