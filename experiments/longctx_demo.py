@@ -51,7 +51,6 @@ def main() -> None:
     texts = held_out_texts(after_config, tok, min_tokens=long + 1, max_tokens=2 * long)
     if not texts:
         sys.exit(f"error: no held-out document has {long + 1} tokens; raise data.eval_fraction")
-    scaled_only = after_config.copy_and_resolve_references()  # the extended rope on the short model's weights
 
     def ppl(config, params, window: int) -> float:
         return round(evaluate.perplexity(config, params, tok, texts, window=window)["ppl"], 3)
@@ -61,7 +60,7 @@ def main() -> None:
            "rope_after": f"{after_config.model.rope_scaling} x{after_config.model.rope_factor:g}",
            "ppl_short": ppl(before_config, before_params, short),
            "ppl_long_before": ppl(before_config, before_params, long),
-           "ppl_long_scaled_only": ppl(scaled_only, before_params, long),
+           "ppl_long_scaled_only": ppl(after_config, before_params, long),  # extended rope, short weights
            "ppl_long_after": ppl(after_config, after_params, long),
            "ppl_short_after": ppl(after_config, after_params, short)}
     out["after_over_short"] = round(out["ppl_long_after"] / out["ppl_short"], 4)

@@ -278,7 +278,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             try:
                 _validate_one(stage.config)
             except ConfigError as e:
-                raise ConfigError(f"train.stages[{stage.index - 1}].{e.key}", e.reason) from None
+                raise stage.error(e) from None
     return c
 
 
@@ -429,6 +429,10 @@ class Stage:
     start: int
     end: int
     config: ml_collections.ConfigDict
+
+    def error(self, e: ConfigError) -> ConfigError:
+        """`e` (about this stage's config) named as the user wrote it: `train.stages[i].<key>` for a later stage."""
+        return e if self.index == 0 else ConfigError(f"train.stages[{self.index - 1}].{e.key}", e.reason)
 
 
 def stage_plan(c: ml_collections.ConfigDict) -> list[Stage]:

@@ -270,8 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
         try:
             sharding.mesh_shape(stage.config, jax.device_count())
         except config_lib.ConfigError as e:
-            raise (e if stage.index == 0 else config_lib.ConfigError(f"train.stages[{stage.index - 1}].{e.key}",
-                                                                     e.reason)) from None
+            raise stage.error(e) from None
     os.makedirs(workdir, exist_ok=True)
     log_line(f"maxlm.train: {config_lib.describe(config)}")
     tok = tokenizer_lib.load_or_train(config, workdir)

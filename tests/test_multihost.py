@@ -103,7 +103,8 @@ def test_two_processes_train_a_reward_model_like_one(hf_base, tmp_path):
     same held-out accuracy as one process."""
     one, two = tmp_path / "one", tmp_path / "two"
     cmd = [sys.executable, "-m", "maxlm.reward", "--config=configs/reward_tiny.py", f"--config.reward.base={hf_base}",
-           "--config.reward.domains=('correct','brief')", "--config.reward.train_size=32", "--config.reward.eval_size=8",
+           "--config.reward.domains=('correct','brief')", "--config.reward.train_size=32",
+           "--config.reward.eval_size=8",
            "--config.data.batch_size=8", "--config.data.seq_len=192", "--config.train.num_steps=4",
            "--config.train.log_every=1", "--config.train.eval_every=4", "--config.train.eval_batches=2",
            "--config.checkpoint.every_steps=2", "--config.optim.warmup_steps=1", "--config.mesh.data=8"]

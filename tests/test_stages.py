@@ -28,11 +28,11 @@ def _staged(corpus, tok_path, stages=(LONG,), **extra):
 
 
 def test_plan_applies_overrides_on_the_previous_stage():
+    stages = ("steps=50 name=4x data.seq_len=512 model.rope_scaling=yarn model.rope_factor=4",
+              "steps=20 data.seq_len=1024 model.rope_factor=8 'data.path=a b.jsonl' "
+              "optim.schedule_start=0 mesh.sequence=2 checkpoint.async_save=false")
     c = C.override(C.default_config(), **{"train.num_steps": 100, "data.seq_len": 128, "model.max_seq_len": 1024,
-                                          "data.shuffle_seed": 7, "train.stages": (
-                                              "steps=50 name=4x data.seq_len=512 model.rope_scaling=yarn model.rope_factor=4",
-                                              "steps=20 data.seq_len=1024 model.rope_factor=8 'data.path=a b.jsonl' "
-                                              "optim.schedule_start=0 mesh.sequence=2 checkpoint.async_save=false")})
+                                          "data.shuffle_seed": 7, "train.stages": stages})
     plan = C.stage_plan(C.validate(c))
     assert [(s.index, s.name, s.start, s.end) for s in plan] == [(0, "stage 0", 0, 100), (1, "4x", 100, 150),
                                                                  (2, "stage 2", 150, 170)]
@@ -134,7 +134,8 @@ def test_cli_stages_override(shared_corpus, shared_tok_path, tmp_path):
     """`--config.train.stages=(...)` from the command line, and a bad entry as one line, exit 2."""
     work = tmp_path / "cli"
     base = [sys.executable, "-m", "maxlm.train", "--config=configs/tiny.py", f"--workdir={work}",
-            "--config.data.source=jsonl", f"--config.data.path={shared_corpus}", f"--config.tokenizer.path={shared_tok_path}",
+            "--config.data.source=jsonl", f"--config.data.path={shared_corpus}",
+            f"--config.tokenizer.path={shared_tok_path}",
             "--config.model.vocab_size=320", "--config.model.num_layers=1", "--config.train.num_steps=2",
             "--config.data.batch_size=2", "--config.data.seq_len=32", "--config.train.num_samples=0",
             "--config.train.eval_every=0", "--config.data.eval_fraction=0"]
