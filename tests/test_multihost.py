@@ -92,6 +92,8 @@ def test_two_processes_run_ppo_like_one(hf_base, reward_run, tmp_path):
     _one_and_two(cmd, one, two)
     records = [[json.loads(line) for line in open(d / "metrics.jsonl")] for d in (one, two)]
     assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == [0, 1, 2]
+    for key in ("reward_mean", "kl", "value_loss", "true_score", "eval_true_score"):
+        assert any(key in r for r in records[0]), key  # every compared metric is logged somewhere
     for a, b in zip(*records):
         for key in ("reward_mean", "kl", "value_loss", "true_score", "eval_true_score"):
             if key in a:
@@ -111,6 +113,8 @@ def test_two_processes_train_a_reward_model_like_one(hf_base, tmp_path):
     _one_and_two(cmd, one, two)
     records = [[json.loads(line) for line in open(d / "metrics.jsonl")] for d in (one, two)]
     assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == [1, 2, 3, 4]
+    for key in ("loss", "accuracy", "eval_loss", "eval_accuracy"):
+        assert any(key in r for r in records[0]), key  # every compared metric is logged somewhere
     for a, b in zip(*records):
         for key in ("loss", "accuracy", "eval_loss", "eval_accuracy"):
             if key in a:
