@@ -270,9 +270,7 @@ def load_models(config: ml_collections.ConfigDict, workdir: str):
     os.makedirs(workdir, exist_ok=True)
     target = os.path.join(workdir, "tokenizer.model")
     if not os.path.exists(target):
-        with open(tok_path, "rb") as src, open(target + ".tmp", "wb") as dst:
-            dst.write(src.read())
-        os.replace(target + ".tmp", target)
+        tokenizer_lib.copy_model(tok_path, target)
     return run_config, tok, policy, rm
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import ml_collections
@@ -48,9 +47,7 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, base_tokenizer: str, te
     if os.path.abspath(source) != os.path.abspath(target):
         tok, added = tokenizer_lib.add_special_tokens(source, template.special_tokens, target)
         if not added:
-            tmp = target + ".tmp"
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+            tokenizer_lib.copy_model(source, target)
         elif jax.process_index() == 0:
             log_line(f"added {added} to the tokenizer ({tok.vocab_size} pieces)")
     return tokenizer_lib.load(target)

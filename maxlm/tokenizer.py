@@ -151,12 +151,24 @@ def add_special_tokens(path: str, pieces: Iterable[str], out_path: str) -> tuple
             added.append(piece)
     if not added:
         return load(path), []
-    directory = os.path.dirname(os.path.abspath(out_path))
+    _write_atomic(out_path, proto.SerializeToString())
+    return load(out_path), added
+
+
+def copy_model(source: str, target: str) -> None:
+    """Copy a SentencePiece model file into place atomically (a run's workdir copy of its base's tokenizer)."""
+    with open(source, "rb") as f:
+        _write_atomic(target, f.read())
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Write through a uniquely named temporary file renamed into place: readers never see a partial file,
+    and processes of a multi-host run writing the same file at once cannot collide on the temporary name."""
+    directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".tokenizer-", delete=False) as f:
-        f.write(proto.SerializeToString())
-    os.replace(f.name, out_path)
-    return load(out_path), added
+        f.write(data)
+    os.replace(f.name, path)
 
 
 def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
