@@ -16,8 +16,9 @@ One iteration (the host loop; every array op inside is jitted):
   3. per-token rewards: -beta * (log pi - log pi_ref), plus the score at the last token (`rl.kl_penalized_rewards`);
      GAE advantages and returns (gamma, lambda); advantages whitened over the batch;
   4. `epochs` passes of shuffled minibatches (`data.batch_size` rollouts): the clipped policy loss, the clipped
-     value loss (times `vf_coef`), minus an entropy bonus, plus InstructGPT's PTX language-model loss on
-     pretraining batches when `ptx_coef` > 0 -- every token of every response weighs the same;
+     value loss (times `vf_coef`), minus an entropy bonus -- every token of every response weighs the same --
+     plus, when `ptx_coef` > 0, InstructGPT's PPO-ptx term: `ptx_coef` x the mean language-model loss on a
+     pretraining batch (`data.*`, one fresh batch per minibatch; its position is checkpointed);
   5. the adaptive KL controller moves beta toward `target_kl` (per-sequence KL).
 
 `metrics.jsonl` gets one line per iteration: reward_mean, kl (per sequence, vs the reference), kl_coef,
@@ -40,7 +41,8 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from maxlm import chat, checkpoint, cli, distributed, model, pretrained, reward, rl, sample, sharding, tasks, train
+from maxlm import (chat, checkpoint, cli, data, distributed, model, pretrained, reward, rl, sample, sharding, tasks,
+                   train)
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.data import preference
@@ -180,6 +182,15 @@ class TaskEnvironment:
         return float(np.mean([r["accuracy"] for r in results]))
 
 
+def pretraining_batches(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> data.PackedIterator:
+    """PPO-ptx's language-model batches (InstructGPT, section 3.5: the pretraining gradients mixed into PPO to
+    keep public-benchmark performance): `data.*` packed to `data.seq_len`, `data.batch_size` rows per PPO
+    minibatch, read in full on every host exactly as the rollouts are."""
+    return data.PackedIterator(data.make_source(config, "train"), tok, seq_len=config.data.seq_len,
+                               batch_size=config.data.batch_size, seed=config.data.shuffle_seed, host_id=0,
+                               num_hosts=1)
+
+
 def make_environment(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer):
     if config.ppo.reward_fn == "shortest_path":
         from maxlm import graph
@@ -294,9 +305,12 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, f
              f"critic from {p.critic_init}")
 
     ckpt = checkpoint.Checkpointer(workdir, config)
+    ptx_iter = pretraining_batches(config, tok) if p.ptx_coef > 0 else None
     restored = train._restore(ckpt, trainer, {})
     if restored is not None:
         state, progress = restored
+        if ptx_iter is not None and "ptx_data" in progress:
+            ptx_iter.set_state(progress["ptx_data"])
         log_line(f"resumed after iteration {progress['iteration']} ({ckpt.directory})")
     else:
         state = trainer.init_state(jax.random.key(config.train.seed), params={"actor": policy, "critic": critic})
@@ -353,7 +367,10 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, f
             order = order_rng.permutation(p.rollout_batch)
             for m in range(minibatches):
                 rows = order[m * config.data.batch_size:(m + 1) * config.data.batch_size]
-                state, metrics = trainer.step(state, trainer.device_batch({k: v[rows] for k, v in rollout.items()}))
+                minibatch = {k: v[rows] for k, v in rollout.items()}
+                if ptx_iter is not None:  # PPO-ptx: a fresh pretraining batch beside every minibatch
+                    minibatch.update({f"ptx_{k}": v for k, v in next(ptx_iter).items()})
+                state, metrics = trainer.step(state, trainer.device_batch(minibatch))
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
         t3 = time.perf_counter()
@@ -372,7 +389,10 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, f
         if iteration % p.eval_every == 0 or last:
             record["eval_true_score"] = env.held_out_score(config, jax.device_get(state["params"]["actor"]))
         if iteration % config.checkpoint.every_steps == 0 or last:
-            ckpt.save(iteration, state["params"], state["opt_state"], {"iteration": iteration, "kl_coef": kl_coef})
+            progress = {"iteration": iteration, "kl_coef": kl_coef}
+            if ptx_iter is not None:
+                progress["ptx_data"] = ptx_iter.get_state()
+            ckpt.save(iteration, state["params"], state["opt_state"], progress)
         writer.write(iteration, record)
         eta = (time.perf_counter() - t_run) / (iteration - start) * (p.iterations - iteration)
         log_line(f"iteration {iteration}/{p.iterations} | reward {record['reward_mean']:.3f} | true "

@@ -72,11 +72,20 @@ def _compare(*, backend, causal, n, k, t=64, s=None, h=64, segments=False, block
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 @pytest.mark.parametrize("causal", [True, False])
-# MHA (G=1) and the widest group (G=8) run by default; G=2 and G=4 join with -m slow (test-time budget).
+# MHA (G=1) and groups of 4 over 2 kv heads run by default; G=2 runs by default at a small size
+# (`test_grouped_query_heads`); the other shapes join with -m slow (test-time budget).
 @pytest.mark.parametrize("n,k", [(2, 2), pytest.param(4, 2, marks=pytest.mark.slow),
-                                 pytest.param(4, 1, marks=pytest.mark.slow), (8, 1)])
+                                 pytest.param(4, 1, marks=pytest.mark.slow), (8, 2),
+                                 pytest.param(8, 1, marks=pytest.mark.slow)])
 def test_heads_and_masks(backend, causal, n, k):
     _compare(backend=backend, causal=causal, n=n, k=k)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_grouped_query_heads(backend):
+    """Groups of 2 query heads over 2 kv heads, small: with K > 1 and G > 1 a wrong head-to-kv-head map
+    (n % K instead of n // G) changes the output, which neither MHA nor a single kv head can show."""
+    _compare(backend=backend, causal=True, n=4, k=2, t=32, h=16, segments=True)
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])

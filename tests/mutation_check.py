@@ -1,0 +1,260 @@
+"""Mutation check: do the default tests catch a wrong formula in the code that matters most?
+
+    python tests/mutation_check.py                 # every mutation (about half an hour on 2 cores)
+    python tests/mutation_check.py --only ppo-kl-sign gae-lambda   # some of them
+    python tests/mutation_check.py --list          # names, files and the tests meant to catch each
+
+Each mutation is one realistic slip (a sign, an off-by-one, a swapped argument, a mean of means) written as
+text: an exact snippet of a source file and its replacement. It is applied to a temporary copy of the tree,
+and the tests meant to catch it run there with the default markers (slow tests stay out: the point is that
+the default run catches it). A row per mutation says which test failed -- or that the mutation survived, or
+that its snippet no longer matches the code (reported, never skipped: a pattern that went stale after a code
+move is a test gap until it is rewritten). The last line is `mutations: N, caught: C`.
+
+A mutation whose tests fail to import or collect counts as broken, not caught: a mutant must be valid code
+that computes the wrong thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROPE = "tests/test_rope_scaling.py::"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: list[str]  # pytest node ids (files or tests) expected to catch it
+
+
+MUTATIONS = [
+    # ---- RLHF / PPO (maxlm/rl.py, maxlm/ppo.py) ----
+    Mutation("ppo-kl-sign", "maxlm/ppo.py",
+             'rl.kl_penalized_rewards(scores, stats["logprobs"], stats["ref_logprobs"], mask, kl_coef)',
+             'rl.kl_penalized_rewards(scores, stats["ref_logprobs"], stats["logprobs"], mask, kl_coef)',
+             ["tests/test_ppo.py::test_advantages_penalise_the_policys_excess_log_probability"]),
+    Mutation("score-not-at-last-token", "maxlm/rl.py",
+             "last = jnp.arange(m.shape[-1])[None, :] == (length - 1)[:, None]",
+             "last = jnp.arange(m.shape[-1])[None, :] == length[:, None]",
+             ["tests/test_rl.py", "tests/test_ppo.py::test_advantages_penalise_the_policys_excess_log_probability"]),
+    Mutation("gae-lambda-dropped", "maxlm/rl.py",
+             "gamma * lam * next_m * next_a", "gamma * next_m * next_a",
+             ["tests/test_rl.py"]),
+    Mutation("gae-undiscounted-bootstrap", "maxlm/rl.py",
+             "a_t = r_t + gamma * next_v * next_m - v_t", "a_t = r_t + next_v * next_m - v_t",
+             ["tests/test_rl.py"]),
+    Mutation("returns-from-whitened-advantages", "maxlm/ppo.py",
+             "advantages = rl.whiten(advantages, mask)",
+             'advantages = rl.whiten(advantages, mask); '
+             'returns = jnp.where(mask > 0, advantages + stats["values"], 0.0)',
+             ["tests/test_ppo.py::test_advantages_penalise_the_policys_excess_log_probability"]),
+    Mutation("whiten-biased-variance", "maxlm/rl.py",
+             "* jax.lax.rsqrt(masked_var(x, mask, unbiased=True) + eps)",
+             "* jax.lax.rsqrt(masked_var(x, mask, unbiased=False) + eps)",
+             ["tests/test_rl.py"]),
+    Mutation("ppo-ratio-inverted", "maxlm/rl.py",
+             "ratio = jnp.exp(_f32(logprobs) - _f32(old_logprobs))",
+             "ratio = jnp.exp(_f32(old_logprobs) - _f32(logprobs))",
+             ["tests/test_rl.py", "tests/test_ppo.py::test_layout_and_loss_match_unpadded_numpy"]),
+    Mutation("ppo-clip-min-not-max", "maxlm/rl.py",
+             "return jnp.maximum(unclipped, clipped_term), (clipped_term > unclipped)",
+             "return jnp.minimum(unclipped, clipped_term), (clipped_term > unclipped)",
+             ["tests/test_rl.py", "tests/test_ppo.py::test_layout_and_loss_match_unpadded_numpy"]),
+    Mutation("value-clip-around-returns", "maxlm/rl.py",
+             "v_clip = old_values + jnp.clip(values - old_values, -clip_range, clip_range)",
+             "v_clip = returns + jnp.clip(values - returns, -clip_range, clip_range)",
+             ["tests/test_rl.py", "tests/test_ppo.py::test_layout_and_loss_match_unpadded_numpy"]),
+    Mutation("entropy-bonus-sign", "maxlm/ppo.py",
+             "loss = total(pg + p.vf_coef * vf - p.entropy_coef * entropy)",
+             "loss = total(pg + p.vf_coef * vf + p.entropy_coef * entropy)",
+             ["tests/test_ppo.py::test_layout_and_loss_match_unpadded_numpy"]),
+    Mutation("kl-controller-sign", "maxlm/rl.py",
+             "err = min(max(kl / target - 1.0, -0.2), 0.2)", "err = min(max(1.0 - kl / target, -0.2), 0.2)",
+             ["tests/test_rl.py", "tests/test_ppo.py::test_layout_and_loss_match_unpadded_numpy"]),
+    # ---- language-model loss and training loop (maxlm/train.py) ----
+    Mutation("loss-mean-of-micro-batch-means", "maxlm/train.py",
+             "grads = jax.tree.map(lambda g: g / denom, grads)",
+             "grads = jax.tree.map(lambda g: g / denom * accum, grads)",
+             ["tests/test_train.py::test_gradient_accumulation_matches_one_big_batch"]),
+    Mutation("loss-weights-ignored", "maxlm/train.py",
+             'weights = batch["loss_weights"].astype(jnp.float32)',
+             'weights = jnp.ones_like(batch["loss_weights"], jnp.float32)',
+             ["tests/test_train.py", "tests/test_sft.py"]),
+    Mutation("eval-loss-mean-of-batch-means", "maxlm/train.py",
+             'return {"loss": loss_sum / denom, **{k: v / denom for k, v in sums.items()}}',
+             'return {"loss": sum(float(s) / max(float(o["weight"]), 1.0) for s, o in outs) / max(len(outs), 1), '
+             '**{k: v / denom for k, v in sums.items()}}',
+             ["tests/test_aggregates.py"]),
+    # ---- attention (kernels/reference.py, kernels/flash_*.py) ----
+    Mutation("attention-key-padding-dropped", "kernels/reference.py",
+             "mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)",
+             "mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])",
+             ["tests/test_model.py"]),
+    Mutation("gqa-mapping-reference", "kernels/reference.py",
+             "qg = q.reshape(b, t, kv_heads, g, h)", "qg = q.reshape(b, t, g, kv_heads, h).swapaxes(2, 3)",
+             ["tests/test_model.py", "tests/test_convert.py"]),
+    Mutation("gqa-mapping-gpu-kernel", "kernels/flash_gpu.py",
+             "(bi, 0, blocks.div(ni, g), 0))]", "(bi, 0, ni % kv_heads, 0))]",
+             ["tests/test_flash_attention.py"]),
+    Mutation("gqa-mapping-tpu-kernel", "kernels/flash_tpu.py",
+             "q_tile, kv_tile, kv_tile]\n    args = [_heads_major(q)",
+             "q_tile, kv_tile, pl.BlockSpec((None, None, block_k, h), lambda bi, ni, i, j, off: (bi, ni % kv_heads, "
+             "kvi(i, j, off), 0))]\n    args = [_heads_major(q)",
+             ["tests/test_flash_attention.py"]),
+    # ---- RoPE scaling (maxlm/attention.py) ----
+    Mutation("yarn-low-ceil", "maxlm/attention.py",
+             "low = max(math.floor(correction_dim(beta_fast)), 0)",
+             "low = max(math.ceil(correction_dim(beta_fast)), 0)",
+             [ROPE + "test_yarn_frequencies_and_scale_match_transformers[128]"]),
+    Mutation("yarn-high-floor", "maxlm/attention.py",
+             "high = min(math.ceil(correction_dim(beta_slow)), h - 1)",
+             "high = min(math.floor(correction_dim(beta_slow)), h - 1)",
+             [ROPE + "test_yarn_frequencies_and_scale_match_transformers[128]"]),
+    Mutation("yarn-ramp-flipped", "maxlm/attention.py",
+             "extrapolate = 1.0 - ramp", "extrapolate = ramp",
+             [ROPE + "test_yarn_frequencies_and_scale_match_transformers[128]"]),
+    Mutation("yarn-attention-scale", "maxlm/attention.py",
+             "0.1 * math.log(factor) + 1.0", "0.2 * math.log(factor) + 1.0",
+             [ROPE + "test_yarn_frequencies_and_scale_match_transformers[128]"]),
+    Mutation("dynamic-ntk-factor-not-shifted", "maxlm/attention.py",
+             " - (factor - 1), 1.0)", ", 1.0)",
+             [ROPE + "test_dynamic_ntk_frequencies_match_transformers[128]"]),
+    Mutation("ntk-base-exponent", "maxlm/attention.py",
+             "theta = theta * factor ** (h / (h - 2))", "theta = theta * factor ** (h / (h - 1))",
+             [ROPE + "test_static_ntk_is_transformers_dynamic_ntk_at_its_full_factor[128]"]),
+    Mutation("linear-rope-multiplies-positions", "maxlm/attention.py",
+             "pos = pos / factor", "pos = pos * factor",
+             [ROPE + "test_rope_rotation_matches_transformers"]),
+    Mutation("rope-rotation-sign", "maxlm/attention.py",
+             "x2 * cos + x1 * sin", "x2 * cos - x1 * sin",
+             [ROPE + "test_rope_rotation_matches_transformers"]),
+    # ---- curation (maxlm/data/dedup.py) ----
+    Mutation("lsh-verification-always-true", "maxlm/data/dedup.py",
+             "pairs[estimated_jaccard(signatures, pairs) >= threshold]",
+             "pairs[estimated_jaccard(signatures, pairs) >= 0.0]",
+             ["tests/test_dedup.py::test_band_collision_alone_does_not_merge",
+              "tests/test_dedup.py::test_planted_clusters_match_a_brute_force_oracle"]),
+    Mutation("lsh-verification-strict", "maxlm/data/dedup.py",
+             "estimated_jaccard(signatures, pairs) >= threshold]", "estimated_jaccard(signatures, pairs) > threshold]",
+             ["tests/test_dedup.py::test_band_collision_alone_does_not_merge"]),
+    Mutation("lsh-band-reshape-order", "maxlm/data/dedup.py",
+             ".reshape(-1, bands, rows)", ".reshape(-1, rows, bands).transpose(0, 2, 1)",
+             ["tests/test_dedup.py::test_band_keys_are_equal_exactly_when_band_values_are"]),
+    Mutation("lsh-last-band-unused", "maxlm/data/dedup.py",
+             "for b in range(params.bands)]", "for b in range(params.bands - 1)]",
+             ["tests/test_dedup.py::test_planted_clusters_match_a_brute_force_oracle"]),
+    Mutation("lsh-candidate-probability-exponents", "maxlm/data/dedup.py",
+             "** rows) ** bands", "** bands) ** rows",
+             ["tests/test_dedup.py::test_candidate_probability_matches_enumeration"]),
+    Mutation("minhash-jaccard-same-side", "maxlm/data/dedup.py",
+             "== np.asarray(signatures[p[:, 1]])", "== np.asarray(signatures[p[:, 0]])",
+             ["tests/test_dedup.py::test_estimated_jaccard_is_the_fraction_of_equal_entries"]),
+    # ---- evaluation (maxlm/multiple_choice.py) ----
+    Mutation("acc-norm-from-correct", "maxlm/multiple_choice.py",
+             'sum(r["correct_norm"] for r in items)', 'sum(r["correct"] for r in items)',
+             ["tests/test_multiple_choice.py"]),
+]
+
+
+def _apply(root: str, m: Mutation) -> str | None:
+    """Write the mutant into the copy at `root`; returns the original text, or None when the snippet is not
+    found exactly once (then nothing is written)."""
+    path = os.path.join(root, m.path)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = f.read()
+    if text.count(m.old) != 1:
+        return None
+    with open(path, "w") as f:
+        f.write(text.replace(m.old, m.new))
+    return text
+
+
+def _failed_tests(output: str) -> list[str]:
+    return re.findall(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.M)
+
+
+def run_one(root: str, m: Mutation, timeout: int) -> tuple[str, str]:
+    """(verdict, detail): verdict is caught / survived / broken / stale / timeout."""
+    original = _apply(root, m)
+    if original is None:
+        return "stale", f"snippet not found exactly once in {m.path}"
+    try:
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", *m.tests]
+        env = dict(os.environ, PYTHONPATH=root, PYTHONDONTWRITEBYTECODE="1")
+        try:
+            done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "timeout", f"tests ran past {timeout} s"
+        out = done.stdout + done.stderr
+        failed = _failed_tests(out)
+        if done.returncode == 1 and failed and not any(s in out for s in ("ImportError", "SyntaxError")):
+            return "caught", failed[0]
+        if done.returncode == 0:
+            return "survived", "all tests passed"
+        tail = out.strip().splitlines()[-1] if out.strip() else ""
+        return "broken", f"pytest exit {done.returncode}: {tail[:160]}"
+    finally:
+        with open(os.path.join(root, m.path), "w") as f:
+            f.write(original)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=None, help="names of the mutations to run")
+    parser.add_argument("--list", action="store_true", help="list the mutations (and any stale snippet) and exit")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per mutation")
+    args = parser.parse_args()
+    names = [m.name for m in MUTATIONS]
+    if len(set(names)) != len(names):
+        raise SystemExit("mutation names must be unique")
+    chosen = MUTATIONS
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            raise SystemExit(f"unknown mutation(s): {', '.join(unknown)}")
+        chosen = [m for m in MUTATIONS if m.name in args.only]
+    if args.list:
+        stale = 0
+        for m in chosen:
+            with open(os.path.join(ROOT, m.path)) as f:
+                count = f.read().count(m.old)
+            stale += count != 1
+            note = "" if count == 1 else f"  STALE: snippet found {count} times"
+            print(f"{m.name:36s} {m.path:28s} {' '.join(m.tests)}{note}")
+        print(f"mutations: {len(chosen)}, stale: {stale}")
+        return 1 if stale else 0
+    work = tempfile.mkdtemp(prefix="maxlm_mutants_")
+    root = os.path.join(work, "tree")
+    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.egg-info"))
+    caught = 0
+    try:
+        print(f"{'mutation':36s} {'verdict':9s} {'seconds':>7s}  detail", flush=True)
+        for m in chosen:
+            t0 = time.perf_counter()
+            verdict, detail = run_one(root, m, args.timeout)
+            caught += verdict == "caught"
+            print(f"{m.name:36s} {verdict:9s} {time.perf_counter() - t0:7.0f}  {detail}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"mutations: {len(chosen)}, caught: {caught}", flush=True)
+    return 0 if caught == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
