@@ -29,6 +29,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROPE = "tests/test_rope_scaling.py::"
+AGG = "tests/test_aggregates.py::"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,19 +91,28 @@ MUTATIONS = [
              "grads = jax.tree.map(lambda g: g / denom * accum, grads)",
              ["tests/test_train.py::test_gradient_accumulation_matches_one_big_batch"]),
     Mutation("loss-weights-ignored", "maxlm/train.py",
-             'weights = batch["loss_weights"].astype(jnp.float32)',
-             'weights = jnp.ones_like(batch["loss_weights"], jnp.float32)',
-             ["tests/test_train.py", "tests/test_sft.py"]),
+             "return jnp.sum(ce * weights), jnp.sum(weights)", "return jnp.sum(ce), jnp.sum(weights)",
+             ["tests/test_train.py::test_loss_fn_is_the_weighted_sum_of_token_cross_entropies"]),
     Mutation("eval-loss-mean-of-batch-means", "maxlm/train.py",
              'return {"loss": loss_sum / denom, **{k: v / denom for k, v in sums.items()}}',
-             'return {"loss": sum(float(s) / max(float(o["weight"]), 1.0) for s, o in outs) / max(len(outs), 1), '
+             'return {"loss": float(np.mean([float(s) / max(float(o["weight"]), 1.0) for s, o in outs])), '
              '**{k: v / denom for k, v in sums.items()}}',
-             ["tests/test_aggregates.py"]),
+             [AGG + "test_eval_loss_is_total_loss_over_total_tokens_on_ragged_batches"]),
+    Mutation("lm-loss-weight-counts-padding", "maxlm/train.py",
+             "return jnp.sum(ce * weights), jnp.sum(weights)",
+             "return jnp.sum(ce * weights), jnp.sum(jnp.ones_like(weights))",
+             [AGG + "test_eval_loss_is_total_loss_over_total_tokens_on_ragged_batches"]),
     # ---- attention (kernels/reference.py, kernels/flash_*.py) ----
     Mutation("attention-key-padding-dropped", "kernels/reference.py",
              "mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)",
              "mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])",
-             ["tests/test_model.py"]),
+             ["tests/test_model.py::test_attention_mask_hand_built"]),
+    Mutation("attention-segments-ignored", "kernels/reference.py",
+             "(q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])", "(q_segment_ids[:, :, None] != 0)",
+             ["tests/test_model.py::test_attention_mask_hand_built"]),
+    Mutation("attention-causal-strict", "kernels/reference.py",
+             "(kv_slot <= q_slot)", "(kv_slot < q_slot)",
+             ["tests/test_model.py::test_attention_mask_hand_built"]),
     Mutation("gqa-mapping-reference", "kernels/reference.py",
              "qg = q.reshape(b, t, kv_heads, g, h)", "qg = q.reshape(b, t, g, kv_heads, h).swapaxes(2, 3)",
              ["tests/test_model.py", "tests/test_convert.py"]),
@@ -114,6 +124,31 @@ MUTATIONS = [
              "q_tile, kv_tile, pl.BlockSpec((None, None, block_k, h), lambda bi, ni, i, j, off: (bi, ni % kv_heads, "
              "kvi(i, j, off), 0))]\n    args = [_heads_major(q)",
              ["tests/test_flash_attention.py"]),
+    # ---- packing, masks and exact resume ----
+    Mutation("sft-answer-mask-shifted", "maxlm/data/sft.py",
+             'out["loss_weights"][row, span] = weights[1:]', 'out["loss_weights"][row, span] = weights[:-1]',
+             ["tests/test_chat.py::test_answer_mask_against_hand_laid_out_targets"]),
+    Mutation("packing-positions-not-reset", "maxlm/data/packing.py",
+             "positions[filled:filled + take] = np.arange(take)",
+             "positions[filled:filled + take] = np.arange(filled, filled + take)",
+             ["tests/test_data.py::test_packing_matches_reference"]),
+    Mutation("data-position-saved-after-next-fetch", "maxlm/train.py",
+             '            if step % config.checkpoint.every_steps == 0 or step == total or stopping:\n'
+             '                ckpt.save(step, state["params"], state["opt_state"], data.gather_state(train_iter))\n'
+             '            if step < total and not stopping:\n'
+             "                batch = trainer.device_batch(next(train_iter))  # host work overlaps the device's step\n",
+             '            if step < total and not stopping:\n'
+             "                batch = trainer.device_batch(next(train_iter))  # host work overlaps the device's step\n"
+             '            if step % config.checkpoint.every_steps == 0 or step == total or stopping:\n'
+             '                ckpt.save(step, state["params"], state["opt_state"], data.gather_state(train_iter))\n',
+             ["tests/test_train.py::test_resume_is_exact_and_outputs_written"]),
+    Mutation("restore-oldest-checkpoint", "maxlm/checkpoint.py",
+             "sorted(self.manager.all_steps(), reverse=True)", "sorted(self.manager.all_steps())",
+             ["tests/test_train.py::test_resume_is_exact_and_outputs_written"]),
+    Mutation("restore-fresh-optimizer-state", "maxlm/train.py",
+             '"opt_state": opt_state, **frozen}, meta["data"]',
+             '"opt_state": trainer.optimizer.init(params), **frozen}, meta["data"]',
+             ["tests/test_train.py::test_resume_is_exact_and_outputs_written"]),
     # ---- RoPE scaling (maxlm/attention.py) ----
     Mutation("yarn-low-ceil", "maxlm/attention.py",
              "low = max(math.floor(correction_dim(beta_fast)), 0)",
@@ -162,10 +197,29 @@ MUTATIONS = [
     Mutation("minhash-jaccard-same-side", "maxlm/data/dedup.py",
              "== np.asarray(signatures[p[:, 1]])", "== np.asarray(signatures[p[:, 0]])",
              ["tests/test_dedup.py::test_estimated_jaccard_is_the_fraction_of_equal_entries"]),
-    # ---- evaluation (maxlm/multiple_choice.py) ----
+    # ---- reward model and evaluation ----
+    Mutation("rm-accuracy-counts-ties", "maxlm/reward.py",
+             '"accuracy": jnp.sum((margin > 0) * weight)', '"accuracy": jnp.sum((margin >= 0) * weight)',
+             ["tests/test_reward.py::test_pair_loss_matches_numpy_on_unpadded_sequences"]),
     Mutation("acc-norm-from-correct", "maxlm/multiple_choice.py",
-             'sum(r["correct_norm"] for r in items)', 'sum(r["correct"] for r in items)',
-             ["tests/test_multiple_choice.py"]),
+             '"acc_norm": sum(r["correct_norm"] for r in items)', '"acc_norm": sum(r["correct"] for r in items)',
+             ["tests/test_multiple_choice.py::test_predictions_match_transformers_item_for_item[text]"]),
+    Mutation("acc-norm-by-characters", "maxlm/multiple_choice.py",
+             'norm = [v / max(len(t.encode("utf-8")), 1)', "norm = [v / max(len(t), 1)",
+             ["tests/test_multiple_choice.py::test_predictions_match_transformers_item_for_item[text]"]),
+    Mutation("ppl-mean-of-per-text", "maxlm/evaluate.py",
+             '"ppl": float(np.exp(nll / max(tokens, 1)))',
+             '"ppl": float(np.mean([np.exp(r["nll"] / max(r["tokens"], 1)) for r in rows]))',
+             ["tests/test_loglikelihood.py::test_perplexity_and_bits_per_byte_match_transformers"]),
+    Mutation("passkey-grid-mirrored", "maxlm/passkey.py",
+             "acc[i, j] = float(np.mean(hits))", "acc[i, len(depths) - 1 - j] = float(np.mean(hits))",
+             ["tests/test_passkey.py::test_grid_cells_against_a_scripted_reader"]),
+    Mutation("gen-empty-answers-match", "maxlm/generation_eval.py",
+             '"correct": pred != "" and pred == gold', '"correct": pred == gold',
+             ["tests/test_generation_eval.py::test_exact_match_over_scripted_continuations"]),
+    Mutation("mixture-weights-unnormalised", "maxlm/data/mixture.py",
+             "self.weights = weights / weights.sum()", "self.weights = weights",
+             ["tests/test_mixture.py::test_byte_shares_follow_the_weights"]),
 ]
 
 

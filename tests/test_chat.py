@@ -182,3 +182,54 @@ def test_iterator_resumes_exactly_and_splits_hosts(tok):
             np.testing.assert_array_equal(x[k][2:], h[k])
     with pytest.raises(ValueError, match="seed"):
         sft_data.SFTIterator(convs, seq_len=64, batch_size=4, seed=2).set_state(state)
+
+
+def test_answer_mask_against_hand_laid_out_targets(tok):
+    """`render`'s weights and a packed SFT row's loss_weights against a mask written down here: the ids are laid out
+    piece by piece, and a target carries weight 1 exactly when it is an assistant reply token or the <|im_end|>
+    closing that reply -- target j is token j + 1, so the weights are the token mask shifted left by one."""
+    end, newline = tok.piece_to_id("<|im_end|>"), tok.encode("\n")
+    assert tok.encode("<|im_end|>") == [end] and len(newline) == 1
+    layout, replies = [[tok.bos_id]], []  # the conversation's pieces of ids; indices of the trained pieces
+    for message in CONVERSATION:
+        layout += [tok.encode(f"<|im_start|>{message['role']}\n"), tok.encode(message["content"])]
+        if message["role"] == "assistant":
+            replies += [len(layout) - 1, len(layout)]  # the content and its end marker
+        layout += [[end], newline]
+    ids = np.concatenate(layout)
+    starts = np.cumsum([0] + [len(p) for p in layout])
+    token_mask = np.zeros(len(ids), np.float32)
+    for k in replies:
+        token_mask[starts[k]:starts[k + 1]] = 1.0
+    assert token_mask.sum() == len(tok.encode("two")) + len(tok.encode("four")) + 2
+    target_mask = token_mask[1:]
+
+    rendered, weights = chat.render(chat.CHATML, tok, CONVERSATION)
+    np.testing.assert_array_equal(rendered, ids)
+    np.testing.assert_array_equal(weights, token_mask)
+
+    # One conversation, then two packed into a row: each segment's weights are its conversation's target mask.
+    other = [{"role": "user", "content": "fox"}, {"role": "assistant", "content": "dog box"}]
+    o_ids = np.concatenate([[tok.bos_id], tok.encode("<|im_start|>user\n"), tok.encode("fox"), [end], newline,
+                            tok.encode("<|im_start|>assistant\n"), tok.encode("dog box"), [end], newline])
+    o_reply = len(o_ids) - 2 - len(tok.encode("dog box"))  # index of the first reply token
+    o_target_mask = np.zeros(len(o_ids) - 1, np.float32)
+    o_target_mask[o_reply - 1:len(o_ids) - 2] = 1.0  # targets o_reply .. the end marker
+    expected = {tuple(ids[:-1]): (ids[1:], target_mask), tuple(o_ids[:-1]): (o_ids[1:], o_target_mask)}
+    for records in ([{"messages": CONVERSATION}], [{"messages": CONVERSATION}, {"messages": other}]):
+        convs = sft_data.Conversations(chat.CHATML, tok, 128)
+        assert all(convs.add(r) for r in records)
+        batch = next(sft_data.SFTIterator(convs, seq_len=112, batch_size=1, seed=0, pad_id=tok.pad_id))
+        seg = batch["segment_ids"][0]
+        assert seg.max() == len(records)
+        for s in range(1, len(records) + 1):
+            span = seg == s
+            targets, mask = expected[tuple(batch["inputs"][0][span].tolist())]
+            np.testing.assert_array_equal(batch["targets"][0][span], targets)
+            np.testing.assert_array_equal(batch["loss_weights"][0][span], mask)
+        assert not batch["loss_weights"][0][seg == 0].any()
+    # The first trained target is the first reply's first token, read at the header's newline; the last is <|im_end|>,
+    # read at the last reply's last token; the separator after it is not trained.
+    first, last = np.flatnonzero(target_mask)[[0, -1]]
+    assert ids[first] == newline[0] and ids[first + 1] == tok.encode("two")[0]
+    assert ids[last + 1] == end and ids[last] == tok.encode("four")[-1] and target_mask[last + 1] == 0

@@ -4,6 +4,7 @@ item, with the same extracted answers."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,54 @@ def test_prompt_and_cut():
         "Question: What is 1 + 1?\nAnswer: 1 + 1 = 2\n#### 2\n\nQuestion: What is 2 + 3?\nAnswer:")
     assert gen.cut(" 2 + 3 = 5\n#### 5\n\nQuestion: next") == " 2 + 3 = 5\n#### 5"
     assert gen.cut(" 5 Question: more") == " 5 "
+
+
+class _CharTokenizer:
+    """One token per character (ids above 2), so scripted continuations decode exactly."""
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def encode(self, text):
+        return [ord(ch) + 3 for ch in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 3) for i in ids if i > 2)
+
+
+# (question, reference answer, the scripted continuation, right?) -- rightness decided here by reading them
+SCRIPT = [
+    ("q1", "3 + 9 = 12\n#### 12", " 3 + 9 = 12\n#### 12", True),
+    ("q2", "#### 1,234", " The total is 1234.", True),
+    ("q3", "#### 7", " 7\n\nQuestion: what is 8?", True),
+    ("q4", "#### 7", " 5\n\nQuestion: is it 7?", False),  # a number after the cut does not count
+    ("q5", "no number", " no idea", False),  # nothing extracted on both sides is not a match
+    ("q6", "#### 2.50", " it costs 2.5", True),
+    ("q7", "#### 10", " 100", False),
+]
+
+
+def test_exact_match_over_scripted_continuations(monkeypatch):
+    """`score`'s exact match and items, with the sampler replaced by scripted continuations: 4 of 7 right."""
+    from maxlm import config as C
+
+    tok = _CharTokenizer()
+    replies = {q: reply for q, _, reply, _ in SCRIPT}
+    seen = []
+
+    def generate(config, params, prompts, *, max_new_tokens, greedy, eos_id, pad_id):
+        assert greedy and eos_id == tok.eos_id and all(p[0] == tok.bos_id for p in prompts)
+        seen.extend(tok.decode(p) for p in prompts)
+        return [tok.encode(replies[tok.decode(p).rsplit("Question: ", 1)[1].split("\n")[0]]) for p in prompts]
+
+    monkeypatch.setattr(gen.sample, "generate", generate)
+    monkeypatch.setattr(gen, "GENERATE_BATCH", 3)  # three sampler calls, the last one short
+    shot = {"question": "What is 1 + 1?", "answer": "#### 2"}
+    rows = [{"question": q, "answer": a} for q, a, _, _ in SCRIPT]
+    result = gen.score(C.default_config(), None, tok, rows, [shot])
+    assert seen == [gen.prompt([shot], r) for r in rows]
+    assert [i["correct"] for i in result["items"]] == [right for *_, right in SCRIPT]
+    assert [i["pred"] for i in result["items"]] == ["12", "1234", "7", "5", "", "2.5", "100"]
+    assert [i["gold"] for i in result["items"]] == ["12", "1234", "7", "7", "", "2.5", "10"]
+    assert (result["exact_match"], result["n"], result["shots"]) == (4 / 7, 7, 1)
 
 
 def test_greedy_answers_match_transformers(tmp_path, hf_base):
@@ -78,3 +127,4 @@ def test_command_line(tmp_path, hf_base):
     assert summary["task"] == "gen" and summary["n"] == 4 and summary["shots"] == 2
     items = [json.loads(line) for line in open(tmp_path / "out" / "gen.jsonl")]
     assert [i["gold"] for i in items] == ["4", "6", "8", "10"]
+    assert summary["exact_match"] == np.mean([i["pred"] == g for i, g in zip(items, ["4", "6", "8", "10"])])

@@ -89,6 +89,18 @@ def test_perplexity_and_bits_per_byte_match_transformers(shared_tok_path, hf_bas
     ids = [tok.bos_id] + tok.encode(short)
     whole = evaluate.perplexity(config, params, tok, [short], window=64, stride=32)
     assert whole["items"][0]["nll"] == pytest.approx(_hf_docs_recipe(hf, ids, 64, 32), abs=1e-4)
+    # Several texts of very different lengths: perplexity and bits per byte pool every token and byte
+    # (exp(total nll / total tokens)), not a mean of per-text values.
+    texts = [text, short, "数据"]
+    docs = [[tok.bos_id] + tok.encode(t) for t in texts]
+    nlls = [_hf_docs_recipe(hf, d, window, stride) for d in docs]
+    tokens, nbytes = sum(len(d) - 1 for d in docs), sum(len(t.encode()) for t in texts)
+    many = evaluate.perplexity(config, params, tok, texts, window=window, stride=stride)
+    assert (many["tokens"], many["bytes"], many["n"]) == (tokens, nbytes, 3)
+    assert many["ppl"] == pytest.approx(np.exp(sum(nlls) / tokens), rel=1e-5)
+    assert many["bits_per_byte"] == pytest.approx(sum(nlls) / np.log(2) / nbytes, rel=1e-5)
+    per_text = [np.exp(nll / (len(d) - 1)) for nll, d in zip(nlls, docs)]
+    assert abs(np.mean(per_text) - many["ppl"]) > 1e-3 * many["ppl"]  # the texts tell the two apart
 
 
 def test_sliding_windows_score_every_token_once():

@@ -3,6 +3,7 @@ per-quality-bucket repetition counted directly, determinism, a split without lea
 `python -m maxlm.curate` output folder end to end."""
 
 import collections
+import glob
 import json
 import os
 import random
@@ -47,9 +48,21 @@ def test_byte_shares_follow_the_weights(tmp_path):
     assert np.allclose(mix.byte_shares(), [got[0] / (got[0] + got[1]), got[1] / (got[0] + got[1])])
     assert mix.sources[0].line_bytes().tolist() == sizes[0].tolist()
     assert _keys(MixtureSource(entries, "train", 0.1)) == _keys(mix)  # deterministic
-    held_out = set(_keys(MixtureSource(entries, "eval", 0.1)))
+    assert _keys(MixtureSource(((entries[0][0], 3), (entries[1][0], 7)), "train", 0.1)) == _keys(mix)  # w / sum(w)
+    eval_mix = MixtureSource(entries, "eval", 0.1)
+    held_out = set(_keys(eval_mix))
     assert held_out and not held_out & set(_keys(mix))  # no copy of an eval document is trained on
-    assert "weight 0.300 ->" in mix.describe()
+    # the realised counts against the epoch's documents counted here; train + eval documents = every line
+    line_bytes = [[len(line.encode()) for p in sorted(glob.glob(path)) for line in open(p, encoding="utf-8")
+                   .read().splitlines()] for path in (str(tmp_path / "a" / "*.jsonl"), entries[1][0])]
+    for s, lines in enumerate(line_bytes):
+        mine = [d for t, d in _keys(mix) if t == s]
+        want = {"documents": len(mine), "bytes": float(sum(lines[d] for d in mine)), "distinct": len(set(mine))}
+        assert {k: mix.realised[s][k] for k in want} == want
+        assert mix.realised[s]["available"] + eval_mix.realised[s]["available"] == len(lines) == (400, 600)[s]
+        share = want["bytes"] / (got[0] + got[1])
+        assert (f"weight {(0.3, 0.7)[s]:.3f} -> {share:.3f} of bytes, {len(mine)} documents ({len(set(mine))} "
+                f"distinct of {mix.realised[s]['available']})") in mix.describe()
 
 
 def test_quality_buckets_repeat_documents(tmp_path):
@@ -63,6 +76,10 @@ def test_quality_buckets_repeat_documents(tmp_path):
     assert {copies[i] for i in range(300) if bucket[i] == "high"} == {2}
     assert {copies[i] for i in range(300) if bucket[i] == "medium"} == {1}
     assert all(copies[i] == 0 for i in range(300) if bucket[i] == "low")
+    sizes = [len(line.encode()) for line in open(tmp_path / "q.jsonl", encoding="utf-8").read().splitlines()]
+    assert mix.realised == [{"documents": 300, "bytes": float(sum(2 * sizes[i] for i in range(0, 300, 3)) +
+                                                             sum(sizes[i] for i in range(1, 300, 3))),
+                             "distinct": 200, "available": 300}]
     # fractional factors: floor plus a fixed coin, so the expected count is exact on average
     mix = MixtureSource(((str(tmp_path / "q.jsonl"), 1.0),), "train", 0.0, quality_repeat=(("high", 1.5),))
     high = [collections.Counter(d for _, d in _keys(mix))[i] for i in range(0, 300, 3)]
@@ -95,5 +112,9 @@ def test_pretraining_reads_a_curated_folder(tmp_path):
         "train.num_steps": 3, "optim.decay_steps": 3, "train.num_samples": 0})
     source = make_source(config, "train")
     assert {source.sources[s].get(d).split()[0] for s, d in _keys(source)[:5]}  # readable documents
+    got = np.zeros(2)
+    for s, d in _keys(source):
+        got[s] += source.sources[s].line_bytes()[d]
+    assert got / got.sum() == pytest.approx([0.5, 0.5], abs=0.01)  # equal weights: equal bytes of the epoch
     records = train.train(config, str(tmp_path / "run"))
     assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)

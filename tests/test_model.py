@@ -81,24 +81,30 @@ def test_reference_attention_matches_numpy():
     out = reference.mha_reference(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), q_segment_ids=jnp.asarray(seg),
                                   kv_segment_ids=jnp.asarray(seg))
     expected = _numpy_attention(q, k, v, seg)
-    real = seg != 0  # padding queries are unspecified (uniform); only real ones are compared
-    np.testing.assert_allclose(np.asarray(out)[real], expected[real], atol=1e-5)
+    # Padding queries (segment 0) see no key and output zeros, as the numpy oracle's all-masked rows do.
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("scaling,factor", [("none", 1.0), ("linear", 4.0), ("ntk", 4.0)])
+@pytest.mark.parametrize("scaling,factor", [("none", 1.0), ("linear", 4.0), ("ntk", 4.0), ("ntk", 2.5)])
 def test_rope_closed_form(scaling, factor):
+    """`rope` against rotations written out in numpy: pair (i, i + H/2) turns by p * 10000^(-2i/H); linear divides p by
+    the factor; static NTK-aware scaling (bloc97) by its defining property, the log-frequencies interpolated from the
+    fastest pair's kept intact to the slowest pair's divided by exactly `factor` (frequency i / factor^(i/(H/2-1)))."""
+    h = 8
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((1, 5, 2, 8))
+    x = rng.standard_normal((1, 5, 2, h))
     pos = np.array([[0, 1, 7, 100, 3000]])
     out = attention.rope(jnp.asarray(x, jnp.float32), jnp.asarray(pos), theta=10000.0, scaling=scaling, factor=factor)
-    theta = 10000.0 * (factor ** (8 / 6) if scaling == "ntk" else 1.0)
     p = pos / factor if scaling == "linear" else pos
     expected = np.empty_like(x)
-    for i in range(4):  # pairs (i, i + 4) rotate by angle p * theta^(-2i/8): "rotate half" layout
-        ang = p[..., None] * theta ** (-2 * i / 8)
-        a, b = x[..., i], x[..., i + 4]
+    for i in range(h // 2):  # pairs (i, i + 4) rotate together: "rotate half" layout
+        freq = 10000.0 ** (-2 * i / h)
+        if scaling == "ntk":
+            freq /= factor ** (i / (h // 2 - 1))
+        ang = p[..., None] * freq
+        a, b = x[..., i], x[..., i + h // 2]
         expected[..., i] = a * np.cos(ang) - b * np.sin(ang)
-        expected[..., i + 4] = b * np.cos(ang) + a * np.sin(ang)
+        expected[..., i + h // 2] = b * np.cos(ang) + a * np.sin(ang)
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-4)
 
 
@@ -157,3 +163,53 @@ def test_pallas_config_decodes_with_a_cache(params):
                            segment_ids=jnp.ones((2, 1), jnp.int32))
     np.testing.assert_allclose(prefill, full[:, :15], atol=2e-5)
     np.testing.assert_allclose(step[:, 0], full[:, 15], atol=2e-5)
+
+
+def test_attention_mask_hand_built():
+    """`reference.attention_mask` against boolean matrices written out by hand: same non-zero segment id (padding,
+    id 0, sees nothing, not even other padding), key slot <= query slot, and slots offset by q_offset in decoding."""
+    seg = jnp.array([[1, 1, 2, 2, 2, 0, 0]])
+    causal = np.array([[1, 0, 0, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0, 0, 0],
+                       [0, 0, 1, 0, 0, 0, 0],
+                       [0, 0, 1, 1, 0, 0, 0],
+                       [0, 0, 1, 1, 1, 0, 0],
+                       [0, 0, 0, 0, 0, 0, 0],
+                       [0, 0, 0, 0, 0, 0, 0]], bool)
+    full = np.array([[1, 1, 0, 0, 0, 0, 0],
+                     [1, 1, 0, 0, 0, 0, 0],
+                     [0, 0, 1, 1, 1, 0, 0],
+                     [0, 0, 1, 1, 1, 0, 0],
+                     [0, 0, 1, 1, 1, 0, 0],
+                     [0, 0, 0, 0, 0, 0, 0],
+                     [0, 0, 0, 0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(reference.attention_mask(seg, seg, causal=True), causal[None])
+    np.testing.assert_array_equal(reference.attention_mask(seg, seg, causal=False), full[None])
+    # Left padding, and two new tokens of segment 2 decoded at cache slots 3 and 4 of 6 (slot 5 still empty).
+    left = jnp.array([[0, 0, 1, 1]])
+    np.testing.assert_array_equal(reference.attention_mask(left, left, causal=True),
+                                  np.array([[[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]], bool))
+    cache = jnp.array([[1, 2, 2, 2, 2, 0]])
+    np.testing.assert_array_equal(reference.attention_mask(jnp.array([[2, 2]]), cache, causal=True, q_offset=3),
+                                  np.array([[[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]]], bool))
+
+
+def test_padding_neither_leaks_into_nor_reads_from_the_row(params):
+    """Model logits of one 8-token document right-padded, left-padded (positions restarting at 0) and unpadded (the
+    row's last 4 slots hold a continuation, which causality hides) agree; and a padding slot attends to nothing,
+    so its logits depend on its own token only (other tokens changed, other slot, same logits)."""
+    cfg = _cfg()
+    doc, other = jax.random.randint(jax.random.key(4), (2, 8), 3, 97)
+    pads = jnp.array([5, 6, 7, 9])
+    tokens = jnp.stack([jnp.concatenate([doc, pads]), jnp.concatenate([pads[::-1], doc]),
+                        jnp.concatenate([other, pads[::-1]]), jnp.concatenate([doc, other[:4]])])
+    seg = jnp.array([[1] * 8 + [0] * 4, [0] * 4 + [1] * 8, [1] * 8 + [0] * 4, [1] * 12])
+    pos = jnp.array([list(range(8)) + [0] * 4, [0] * 4 + list(range(8)), list(range(8)) + [0] * 4, list(range(12))])
+    logits = np.asarray(jax.jit(lambda p: model.apply(cfg, p, tokens, positions=pos, segment_ids=seg))(params))
+    alone = logits[3, :8]
+    np.testing.assert_allclose(logits[0, :8], alone, atol=1e-5)
+    np.testing.assert_allclose(logits[1, 4:], alone, atol=1e-5)
+    # Token 9 sits in slot 11 of row 0 (after 3 pads), slot 0 of row 1 and slot 8 of row 2 (after `other`).
+    np.testing.assert_allclose(logits[1, 0], logits[0, 11], atol=1e-5)
+    np.testing.assert_allclose(logits[2, 8], logits[0, 11], atol=1e-5)
+    assert np.abs(logits[0, 11] - logits[0, 10]).max() > 1e-3  # a different token: different logits

@@ -19,6 +19,7 @@ ROWS = [
     ("Water boils at sea level at what Celsius temperature?", "100", "50", "0", "212", "A"),
     ("Which word is a verb?", "blue", "quickly", "table", "run", "D"),
     ("How many legs does a spider have?", "six", "eight", "ten", "four", "B"),
+    ("Which animal barks?", "fox", "训练数据", "dog", "lazy", "C"),  # 13 bytes in 5 characters: norm by bytes
 ]
 
 
@@ -73,6 +74,7 @@ def test_predictions_match_transformers_item_for_item(tmp_path, hf_base, mode):
     result = mc.score(config, params, tok, data, shots=1, mode=mode)
     hf = LlamaForCausalLM.from_pretrained(hf_base).eval()
     dev = data["general_knowledge"]["dev"][:1]
+    hits, hits_norm = [], []
     for item, row in zip(result["items"], data["general_knowledge"]["eval"]):
         ctx = [tok.bos_id] + tok.encode(mc.prompt("general_knowledge", dev, row))
         assert len(ctx) + 8 <= config.model.max_seq_len  # no truncation: the transformers pass sees it all
@@ -85,9 +87,14 @@ def test_predictions_match_transformers_item_for_item(tmp_path, hf_base, mode):
             lls.append(float(sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(cont))))
             lens.append(len((f" {letter}" if mode == "letter" else f" {row[letter].strip()}").encode()))
         np.testing.assert_allclose(item["loglikelihoods"], lls, atol=1e-4)
-        assert item["pred"] == "ABCD"[int(np.argmax(lls))]
-        assert item["pred_norm"] == "ABCD"[int(np.argmax(np.array(lls) / np.array(lens)))]
-    assert result["n"] == 5 and result["acc"] == np.mean([i["correct"] for i in result["items"]])
+        pred, pred_norm = "ABCD"[int(np.argmax(lls))], "ABCD"[int(np.argmax(np.array(lls) / np.array(lens)))]
+        assert (item["pred"], item["pred_norm"]) == (pred, pred_norm)
+        assert (item["correct"], item["correct_norm"]) == (pred == row["answer"], pred_norm == row["answer"])
+        hits.append(pred == row["answer"])
+        hits_norm.append(pred_norm == row["answer"])
+    assert result["n"] == len(ROWS) and (result["acc"], result["acc_norm"]) == (np.mean(hits), np.mean(hits_norm))
+    if mode == "text":  # options of very different byte lengths: normalising changes the answers here
+        assert np.mean(hits) != np.mean(hits_norm)
 
 
 def test_command_line(tmp_path, hf_base):
@@ -99,12 +106,18 @@ def test_command_line(tmp_path, hf_base):
     folder = _folder(tmp_path / "data")
     run = lambda *a: subprocess.run([sys.executable, "-m", "maxlm.evaluate", *a], cwd=root, capture_output=True,  # noqa: E731
                                     text=True, timeout=300)
-    done = run(f"--hf={hf_base}", "--task=mc", f"--data={folder}", "--shots=1", f"--out={tmp_path}/out")
+    done = run(f"--hf={hf_base}", "--task=mc", f"--data={folder}", "--shots=1", "--choices=text",
+               f"--out={tmp_path}/out")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["task"] == "mc" and summary["n"] == 5 and {"acc", "acc_norm"} <= set(summary)
+    assert summary["task"] == "mc" and summary["n"] == len(ROWS) and summary["shots"] == 1
     items = [json.loads(line) for line in open(tmp_path / "out" / "mc.jsonl")]
-    assert summary["acc"] == np.mean([i["correct"] for i in items])
+    # acc and acc_norm recomputed from each item's four log-likelihoods and the option texts' UTF-8 lengths
+    lls = np.array([i["loglikelihoods"] for i in items])
+    lens = np.array([[len(f" {o}".encode()) for o in row[1:5]] for row in ROWS])
+    answers = np.array(["ABCD".index(row[-1]) for row in ROWS])
+    assert summary["acc"] == np.mean(lls.argmax(1) == answers)
+    assert summary["acc_norm"] == np.mean((lls / lens).argmax(1) == answers) != summary["acc"]
     assert json.load(open(tmp_path / "out" / "mc_summary.json")) == summary
     missing = run(f"--hf={hf_base}", "--task=mc")
     assert missing.returncode == 2 and "--data" in missing.stderr and "Traceback" not in missing.stderr

@@ -35,10 +35,16 @@ STOP, PAD, R = 5, 0, 6
 PROMPTS = [[1, 7, 8], [1, 9, 10, 11, 12], [1, 13]]
 
 
+def _random(abstract, seed, std=0.1):
+    """Random parameters of the given shapes drawn by numpy (compiling `model.init` costs seconds)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: rng.normal(0, std, a.shape).astype(a.dtype), abstract)
+
+
 def _rollout(config):
     """Parameters {actor, critic} and a rollout of 3 responses of 3, 6 and 1 tokens (stop included)."""
-    params = {"actor": model.init(config, jax.random.key(0)), "critic": reward.init(config, jax.random.key(1))}
-    params["critic"]["head"] = jax.random.normal(jax.random.key(2), params["critic"]["head"].shape)
+    params = {"actor": _random(model.abstract_params(config), 0),
+              "critic": _random(reward.abstract_params(config), 1, std=0.3)}
     rng = np.random.default_rng(0)
     responses = np.array([[20, 21, STOP, 3, 3, 3], [22, 23, 24, 25, 26, 27], [STOP, 4, 4, 4, 4, 4]])
     batch, mask, lists = ppo._layout(PROMPTS, responses, 8, PAD, STOP)
@@ -112,9 +118,8 @@ def test_sampled_tokens_are_the_policys_own():
     """Rollout statistics on the padded layout -- the actor's and a *different* reference's log-probabilities,
     the critic's values -- equal those of each model run on the unpadded prompt + response alone."""
     config = _config()
-    actor, ref = model.init(config, jax.random.key(3)), model.init(config, jax.random.key(4))
-    critic = reward.init(config, jax.random.key(5))
-    critic["head"] = jax.random.normal(jax.random.key(6), critic["head"].shape)
+    actor, ref = _random(model.abstract_params(config), 3), _random(model.abstract_params(config), 4)
+    critic = _random(reward.abstract_params(config), 5, std=0.3)
     prompts = [[1, 7, 8], [1, 9]]
     tokens, positions, segments = sample.left_pad(prompts, 8, 0)
     out = np.asarray(sample.sample_padded(config, actor, tokens, positions, segments, rng=jax.random.key(0),

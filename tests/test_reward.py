@@ -32,8 +32,10 @@ def _config(vocab):
 
 def test_pair_loss_matches_numpy_on_unpadded_sequences(tok):
     config = _config(tok.vocab_size)
-    params = reward.from_lm(model.init(config, jax.random.key(0)))
-    params["head"] = jax.random.normal(jax.random.key(1), params["head"].shape)
+    rng = np.random.default_rng(0)  # random weights drawn by numpy: compiling `model.init` would cost seconds
+    params = reward.from_lm(jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(a.dtype),
+                                         model.abstract_params(config)))
+    params["head"] = rng.normal(0, 1, params["head"].shape).astype(np.float32)
     pairs = preference.Pairs(chat.CHATML, tok, 192)
     rng = random.Random(0)
     for i, item in enumerate(tasks.make_items("sort", "train", 5)):
@@ -41,10 +43,13 @@ def test_pair_loss_matches_numpy_on_unpadded_sequences(tok):
         assert pairs.add({"prompt": item.prompt, "chosen": item.answer, "rejected": tasks.wrong_answer(item, rng),
                           "system": system})
     batch = preference.pair_batch(pairs.items, 192, tok.pad_id, rows=6)  # the 6th row is padding
-    loss_sum, sums = jax.jit(lambda p, b: reward.pair_loss(p, config, b))(params, batch)
+    pair_loss = jax.jit(lambda p, b: reward.pair_loss(p, config, b))
+    loss_sum, sums = pair_loss(params, batch)
+
+    hidden = jax.jit(lambda p, x: model.hidden(config, p, x))
 
     def score(ids):  # the oracle: one unpadded sequence, the head applied to the last hidden state by numpy
-        h = np.asarray(model.hidden(config, params["decoder"], jnp.asarray([ids])))[0, -1]
+        h = np.asarray(hidden(params["decoder"], jnp.asarray([ids])))[0, -1]
         return float(h @ np.asarray(params["head"]))
 
     margins = np.array([score(c) - score(r) for c, r in pairs.items])
@@ -52,9 +57,13 @@ def test_pair_loss_matches_numpy_on_unpadded_sequences(tok):
     assert float(sums["weight"]) == 5
     assert float(sums["accuracy"]) == np.sum(margins > 0)
     np.testing.assert_allclose(float(sums["margin"]), margins.sum(), rtol=1e-4, atol=1e-4)
+    # The untrained (zero) head ties every pair: a tie is not a correct ranking, and each pair costs log 2.
+    tie_sum, ties = pair_loss(dict(params, head=0 * params["head"]), batch)
+    assert float(ties["accuracy"]) == 0 and float(ties["margin"]) == 0
+    np.testing.assert_allclose(float(tie_sum), 5 * np.log(2), rtol=1e-6)
     # Tokens after a sequence's last one (padding, or anything else) do not change its score.
     junk = dict(batch, chosen_inputs=np.where(batch["chosen_segment_ids"] == 0, 7, batch["chosen_inputs"]))
-    np.testing.assert_allclose(float(reward.pair_loss(params, config, junk)[0]), float(loss_sum), rtol=1e-6)
+    np.testing.assert_allclose(float(pair_loss(params, junk)[0]), float(loss_sum), rtol=1e-6)
 
 
 def test_builtin_pairs_and_conflicting_domains():
@@ -99,12 +108,29 @@ def test_malformed_pair_records_are_counted(tok, tmp_path):
                                               {"role": "user", "content": "hi"}])))
 
 
+def _margins(config, params, pairs):
+    """r_chosen - r_rejected per pair: the head applied by numpy to the hidden state of each sequence's last
+    token, from one right-padded batch (causal: padding after a token never changes it)."""
+    seqs = [s for pair in pairs for s in pair]
+    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+    h = np.asarray(jax.jit(lambda p, x: model.hidden(config, p, x))(params["decoder"], tokens), np.float64)
+    r = h[np.arange(len(seqs)), [len(s) - 1 for s in seqs]] @ np.asarray(params["head"], np.float64)
+    return r[0::2] - r[1::2]
+
+
+def _pair_metrics(margins):
+    """Held-out pairwise metrics by definition: a pair is right when the chosen reply scores strictly higher."""
+    return {"accuracy": float(np.mean(margins > 0)), "margin": float(np.mean(margins)),
+            "loss": float(np.mean(np.log1p(np.exp(-margins)))), "n": len(margins)}
+
+
 def test_reward_cli_end_to_end(reward_run, hf_base, tmp_path):
     work, done = reward_run
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert 0.0 <= records[-1]["eval_accuracy"] <= 1.0 and "eval_margin" in records[-1]
     result = json.load(open(os.path.join(work, "reward_eval.json")))
     by_domain = result["by_domain"]
     assert set(by_domain) == {"correct", "brief"} and by_domain["correct"]["n"] == 8  # one per held-out item
@@ -112,6 +138,18 @@ def test_reward_cli_end_to_end(reward_run, hf_base, tmp_path):
     config, params, run_tok = reward.load(work)
     assert set(params) == {"decoder", "head"} and "lm_head" not in params["decoder"]
     assert np.abs(params["head"]).sum() > 0  # trained away from its zero init
+
+    # Every held-out number against the final model's margins r_chosen - r_rejected, computed here per pair.
+    held_out = reward.load_pairs(config, run_tok, chat.load_template(config.sft.template), "eval")
+    margins, domains = _margins(config, params, held_out.items), np.array(held_out.domains)
+    assert np.abs(margins).min() > 1e-7  # no pair near a tie: each sign is certain
+    assert {k: v for k, v in result.items() if k != "by_domain"} == pytest.approx(_pair_metrics(margins),
+                                                                                   rel=1e-4, abs=1e-8)
+    for d, got in by_domain.items():
+        assert got == pytest.approx(_pair_metrics(margins[domains == d]), rel=1e-4, abs=1e-8), d
+    first = _pair_metrics(margins[:2 * 4])  # the logged eval: train.eval_batches=2 batches of 4 pairs
+    assert {k: records[-1][f"eval_{k}"] for k in ("accuracy", "margin", "loss")} == pytest.approx(
+        {k: first[k] for k in ("accuracy", "margin", "loss")}, rel=1e-4, abs=1e-8)
 
     bad = subprocess.run([sys.executable, "-m", "maxlm.reward", "--config=configs/reward_tiny.py",
                           f"--workdir={tmp_path / 'bad'}", f"--config.reward.base={hf_base}",

@@ -154,6 +154,24 @@ def test_sft_on_imported_hf_model_exports_back(hf_base, tok, tmp_path, rank):
     ours = np.asarray(model.apply(config, params, jnp.asarray(tokens)))
     np.testing.assert_allclose(_hf_logits(out, tokens), ours, atol=1e-4, rtol=1e-4)
 
+    # The logged held-out loss is the total answer-token cross-entropy over the total answer tokens of the
+    # eval batch, recomputed here with transformers on the exported model, one packed conversation at a time.
+    held_out = sft.load_conversations(config, run_tok, chat.INTERNLM2, "eval")
+    batch = next(sft_data.SFTIterator(held_out, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+                                      seed=0, pad_id=run_tok.pad_id))
+    total = weight = 0.0
+    for row in range(batch["inputs"].shape[0]):
+        for segment in set(batch["segment_ids"][row].tolist()) - {0}:
+            cols = batch["segment_ids"][row] == segment
+            logits = _hf_logits(out, batch["inputs"][row][cols][None])[0].astype(np.float64)
+            logp = logits - logits.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            ce = -logp[np.arange(cols.sum()), batch["targets"][row][cols]]
+            total += float((ce * batch["loss_weights"][row][cols]).sum())
+            weight += float(batch["loss_weights"][row][cols].sum())
+    assert weight > 0 and len({len(ids) for ids, _ in held_out.items}) > 1  # ragged conversations
+    np.testing.assert_allclose(history[-1]["eval_loss"], total / weight, rtol=1e-4)
+
 
 def test_evaluate_cli_prints_json(hf_base, tmp_path):
     done = subprocess.run([sys.executable, "-m", "maxlm.evaluate", f"--hf={hf_base}", "--task=format", "--n=5",

@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maxlm import checkpoint, model, train
 from maxlm import config as C
-from maxlm import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly box and jump "
@@ -49,18 +50,27 @@ def corpus(tmp_path_factory):
 
 
 def test_resume_is_exact_and_outputs_written(corpus, tmp_path):
+    """A run killed mid-way resumes exactly: the first run stops after step 5, and step 5's save is then cut off as
+    by a SIGKILL while writing it (left as an Orbax temporary directory), so the rerun restarts from the newest
+    complete checkpoint, the periodic one of step 4 -- saved while training went on -- and must log the
+    uninterrupted run's losses for steps 5..8 and end with its parameters, bit for bit."""
     full_cfg = small_config(corpus, **{"train.num_steps": 8, "optim.decay_steps": 8})
     full = train.train(full_cfg, str(tmp_path / "full"))
     assert [r["step"] for r in full] == list(range(1, 9))
 
-    half_cfg = small_config(corpus, **{"train.num_steps": 5, "optim.decay_steps": 8})
+    half_cfg = small_config(corpus, **{"train.num_steps": 5, "optim.decay_steps": 8, "checkpoint.every_steps": 2})
     first = train.train(half_cfg, str(tmp_path / "resumed"))
     assert [r["step"] for r in first] == list(range(1, 6))
-    second = train.train(full_cfg, str(tmp_path / "resumed"))  # resumes from the step-5 checkpoint
-    assert [r["step"] for r in second] == [6, 7, 8]
-    for a, b in zip(full[5:], second):
-        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6
+    ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path / "resumed"))
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "4", "5"]
+    os.rename(os.path.join(ckpt_dir, "5"), os.path.join(ckpt_dir, "5.orbax-checkpoint-tmp-1700000000"))
+    second = train.train(full_cfg, str(tmp_path / "resumed"))  # resumes from the step-4 checkpoint
+    assert [r["step"] for r in second] == [5, 6, 7, 8]
+    assert [(r["loss"], r["grad_norm"]) for r in second] == [(r["loss"], r["grad_norm"]) for r in full[4:]]
+    assert [r["loss"] for r in first] == [r["loss"] for r in full[:5]]
+    (_, a, _), (_, b, _) = (checkpoint.load_latest(str(tmp_path / name)) for name in ("full", "resumed"))
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        assert np.array_equal(x, y), jax.tree_util.keystr(path)
 
     work = tmp_path / "full"
     records = [json.loads(line) for line in open(work / "metrics.jsonl")]
@@ -90,6 +100,34 @@ def test_gradient_accumulation_matches_one_big_batch(corpus):
     assert abs(l1 - l4) < 1e-5 and abs(g1 - g4) < 1e-5 * g1
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
         np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+def test_loss_fn_is_the_weighted_sum_of_token_cross_entropies():
+    """`train.loss_fn` against numpy on the model's own logits z: (sum_i w_i (logsumexp z_i - z_i[y_i]), sum_i w_i),
+    with weights that are zero, fractional and one (a packed row of two documents and a padding tail)."""
+    cfg = C.override(C.default_config(), **{"model.vocab_size": 37, "model.num_layers": 1, "model.d_model": 16,
+                                            "model.num_heads": 2, "model.num_kv_heads": 1, "model.mlp_dim": 32,
+                                            "model.compute_dtype": "float32"})
+    rng = np.random.default_rng(0)  # random parameters without model.init (compiling it takes seconds)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype), model.abstract_params(cfg))
+    batch = {"inputs": rng.integers(0, 37, (2, 6)), "targets": rng.integers(0, 37, (2, 6)),
+             "positions": np.array([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]),
+             "segment_ids": np.array([[1, 1, 1, 2, 2, 0], [1] * 6]),
+             "loss_weights": np.array([[0, 1, 1, 0, 0.5, 0], [1, 1, 0, 1, 1, 1]], np.float32)}
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def both(p, b):
+        return train.loss_fn(p, cfg, b), model.apply(cfg, p, b["inputs"], positions=b["positions"],
+                                                     segment_ids=b["segment_ids"])
+
+    (loss_sum, weight), z = jax.jit(both)(params, batch)
+    z = np.asarray(z, np.float64)
+    top = z.max(-1)
+    ce = top + np.log(np.exp(z - top[..., None]).sum(-1)) - np.take_along_axis(
+        z, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+    w = np.asarray(batch["loss_weights"], np.float64)
+    np.testing.assert_allclose(float(loss_sum), (w * ce).sum(), rtol=1e-5)
+    assert float(weight) == w.sum() == 7.5
 
 
 def test_loss_falls_well_below_uniform(corpus, tmp_path):
