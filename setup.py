@@ -35,6 +35,7 @@ setup(
             "transformers>=4.56,<6",
             "zstandard>=0.22",  # .zst curation input
             "datasketch>=1.6,<3",  # the peer in experiments/bench_dedup.py
+            "import-linter>=2.1,<3",  # the layering contracts in .importlinter (tests/test_imports.py); brings grimp
         ],
         # Reading zstd-compressed jsonl in `python -m maxlm.curate` (gzip needs nothing extra).
         "zstd": ["zstandard>=0.22"],

@@ -39,5 +39,5 @@ def get_config():
     c.optim.peak_lr = 1e-4
     c.optim.warmup_steps = 10
     c.optim.weight_decay = 0.0
-    c.checkpoint.every_steps = 25  # iterations
+    c.checkpoint.every_steps = 400  # optimizer updates: 25 iterations of 16 (4 minibatches x 4 epochs)
     return c

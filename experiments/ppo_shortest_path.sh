@@ -28,10 +28,10 @@ $PY - "$W" <<'PY'
 import json, os, sys
 
 w = sys.argv[1]
-by_step = {}
+by_step = {}  # by iteration (the record before training, at step 0, has none)
 for line in open(os.path.join(w, "ppo", "metrics.jsonl")):
     r = json.loads(line)
-    by_step[r["step"]] = r
+    by_step[r.get("iteration", 0)] = r
 evals = [by_step[s] for s in sorted(by_step) if "eval_true_score" in by_step[s]]
 last = by_step[max(by_step)]
 result = {"fraction_of_optimal": evals[-1]["eval_true_score"], "fraction_of_optimal_before": evals[0]["eval_true_score"],
@@ -39,7 +39,7 @@ result = {"fraction_of_optimal": evals[-1]["eval_true_score"], "fraction_of_opti
           "ppo_seconds": int(open(os.path.join(w, "ppo_seconds")).read())}
 print("PPO: iteration  reward(rollouts)  kl  fraction of optimal (sampled)", file=sys.stderr)
 for r in evals:
-    print(f"  {r['step']:>4}  {r.get('reward_mean', float('nan')):.3f}  {r.get('kl', float('nan')):.3f}  "
+    print(f"  {r.get('iteration', 0):>4}  {r.get('reward_mean', float('nan')):.3f}  {r.get('kl', float('nan')):.3f}  "
           f"{r['eval_true_score']:.3f}", file=sys.stderr)
 print(json.dumps(result))
 PY

@@ -58,7 +58,7 @@ import json, os, sys
 w = sys.argv[1]
 rm = {k: json.load(open(os.path.join(w, f"rm_{k}", "reward_eval.json"))) for k in ("conditional", "unconditional")}
 records = [json.loads(line) for line in open(os.path.join(w, "ppo", "metrics.jsonl"))]
-by_step = {r["step"]: r for r in records}
+by_step = {r.get("iteration", 0): r for r in records}  # by iteration (the record before training has none)
 evals = [by_step[s] for s in sorted(by_step) if "eval_true_score" in by_step[s]]
 last = by_step[max(by_step)]
 result = {

@@ -10,11 +10,19 @@ A Pallas kernel is a per-device program, so under a mesh it runs inside `shard_m
 its local batch rows, heads and query slice, as the logical-axis rules in the config shard them (the
 model never names a mesh axis). Sequence parallelism uses the same path for both impls: queries stay
 sharded, keys/values are all-gathered over the sequence axes (see `_per_device`).
+
+Both switches are registries kept here, beside their code, and `config.validate` checks
+`model.attention_impl` / `model.rope_scaling` against them: an attention implementation is a function
+registered with `@register_attention(name)`, a RoPE variant (context extension) one registered with
+`@register_rope(name)` (see `rope_frequencies`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,28 +35,71 @@ import kernels
 from kernels import reference
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionImpl:
+    """A registered attention implementation: `fn(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal)`
+    with `attend`'s shapes and semantics; `backend` the one JAX backend it runs on (None: every backend),
+    `hardware` how `config.validate` names that requirement."""
+    fn: Callable[..., jax.Array]
+    backend: str | None = None
+    hardware: str = ""
+
+
+# model.attention_impl -> implementation, in registration order (the order config errors list them).
+ATTENTION_IMPLS: dict[str, AttentionImpl] = {}
+
+
+def register_attention(name: str, *, backend: str | None = None, hardware: str = ""):
+    """Decorator registering an attention implementation as `model.attention_impl=name`."""
+    def register(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+        ATTENTION_IMPLS[name] = AttentionImpl(fn, backend, hardware)
+        return fn
+    return register
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
            q_offset: jax.Array | int = 0, causal: bool = True, impl: str = "xla") -> jax.Array:
     """q [B,T,N,H], k/v [B,S,K,H], segment ids [B,T] / [B,S] -> [B,T,N,H] in q's dtype."""
-    if impl == "cudnn":
-        mask = reference.attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
-    if impl not in ("xla", "pallas"):
+    if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}")
-    self_attention = isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
-    if self_attention and (impl == "pallas" or _sequence_shards() > 1):
-        return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, impl=impl)
-    # Cached decoding (queries at an offset into a longer cache) is memory-bound and served by the
-    # reference under every impl; the flash kernel is for training, scoring and prefill.
-    return reference.mha_reference(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                   causal=causal, q_offset=q_offset)
+    return ATTENTION_IMPLS[impl].fn(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal)
 
 
-def _local(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, impl: str) -> jax.Array:
-    if impl == "pallas":
-        return kernels.flash_attention(q, k, v, causal=causal, segment_ids=(q_seg, kv_seg), q_offset=q_offset)
+def _self_attention(q: jax.Array, k: jax.Array, q_offset: jax.Array | int) -> bool:
+    return isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
+
+
+def _reference(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool) -> jax.Array:
     return reference.mha_reference(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal,
                                    q_offset=q_offset)
+
+
+def _flash(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool) -> jax.Array:
+    return kernels.flash_attention(q, k, v, causal=causal, segment_ids=(q_seg, kv_seg), q_offset=q_offset)
+
+
+@register_attention("xla")
+def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal):
+    """The plain-jnp reference; per device (keys/values gathered) when the sequence is sharded."""
+    if _self_attention(q, k, q_offset) and _sequence_shards() > 1:
+        return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, local=_reference)
+    return _reference(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal)
+
+
+@register_attention("cudnn", backend="gpu", hardware="an NVIDIA GPU")
+def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal):
+    """`jax.nn.dot_product_attention`'s cuDNN fused kernel, given the reference's mask."""
+    mask = reference.attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+
+
+@register_attention("pallas")
+def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal):
+    """maxlm's flash kernel for self-attention (training, scoring, prefill), per device under a mesh.
+    Cached decoding (queries at an offset into a longer cache) is memory-bound and served by the reference."""
+    if _self_attention(q, k, q_offset):
+        return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, local=_flash)
+    return _reference(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal)
 
 
 def _specs():
@@ -68,7 +119,8 @@ def _sequence_shards() -> int:
     return 1 if mesh.empty else _shards(mesh, _specs()[0][1])
 
 
-def _per_device(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, impl: str) -> jax.Array:
+def _per_device(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool,
+                local: Callable[..., jax.Array]) -> jax.Array:
     """Self-attention as a per-device program under `shard_map`: each device keeps its batch rows, heads
     and query slice, and gathers the keys/values of the whole sequence over the sequence axes.
 
@@ -80,12 +132,12 @@ def _per_device(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, impl: s
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return _local(q, k, v, q_segment_ids, kv_segment_ids, 0, causal=causal, impl=impl)
+        return local(q, k, v, q_segment_ids, kv_segment_ids, 0, causal=causal)
     q_spec, kv_spec, seg_spec = _specs()
     if any(x.shape[d] % _shards(mesh, spec[d]) for x, spec in ((q, q_spec), (k, kv_spec)) for d in (0, 1, 2)):
         # Shapes the mesh cannot split evenly (e.g. the 1x1 dummy batch of parameter init): one call on
         # the whole arrays, which the partitioner gathers. Correct, just not per-device.
-        return _local(q, k, v, q_segment_ids, kv_segment_ids, 0, causal=causal, impl=impl)
+        return local(q, k, v, q_segment_ids, kv_segment_ids, 0, causal=causal)
     seq_axes = q_spec[1]
 
     def body(q, k, v, q_seg, kv_seg):
@@ -93,64 +145,153 @@ def _per_device(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, impl: s
         if seq_axes is not None:
             k, v, kv_seg = (jax.lax.all_gather(x, seq_axes, axis=1, tiled=True) for x in (k, v, kv_seg))
             offset = jax.lax.axis_index(seq_axes) * q.shape[1]
-        return _local(q, k, v, q_seg, kv_seg, offset, causal=causal, impl=impl)
+        return local(q, k, v, q_seg, kv_seg, offset, causal=causal)
 
     return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
                          out_specs=q_spec, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
 
 
-def rope_frequencies(h: int, *, theta: float, scaling: str = "none", factor: float = 1.0,
-                     original_max_len: int = 0, beta_fast: float = 32.0, beta_slow: float = 1.0,
-                     attention_factor: float = 0.0, seq_len: jax.Array | None = None) -> tuple[jax.Array, Any]:
-    """(inverse frequencies [H/2], multiplier of cos/sin) of a rotary scaling method, as Hugging Face's
-    `rope_type`s define them (modeling_rope_utils):
+@dataclasses.dataclass(frozen=True)
+class RopeVariant:
+    """A registered rotary variant (see `register_rope`)."""
+    frequencies: Callable[..., tuple[jax.Array, Any]]
+    positions: Callable[..., jax.Array] | None = None
 
-    - `ntk` (static NTK-aware, bloc97 2023): base theta * factor^(H / (H - 2)), high frequencies intact;
-    - `dynamic` (dynamic NTK, Hugging Face's "dynamic"): the same with the factor grown to the current length,
-      base theta * (factor * L / L0 - (factor - 1))^(H / (H - 2)) once L = max position + 1 exceeds L0 =
-      `original_max_len`, plain rope below it;
-    - `yarn` (Peng et al. 2023): per dimension, a ramp between interpolated (theta_i / factor) and original
-      frequencies by how many rotations a dimension makes over L0 (below `beta_slow`: interpolate, above
-      `beta_fast`: keep), and cos/sin scaled by 0.1 ln(factor) + 1 (or `attention_factor`).
-    `linear` (position interpolation) divides positions instead and is applied by `rope`.
+
+# model.rope_scaling -> variant, in registration order (the order config errors list them).
+ROPE_VARIANTS: dict[str, RopeVariant] = {}
+
+
+def register_rope(name: str, *, positions: Callable[..., jax.Array] | None = None):
+    """Decorator registering a rotary variant as `model.rope_scaling=name`.
+
+    The function is `fn(h, *, theta, seq_len, **params) -> (inverse frequencies [H/2], multiplier of cos/sin)`
+    and `positions`, if given, `positions(pos float32 [B,T], **params) -> pos` (what the angles use). `params`
+    are the model's other `rope_<name>` config keys as `<name>=value` (`rope_config`): a variant that needs a
+    parameter of its own adds a `model.rope_<name>` key to the schema and reads `<name>` here, nothing else.
+    Each function takes the parameters it uses as keyword arguments with defaults, and `**_` for the rest.
+    `seq_len` is the largest position + 1 (a traced scalar; dynamic variants grow with it).
     """
-    exponents = jnp.arange(0, h, 2, dtype=jnp.float32) / h
-    scale = 1.0
-    if scaling == "ntk":
-        theta = theta * factor ** (h / (h - 2))
-    elif scaling == "dynamic":
-        grown = theta * jnp.maximum(factor * seq_len / original_max_len - (factor - 1), 1.0) ** (h / (h - 2))
-        theta = jnp.where(seq_len > original_max_len, grown, theta)
-    inv_freq = 1.0 / (theta ** exponents)
-    if scaling == "yarn":
-        def correction_dim(rotations: float) -> float:
-            return h * math.log(original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    def register(fn: Callable[..., tuple[jax.Array, Any]]) -> Callable[..., tuple[jax.Array, Any]]:
+        ROPE_VARIANTS[name] = RopeVariant(fn, positions)
+        return fn
+    return register
 
-        low = max(math.floor(correction_dim(beta_fast)), 0)
-        high = min(math.ceil(correction_dim(beta_slow)), h - 1)
-        ramp = jnp.clip((jnp.arange(h // 2, dtype=jnp.float32) - low) / max(high - low, 0.001), 0.0, 1.0)
-        extrapolate = 1.0 - ramp  # 1: keep the original frequency, 0: interpolate
-        inv_freq = inv_freq / factor * (1.0 - extrapolate) + inv_freq * extrapolate
-        scale = attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+def _inverse_frequencies(h: int, theta: Any) -> jax.Array:
+    """Plain RoPE's theta^(-2i/H), i < H/2 (theta may be a traced scalar)."""
+    exponents = jnp.arange(0, h, 2, dtype=jnp.float32) / h
+    return 1.0 / (theta ** exponents)
+
+
+@register_rope("none")
+def _plain_rope(h: int, *, theta: float, **_) -> tuple[jax.Array, Any]:
+    return _inverse_frequencies(h, theta), 1.0
+
+
+def _interpolate_positions(pos: jax.Array, *, factor: float = 1.0, **_) -> jax.Array:
+    return pos / factor
+
+
+@register_rope("linear", positions=_interpolate_positions)
+def _linear_rope(h: int, *, theta: float, **_) -> tuple[jax.Array, Any]:
+    """Position interpolation (Chen et al. 2023): plain frequencies, positions / factor."""
+    return _inverse_frequencies(h, theta), 1.0
+
+
+@register_rope("ntk")
+def _ntk_rope(h: int, *, theta: float, factor: float = 1.0, **_) -> tuple[jax.Array, Any]:
+    """Static NTK-aware (bloc97 2023): base theta * factor^(H / (H - 2)), high frequencies intact."""
+    theta = theta * factor ** (h / (h - 2))
+    return _inverse_frequencies(h, theta), 1.0
+
+
+@register_rope("dynamic")
+def _dynamic_ntk_rope(h: int, *, theta: float, seq_len: jax.Array, factor: float = 1.0, original_max_len: int = 0,
+                      **_) -> tuple[jax.Array, Any]:
+    """Dynamic NTK (Hugging Face's "dynamic"): the NTK base with the factor grown to the current length,
+    theta * (factor * L / L0 - (factor - 1))^(H / (H - 2)) once L = max position + 1 exceeds L0 =
+    `original_max_len`, plain rope below it."""
+    grown = theta * jnp.maximum(factor * seq_len / original_max_len - (factor - 1), 1.0) ** (h / (h - 2))
+    theta = jnp.where(seq_len > original_max_len, grown, theta)
+    return _inverse_frequencies(h, theta), 1.0
+
+
+@register_rope("yarn")
+def _yarn_rope(h: int, *, theta: float, factor: float = 1.0, original_max_len: int = 0, beta_fast: float = 32.0,
+               beta_slow: float = 1.0, attention_factor: float = 0.0, **_) -> tuple[jax.Array, Any]:
+    """YaRN (Peng et al. 2023): per dimension, a ramp between interpolated (theta_i / factor) and original
+    frequencies by how many rotations a dimension makes over L0 = `original_max_len` (below `beta_slow`:
+    interpolate, above `beta_fast`: keep), and cos/sin scaled by 0.1 ln(factor) + 1 (or `attention_factor`)."""
+    inv_freq = _inverse_frequencies(h, theta)
+
+    def correction_dim(rotations: float) -> float:
+        return h * math.log(original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), h - 1)
+    ramp = jnp.clip((jnp.arange(h // 2, dtype=jnp.float32) - low) / max(high - low, 0.001), 0.0, 1.0)
+    extrapolate = 1.0 - ramp  # 1: keep the original frequency, 0: interpolate
+    inv_freq = inv_freq / factor * (1.0 - extrapolate) + inv_freq * extrapolate
+    scale = attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
     return inv_freq, scale
 
 
-def rope(x: jax.Array, positions: jax.Array, *, theta: float, scaling: str = "none", factor: float = 1.0,
-         original_max_len: int = 0, beta_fast: float = 32.0, beta_slow: float = 1.0,
-         attention_factor: float = 0.0) -> jax.Array:
+def _rope_parameter_names() -> frozenset[str]:
+    """Every keyword parameter some registered variant reads (the `<name>` of its `model.rope_<name>`)."""
+    names = set()
+    for variant in ROPE_VARIANTS.values():
+        for fn in (variant.frequencies, variant.positions):
+            if fn is not None:
+                names |= {p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    return frozenset(names - {"theta", "seq_len"})
+
+
+def _rope_variant(scaling: str, params: dict[str, Any]) -> RopeVariant:
+    if scaling not in ROPE_VARIANTS:
+        raise ValueError(f"unknown rope scaling {scaling!r}; registered: {tuple(ROPE_VARIANTS)}")
+    unknown = sorted(set(params) - _rope_parameter_names())
+    if unknown:  # variants take `**_`: a misspelt parameter would otherwise be ignored
+        raise TypeError(f"unknown rope parameter(s) {unknown}; the model config has {sorted(_rope_parameter_names())}")
+    return ROPE_VARIANTS[scaling]
+
+
+def head_dim(m: Any) -> int:
+    """H of a model config section: `head_dim`, or d_model // num_heads when it is 0."""
+    return m.head_dim or m.d_model // m.num_heads
+
+
+def rope_config(m: Any) -> dict[str, Any]:
+    """`rope`'s keyword arguments from a model config section: `theta`, `scaling` and every other
+    `model.rope_<name>` as `<name>`; `original_max_len` 0 means `max_seq_len`."""
+    kwargs = {key[len("rope_"):]: m[key] for key in m if key.startswith("rope_")}
+    kwargs["original_max_len"] = kwargs["original_max_len"] or m.max_seq_len
+    return kwargs
+
+
+def rope_frequencies(h: int, *, theta: float, scaling: str = "none", seq_len: jax.Array | None = None,
+                     **params: Any) -> tuple[jax.Array, Any]:
+    """(inverse frequencies [H/2], multiplier of cos/sin) of the registered rotary variant `scaling`, as
+    Hugging Face's `rope_type`s define them (modeling_rope_utils); `params` (factor, original_max_len,
+    beta_fast, beta_slow, attention_factor, ...) go to the variant's function (see `register_rope`).
+    `linear` (position interpolation) keeps the plain frequencies and divides positions instead (in `rope`).
+    """
+    return _rope_variant(scaling, params).frequencies(h, theta=theta, seq_len=seq_len, **params)
+
+
+def rope(x: jax.Array, positions: jax.Array, *, theta: float, scaling: str = "none", **params: Any) -> jax.Array:
     """Rotary position embedding (Su et al. 2021), "rotate half" layout as in Hugging Face Llama.
 
-    Context extension: `linear` is position interpolation (Chen et al. 2023: positions / factor); `ntk`,
-    `dynamic` and `yarn` change the frequencies (`rope_frequencies`). x [B,T,N,H], positions [B,T].
+    Context extension: the registered variant `scaling` (`rope_frequencies`; `params` are its parameters,
+    `rope_config` reads them from a model config). x [B,T,N,H], positions [B,T].
     """
+    variant = _rope_variant(scaling, params)
     h = x.shape[-1]
     pos = positions.astype(jnp.float32)
-    if scaling == "linear":
-        pos = pos / factor
-    inv_freq, scale = rope_frequencies(h, theta=theta, scaling=scaling, factor=factor,
-                                       original_max_len=original_max_len, beta_fast=beta_fast, beta_slow=beta_slow,
-                                       attention_factor=attention_factor,
-                                       seq_len=jnp.max(positions).astype(jnp.float32) + 1.0)
+    if variant.positions is not None:
+        pos = variant.positions(pos, **params)
+    inv_freq, scale = variant.frequencies(h, theta=theta, seq_len=jnp.max(positions).astype(jnp.float32) + 1.0,
+                                          **params)
     angles = pos[..., None] * inv_freq  # [B,T,H/2]
     cos = (jnp.cos(angles) * scale)[:, :, None, :]
     sin = (jnp.sin(angles) * scale)[:, :, None, :]

@@ -1,7 +1,8 @@
 """Orbax checkpoints of the training state, the data iterator's position and the config.
 
 One step directory holds four items: `params`, `opt_state` (array pytrees, written asynchronously while
-training continues), `meta` (JSON: step and data-iterator state) and `config` (JSON). Parameters are their
+training continues), `meta` (JSON: step, the feed's position, and which stage wrote it: its name, the
+parameter tree's layout (`maxlm.trees`) and where the policy sits in it) and `config` (JSON). Parameters are their
 own item so that inference (`maxlm.sample`) and conversion restore them without the optimizer state.
 Orbax writes each step into a temporary directory and renames it when complete, so a checkpoint is visible
 only once whole; a run killed mid-save leaves only a temporary directory, which is never listed. A
@@ -22,7 +23,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from maxlm import config as config_lib
-from maxlm import lora, model
+from maxlm import trees
 
 ITEMS = ("params", "opt_state", "meta", "config")
 
@@ -34,13 +35,15 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
     """A thin owner of an Orbax `CheckpointManager` with maxlm's item layout."""
 
-    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, stage: str = "", layout: Any = None,
+                 policy: str | None = ""):
         ck = config.checkpoint
         options = ocp.CheckpointManagerOptions(max_to_keep=ck.max_to_keep, keep_period=ck.keep_period or None,
                                                create=True, enable_async_checkpointing=ck.async_save)
         self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self.config = config
+        self.stage = {"stage": stage, "layout": layout, "policy": policy} if stage else {}
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -50,7 +53,7 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave({"step": int(step), "data": data_state}),
+            meta=ocp.args.JsonSave({"step": int(step), "data": data_state, **self.stage}),
             config=ocp.args.JsonSave(self.config.to_dict()),
         ))
 
@@ -95,11 +98,20 @@ def latest_step(workdir: str) -> int | None:
     return step
 
 
-def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_collections.ConfigDict], Any] | None = None
-                ) -> tuple[ml_collections.ConfigDict, dict, int]:
-    """(config, params, step) of the newest (or the given) checkpoint in `workdir`, params on one device.
-    For a LoRA run the params are its adapters (`maxlm.pretrained.load_workdir` merges them into the base).
-    `abstract(config)` gives the parameter tree of runs that are not language models (reward models, PPO).
+def stage_of(meta: dict, config: ml_collections.ConfigDict) -> dict:
+    """{"stage", "layout", "policy"} of a checkpoint's meta; checkpoints written before stages were
+    recorded are language models (LoRA adapters when the config has a LoRA rank)."""
+    if "layout" in meta:
+        return {k: meta[k] for k in ("stage", "layout", "policy")}
+    return {"stage": "", "layout": "lora" if config.lora.rank else "lm", "policy": ""}
+
+
+def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_collections.ConfigDict], Any] | None = None,
+                with_meta: bool = False) -> tuple:
+    """(config, params, step) of the newest (or the given) checkpoint in `workdir`, params on one device,
+    restored in the layout the checkpoint records (`abstract(config)` overrides it) -- a LoRA run's are
+    its adapters (`maxlm.pretrained.load_workdir` merges them into the base). With `with_meta`, also the
+    checkpoint's meta, completed by `stage_of`.
 
     Raises FileNotFoundError with a readable message when there is nothing to load.
     """
@@ -110,12 +122,12 @@ def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_co
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint under {directory}")
-    config = config_lib.from_dict(manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"])
+    items = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    config = config_lib.from_dict(items["config"])
+    meta = {**items["meta"], **stage_of(items["meta"], config)}
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                            abstract(config) if abstract is not None
-                            else lora.abstract(config) if config.lora.rank else model.abstract_params(config))
-    params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    target = abstract(config) if abstract is not None else trees.abstract(config, meta["layout"])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), target)
+    params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
     manager.close()
-    return config, params, step
+    return (config, params, step, meta) if with_meta else (config, params, step)

@@ -20,6 +20,12 @@ from typing import Any
 
 import ml_collections
 
+from maxlm import attention, chat
+from maxlm.attention import head_dim  # noqa: F401  (also this module's name for it)
+from maxlm.errors import ConfigError  # noqa: F401  (raised here; its home is the bottom layer)
+from maxlm.lora import TARGETS as LORA_TARGETS  # noqa: F401
+from maxlm.tasks import TASKS as SFT_TASKS  # noqa: F401
+
 # Logical axis -> mesh axes. The model only ever names logical axes (see model.py); this table is the
 # single place that decides how they map onto the device mesh (MaxText's `logical_axis_rules`).
 # Mesh axes: data (pure data parallel), fsdp (ZeRO-3 parameter sharding + data), tensor (Megatron heads /
@@ -46,25 +52,14 @@ DEFAULT_RULES = (
 )
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
-ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
+# Allowed values kept here are those with no registry of their own. Registries beside their implementation:
+# model.attention_impl (attention.ATTENTION_IMPLS), model.rope_scaling (attention.ROPE_VARIANTS),
+# sft.template (chat.TEMPLATES), and evaluate's --task (evaluate.EVAL_TASKS).
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "yarn")
 DATA_SOURCES = ("stdlib", "jsonl", "tfds", "mixture")
-CHAT_TEMPLATES = ("chatml", "internlm2")
-SFT_TASKS = ("format", "reverse", "sort", "add")
-LORA_TARGETS = ("q", "k", "v", "o", "wqkv", "gate", "up", "down", "lm_head")
 PREFERENCE_DOMAINS = ("correct", "brief")  # built-in preference rules (maxlm/data/preference.py)
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config: carries the dotted key so the CLI can print one clear line."""
-
-    def __init__(self, key: str, reason: str):
-        super().__init__(f"invalid config: {key}: {reason}")
-        self.key = key
-        self.reason = reason
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -81,8 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
     m.mlp_dim = 2048  # F (SwiGLU hidden size)
     m.max_seq_len = 2048  # longest context the model is meant to see (sampler cache size bound)
     m.rope_theta = 10000.0
-    # Context extension (maxlm/attention.py): none | linear (position interpolation) | ntk (static NTK-aware
-    # base) | dynamic (NTK grown with the length past rope_original_max_len) | yarn (Peng et al. 2023).
+    # Context extension (maxlm/attention.py, ROPE_VARIANTS): none | linear (position interpolation) | ntk
+    # (static NTK-aware base) | dynamic (NTK grown with the length past rope_original_max_len) | yarn (Peng et
+    # al. 2023). Every model.rope_<name> key reaches the variant's function as <name> (attention.rope_config);
+    # a variant with a parameter of its own adds its key here.
     m.rope_scaling = "none"
     m.rope_factor = 1.0  # context-extension factor
     m.rope_original_max_len = 0  # dynamic / yarn: the length pretraining used (0: max_seq_len)
@@ -95,8 +92,10 @@ def default_config() -> ml_collections.ConfigDict:
     m.qkv_bias = False  # Qwen2 has biases on q, k, v
     m.init_std = 0.02
     m.param_dtype = "float32"
+    # How to run the weights (MODEL_RUN_KEYS); every other model key is fixed by the weights (`shape_keys`):
+    # a checkpoint or base model carries it.
     m.compute_dtype = "bfloat16"
-    m.attention_impl = "xla"  # xla | cudnn | pallas
+    m.attention_impl = "xla"  # xla | cudnn | pallas (attention.ATTENTION_IMPLS)
     m.remat_policy = "none"
     m.scan_layers = True
 
@@ -218,7 +217,7 @@ def default_config() -> ml_collections.ConfigDict:
     p.policy = ""  # the SFT model: actor and frozen reference (maxlm workdir or Hugging Face folder)
     p.policy_step = -1
     p.reward_model = ""  # a maxlm.reward workdir (frozen); used when reward_fn == "model"
-    p.reward_fn = "model"  # model | shortest_path (a programmatic reward: the graph task of maxlm/graph.py)
+    p.reward_fn = "model"  # an environment of maxlm.environments.ENVIRONMENTS: model | shortest_path (maxlm/graph.py)
     p.reward_domain = "correct"  # system prompt the reward model is queried with (PREFERENCE_DOMAINS; "" none)
     p.critic_init = "reward"  # reward (InternLM2's choice) | policy (a zero value head on the SFT trunk)
     p.tasks = ("sort",)  # built-in tasks whose train prompts are sampled and held-out items are scored
@@ -260,8 +259,15 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def head_dim(m: ml_collections.ConfigDict) -> int:
-    return m.head_dim or m.d_model // m.num_heads
+# The model keys that say how to run the weights rather than what they are: a fine-tuning run takes these
+# from its own config and every other key of `model` -- `shape_keys()` -- from its base model
+# (`pretrained.with_base_model`). A new model key is a shape key unless it is named here.
+MODEL_RUN_KEYS = ("compute_dtype", "attention_impl", "remat_policy", "scan_layers")
+
+
+def shape_keys() -> tuple[str, ...]:
+    """The model keys fixed by the weights: every key of the `model` section but MODEL_RUN_KEYS (sorted)."""
+    return tuple(key for key in default_config().model if key not in MODEL_RUN_KEYS)
 
 
 def _check(cond: bool, key: str, reason: str) -> None:
@@ -294,19 +300,23 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
                f"d_model % num_heads != 0 ({m.d_model} % {m.num_heads}); set model.head_dim explicitly")
     _check(head_dim(m) % 2 == 0, "model.head_dim", f"rotary embedding needs an even head dim, got {head_dim(m)}")
     _check(m.rope_theta > 0, "model.rope_theta", "must be positive")
-    _check(m.rope_scaling in ROPE_SCALINGS, "model.rope_scaling", f"must be one of {ROPE_SCALINGS}")
+    _check(m.rope_scaling in attention.ROPE_VARIANTS, "model.rope_scaling",
+           f"must be one of {tuple(attention.ROPE_VARIANTS)}")
     _check(m.rope_factor >= 1.0, "model.rope_factor", "must be >= 1 (it extends the context)")
     _check(m.rope_original_max_len >= 0, "model.rope_original_max_len", "must be >= 0 (0: max_seq_len)")
     _check(m.rope_beta_fast > m.rope_beta_slow > 0, "model.rope_beta_fast", "needs beta_fast > beta_slow > 0")
     _check(m.norm_eps > 0, "model.norm_eps", "must be positive")
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
     _check(m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
-    _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", f"must be one of {ATTENTION_IMPLS}")
-    if m.attention_impl == "cudnn":
+    _check(m.attention_impl in attention.ATTENTION_IMPLS, "model.attention_impl",
+           f"must be one of {tuple(attention.ATTENTION_IMPLS)}")
+    impl = attention.ATTENTION_IMPLS[m.attention_impl]
+    if impl.backend is not None:
         import jax
 
-        _check(jax.default_backend() == "gpu", "model.attention_impl",
-               f"'cudnn' needs an NVIDIA GPU, this backend is {jax.default_backend()!r}; use 'xla'")
+        _check(jax.default_backend() == impl.backend, "model.attention_impl",
+               f"{m.attention_impl!r} needs {impl.hardware or impl.backend}, this backend is "
+               f"{jax.default_backend()!r}; use 'xla'")
     _check(m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"must be one of {REMAT_POLICIES}")
 
     d = c.data
@@ -348,8 +358,8 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
     _check(c.checkpoint.keep_period >= 0, "checkpoint.keep_period", "must be >= 0 (0 keeps none extra)")
 
     s = c.sft
-    _check(s.template in CHAT_TEMPLATES or s.template.endswith(".json"), "sft.template",
-           f"must be one of {CHAT_TEMPLATES} or a template .json file")
+    _check(s.template in chat.TEMPLATES or s.template.endswith(".json"), "sft.template",
+           f"must be one of {tuple(chat.TEMPLATES)} or a template .json file")
     _check(all(t in SFT_TASKS for t in s.tasks), "sft.tasks", f"each must be one of {SFT_TASKS}, got {s.tasks}")
     for key in ("task_train_size", "task_eval_size"):
         _check(s[key] > 0, f"sft.{key}", "must be positive")
@@ -362,7 +372,6 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
         _check(r[key] > 0, f"reward.{key}", "must be positive")
     _check(r.policy_samples >= 0, "reward.policy_samples", "must be >= 0 (0: synthetic pairs only)")
     p = c.ppo
-    _check(p.reward_fn in ("model", "shortest_path"), "ppo.reward_fn", "must be model or shortest_path")
     _check(p.reward_domain in ("",) + PREFERENCE_DOMAINS, "ppo.reward_domain",
            f"must be '' or one of {PREFERENCE_DOMAINS}")
     _check(p.critic_init in ("reward", "policy"), "ppo.critic_init", "must be reward or policy")
@@ -414,9 +423,10 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
 # What a stage of `train.stages` may change: anything that keeps the parameter tree and the tokenizer, so
 # that the previous stage's checkpoint restores as is.
 STAGE_SECTIONS = ("data", "optim", "checkpoint", "mesh")
-STAGE_KEYS = {"model": ("max_seq_len", "rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len",
-                        "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "attention_impl",
-                        "remat_policy", "compute_dtype"),
+# In `model`: the context length, every rope_* key (RoPE has no parameters, so a variant's own keys are
+# stage keys too) and three of the MODEL_RUN_KEYS.
+STAGE_KEYS = {"model": ("max_seq_len", *(k for k in default_config().model if k.startswith("rope_")),
+                        "attention_impl", "remat_policy", "compute_dtype"),
               "train": ("log_every", "eval_every", "eval_batches", "num_samples", "sample_tokens",
                         "max_bad_steps", "peak_tflops")}
 

@@ -14,16 +14,21 @@ run's chat template up to the assistant header, continued greedily (argmax, as e
 instruction following do) until the template's end marker, and checked by the task's programmatic checker.
 Per-item results go to `<workdir>/eval/<task>.jsonl`; the last console line is one JSON object with
 `task`, `accuracy`, `n` (and per-language accuracy; for `all`, every task's).
+
+Each `--task` is a runner registered in EVAL_TASKS (`@eval_task(name, help)`); the flag's help and the
+unknown-task error are made from that registry.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -180,10 +185,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("hf", "", "A Hugging Face folder to evaluate instead (with a SentencePiece "
                         "tokenizer.model).")
     flags.DEFINE_integer("step", -1, "Checkpoint step (default: the newest).")
-    flags.DEFINE_string("task", "all", f"One of {', '.join(tasks.TASKS)}, all (the built-in tasks), mc "
-                        "(few-shot multiple choice on --data), ppl (perplexity and bits per byte of --data), gen "
-                        "(GSM8K-style answers on --data), passkey (needle in a haystack) or contamination (--data "
-                        "against --corpus).")
+    flags.DEFINE_string("task", "all", task_help())
     flags.DEFINE_integer("n", 0, "Held-out items per built-in task (default: the run's sft.task_eval_size); ppl / gen: "
                          "at most this many documents / items (default: all).")
     flags.DEFINE_string("template", "", "Chat template (default: the run's sft.template).")
@@ -202,29 +204,77 @@ def _define_flags() -> None:
     flags.DEFINE_integer("ngram", 13, "contamination: n-gram length in units (words; CJK characters).")
 
 
+# ---- the --task registry: name -> runner -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTask:
+    """A `--task` of `python -m maxlm.evaluate`. `run(FLAGS, model)` does it (per-item jsonl and a summary, printed
+    last); `check(FLAGS)`, if any, rejects missing or wrong flags (EvaluateError) before a model is loaded; `model`
+    is the loaded `Model`, or None for a task that reads no model (`needs_model=False`)."""
+    run: Callable[[Any, Model | None], None]
+    help: str = ""
+    needs_model: bool = True
+    check: Callable[[Any], None] | None = None
+
+
+# --task name -> task, in registration order (the order --help and the unknown-task error list them).
+EVAL_TASKS: dict[str, EvalTask] = {}
+
+
+def eval_task(name: str, help: str = "", *, needs_model: bool = True, check: Callable[[Any], None] | None = None):
+    """Decorator registering `run(FLAGS, model)` as `--task=name` (see EvalTask)."""
+    def register(run: Callable[[Any, Model | None], None]) -> Callable[[Any, Model | None], None]:
+        EVAL_TASKS[name] = EvalTask(run, help, needs_model, check)
+        return run
+    return register
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What a task runner evaluates: a run's checkpoint (`step`) or a Hugging Face folder (`step` None), its
+    tokenizer, and the folder for per-item results."""
+    config: ml_collections.ConfigDict
+    params: dict
+    tok: tokenizer_lib.Tokenizer
+    step: int | None
+    out_dir: str
+
+
+def _one_of(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def task_help() -> str:
+    """The --task flag's help, from the registry."""
+    return f"One of {_one_of([name + (f' ({t.help})' if t.help else '') for name, t in EVAL_TASKS.items()])}."
+
+
+def get_task(name: str) -> EvalTask:
+    if name not in EVAL_TASKS:
+        raise EvaluateError(f"unknown --task={name}; choose one of {_one_of(list(EVAL_TASKS))}")
+    return EVAL_TASKS[name]
+
+
 def main(argv: list[str]) -> None:
     from absl import flags
-
-    from maxlm import pretrained
 
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise EvaluateError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.task == "contamination":
-        return _contamination(FLAGS)
-    if bool(FLAGS.workdir) == bool(FLAGS.hf):
+    task = get_task(FLAGS.task)
+    if task.needs_model and bool(FLAGS.workdir) == bool(FLAGS.hf):
         raise EvaluateError("give exactly one of --workdir (a maxlm run) or --hf (a Hugging Face folder)")
-    names = list(tasks.TASKS) if FLAGS.task == "all" else [FLAGS.task]
-    if FLAGS.task not in ("mc", "ppl", "gen", "passkey") and any(t not in tasks.TASKS for t in names):
-        raise EvaluateError(f"unknown --task={FLAGS.task}; choose one of {', '.join(tasks.TASKS)}, all, mc, ppl, "
-                            "gen, passkey or contamination")
-    if FLAGS.task == "gen" and not os.path.exists(FLAGS.data):
-        raise EvaluateError("--task=gen needs --data: a GSM8K-style folder (test.jsonl, train.jsonl for the shots) "
-                            "or one jsonl file (its first --shots rows are the shots)")
-    if FLAGS.task == "ppl" and not FLAGS.data:
-        raise EvaluateError("--task=ppl needs --data=GLOB (jsonl files with a text field) or tfds:NAME[:SPLIT]")
-    if FLAGS.task == "mc" and not os.path.isdir(FLAGS.data):
-        raise EvaluateError(f"--task=mc needs --data=DIR, a local MMLU / C-Eval shaped folder (got {FLAGS.data!r})")
+    if task.check is not None:
+        task.check(FLAGS)
+    task.run(FLAGS, _load_model(FLAGS) if task.needs_model else None)
+
+
+def _load_model(FLAGS) -> Model:
+    """The --workdir or --hf model with its tokenizer (--template overriding its chat template), and the folder
+    for per-item results (--out, default <model>/eval; created)."""
+    from maxlm import pretrained
+
     if FLAGS.workdir:
         if not os.path.isdir(FLAGS.workdir):
             raise FileNotFoundError(f"no such workdir: {FLAGS.workdir}")
@@ -239,80 +289,118 @@ def main(argv: list[str]) -> None:
     if FLAGS.template:
         with config.unlocked():
             config.sft.template = FLAGS.template
-    n = FLAGS.n or config.sft.task_eval_size
     out_dir = FLAGS.out or os.path.join(FLAGS.workdir or FLAGS.hf, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    if FLAGS.task == "ppl":
-        from maxlm.data import records
+    return Model(config, params, tok, step, out_dir)
 
-        texts = [r[config.data.text_key] for shard in records.resolve_input(FLAGS.data)
-                 for r, _ in records.iter_records(shard, config.data.text_key, 1 << 30) if r is not None]
-        r = perplexity(config, params, tok, texts[:FLAGS.n] if FLAGS.n else texts, window=FLAGS.window,
-                       stride=FLAGS.stride)
-        _write_items(os.path.join(out_dir, "ppl.jsonl"), r["items"])
-        print(f"ppl: {r['ppl']:.4f}, bits per byte {r['bits_per_byte']:.4f} over {r['tokens']} tokens of {r['n']} "
-              f"documents (window {r['window']}, stride {r['stride']})", file=sys.stderr, flush=True)
-        _summary(out_dir, "ppl", {k: r[k] for k in ("task", "ppl", "bits_per_byte", "tokens", "bytes", "n", "window",
-                                                    "stride")} | {"step": step})
-        return
-    if FLAGS.task == "passkey":
-        from maxlm import passkey
 
-        def generate(prompts: list[list[int]]) -> list[str]:
-            outs = sample.generate(config, params, prompts, max_new_tokens=8, greedy=True, eos_id=tok.eos_id,
-                                   pad_id=tok.pad_id)
-            return [tok.decode(o) for o in outs]
-
-        try:
-            lengths, depths = [int(x) for x in FLAGS.lengths], [float(x) for x in FLAGS.depths]
-            r = passkey.grid(generate, tok, lengths, depths, trials=FLAGS.trials)
-        except ValueError as e:
-            raise EvaluateError(f"passkey: {e}") from e
-        _write_items(os.path.join(out_dir, "passkey.jsonl"), r["items"])
-        passkey.heat_map(r, os.path.join(out_dir, "passkey.png"))
-        print(f"passkey: mean accuracy {r['mean']:.3f}; heat map {os.path.join(out_dir, 'passkey.png')}",
-              file=sys.stderr, flush=True)
-        _summary(out_dir, "passkey", {k: r[k] for k in ("task", "lengths", "depths", "accuracy", "mean")} | {"step": step})
-        return
-    if FLAGS.task == "gen":
-        from maxlm import generation_eval
-
-        if os.path.isdir(FLAGS.data):
-            rows = generation_eval.load_rows(os.path.join(FLAGS.data, "test.jsonl"))
-            train = os.path.join(FLAGS.data, "train.jsonl")
-            shots = generation_eval.load_rows(train)[:FLAGS.shots] if os.path.exists(train) else []
+def _exact_match(names: list[str]) -> Callable[[Any, Model], None]:
+    """The runner of built-in tasks `names`: greedy exact match on --n held-out items each (task_accuracy)."""
+    def run(FLAGS, m: Model) -> None:
+        n = FLAGS.n or m.config.sft.task_eval_size
+        results = {}
+        for task in names:
+            r = task_accuracy(m.config, m.params, m.tok, task, n=n)
+            _write_items(os.path.join(m.out_dir, f"{task}.jsonl"), r["items"])
+            results[task] = {k: r[k] for k in ("task", "accuracy", "n", "by_lang")}
+            print(f"{task}: exact match {r['accuracy']:.3f} on {r['n']} held-out items {r['by_lang']}",
+                  file=sys.stderr, flush=True)
+        if len(names) == 1:
+            summary = dict(results[names[0]], step=m.step)
         else:
-            every = generation_eval.load_rows(FLAGS.data)
-            shots, rows = every[:FLAGS.shots], every[FLAGS.shots:]
-        r = generation_eval.score(config, params, tok, rows[:FLAGS.n] if FLAGS.n else rows, shots)
-        _write_items(os.path.join(out_dir, "gen.jsonl"), r["items"])
-        print(f"gen: exact match {r['exact_match']:.4f} on {r['n']} items ({r['shots']}-shot)", file=sys.stderr,
-              flush=True)
-        _summary(out_dir, "gen", {k: r[k] for k in ("task", "exact_match", "n", "shots")} | {"step": step})
-        return
-    if FLAGS.task == "mc":
-        from maxlm import multiple_choice
+            summary = {"task": "all", "accuracy": sum(r["accuracy"] for r in results.values()) / len(results),
+                       "n": sum(r["n"] for r in results.values()), "step": m.step, "tasks": results}
+        _summary(m.out_dir, summary["task"], summary)
+    return run
 
-        r = multiple_choice.score(config, params, tok, multiple_choice.load(FLAGS.data), shots=FLAGS.shots,
-                                  lang=FLAGS.lang, mode=FLAGS.choices)
-        _write_items(os.path.join(out_dir, "mc.jsonl"), r["items"])
-        print(f"mc: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} on {r['n']} items ({FLAGS.shots}-shot)",
-              file=sys.stderr, flush=True)
-        _summary(out_dir, "mc", {k: r[k] for k in ("task", "acc", "acc_norm", "n", "shots")} | {"step": step})
-        return
-    results = {}
-    for task in names:
-        r = task_accuracy(config, params, tok, task, n=n)
-        _write_items(os.path.join(out_dir, f"{task}.jsonl"), r["items"])
-        results[task] = {k: r[k] for k in ("task", "accuracy", "n", "by_lang")}
-        print(f"{task}: exact match {r['accuracy']:.3f} on {r['n']} held-out items {r['by_lang']}",
-              file=sys.stderr, flush=True)
-    if len(names) == 1:
-        summary = dict(results[names[0]], step=step)
+
+for _name in tasks.TASKS:
+    eval_task(_name)(_exact_match([_name]))
+del _name
+eval_task("all", "the built-in tasks")(_exact_match(list(tasks.TASKS)))
+
+
+def _check_mc(FLAGS) -> None:
+    if not os.path.isdir(FLAGS.data):
+        raise EvaluateError(f"--task=mc needs --data=DIR, a local MMLU / C-Eval shaped folder (got {FLAGS.data!r})")
+
+
+@eval_task("mc", "few-shot multiple choice on --data", check=_check_mc)
+def _multiple_choice(FLAGS, m: Model) -> None:
+    from maxlm import multiple_choice
+
+    r = multiple_choice.score(m.config, m.params, m.tok, multiple_choice.load(FLAGS.data), shots=FLAGS.shots,
+                              lang=FLAGS.lang, mode=FLAGS.choices)
+    _write_items(os.path.join(m.out_dir, "mc.jsonl"), r["items"])
+    print(f"mc: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} on {r['n']} items ({FLAGS.shots}-shot)",
+          file=sys.stderr, flush=True)
+    _summary(m.out_dir, "mc", {k: r[k] for k in ("task", "acc", "acc_norm", "n", "shots")} | {"step": m.step})
+
+
+def _check_ppl(FLAGS) -> None:
+    if not FLAGS.data:
+        raise EvaluateError("--task=ppl needs --data=GLOB (jsonl files with a text field) or tfds:NAME[:SPLIT]")
+
+
+@eval_task("ppl", "perplexity and bits per byte of --data", check=_check_ppl)
+def _perplexity(FLAGS, m: Model) -> None:
+    from maxlm.data import records
+
+    texts = [r[m.config.data.text_key] for shard in records.resolve_input(FLAGS.data)
+             for r, _ in records.iter_records(shard, m.config.data.text_key, 1 << 30) if r is not None]
+    r = perplexity(m.config, m.params, m.tok, texts[:FLAGS.n] if FLAGS.n else texts, window=FLAGS.window,
+                   stride=FLAGS.stride)
+    _write_items(os.path.join(m.out_dir, "ppl.jsonl"), r["items"])
+    print(f"ppl: {r['ppl']:.4f}, bits per byte {r['bits_per_byte']:.4f} over {r['tokens']} tokens of {r['n']} "
+          f"documents (window {r['window']}, stride {r['stride']})", file=sys.stderr, flush=True)
+    _summary(m.out_dir, "ppl", {k: r[k] for k in ("task", "ppl", "bits_per_byte", "tokens", "bytes", "n", "window",
+                                                  "stride")} | {"step": m.step})
+
+
+def _check_gen(FLAGS) -> None:
+    if not os.path.exists(FLAGS.data):
+        raise EvaluateError("--task=gen needs --data: a GSM8K-style folder (test.jsonl, train.jsonl for the shots) "
+                            "or one jsonl file (its first --shots rows are the shots)")
+
+
+@eval_task("gen", "GSM8K-style answers on --data", check=_check_gen)
+def _generation(FLAGS, m: Model) -> None:
+    from maxlm import generation_eval
+
+    if os.path.isdir(FLAGS.data):
+        rows = generation_eval.load_rows(os.path.join(FLAGS.data, "test.jsonl"))
+        train = os.path.join(FLAGS.data, "train.jsonl")
+        shots = generation_eval.load_rows(train)[:FLAGS.shots] if os.path.exists(train) else []
     else:
-        summary = {"task": "all", "accuracy": sum(r["accuracy"] for r in results.values()) / len(results),
-                   "n": sum(r["n"] for r in results.values()), "step": step, "tasks": results}
-    _summary(out_dir, summary["task"], summary)
+        every = generation_eval.load_rows(FLAGS.data)
+        shots, rows = every[:FLAGS.shots], every[FLAGS.shots:]
+    r = generation_eval.score(m.config, m.params, m.tok, rows[:FLAGS.n] if FLAGS.n else rows, shots)
+    _write_items(os.path.join(m.out_dir, "gen.jsonl"), r["items"])
+    print(f"gen: exact match {r['exact_match']:.4f} on {r['n']} items ({r['shots']}-shot)", file=sys.stderr,
+          flush=True)
+    _summary(m.out_dir, "gen", {k: r[k] for k in ("task", "exact_match", "n", "shots")} | {"step": m.step})
+
+
+@eval_task("passkey", "needle in a haystack")
+def _passkey(FLAGS, m: Model) -> None:
+    from maxlm import passkey
+
+    def generate(prompts: list[list[int]]) -> list[str]:
+        outs = sample.generate(m.config, m.params, prompts, max_new_tokens=8, greedy=True, eos_id=m.tok.eos_id,
+                               pad_id=m.tok.pad_id)
+        return [m.tok.decode(o) for o in outs]
+
+    try:
+        lengths, depths = [int(x) for x in FLAGS.lengths], [float(x) for x in FLAGS.depths]
+        r = passkey.grid(generate, m.tok, lengths, depths, trials=FLAGS.trials)
+    except ValueError as e:
+        raise EvaluateError(f"passkey: {e}") from e
+    _write_items(os.path.join(m.out_dir, "passkey.jsonl"), r["items"])
+    passkey.heat_map(r, os.path.join(m.out_dir, "passkey.png"))
+    print(f"passkey: mean accuracy {r['mean']:.3f}; heat map {os.path.join(m.out_dir, 'passkey.png')}",
+          file=sys.stderr, flush=True)
+    _summary(m.out_dir, "passkey", {k: r[k] for k in ("task", "lengths", "depths", "accuracy", "mean")}
+             | {"step": m.step})
 
 
 def benchmark_texts(folder: str) -> dict[str, list[str]]:
@@ -334,11 +422,15 @@ def benchmark_texts(folder: str) -> dict[str, list[str]]:
     return out
 
 
-def _contamination(FLAGS) -> None:
-    from maxlm import contamination
-
+def _check_contamination(FLAGS) -> None:
     if not os.path.isdir(FLAGS.data) or not FLAGS.corpus:
         raise EvaluateError("--task=contamination needs --data=DIR (benchmarks) and --corpus=GLOB (training jsonl)")
+
+
+@eval_task("contamination", "--data against --corpus", needs_model=False, check=_check_contamination)
+def _contamination(FLAGS, _: None) -> None:
+    from maxlm import contamination
+
     result = contamination.check(benchmark_texts(FLAGS.data), contamination.corpus_texts(FLAGS.corpus), n=FLAGS.ngram)
     out_dir = FLAGS.out or os.path.join(FLAGS.data, "contamination")
     os.makedirs(out_dir, exist_ok=True)

@@ -28,6 +28,9 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
+
+from maxlm import cli, environments, sample
 
 NODE_NAMES = string.ascii_lowercase
 MAX_ATTEMPTS = 10_000  # random graphs drawn before make_graph gives up
@@ -174,8 +177,9 @@ def graph_from_config(config: ml_collections.ConfigDict) -> Graph:
     return make_graph(config.ppo.graph_nodes, seed=config.ppo.graph_seed)
 
 
+@environments.register("shortest_path")
 class Environment:
-    """The shortest-path task for `maxlm.ppo` (same interface as `ppo.TaskEnvironment`).
+    """The shortest-path task for `maxlm.ppo` (the interface of `maxlm.environments`).
 
     Items are start nodes (ints). The policy sees [bos] + the start letter, as a pretraining walk begins
     (no chat template); the reward is `score` of the decoded response, whose stop token is eos.
@@ -190,11 +194,9 @@ class Environment:
         self.train_items = [i for i in range(self.graph.n) if dist[i] > 0]
         self.eval_items = list(self.train_items)
 
-    def prompt(self, item: int) -> Any:
-        from maxlm.ppo import Prompt
-
+    def prompt(self, item: int) -> environments.Prompt:
         ids = [self.tok.bos_id] + self.tok.encode(NODE_NAMES[item])
-        return Prompt(ids, ids, item)
+        return environments.Prompt(ids, ids, item)
 
     def sample_prompts(self, iteration: int, n: int) -> list[Any]:
         rng = np.random.default_rng((self.config.train.seed, iteration))
@@ -218,8 +220,6 @@ class Environment:
         sampled at `ppo.temperature` from every start (a fixed seed, so evaluations are comparable). Sampled,
         not greedy: the policy is the distribution, and the argmax of a walker pretrained on random walks is
         already close to optimal from most starts while its samples are not."""
-        from maxlm import sample
-
         prompts = [self.prompt(i) for i in self.eval_items for _ in range(SAMPLES_PER_START)]
         scores = []
         for lo in range(0, len(prompts), GENERATE_BATCH):
@@ -232,8 +232,6 @@ class Environment:
 
 
 def _define_flags() -> None:
-    from absl import flags
-
     flags.DEFINE_string("out", "", "Where to write the walks (jsonl, one {\"text\": ...} per line).")
     flags.DEFINE_integer("n", 20000, "Number of walks.")
     flags.DEFINE_integer("seed", 0, "Seed of the walks.")
@@ -243,8 +241,6 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -258,7 +254,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from maxlm import cli
-
     _define_flags()
     cli.run(main, user_errors=(ValueError,))

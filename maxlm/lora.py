@@ -50,7 +50,11 @@ import ml_collections
 from jax.sharding import PartitionSpec
 
 from maxlm import model
-from maxlm.config import LORA_TARGETS, ConfigError
+from maxlm.errors import ConfigError
+
+# The weights an adapter can target (`lora.targets`); q/k/v mean `wqkv` on a fused-qkv model.
+TARGETS = ("q", "k", "v", "o", "wqkv", "gate", "up", "down", "lm_head")
+LORA_TARGETS = TARGETS
 
 Path = tuple[str, ...]
 

@@ -85,12 +85,15 @@ class MetricsWriter:
         for key, value in metrics.items():
             self._tb.add_scalar(key, float(value), int(step))
 
-    def progress(self, step: int, total: int, metrics: dict[str, float], eta_seconds: float) -> None:
+    def progress(self, step: int, total: int, metrics: dict[str, float], eta_seconds: float,
+                 extra: tuple[str, ...] = ()) -> None:
+        """One log line; `extra` names a stage's own metrics to show after the loss (when present)."""
         if not self.enabled:
             return
         parts = [f"step {step}/{total}", f"loss {metrics['loss']:.4f}"]
         if "eval_loss" in metrics:
             parts.append(f"eval {metrics['eval_loss']:.4f}")
+        parts += [f"{k} {metrics[k]:.4g}" for k in extra if k in metrics]
         parts += [f"lr {metrics['lr']:.2e}", f"gnorm {metrics['grad_norm']:.3f}",
                   f"{metrics['tokens_per_sec']:,.0f} tok/s", f"mfu {100 * metrics['mfu']:.2f}%",
                   f"eta {format_duration(eta_seconds)}"]

@@ -29,7 +29,7 @@ import ml_collections
 from jax.ad_checkpoint import checkpoint_name
 
 from maxlm import attention
-from maxlm.config import head_dim
+from maxlm.attention import head_dim
 
 Cache = dict[str, jax.Array]
 
@@ -101,9 +101,7 @@ class Attention(nn.Module):
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = _constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
-        rope = dict(theta=cfg.rope_theta, scaling=cfg.rope_scaling, factor=cfg.rope_factor,
-                    original_max_len=cfg.rope_original_max_len or cfg.max_seq_len, beta_fast=cfg.rope_beta_fast,
-                    beta_slow=cfg.rope_beta_slow, attention_factor=cfg.rope_attention_factor)
+        rope = attention.rope_config(cfg)  # every model.rope_* key, so a variant's own keys reach it
         q = attention.rope(q, aux["positions"], **rope)
         k = attention.rope(k, aux["positions"], **rope)
 

@@ -6,9 +6,14 @@
 Four models: the actor (the policy being trained, from the SFT model), the critic (a value head on a trunk,
 from the reward model by default -- InternLM2, section 4.3.1), the frozen reference policy (the SFT model)
 and the frozen reward model. Actor and critic are one parameter tree {"actor", "critic"} trained by one
-optimizer, so they share the trainer, the sharding and the checkpoints of every other stage.
+optimizer; reference and reward model are the objective's frozen trees. PPO runs on `maxlm.trainer`'s
+loop like every other stage -- one step counter (optimizer updates), checkpoints, SIGTERM, bad-step reload
+-- with its rollouts as the feed's collect phase (`RolloutFeed`): a checkpoint, a log line and a clean stop
+come at iteration boundaries, so a resumed run repeats exactly the iterations an uninterrupted one runs.
+`checkpoint.every_steps` counts optimizer updates (rollout_batch / data.batch_size x epochs per iteration);
+`ppo.iterations` and `ppo.eval_every` count iterations.
 
-One iteration (the host loop; every array op inside is jitted):
+One iteration (every array op inside is jitted):
   1. sample `rollout_batch` train prompts and a response to each with the KV-cache sampler (temperature 1:
      the policy's own distribution, so the rollout's log-probabilities are the behaviour policy's);
   2. score: actor and reference log-probabilities and critic values of every response token, and the reward
@@ -29,7 +34,6 @@ iterations, eval_true_score: greedy exact match on held-out items.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
@@ -41,12 +45,14 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from maxlm import (chat, checkpoint, cli, data, distributed, model, pretrained, reward, rl, sample, sharding, tasks,
-                   train)
+from maxlm import cli, data, distributed, environments, graph, model, pretrained, reward, rl, sample, train
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
-from maxlm.data import preference
-from maxlm.metrics import MetricsWriter, log_line
+from maxlm import trainer as trainer_lib
+from maxlm.environments import Prompt, TaskEnvironment  # noqa: F401  (their home before environments.py)
+from maxlm.metrics import log_line
+
+assert graph.Environment  # the shortest-path environment registers itself on import
 
 
 class PPOError(ValueError):
@@ -66,7 +72,7 @@ def init(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
     return {"actor": model.init(config, a), "critic": reward.init(config, c)}
 
 
-def ppo_loss(params: dict, config: ml_collections.ConfigDict, batch: train.Batch, base: Any = None
+def ppo_loss(params: dict, config: ml_collections.ConfigDict, batch: train.Batch, frozen: Any = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sum over response tokens of clipped policy loss + vf_coef * clipped value loss - entropy_coef *
     entropy (+ the PTX term); {"weight": response tokens, and the parts, clip fractions, entropy, approx_kl}.
@@ -102,7 +108,13 @@ def ppo_loss(params: dict, config: ml_collections.ConfigDict, batch: train.Batch
     return loss, sums
 
 
-OBJECTIVE = train.Objective(ppo_loss, abstract_params, logical_axes, init)
+def frozen_trees(config: ml_collections.ConfigDict) -> dict:
+    """The frozen reference policy, and the reward model when the reward is one."""
+    return {"reference": "lm", **({"reward_model": "value"} if config.ppo.reward_fn == "model" else {})}
+
+
+OBJECTIVE = train.Objective("ppo", ppo_loss, {"actor": "lm", "critic": "value"}, init, frozen=frozen_trees,
+                            policy="actor")
 
 
 def _score(config: ml_collections.ConfigDict, actor: dict, ref: dict, critic: dict, rm: dict | None,
@@ -132,56 +144,6 @@ def _advantages(config: ml_collections.ConfigDict, scores: jax.Array, stats: dic
             "explained_variance": rl.explained_variance(stats["values"], returns, mask)}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Environments: where prompts come from and how responses are judged by a hidden rule.
-
-
-@dataclasses.dataclass
-class Prompt:
-    policy_ids: list[int]  # what the policy sees
-    reward_ids: list[int]  # what the reward model sees before the response (its own system prompt)
-    item: Any  # the task item, for the hidden checker
-
-
-class TaskEnvironment:
-    """The built-in SFT tasks: chat-formatted prompts, exact-match checkers, the reward model's domain prompt."""
-
-    def __init__(self, config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer):
-        p = config.ppo
-        self.config, self.tok = config, tok
-        self.template = chat.load_template(config.sft.template)
-        self.rm_system = preference.DOMAINS[p.reward_domain] if p.reward_domain else ""
-        from maxlm import evaluate
-
-        self.stop_id = evaluate.stop_id(self.template, tok)
-        self.train_items = [i for t in p.tasks
-                            for i in tasks.make_items(t, "train", config.sft.task_train_size, seed=config.sft.task_seed)]
-        self.eval_items = [i for t in p.tasks for i in tasks.make_items(t, "eval", p.eval_items,
-                                                                       seed=config.sft.task_seed)]
-
-    def prompt(self, item: tasks.Item) -> Prompt:
-        policy = tasks.messages(item, self.config.sft.system_prompt, with_answer=False)
-        judge = tasks.messages(item, self.rm_system, with_answer=False)
-        return Prompt(chat.render_prompt(self.template, self.tok, policy),
-                      chat.render_prompt(self.template, self.tok, judge), item)
-
-    def sample_prompts(self, iteration: int, n: int) -> list[Prompt]:
-        rng = np.random.default_rng((self.config.train.seed, iteration))
-        return [self.prompt(self.train_items[i]) for i in rng.choice(len(self.train_items), n, replace=False)]
-
-    def true_score(self, prompt: Prompt, response: list[int]) -> float:
-        """The hidden checker on the reply text (the stop marker, when sampled, is not text)."""
-        if self.stop_id in response:
-            response = response[:response.index(self.stop_id)]
-        return float(tasks.check(prompt.item, self.tok.decode(response)))
-
-    def held_out_score(self, config: ml_collections.ConfigDict, actor: dict) -> float:
-        from maxlm import evaluate
-
-        results = [evaluate.task_accuracy(config, actor, self.tok, t, n=config.ppo.eval_items) for t in config.ppo.tasks]
-        return float(np.mean([r["accuracy"] for r in results]))
-
-
 def pretraining_batches(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> data.PackedIterator:
     """PPO-ptx's language-model batches (InstructGPT, section 3.5: the pretraining gradients mixed into PPO to
     keep public-benchmark performance): `data.*` packed to `data.seq_len`, `data.batch_size` rows per PPO
@@ -192,11 +154,7 @@ def pretraining_batches(config: ml_collections.ConfigDict, tok: tokenizer_lib.To
 
 
 def make_environment(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer):
-    if config.ppo.reward_fn == "shortest_path":
-        from maxlm import graph
-
-        return graph.Environment(config, tok)
-    return TaskEnvironment(config, tok)
+    return environments.make(config, tok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,6 +207,7 @@ def load_models(config: ml_collections.ConfigDict, workdir: str):
     """(run config, tokenizer, policy params, reward-model params or None)."""
     p = config.ppo
     config_lib.validate(config)
+    environments.validate(config)
     config_lib.require_single_stage(config, "maxlm.ppo")
     if config.lora.rank:
         raise config_lib.ConfigError("lora.rank", "PPO trains every parameter of actor and critic (LoRA is for "
@@ -276,7 +235,11 @@ def load_models(config: ml_collections.ConfigDict, workdir: str):
         run_config.ppo.policy = os.path.abspath(p.policy)
         if p.reward_model:
             run_config.ppo.reward_model = os.path.abspath(p.reward_model)
-        run_config.train.num_steps = p.iterations * p.epochs * (p.rollout_batch // config.data.batch_size)
+        # One step counter: optimizer updates. A log line per iteration; evaluation every ppo.eval_every.
+        updates = p.epochs * (p.rollout_batch // config.data.batch_size)
+        run_config.train.num_steps = p.iterations * updates
+        run_config.train.log_every = updates
+        run_config.train.eval_every = p.eval_every * updates
     config_lib.validate(run_config)
     os.makedirs(workdir, exist_ok=True)
     target = os.path.join(workdir, "tokenizer.model")
@@ -285,36 +248,119 @@ def load_models(config: ml_collections.ConfigDict, workdir: str):
     return run_config, tok, policy, rm
 
 
+class RolloutFeed(trainer_lib.Feed):
+    """PPO's collect phase as the trainer's feed: when its minibatches run out, `next(state)` samples a
+    new iteration's rollouts from the current actor, scores them (reference, critic, reward), computes
+    advantages and queues `epochs` shuffled passes of minibatches (with PPO-ptx, a fresh pretraining batch
+    joins each as it is taken). Its position -- the iteration, the KL coefficient, the pretraining data --
+    is resumable between iterations, where `boundary` is true."""
+
+    def __init__(self, config: ml_collections.ConfigDict, env: Any, tok: tokenizer_lib.Tokenizer, prompt_len: int,
+                 rm_len: int, ptx_iter: data.PackedIterator | None):
+        self.config, self.env, self.tok = config, env, tok
+        self.prompt_len, self.rm_len, self.ptx_iter = prompt_len, rm_len, ptx_iter
+        self.iteration = 0
+        self.kl_coef = float(config.ppo.init_kl_coef)
+        self.queue: list[dict[str, np.ndarray]] = []
+        self.records: list[dict[str, float]] = []
+        self.score_fn = jax.jit(functools.partial(_score, config))
+        self.advantage_fn = jax.jit(functools.partial(_advantages, config))
+
+    @property
+    def boundary(self) -> bool:
+        return not self.queue
+
+    def get_state(self) -> dict:
+        out = {"iteration": self.iteration, "kl_coef": self.kl_coef}
+        if self.ptx_iter is not None:
+            out["ptx_data"] = self.ptx_iter.get_state()
+        return out
+
+    def set_state(self, state: dict) -> None:
+        self.iteration, self.kl_coef = int(state["iteration"]), float(state["kl_coef"])
+        if self.ptx_iter is not None and "ptx_data" in state:
+            self.ptx_iter.set_state(state["ptx_data"])
+
+    def discard(self) -> bool:
+        self.queue, self.records = [], []  # rollouts of discarded parameters: the next iteration samples afresh
+        return True
+
+    def next(self, state: train.State) -> dict[str, np.ndarray]:
+        if not self.queue:
+            self._collect(state)
+        minibatch = self.queue.pop(0)
+        if self.ptx_iter is not None:  # PPO-ptx: a fresh pretraining batch beside every minibatch
+            minibatch.update({f"ptx_{k}": v for k, v in next(self.ptx_iter).items()})
+        return minibatch
+
+    def _collect(self, state: train.State) -> None:
+        config, env, tok, p = self.config, self.env, self.tok, self.config.ppo
+        self.iteration += 1
+        iteration = self.iteration
+        actor, critic, frozen = state["params"]["actor"], state["params"]["critic"], state["frozen"]
+        t0 = time.perf_counter()
+        prompts = env.sample_prompts(iteration, p.rollout_batch)
+        tokens, positions, segments = sample.left_pad([pr.policy_ids for pr in prompts], self.prompt_len, tok.pad_id)
+        responses = np.asarray(sample.sample_padded(
+            config, actor, tokens, positions, segments,
+            rng=jax.random.fold_in(jax.random.key(config.train.seed), iteration), max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature, eos_id=env.stop_id, pad_id=tok.pad_id))
+        batch, mask, response_lists = _layout([pr.policy_ids for pr in prompts], responses, self.prompt_len,
+                                              tok.pad_id, env.stop_id)
+        t1 = time.perf_counter()
+        rm = frozen.get("reward_model")
+        if rm is not None:
+            batch.update(_reward_inputs(prompts, response_lists, self.rm_len, tok.pad_id))
+        stats = self.score_fn(actor, frozen["reference"], critic, rm, batch)
+        scores = stats["scores"] if rm is not None else jnp.asarray(
+            [env.reward(pr, r) for pr, r in zip(prompts, response_lists)], jnp.float32)
+        stopped = np.asarray([env.stop_id in r for r in response_lists])
+        if rm is not None and p.penalize_no_stop:
+            # A reply cut off at max_new_tokens ends on a token the reward model never scored in training:
+            # give it a fixed low score instead of an out-of-distribution one ("N implementation details").
+            scores = jnp.where(jnp.asarray(stopped), scores, jnp.float32(p.no_stop_score))
+        extra = self.advantage_fn(scores, stats, jnp.asarray(mask), jnp.float32(self.kl_coef))
+        rollout = {k: batch[k] for k in ("inputs", "positions", "segment_ids", "responses", "mask")}
+        rollout.update(old_logprobs=np.asarray(stats["logprobs"]), old_values=np.asarray(stats["values"]),
+                       advantages=np.asarray(extra["advantages"]), returns=np.asarray(extra["returns"]))
+        order_rng = np.random.default_rng((config.train.seed, iteration, 1))
+        size = config.data.batch_size
+        for _ in range(p.epochs):
+            order = order_rng.permutation(p.rollout_batch)
+            self.queue += [{k: v[order[m:m + size]] for k, v in rollout.items()}
+                           for m in range(0, p.rollout_batch, size)]
+        kl = float(jnp.mean(extra["kl"]))
+        self.records.append(dict(
+            iteration=iteration, reward_mean=float(jnp.mean(scores)), kl=kl, kl_coef=self.kl_coef,
+            kl_target=p.target_kl, explained_variance=float(extra["explained_variance"]),
+            response_length=float(mask.sum(1).mean()), stopped=float(stopped.mean()),
+            true_score=float(np.mean([env.true_score(pr, r) for pr, r in zip(prompts, response_lists)])),
+            time_sampling=t1 - t0, time_scoring=time.perf_counter() - t1))
+        self._collected_at = time.perf_counter()
+        self.kl_coef = float(rl.update_kl_coef(self.kl_coef, kl, p.rollout_batch, p.target_kl or None, p.kl_horizon))
+
+    def log_record(self) -> dict[str, float]:
+        """The iterations since the last log line: their last iteration number, their mean statistics."""
+        if not self.records:
+            return {}
+        out = {k: float(np.mean([r[k] for r in self.records])) for k in self.records[0]}
+        out["iteration"] = self.records[-1]["iteration"]
+        out["time_training"] = time.perf_counter() - self._collected_at
+        self.records = []
+        return out
+
+
 def run_ppo(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, float]]:
     """PPO to `ppo.iterations` (resuming from the workdir's newest checkpoint); returns the metric records."""
     config, tok, policy, rm = load_models(config, workdir)
     p = config.ppo
     env = make_environment(config, tok)
     trainer = train.Trainer(config, objective=OBJECTIVE)
-    frozen_sh = sharding.param_shardings(config, trainer.mesh)
-    ref = jax.device_put(policy, frozen_sh)
-    rm_params = None
-    if rm is not None:
-        rm_params = jax.device_put(rm, sharding.param_shardings(config, trainer.mesh,
-                                                                logical=reward.logical_axes(config)))
-    critic = rm if p.critic_init == "reward" else jax.device_get(reward.from_lm(policy))
-    score_fn = jax.jit(functools.partial(_score, config))
-    advantage_fn = jax.jit(functools.partial(_advantages, config))
-    primary = jax.process_index() == 0
     log_line(f"maxlm.ppo: {config_lib.describe(config)}; policy {p.policy}; reward {p.reward_model or p.reward_fn}; "
              f"critic from {p.critic_init}")
-
-    ckpt = checkpoint.Checkpointer(workdir, config)
-    ptx_iter = pretraining_batches(config, tok) if p.ptx_coef > 0 else None
-    restored = train._restore(ckpt, trainer, {})
-    if restored is not None:
-        state, progress = restored
-        if ptx_iter is not None and "ptx_data" in progress:
-            ptx_iter.set_state(progress["ptx_data"])
-        log_line(f"resumed after iteration {progress['iteration']} ({ckpt.directory})")
-    else:
-        state = trainer.init_state(jax.random.key(config.train.seed), params={"actor": policy, "critic": critic})
-        progress = {"iteration": 0, "kl_coef": p.init_kl_coef}
+    frozen = trainer.place_frozen({"reference": policy, **({"reward_model": rm} if rm is not None else {})})
+    critic = rm if p.critic_init == "reward" else jax.device_get(reward.from_lm(policy))
+    params = {"actor": policy, "critic": critic}
     del policy, critic
 
     # Fixed shapes (one compiled program per stage): the longest prompt of either split, in either view.
@@ -326,86 +372,19 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, f
     prompt_len = min(sample.bucket_length(longest), config.model.max_seq_len - p.max_new_tokens)
     rm_len = max(len(v.reward_ids) for v in views) + p.max_new_tokens
     del views
-    writer = MetricsWriter(workdir, enabled=primary)
-    minibatches = p.rollout_batch // config.data.batch_size
-    kl_coef = float(progress["kl_coef"])
-    start = int(progress["iteration"])
-    if start == 0 and primary:
-        before = env.held_out_score(config, jax.device_get(state["params"]["actor"]))
-        log_line(f"held-out true score before PPO: {before:.3f}")
-        writer.write(0, {"eval_true_score": before})
-    t_run = time.perf_counter()
-    for iteration in range(start + 1, p.iterations + 1):
-        t0 = time.perf_counter()
-        prompts = env.sample_prompts(iteration, p.rollout_batch)
-        tokens, positions, segments = sample.left_pad([pr.policy_ids for pr in prompts], prompt_len, tok.pad_id)
-        responses = np.asarray(sample.sample_padded(
-            config, state["params"]["actor"], tokens, positions, segments,
-            rng=jax.random.fold_in(jax.random.key(config.train.seed), iteration), max_new_tokens=p.max_new_tokens,
-            temperature=p.temperature, eos_id=env.stop_id, pad_id=tok.pad_id))
-        batch, mask, response_lists = _layout([pr.policy_ids for pr in prompts], responses, prompt_len, tok.pad_id,
-                                              env.stop_id)
-        t1 = time.perf_counter()
-        if rm_params is not None:
-            batch.update(_reward_inputs(prompts, response_lists, rm_len, tok.pad_id))
-        stats = score_fn(state["params"]["actor"], ref, state["params"]["critic"], rm_params, batch)
-        scores = stats["scores"] if rm_params is not None else jnp.asarray(
-            [env.reward(pr, r) for pr, r in zip(prompts, response_lists)], jnp.float32)
-        stopped = np.asarray([env.stop_id in r for r in response_lists])
-        if rm_params is not None and p.penalize_no_stop:
-            # A reply cut off at max_new_tokens ends on a token the reward model never scored in training:
-            # give it a fixed low score instead of an out-of-distribution one ("N implementation details").
-            scores = jnp.where(jnp.asarray(stopped), scores, jnp.float32(p.no_stop_score))
-        extra = advantage_fn(scores, stats, jnp.asarray(mask), jnp.float32(kl_coef))
-        t2 = time.perf_counter()
-        rollout = {k: batch[k] for k in ("inputs", "positions", "segment_ids", "responses", "mask")}
-        rollout.update(old_logprobs=np.asarray(stats["logprobs"]), old_values=np.asarray(stats["values"]),
-                       advantages=np.asarray(extra["advantages"]), returns=np.asarray(extra["returns"]))
-        sums: dict[str, float] = {}
-        order_rng = np.random.default_rng((config.train.seed, iteration, 1))
-        for _ in range(p.epochs):
-            order = order_rng.permutation(p.rollout_batch)
-            for m in range(minibatches):
-                rows = order[m * config.data.batch_size:(m + 1) * config.data.batch_size]
-                minibatch = {k: v[rows] for k, v in rollout.items()}
-                if ptx_iter is not None:  # PPO-ptx: a fresh pretraining batch beside every minibatch
-                    minibatch.update({f"ptx_{k}": v for k, v in next(ptx_iter).items()})
-                state, metrics = trainer.step(state, trainer.device_batch(minibatch))
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-        t3 = time.perf_counter()
-        updates = p.epochs * minibatches
-        kl = float(jnp.mean(extra["kl"]))
-        record = {k: v / updates for k, v in sums.items() if k not in ("lr", "bad_step", "tokens")}
-        record.update(iteration=iteration, reward_mean=float(jnp.mean(scores)), kl=kl, kl_coef=kl_coef,
-                      kl_target=p.target_kl,
-                      explained_variance=float(extra["explained_variance"]),
-                      response_length=float(mask.sum(1).mean()), stopped=float(stopped.mean()),
-                      true_score=float(np.mean([env.true_score(pr, r) for pr, r in zip(prompts, response_lists)])),
-                      time_sampling=t1 - t0, time_scoring=t2 - t1, time_training=t3 - t2,
-                      lr=float(metrics["lr"]), bad_steps=sums.get("bad_step", 0.0))
-        kl_coef = float(rl.update_kl_coef(kl_coef, kl, p.rollout_batch, p.target_kl or None, p.kl_horizon))
-        last = iteration == p.iterations
-        if iteration % p.eval_every == 0 or last:
-            record["eval_true_score"] = env.held_out_score(config, jax.device_get(state["params"]["actor"]))
-        if iteration % config.checkpoint.every_steps == 0 or last:
-            progress = {"iteration": iteration, "kl_coef": kl_coef}
-            if ptx_iter is not None:
-                progress["ptx_data"] = ptx_iter.get_state()
-            ckpt.save(iteration, state["params"], state["opt_state"], progress)
-        writer.write(iteration, record)
-        eta = (time.perf_counter() - t_run) / (iteration - start) * (p.iterations - iteration)
-        log_line(f"iteration {iteration}/{p.iterations} | reward {record['reward_mean']:.3f} | true "
-                 f"{record['true_score']:.3f}" + (f" | held-out {record['eval_true_score']:.3f}"
-                                                  if "eval_true_score" in record else "")
-                 + f" | kl {kl:.3f} (beta {record['kl_coef']:.4f}) | len {record['response_length']:.1f} | "
-                 f"sample/score/train {t1 - t0:.1f}/{t2 - t1:.1f}/{t3 - t2:.1f}s | eta {eta / 60:.1f}m")
-    ckpt.close()
-    if primary and p.iterations > start:
-        png = writer.plot("ppo.png", keys=("reward_mean", "true_score", "eval_true_score", "kl"), ylabel="")
-        log_line(f"curves: {png}; metrics: {os.path.join(workdir, 'metrics.jsonl')}")
-    writer.close()
-    return writer.history
+    feed = RolloutFeed(config, env, tok, prompt_len, rm_len, pretraining_batches(config, tok) if p.ptx_coef > 0 else None)
+
+    def held_out(state: train.State) -> dict[str, float]:
+        score = env.held_out_score(config, jax.device_get(state["params"]["actor"]))
+        if int(state["step"]) == 0:
+            log_line(f"held-out true score before PPO: {score:.3f}")
+        return {"eval_true_score": score}
+
+    return trainer_lib.run(
+        config, workdir, trainer, feed, frozen=frozen, evaluate=held_out, eval_at_start=True,
+        init_state=lambda: trainer.init_state(jax.random.key(config.train.seed), params=params, frozen=frozen),
+        plot=("ppo.png", ("reward_mean", "true_score", "eval_true_score", "kl"), ""),
+        progress_keys=("reward_mean", "true_score", "eval_true_score", "kl", "kl_coef", "response_length"))
 
 
 def main(argv: list[str]) -> None:

@@ -22,13 +22,11 @@ import ml_collections
 import numpy as np
 
 from maxlm import checkpoint, convert, lora, tokenizer
+from maxlm import config as config_lib
 
-# Model keys fixed by the weights; the rest of `model` (dtypes of compute, attention kernel, remat, scan)
-# is how to run them, and comes from the fine-tuning config.
-SHAPE_KEYS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-              "max_seq_len", "rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len",
-              "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "norm_eps", "tie_embeddings",
-              "fused_qkv", "qkv_bias", "init_std", "param_dtype")
+# Model keys fixed by the weights: every key of the `model` section but config.MODEL_RUN_KEYS (dtype of
+# compute, attention kernel, remat, scan: how to run them, which comes from the fine-tuning config).
+SHAPE_KEYS = config_lib.shape_keys()
 
 
 class BaseModelError(ValueError):
@@ -58,13 +56,23 @@ def load_base(path: str, step: int = -1, key: str = "sft.base") -> tuple[ml_coll
 
 
 def load_workdir(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
-    """(config, host params, step) of a run's checkpoint; LoRA adapters are merged into their base."""
-    config, params, step = checkpoint.load_latest(workdir, step)
+    """(config, host params, step) of the policy in a run's checkpoint, whichever stage wrote it: the
+    model itself, a LoRA run's adapters merged into their base, PPO's actor (the checkpoint records where
+    the policy sits). A reward model is not a policy: BaseModelError."""
+    config, params, step, meta = checkpoint.load_latest(workdir, step, with_meta=True)
     params = jax.device_get(params)
-    if config.lora.rank:
+    layout, policy = meta["layout"], meta["policy"]
+    if policy is None:
+        raise BaseModelError(f"{workdir} holds a {meta['stage'] or 'non-policy'} model ({layout} parameters), "
+                             "not a language model to sample from, evaluate or export")
+    if policy:
+        params, layout = params[policy], layout[policy]
+    if layout == "lora":
         _, base, _ = load_base(config.sft.base, config.sft.base_step)
         base = resize_vocab(base, config.model.vocab_size, seed=config.train.seed)
         params = jax.device_get(jax.jit(lambda b, a: lora.merge(config, b, a))(base, params))
+    elif layout != "lm":
+        raise BaseModelError(f"{workdir}: the policy's parameters are {layout!r}, not a language model")
     return config, params, step
 
 

@@ -29,55 +29,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
-from jax.sharding import PartitionSpec
 
-from maxlm import chat, checkpoint, cli, distributed, model, pretrained, sft, tasks, train
+from maxlm import chat, checkpoint, cli, distributed, pretrained, sft, tasks, train
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.data import preference
 from maxlm.data.sources import split_indices
 from maxlm.metrics import log_line
+# The model (decoder trunk + scalar head) lives with the models; its names stay importable from here.
+from maxlm.value_head import abstract_params, from_lm, init, logical_axes, scores, token_values  # noqa: F401
 
 
-def _trunk(tree: dict) -> dict:
-    return {k: v for k, v in tree.items() if k != "lm_head"}
-
-
-def from_lm(lm_params: dict) -> dict:
-    """Reward-model parameters from a language model's: its trunk, and a zero head."""
-    emb = lm_params["embedding"]
-    return {"decoder": _trunk(lm_params), "head": jnp.zeros(emb.shape[-1:], emb.dtype)}
-
-
-def abstract_params(config: ml_collections.ConfigDict) -> dict:
-    lm = model.abstract_params(config)
-    emb = lm["embedding"]
-    return {"decoder": _trunk(lm), "head": jax.ShapeDtypeStruct(emb.shape[-1:], emb.dtype)}
-
-
-def logical_axes(config: ml_collections.ConfigDict) -> dict:
-    return {"decoder": _trunk(model.logical_axes(config)), "head": PartitionSpec("embed")}
-
-
-def init(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
-    return from_lm(model.init(config, rng))
-
-
-def token_values(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *,
-                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
-    """tokens [B,T] -> float32 [B,T]: the head read at every position (PPO's critic uses all of them)."""
-    x = model.hidden(config, params["decoder"], tokens, positions=positions, segment_ids=segment_ids)
-    return jnp.einsum("BTD,D->BT", x.astype(jnp.float32), params["head"].astype(jnp.float32))
-
-
-def scores(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, positions: jax.Array,
-           segment_ids: jax.Array, last: jax.Array) -> jax.Array:
-    """Rewards [B]: the head at the position where `last` [B,T] is 1 (the last real token of each row)."""
-    values = token_values(config, params, tokens, positions=positions, segment_ids=segment_ids)
-    return jnp.sum(values * last, axis=-1)
-
-
-def pair_loss(params: dict, config: ml_collections.ConfigDict, batch: train.Batch, base: Any = None
+def pair_loss(params: dict, config: ml_collections.ConfigDict, batch: train.Batch, frozen: Any = None
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(sum over pairs of -log sigmoid(r_chosen - r_rejected), {"weight": pairs, "accuracy", "margin"} sums).
 
@@ -96,7 +59,8 @@ def pair_loss(params: dict, config: ml_collections.ConfigDict, batch: train.Batc
             {"weight": jnp.sum(weight), "accuracy": jnp.sum((margin > 0) * weight), "margin": jnp.sum(margin * weight)})
 
 
-OBJECTIVE = train.Objective(pair_loss, abstract_params, logical_axes, init)
+# A reward model is not a policy (policy=None): sampling / export refuse its workdir with a clear error.
+OBJECTIVE = train.Objective("reward", pair_loss, "value", init, policy=None)
 
 
 def load(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, tokenizer_lib.Tokenizer]:

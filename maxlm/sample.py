@@ -304,7 +304,10 @@ def main(argv: list[str]) -> None:
         raise SampleError("give at least one --prompt")
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"no such workdir: {workdir}")
-    config, params, step = pretrained.load_workdir(workdir)
+    try:
+        config, params, step = pretrained.load_workdir(workdir)
+    except pretrained.BaseModelError as e:
+        raise SampleError(str(e)) from None
     path = tokenizer.run_tokenizer_path(config, workdir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer at {path}")

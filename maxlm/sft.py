@@ -107,7 +107,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
     iterator = sft_data.SFTIterator(convs, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
                                     seed=config.data.shuffle_seed, pad_id=tok.pad_id,
                                     host_id=jax.process_index(), num_hosts=jax.process_count())
-    trainer = train.Trainer(config)
+    trainer = train.Trainer(config, objective=train.lm_objective(config, "sft"))
     eval_batches = []
     if config.train.eval_every:
         held_out = load_conversations(config, tok, template, "eval")
@@ -117,12 +117,10 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
                                              host_id=jax.process_index(), num_hosts=jax.process_count())
             eval_batches = [trainer.device_batch(next(eval_iter)) for _ in range(config.train.eval_batches)]
 
-    frozen = {}
-    if trainer.lora:
-        frozen["base"] = jax.device_put(base_params, trainer.state_shardings["base"])
-        init = lambda: trainer.init_state(jax.random.key(config.train.seed), base=frozen["base"])  # noqa: E731
-    else:
-        init = lambda: trainer.init_state(jax.random.key(config.train.seed), params=base_params)  # noqa: E731
+    # LoRA: the base is the objective's frozen tree and the adapters start fresh; full: the base is trained.
+    frozen = trainer.place_frozen({"base": base_params}) if trainer.frozen_layouts else {}
+    rng = jax.random.key(config.train.seed)
+    init = lambda: trainer.init_state(rng, frozen=frozen) if frozen else trainer.init_state(rng, params=base_params)  # noqa: E731
 
     def finish(state: train.State) -> None:
         if config.sft.data_path or not config.sft.eval_items:

@@ -2,7 +2,7 @@
 
 Why: to show that supervised fine-tuning works we need tasks whose answers a base model does not produce
 but a fine-tuned one does, and that a program can grade exactly -- no network, no downloaded data set, no
-judge model. Four tasks of rising difficulty (names from `config.SFT_TASKS`):
+judge model. Four tasks of rising difficulty (`TASKS`):
 
 * ``format``  -- wrap 3-6 spaced letters in a requested format: ``[b a v]``, ``"b a v"``,
   ``{"answer": "b a v"}``, ``Answer: b a v`` or ``b a v b a v`` (copying plus a wrapper: the easiest).
@@ -30,9 +30,9 @@ import random
 import string
 import zlib
 
-from maxlm.config import SFT_TASKS
-
-TASKS = SFT_TASKS
+# The built-in tasks (`sft.tasks`, `reward.tasks`, `ppo.tasks`), in order of rising difficulty.
+TASKS = ("format", "reverse", "sort", "add")
+SFT_TASKS = TASKS
 SPLITS = ("train", "eval")
 EVAL_PERCENT = 10  # share of the key space reserved for the eval split
 

@@ -2,7 +2,6 @@
 most of a tiny run's start-up, so tests that only need *a* tokenizer share this one), and a small
 random-weight Hugging Face model using that tokenizer (a base for fine-tuning tests)."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -10,13 +9,13 @@ import sys
 import pytest
 
 from maxlm import tokenizer
-from tests.test_train import _corpus, small_config
+from tests.helpers import ROOT, small_config, write_corpus
 
 
 @pytest.fixture(scope="session")
 def shared_corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("shared_data") / "corpus.jsonl"
-    _corpus(path)
+    write_corpus(path)
     return path
 
 
@@ -55,7 +54,6 @@ def reward_run(hf_base, tmp_path_factory):
              "--config.data.seq_len=192", "--config.train.num_steps=3", "--config.train.log_every=1",
              "--config.train.eval_every=3", "--config.train.eval_batches=2", "--config.checkpoint.every_steps=3",
              "--config.optim.warmup_steps=1"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-m", "maxlm.reward", "--config=configs/reward_tiny.py",
-                           f"--workdir={work}", *flags], cwd=root, capture_output=True, text=True, timeout=600)
+                           f"--workdir={work}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
     return work, done

@@ -86,14 +86,14 @@ MUTATIONS = [
              "err = min(max(kl / target - 1.0, -0.2), 0.2)", "err = min(max(1.0 - kl / target, -0.2), 0.2)",
              ["tests/test_rl.py", "tests/test_ppo.py::test_layout_and_loss_match_unpadded_numpy"]),
     # ---- language-model loss and training loop (maxlm/train.py) ----
-    Mutation("loss-mean-of-micro-batch-means", "maxlm/train.py",
+    Mutation("loss-mean-of-micro-batch-means", "maxlm/trainer.py",
              "grads = jax.tree.map(lambda g: g / denom, grads)",
              "grads = jax.tree.map(lambda g: g / denom * accum, grads)",
              ["tests/test_train.py::test_gradient_accumulation_matches_one_big_batch"]),
     Mutation("loss-weights-ignored", "maxlm/train.py",
              "return jnp.sum(ce * weights), jnp.sum(weights)", "return jnp.sum(ce), jnp.sum(weights)",
              ["tests/test_train.py::test_loss_fn_is_the_weighted_sum_of_token_cross_entropies"]),
-    Mutation("eval-loss-mean-of-batch-means", "maxlm/train.py",
+    Mutation("eval-loss-mean-of-batch-means", "maxlm/trainer.py",
              'return {"loss": loss_sum / denom, **{k: v / denom for k, v in sums.items()}}',
              'return {"loss": float(np.mean([float(s) / max(float(o["weight"]), 1.0) for s, o in outs])), '
              '**{k: v / denom for k, v in sums.items()}}',
@@ -132,22 +132,16 @@ MUTATIONS = [
              "positions[filled:filled + take] = np.arange(take)",
              "positions[filled:filled + take] = np.arange(filled, filled + take)",
              ["tests/test_data.py::test_packing_matches_reference"]),
-    Mutation("data-position-saved-after-next-fetch", "maxlm/train.py",
-             '            if step % config.checkpoint.every_steps == 0 or step == total or stopping:\n'
-             '                ckpt.save(step, state["params"], state["opt_state"], data.gather_state(train_iter))\n'
-             '            if step < total and not stopping:\n'
-             "                batch = trainer.device_batch(next(train_iter))  # host work overlaps the device's step\n",
-             '            if step < total and not stopping:\n'
-             "                batch = trainer.device_batch(next(train_iter))  # host work overlaps the device's step\n"
-             '            if step % config.checkpoint.every_steps == 0 or step == total or stopping:\n'
-             '                ckpt.save(step, state["params"], state["opt_state"], data.gather_state(train_iter))\n',
+    Mutation("data-position-saved-after-next-fetch", "maxlm/trainer.py",
+             'ckpt.save(step, state["params"], state["opt_state"], feed.get_state())',
+             'ckpt.save(step, state["params"], state["opt_state"], (feed.next(state), feed.get_state())[1])',
              ["tests/test_train.py::test_resume_is_exact_and_outputs_written"]),
     Mutation("restore-oldest-checkpoint", "maxlm/checkpoint.py",
              "sorted(self.manager.all_steps(), reverse=True)", "sorted(self.manager.all_steps())",
              ["tests/test_train.py::test_resume_is_exact_and_outputs_written"]),
-    Mutation("restore-fresh-optimizer-state", "maxlm/train.py",
-             '"opt_state": opt_state, **frozen}, meta["data"]',
-             '"opt_state": trainer.optimizer.init(params), **frozen}, meta["data"]',
+    Mutation("restore-fresh-optimizer-state", "maxlm/trainer.py",
+             'state = {"step": step, "params": params, "opt_state": opt_state}',
+             'state = {"step": step, "params": params, "opt_state": trainer.optimizer.init(params)}',
              ["tests/test_train.py::test_resume_is_exact_and_outputs_written"]),
     # ---- RoPE scaling (maxlm/attention.py) ----
     Mutation("yarn-low-ceil", "maxlm/attention.py",
@@ -171,7 +165,7 @@ MUTATIONS = [
              "theta = theta * factor ** (h / (h - 2))", "theta = theta * factor ** (h / (h - 1))",
              [ROPE + "test_static_ntk_is_transformers_dynamic_ntk_at_its_full_factor[128]"]),
     Mutation("linear-rope-multiplies-positions", "maxlm/attention.py",
-             "pos = pos / factor", "pos = pos * factor",
+             "return pos / factor", "return pos * factor",
              [ROPE + "test_rope_rotation_matches_transformers"]),
     Mutation("rope-rotation-sign", "maxlm/attention.py",
              "x2 * cos + x1 * sin", "x2 * cos - x1 * sin",

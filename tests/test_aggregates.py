@@ -10,6 +10,7 @@ import pytest
 from maxlm import config as C
 from maxlm import model, reward, train
 from maxlm.data import preference
+from tests.helpers import random_params
 
 T, B, V = 16, 2, 64
 
@@ -34,12 +35,6 @@ def _lm_batch(rng, real):
             "positions": positions, "segment_ids": segments, "loss_weights": weights.reshape(B, T)}
 
 
-def _params(config, seed, std=0.3):
-    """Random parameters of the model's shapes, drawn by numpy (cheaper than compiling `model.init`)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: rng.normal(0, std, a.shape).astype(a.dtype), model.abstract_params(config))
-
-
 def _state(trainer, params):
     """What `Trainer.evaluate` reads of a state: the parameters, laid out as the trainer's."""
     return {"params": jax.device_put(params, trainer.state_shardings["params"])}
@@ -60,7 +55,7 @@ def test_eval_loss_is_total_loss_over_total_tokens_on_ragged_batches():
     the three batch means."""
     config = _config()
     trainer = train.Trainer(config)
-    params = _params(config, 0)
+    params = random_params(model.abstract_params(config), 0, std=0.3)
     state = _state(trainer, params)
     rng = np.random.default_rng(0)
     batches = [_lm_batch(rng, n) for n in (B * T, 3, 11)]
@@ -89,7 +84,7 @@ def test_reward_eval_metrics_pool_pairs_across_ragged_batches(shared_tok_path):
     for item in tasks.make_items("add", "train", 8):
         wrong = str(int(item.answer) + int(rng.integers(1, 9)))
         assert pairs.add({"prompt": item.prompt, "chosen": item.answer, "rejected": wrong})
-    params = reward.from_lm(_params(config, 0))
+    params = reward.from_lm(random_params(model.abstract_params(config), 0, std=0.3))
     params["head"] = np.random.default_rng(3).normal(0, 1, params["head"].shape).astype(np.float32)
     trainer = train.Trainer(config, objective=reward.OBJECTIVE)
     state = _state(trainer, params)

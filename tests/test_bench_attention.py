@@ -9,7 +9,8 @@ import sys
 
 import jax.numpy as jnp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 SCRIPT = os.path.join(ROOT, "experiments", "bench_attention.py")
 NUMBER = r"\d+\.\d+"
 

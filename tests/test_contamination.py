@@ -3,7 +3,6 @@ punctuation and spacing changed; Chinese without spaces), near misses one unit s
 command line's per-benchmark fractions."""
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -11,8 +10,7 @@ import sys
 import pytest
 
 from maxlm import contamination
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def _items(rng, n, zh=False):

@@ -1,8 +1,9 @@
 """Hugging Face <-> maxlm conversion, checked against transformers as the independent oracle.
 
-Small random models (2 layers, hidden 64, 4 heads, vocab 160, intermediate 160, float32), re-initialised
-with O(1)-scale weights, random norm scales and non-zero biases so that a wrong mapping cannot hide behind
-near-zero activations. Every logit comparison is against a transformers model, never maxlm against itself.
+Small random models (`tests.helpers.build_hf`: 2 layers, hidden 64, 4 heads, vocab 160, intermediate 160,
+float32), re-initialised with O(1)-scale weights, random norm scales and non-zero biases so that a wrong
+mapping cannot hide behind near-zero activations. Every logit comparison is against a transformers model,
+never maxlm against itself.
 """
 
 from __future__ import annotations
@@ -22,11 +23,7 @@ import jax  # noqa: E402
 
 from maxlm import model as model_lib  # noqa: E402
 from maxlm.convert import from_hf, to_hf  # noqa: E402
-
-TOL = 1e-4
-VOCAB = 160
-BASE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160,
-            max_position_embeddings=256, rms_norm_eps=1e-5)
+from tests.helpers import HF_TOL, HF_VOCAB, build_hf, hf_logits  # noqa: E402
 
 # name -> (HF class name, extra config kwargs)
 VARIANTS = {
@@ -39,35 +36,8 @@ VARIANTS = {
 }
 
 
-def _randomize(model) -> None:
-    """O(1)-logit weights: matrices ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1), biases ~ N(0, 0.1)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, p.shape[-1] ** -0.5)
-
-
-def _build(class_name: str, seed: int = 0, **kwargs):
-    torch.manual_seed(seed)
-    config_cls = getattr(transformers, class_name.replace("ForCausalLM", "Config"))
-    config = config_cls(**{**BASE, **kwargs}, attn_implementation="eager")
-    model = getattr(transformers, class_name)(config)
-    assert model.config._attn_implementation == "eager"
-    _randomize(model)
-    return model.eval()
-
-
 def _tokens(seed: int = 0, shape=(2, 17)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, VOCAB, shape).astype(np.int32)
-
-
-def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+    return np.random.default_rng(seed).integers(0, HF_VOCAB, shape).astype(np.int32)
 
 
 def _maxlm_logits(config, params, tokens, **kw) -> np.ndarray:
@@ -82,7 +52,7 @@ def _max_diff(a, b) -> float:
 def _check_close(name: str, got, want) -> None:
     diff = _max_diff(got, want)
     print(f"[{name}] max abs diff {diff:.3g}")
-    assert diff < TOL, f"{name}: max abs diff {diff} >= {TOL}"
+    assert diff < HF_TOL, f"{name}: max abs diff {diff} >= {HF_TOL}"
 
 
 def _save(model, path) -> str:
@@ -115,10 +85,10 @@ def _assert_tensors_equal(got: dict, want: dict) -> None:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_parity_and_round_trip(variant, tmp_path):
     class_name, kwargs = VARIANTS[variant]
-    hf_model = _build(class_name, **kwargs)
+    hf_model = build_hf(class_name, **kwargs)
     src = _save(hf_model, tmp_path / "src")
     tokens = _tokens()
-    want = _hf_logits(hf_model, tokens)
+    want = hf_logits(hf_model, tokens)
 
     config, params = from_hf(src)
     m = config.model
@@ -141,7 +111,7 @@ def test_parity_and_round_trip(variant, tmp_path):
     # The exported folder loads in transformers and computes the same function.
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert type(reloaded).__name__ == class_name
-    again = _hf_logits(reloaded, tokens)
+    again = hf_logits(reloaded, tokens)
     _check_close(f"{variant} reloaded-HF vs HF", again, want)
     _check_close(f"{variant} reloaded-HF vs maxlm", got, again)
 
@@ -150,7 +120,7 @@ def _packed_batch():
     """Two rows of 17: documents [5, 7, 5] and [9, 6] + 2 padding; positions restart per document."""
     rng = np.random.default_rng(1)
     layout = [[5, 7, 5], [9, 6]]
-    tokens = rng.integers(0, VOCAB, (2, 17)).astype(np.int32)
+    tokens = rng.integers(0, HF_VOCAB, (2, 17)).astype(np.int32)
     positions = np.zeros((2, 17), np.int32)
     segment_ids = np.zeros((2, 17), np.int32)
     docs = []  # (row, start, length)
@@ -169,16 +139,16 @@ def _check_packed(name, config, params, hf_model):
     got = _maxlm_logits(config, params, tokens, positions=positions, segment_ids=segment_ids)
     worst = 0.0
     for row, start, length in docs:
-        want = _hf_logits(hf_model, tokens[row:row + 1, start:start + length])[0]
+        want = hf_logits(hf_model, tokens[row:row + 1, start:start + length])[0]
         worst = max(worst, _max_diff(got[row, start:start + length], want))
     print(f"[{name} packed] max abs diff {worst:.3g}")
-    assert worst < TOL
+    assert worst < HF_TOL
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa", "qwen2"])
 def test_packed_sequences(variant, tmp_path):
     class_name, kwargs = VARIANTS[variant]
-    hf_model = _build(class_name, seed=1, **kwargs)
+    hf_model = build_hf(class_name, seed=1, **kwargs)
     config, params = from_hf(_save(hf_model, tmp_path / "src"))
     _check_packed(variant, config, params, hf_model)
 
@@ -227,10 +197,10 @@ def _internlm2_checkpoint(llama, path, tie=False) -> str:
 
 
 def test_internlm2_layout(tmp_path):
-    llama = _build("LlamaForCausalLM", seed=2, num_key_value_heads=2, rope_theta=1000000.0)
+    llama = build_hf("LlamaForCausalLM", seed=2, num_key_value_heads=2, rope_theta=1000000.0)
     src = _internlm2_checkpoint(llama, tmp_path / "src")
     tokens = _tokens(2)
-    want = _hf_logits(llama, tokens)
+    want = hf_logits(llama, tokens)
 
     config, params = from_hf(src)
     assert config.model.fused_qkv and not config.model.qkv_bias and config.model.rope_theta == 1e6
@@ -254,15 +224,15 @@ def test_internlm2_layout(tmp_path):
     _assert_tensors_equal(safetensors_numpy.load_file(os.path.join(as_llama, "model.safetensors")),
                           {k: v.numpy() for k, v in llama.state_dict().items()})
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(as_llama, attn_implementation="eager").eval()
-    _check_close("internlm2 -> llama reloaded-HF vs HF", _hf_logits(reloaded, tokens), want)
+    _check_close("internlm2 -> llama reloaded-HF vs HF", hf_logits(reloaded, tokens), want)
 
 
 def test_internlm2_tied(tmp_path):
-    llama = _build("LlamaForCausalLM", seed=3, num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True)
+    llama = build_hf("LlamaForCausalLM", seed=3, num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True)
     config, params = from_hf(_internlm2_checkpoint(llama, tmp_path / "src", tie=True))
     assert config.model.tie_embeddings and "lm_head" not in params
     tokens = _tokens(3)
-    _check_close("internlm2 tied parity", _maxlm_logits(config, params, tokens), _hf_logits(llama, tokens))
+    _check_close("internlm2 tied parity", _maxlm_logits(config, params, tokens), hf_logits(llama, tokens))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,28 +240,28 @@ def test_internlm2_tied(tmp_path):
 
 
 def test_sharded_bf16_and_file_path(tmp_path):
-    hf_model = _build("Qwen2ForCausalLM", seed=4, num_key_value_heads=2)
+    hf_model = build_hf("Qwen2ForCausalLM", seed=4, num_key_value_heads=2)
     tokens = _tokens(4)
 
     sharded = str(tmp_path / "sharded")
     hf_model.save_pretrained(sharded, max_shard_size="60KB")
     assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
     config, params = from_hf(sharded)
-    _check_close("qwen2 sharded parity", _maxlm_logits(config, params, tokens), _hf_logits(hf_model, tokens))
+    _check_close("qwen2 sharded parity", _maxlm_logits(config, params, tokens), hf_logits(hf_model, tokens))
 
     # bf16 weights: the oracle is the same bf16-rounded weights run in float32 by transformers.
     bf16 = str(tmp_path / "bf16")
     rounded = {k: v.to(torch.bfloat16) for k, v in hf_model.state_dict().items()}
     hf_model.to(torch.bfloat16).save_pretrained(bf16)
-    hf_model = _build("Qwen2ForCausalLM", seed=4, num_key_value_heads=2)  # fresh float32 rotary buffers
+    hf_model = build_hf("Qwen2ForCausalLM", seed=4, num_key_value_heads=2)  # fresh float32 rotary buffers
     hf_model.load_state_dict({k: v.float() for k, v in rounded.items()})
     config, params = from_hf(os.path.join(bf16, "model.safetensors"))  # a file path, config.json beside it
     assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(params))
-    _check_close("qwen2 bf16 parity", _maxlm_logits(config, params, tokens), _hf_logits(hf_model, tokens))
+    _check_close("qwen2 bf16 parity", _maxlm_logits(config, params, tokens), hf_logits(hf_model, tokens))
 
 
 def test_unsupported_raise(tmp_path):
-    src = _save(_build("LlamaForCausalLM", num_key_value_heads=2), tmp_path / "src")
+    src = _save(build_hf("LlamaForCausalLM", num_key_value_heads=2), tmp_path / "src")
     with open(os.path.join(src, "config.json")) as f:
         base = json.load(f)
 

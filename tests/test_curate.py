@@ -17,9 +17,7 @@ from maxlm import config as config_lib
 from maxlm import curate
 from maxlm.data import clean, records
 from maxlm.data.sources import StdlibSource
-from tests.test_quality import GOOD_EN
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import GOOD_EN, ROOT, build_tiny_tfds
 
 
 def _config(**overrides):
@@ -148,8 +146,6 @@ def test_dedup_only_and_byte_identical_reruns(tmp_path):
 
 
 def test_tfds_and_stdlib_input(tmp_path):
-    from tests.test_data import build_tiny_tfds
-
     rng = random.Random(6)
     texts = [_prose(rng, 1) for _ in range(5)]
     build_tiny_tfds(str(tmp_path / "tfds"), texts + texts[:2])

@@ -10,6 +10,7 @@ import pytest
 
 from maxlm import data, tokenizer
 from maxlm.config import default_config, override
+from tests.helpers import build_tiny_tfds
 
 WORDS = "alpha beta gamma delta def return import class 0123456789 ( ) : = + \n    ".split(" ")
 
@@ -105,31 +106,6 @@ def test_all_unreadable_raises(tok):
 
 
 # ------------------------------------------------------------------------------------------------ tfds
-
-def build_tiny_tfds(data_dir: str, texts: list[str]) -> None:
-    """Prepare `maxlm_tiny_text` ({"text", "id"} records, one train split) under data_dir as array_record."""
-    import tensorflow_datasets as tfds
-
-    class MaxlmTinyText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("1.0.0")
-        # No source file to look for a checksums.tsv beside: that lookup would need importlib_resources
-        # (an etils[epath] extra this environment lacks) because this module lives in the `tests` package.
-        code_path = None
-
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-                {"text": tfds.features.Text(), "id": tfds.features.Scalar(np.int64)}))
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i, text in enumerate(texts):
-                yield i, {"text": text, "id": i}
-
-    tfds.disable_progress_bar()
-    MaxlmTinyText(data_dir=data_dir, file_format="array_record").download_and_prepare()
-
 
 def test_tfds_source_from_local_array_record(tmp_path):
     texts = [f"tfds document {i}: 你好 😀" for i in range(12)]

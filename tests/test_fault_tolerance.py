@@ -16,9 +16,7 @@ import pytest
 
 from maxlm import checkpoint, convert, train
 from maxlm import config as C
-from tests.test_train import small_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, small_config
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 from maxlm import generation_eval as gen
 from maxlm import pretrained
 from maxlm import tokenizer as tokenizer_lib
+from tests.helpers import ROOT
 
 
 @pytest.mark.parametrize("text,want", [
@@ -110,7 +111,6 @@ def test_greedy_answers_match_transformers(tmp_path, hf_base):
 
 
 def test_command_line(tmp_path, hf_base):
-    import os
     import subprocess
     import sys
 
@@ -118,9 +118,8 @@ def test_command_line(tmp_path, hf_base):
     rows = [{"question": f"What is {a} times 2?", "answer": f"{a} * 2 = {2 * a}\n#### {2 * a}"} for a in range(6)]
     (tmp_path / "gsm" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     (tmp_path / "gsm" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-m", "maxlm.evaluate", f"--hf={hf_base}", "--task=gen",
-                           f"--data={tmp_path}/gsm", "--shots=2", f"--out={tmp_path}/out"], cwd=root,
+                           f"--data={tmp_path}/gsm", "--shots=2", f"--out={tmp_path}/out"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])

@@ -7,7 +7,7 @@ import torch
 
 from maxlm import evaluate
 from maxlm.convert import from_hf
-from tests.test_convert import VOCAB, _build
+from tests.helpers import HF_VOCAB, ROOT, build_hf
 
 
 def _direct(hf_model, context, continuation):
@@ -22,12 +22,12 @@ def _direct(hf_model, context, continuation):
 @pytest.mark.parametrize("class_name,extra", [("LlamaForCausalLM", dict(num_key_value_heads=2)),
                                               ("Qwen2ForCausalLM", dict(num_key_value_heads=2))])
 def test_loglikelihoods_match_transformers_on_ragged_batches(tmp_path, class_name, extra):
-    hf_model = _build(class_name, seed=7, **extra)
+    hf_model = build_hf(class_name, seed=7, **extra)
     hf_model.save_pretrained(str(tmp_path), safe_serialization=True)
     config, params = from_hf(str(tmp_path))
     rng = np.random.default_rng(0)
-    contexts = [rng.integers(0, VOCAB, rng.integers(1, 40)).tolist() for _ in range(11)]
-    continuations = [rng.integers(0, VOCAB, rng.integers(1, 9)).tolist() for _ in range(11)]
+    contexts = [rng.integers(0, HF_VOCAB, rng.integers(1, 40)).tolist() for _ in range(11)]
+    continuations = [rng.integers(0, HF_VOCAB, rng.integers(1, 9)).tolist() for _ in range(11)]
     got = evaluate.loglikelihoods(config, params, contexts, continuations, batch_size=4)
     want = [_direct(hf_model, c, x) for c, x in zip(contexts, continuations)]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
@@ -37,14 +37,14 @@ def test_loglikelihoods_match_transformers_on_ragged_batches(tmp_path, class_nam
 
 
 def test_loglikelihoods_reject_bad_requests(tmp_path):
-    hf_model = _build("LlamaForCausalLM", seed=1, num_key_value_heads=2)
+    hf_model = build_hf("LlamaForCausalLM", seed=1, num_key_value_heads=2)
     hf_model.save_pretrained(str(tmp_path), safe_serialization=True)
     config, params = from_hf(str(tmp_path))
     with pytest.raises(ValueError, match="empty context"):
         evaluate.loglikelihoods(config, params, [[]], [[1]])
     with pytest.raises(ValueError, match="contexts but"):
         evaluate.loglikelihoods(config, params, [[1]], [])
-    long_context = list(range(1, VOCAB)) * 3  # longer than max_seq_len (256): cut from the left
+    long_context = list(range(1, HF_VOCAB)) * 3  # longer than max_seq_len (256): cut from the left
     got = evaluate.loglikelihoods(config, params, [long_context], [[5, 6]])[0]
     assert got == pytest.approx(_direct(hf_model, long_context[-(257 - 2):], [5, 6]), abs=1e-4)
 
@@ -115,7 +115,6 @@ def test_sliding_windows_score_every_token_once():
 
 def test_ppl_command_line(tmp_path, hf_base):
     import json
-    import os
     import subprocess
     import sys
 
@@ -127,10 +126,9 @@ def test_ppl_command_line(tmp_path, hf_base):
         for t in texts:
             f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
         f.write("not json\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-m", "maxlm.evaluate", f"--hf={hf_base}", "--task=ppl",
                            f"--data={tmp_path}/docs.jsonl", "--window=32", "--stride=16", f"--out={tmp_path}/out"],
-                          cwd=root, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     config, params, tok_path = pretrained.load_base(hf_base)

@@ -3,13 +3,12 @@ tokens, extended to 512 by a YaRN stage through the Pallas kernel with 2-way seq
 issue's bars checked on the script's JSON line."""
 
 import json
-import os
 import subprocess
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 @pytest.mark.slow

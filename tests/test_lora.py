@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec
 
 from maxlm import config as C
 from maxlm import lora, model
+from tests.helpers import random_params
 
 TINY = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "tiny.py")
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
@@ -43,20 +44,14 @@ def _get(tree, path):
     return tree
 
 
-def _random_tree(shapes, seed, std=0.3):
-    """numpy-random arrays shaped like a tree of ShapeDtypeStructs (no JAX compilation involved)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray((std * rng.standard_normal(s.shape)).astype(s.dtype)), shapes)
-
-
 def _random_adapters(cfg, seed=7):
     """Adapters with random (non-zero) A and B, shaped like `lora.abstract`."""
-    return _random_tree(lora.abstract(cfg), seed)
+    return jax.tree.map(jnp.asarray, random_params(lora.abstract(cfg), seed, std=0.3))
 
 
 def _base(cfg, seed=0):
     """Base parameters: normal(0.02) matrices, as model.init draws them, but from numpy."""
-    return _random_tree(model.abstract_params(cfg), seed, std=0.02)
+    return jax.tree.map(jnp.asarray, random_params(model.abstract_params(cfg), seed, std=0.02))
 
 
 def _n_in(name):

@@ -15,7 +15,7 @@ from maxlm import config as C
 from maxlm import curate, train
 from maxlm.data import make_source
 from maxlm.data.mixture import MixtureError, MixtureSource
-from tests.test_train import WORDS, small_config
+from tests.helpers import WORDS, small_config
 
 
 def _shard(path, n, prefix, rng, quality=None, size=(20, 80)):

@@ -9,7 +9,8 @@ import socket
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 ARGS = ["--config=configs/tiny.py", "--config.train.num_steps=20", "--config.train.log_every=1",
         "--config.train.eval_every=0", "--config.train.num_samples=1", "--config.train.sample_tokens=8",
         "--config.tokenizer.train_max_bytes=300000", "--config.mesh.data=8",

@@ -12,6 +12,7 @@ import torch
 from maxlm import multiple_choice as mc
 from maxlm import pretrained
 from maxlm import tokenizer as tokenizer_lib
+from tests.helpers import ROOT
 
 ROWS = [
     ("What is two plus two?", "3", "4", "5", "22", "B"),
@@ -98,13 +99,11 @@ def test_predictions_match_transformers_item_for_item(tmp_path, hf_base, mode):
 
 
 def test_command_line(tmp_path, hf_base):
-    import os
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     folder = _folder(tmp_path / "data")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "maxlm.evaluate", *a], cwd=root, capture_output=True,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "maxlm.evaluate", *a], cwd=ROOT, capture_output=True,  # noqa: E731
                                     text=True, timeout=300)
     done = run(f"--hf={hf_base}", "--task=mc", f"--data={folder}", "--shots=1", "--choices=text",
                f"--out={tmp_path}/out")

@@ -3,7 +3,6 @@ scoring by the first number of the answer (with an oracle that reads the key bac
 that never can), the heat map, and the command line on a random model."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,8 +12,7 @@ import pytest
 
 from maxlm import passkey
 from maxlm import tokenizer as tokenizer_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")

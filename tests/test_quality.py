@@ -5,15 +5,8 @@ import pytest
 
 from maxlm import config as config_lib
 from maxlm.data import quality
+from tests.helpers import GOOD_EN
 
-GOOD_EN = (
-    "The river town woke slowly on market days. Farmers arrived before dawn with carts of apples, onions and "
-    "late summer squash, and the baker opened his shutters as the first light reached the square.\n\n"
-    "By nine o'clock the stalls were crowded. Children ran between the tables while their parents argued "
-    "cheerfully about prices, and an old fiddler played tunes that nobody could quite name.\n\n"
-    "When the church bell rang at noon, most of the traders began to pack away their goods, counting coins "
-    "and promising to return the following week."
-)
 GOOD_ZH = (
     "清晨的小镇在集市日慢慢醒来。农民们天还没亮就推着装满苹果、洋葱和南瓜的小车赶到广场，面包师也在第一缕阳光照进来时打开了店门。\n\n"
     "到了九点，摊位前已经挤满了人。孩子们在桌子之间跑来跑去，大人们一边讨价还价一边说笑，一位老人拉着谁也叫不出名字的曲子。\n\n"

@@ -15,8 +15,7 @@ import pytest
 from maxlm import chat, model, reward, tasks, tokenizer
 from maxlm import config as C
 from maxlm.data import preference
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, random_params, tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +23,10 @@ def tok(shared_tok_path):
     return tokenizer.load(shared_tok_path)
 
 
-def _config(vocab):
-    return C.override(C.default_config(), **{
-        "model.vocab_size": vocab, "model.num_layers": 2, "model.d_model": 32, "model.num_heads": 4,
-        "model.num_kv_heads": 2, "model.mlp_dim": 64, "model.max_seq_len": 256, "model.compute_dtype": "float32"})
-
-
 def test_pair_loss_matches_numpy_on_unpadded_sequences(tok):
-    config = _config(tok.vocab_size)
+    config = tiny_model_config(tok.vocab_size)
     rng = np.random.default_rng(0)  # random weights drawn by numpy: compiling `model.init` would cost seconds
-    params = reward.from_lm(jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(a.dtype),
-                                         model.abstract_params(config)))
+    params = reward.from_lm(random_params(model.abstract_params(config), rng, std=0.3))
     params["head"] = rng.normal(0, 1, params["head"].shape).astype(np.float32)
     pairs = preference.Pairs(chat.CHATML, tok, 192)
     rng = random.Random(0)

@@ -2,12 +2,11 @@
 bars checked on the scripts' JSON lines."""
 
 import json
-import os
 import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def _run(script, workdir):

@@ -14,19 +14,12 @@ import pytest
 from maxlm import chat, model, pretrained, tasks, tokenizer, train
 from maxlm import config as C
 from maxlm.data import sft as sft_data
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, tiny_model_config
 
 
 @pytest.fixture(scope="module")
 def tok(shared_tok_path):
     return tokenizer.load(shared_tok_path)
-
-
-def _model_config(vocab):
-    return C.override(C.default_config(), **{
-        "model.vocab_size": vocab, "model.num_layers": 2, "model.d_model": 32, "model.num_heads": 4,
-        "model.num_kv_heads": 2, "model.mlp_dim": 64, "model.max_seq_len": 256, "model.compute_dtype": "float32"})
 
 
 def _conversations(tok, items):
@@ -53,7 +46,7 @@ def _same(a, b):
 
 
 def test_only_assistant_labels_matter(tok):
-    config = _model_config(tok.vocab_size)
+    config = tiny_model_config(tok.vocab_size)
     params = model.init(config, jax.random.key(0))
     batch = _batch(_conversations(tok, tasks.make_items("add", "train", 2, seed=5)))
     weights = np.asarray(batch["loss_weights"][0])
@@ -78,7 +71,7 @@ def test_only_assistant_labels_matter(tok):
 
 
 def test_packed_row_equals_conversations_run_separately(tok):
-    config = _model_config(tok.vocab_size)
+    config = tiny_model_config(tok.vocab_size)
     params = model.init(config, jax.random.key(1))
     items = [tasks.make_items(t, "train", 1, seed=2)[0] for t in ("format", "sort", "add")]
     packed = _batch(_conversations(tok, items))

@@ -2,12 +2,11 @@
 fine-tuning on the task suite, with the issue's acceptance bars checked on the script's JSON line."""
 
 import json
-import os
 import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 @pytest.mark.slow

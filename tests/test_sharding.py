@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 # (data, fsdp, tensor, sequence)[:attention impl[:zero stage[:lora]]]
 MESHES = ["8,1,1,1", "1,8,1,1", "2,2,2,1", "1,2,2,2", "2,1,1,4", "1,1,1,8"]

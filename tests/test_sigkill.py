@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from maxlm import checkpoint
-from tests.test_train import ROOT, _corpus
+from tests.helpers import ROOT, write_corpus
 
 NUM_KILLS = 20
 NUM_STEPS = 100
@@ -111,7 +111,7 @@ def _tail(path, n: int = 3000) -> str:
 def test_sigkill_20_times_then_bitwise_equal_to_uninterrupted(tmp_path):
     t_start = time.monotonic()
     corpus = tmp_path / "corpus.jsonl"
-    _corpus(corpus)
+    write_corpus(corpus)
     ref, killed, logs = tmp_path / "reference", tmp_path / "killed", tmp_path / "logs"
     logs.mkdir()
 

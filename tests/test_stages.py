@@ -14,9 +14,8 @@ import pytest
 
 from maxlm import checkpoint, optim, train
 from maxlm import config as C
-from tests.test_train import small_config
+from tests.helpers import ROOT, small_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = ("name=long steps=8 data.seq_len=256 data.batch_size=2 model.max_seq_len=256 model.rope_scaling=yarn "
         "model.rope_factor=4 optim.peak_lr=1e-3 optim.warmup_steps=2")
 

@@ -12,40 +12,13 @@ import pytest
 
 from maxlm import checkpoint, model, train
 from maxlm import config as C
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly box and jump "
-         "一 二 三 数据 模型 训练").split()
-
-
-def _corpus(path, n_docs=300, seed=0):
-    rng = np.random.default_rng(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n_docs):
-            # Documents with learnable structure: a counted list, so the loss can fall well below ln(V).
-            start = int(rng.integers(0, 50))
-            words = [WORDS[(start + 3 * j) % len(WORDS)] for j in range(int(rng.integers(5, 40)))]
-            f.write(json.dumps({"text": f"doc {i}: " + " ".join(words) + "."}, ensure_ascii=False) + "\n")
-        f.write("{not json\n")  # a malformed line: counted and skipped
-
-
-def small_config(data_path, **extra):
-    c = C.override(C.default_config(), **{
-        "model.vocab_size": 320, "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4,
-        "model.num_kv_heads": 2, "model.mlp_dim": 128, "model.max_seq_len": 64, "model.compute_dtype": "float32",
-        "tokenizer.train_max_bytes": 200_000,
-        "data.source": "jsonl", "data.path": str(data_path), "data.seq_len": 64, "data.batch_size": 8,
-        "data.eval_fraction": 0.0,
-        "optim.peak_lr": 3e-3, "optim.warmup_steps": 5, "train.log_every": 1, "train.eval_every": 0,
-        "train.num_samples": 1, "train.sample_tokens": 8, "checkpoint.every_steps": 3, "checkpoint.async_save": True,
-        **extra})
-    return C.validate(c)
+from tests.helpers import ROOT, random_params, small_config, write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
-    _corpus(path)
+    write_corpus(path)
     return path
 
 
@@ -109,7 +82,7 @@ def test_loss_fn_is_the_weighted_sum_of_token_cross_entropies():
                                             "model.num_heads": 2, "model.num_kv_heads": 1, "model.mlp_dim": 32,
                                             "model.compute_dtype": "float32"})
     rng = np.random.default_rng(0)  # random parameters without model.init (compiling it takes seconds)
-    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype), model.abstract_params(cfg))
+    params = jax.tree.map(jnp.asarray, random_params(model.abstract_params(cfg), rng, std=0.3))
     batch = {"inputs": rng.integers(0, 37, (2, 6)), "targets": rng.integers(0, 37, (2, 6)),
              "positions": np.array([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]),
              "segment_ids": np.array([[1, 1, 1, 2, 2, 0], [1] * 6]),
