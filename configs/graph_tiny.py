@@ -1,4 +1,4 @@
-"""A tiny walker for the shortest-path RL task (maxlm/graph.py, after trlX's random-walks benchmark):
+"""A tiny walker for the shortest-path RL task (maxlm/posttrain/graph.py, after trlX's random-walks benchmark):
 pretrained on random walks through one fixed 21-node graph, it learns the legal moves but not the short
 ones. `experiments/ppo_shortest_path.sh` writes the walks, trains this, then runs PPO (configs/ppo_graph.py).
 """

@@ -1,4 +1,4 @@
-"""PPO on the shortest-path task (maxlm/graph.py): the walker of configs/graph_tiny.py (runs/graph) is
+"""PPO on the shortest-path task (maxlm/posttrain/graph.py): the walker of configs/graph_tiny.py (runs/graph) is
 rewarded by a program -- distance-to-goal / walk length for valid walks that reach the goal, else 0 -- so the
 optimal policy's mean reward is exactly 1. No reward model: the critic starts from the policy's trunk.
 """

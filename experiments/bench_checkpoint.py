@@ -36,9 +36,10 @@ import jax
 import ml_collections
 from absl import flags
 
-from maxlm import cli, train
+from maxlm import cli
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
+from maxlm.training import pretrain as train
 
 flags.DEFINE_integer("steps", 100, "Training steps per run.")
 flags.DEFINE_integer("every", 10, "Checkpoint every this many steps in the async and sync modes.")

@@ -1,4 +1,4 @@
-"""Near-duplicate detection benchmark: maxlm's MinHash-LSH (maxlm/data/dedup.py) beside `datasketch`
+"""Near-duplicate detection benchmark: maxlm's MinHash-LSH (maxlm/curation/dedup.py) beside `datasketch`
 (MinHash + MinHashLSH, the library people reach for), same corpus, same machine, same shingles.
 
     python experiments/bench_dedup.py                       # 5000 documents at 1x, 2x, 4x
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from maxlm.data import dedup
+from maxlm.curation import dedup
 
 SUBSTITUTION_RATES = (0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.35)
 

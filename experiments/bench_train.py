@@ -37,10 +37,11 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from maxlm import cli, sharding
+from maxlm import cli
+from maxlm.training import sharding
 from maxlm import config as config_lib
-from maxlm.metrics import peak_flops_per_device
-from maxlm.train import Trainer
+from maxlm.training.metrics import peak_flops_per_device
+from maxlm.training.pretrain import Trainer
 
 flags.DEFINE_integer("steps", 5, "Timed training steps per framework.")
 flags.DEFINE_integer("warmup", 1, "Untimed steps before timing, at least 1 (after compilation).")

@@ -20,14 +20,15 @@ import argparse
 import json
 import sys
 
-from maxlm import evaluate, pretrained
 from maxlm import tokenizer as tokenizer_lib
-from maxlm.data import sources
+from maxlm.data import mixture
+from maxlm.interop import pretrained
+from maxlm.model import scoring
 
 
 def held_out_texts(config, tok, min_tokens: int, max_tokens: int) -> list[str]:
     """The run's eval documents with at least `min_tokens` tokens, each cut to its first `max_tokens`."""
-    source = sources.make_source(config, "eval")
+    source = mixture.make_source(config, "eval")
     texts = []
     for i in range(len(source)):
         text = source.get(i)
@@ -53,7 +54,7 @@ def main() -> None:
         sys.exit(f"error: no held-out document has {long + 1} tokens; raise data.eval_fraction")
 
     def ppl(config, params, window: int) -> float:
-        return round(evaluate.perplexity(config, params, tok, texts, window=window)["ppl"], 3)
+        return round(scoring.perplexity(config, params, tok, texts, window=window)["ppl"], 3)
 
     out = {"L": short, "long": long, "documents": len(texts), "tokens_per_document": 2 * long,
            "before_step": args.before_step, "after_step": after_step,

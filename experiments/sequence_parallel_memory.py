@@ -16,7 +16,7 @@ XLA_FLAGS already sets a count) so that one process can build every mesh.
 Why the temporaries should fall by about the degree: the batch's tokens are split over the `sequence`
 axis, so every [B, T, ...] activation holds T / d tokens per device, and attention runs per device inside
 `shard_map` with the local queries against keys/values all-gathered over the sequence axis (see
-maxlm/attention.py). The attention logits and probabilities are then [B, N, T / d, S] instead of
+maxlm/model/attention.py). The attention logits and probabilities are then [B, N, T / d, S] instead of
 [B, N, T, S] -- with XLA's reference attention these float32 arrays dominate at long sequences. Only the
 gathered K/V themselves ([B, S, K, H] per layer, small under grouped-query attention) and the replicated
 parameters, gradients and optimizer state do not shrink; the latter are arguments and outputs, not
@@ -42,9 +42,9 @@ from absl import flags
 
 from maxlm import cli
 from maxlm import config as config_lib
-from maxlm.metrics import format_bytes
-from maxlm.sharding import make_mesh
-from maxlm.train import Trainer
+from maxlm.training.metrics import format_bytes
+from maxlm.training.sharding import make_mesh
+from maxlm.training.pretrain import Trainer
 
 flags.DEFINE_list("degrees", ["1", "4"], "Sequence-parallel degrees to compile, the first being the reference.")
 flags.DEFINE_integer("seq_len", 8192, "Tokens per row (data.seq_len and model.max_seq_len).")

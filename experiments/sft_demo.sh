@@ -15,7 +15,7 @@ mkdir -p "$W"
 # LoRA rank 8 on the attention projections, the MLP's up and the LM head, within the issue's budget of 5%
 # of full fine-tuning's optimizer state (4.97% at d_model 128). The head is needed: on the tiny base the
 # output columns of letters rare in pretraining have collapsed together, and adapters below a frozen head
-# cannot separate them (see maxlm/lora.py). The markers' rows are left frozen to stay in budget.
+# cannot separate them (see maxlm/model/lora.py). The markers' rows are left frozen to stay in budget.
 # LoRA learns more slowly per step than full fine-tuning (its loss after N steps is full fine-tuning's after
 # ~N/3), and the issue sets LoRA no time budget, so it gets three times the steps (same step time). lr 2e-3:
 # 4e-3 and 1e-2 were worse; LoRA+ (lora.lr_ratio 4 at 1e-3) was no better in short probes.

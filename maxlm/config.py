@@ -20,11 +20,12 @@ from typing import Any
 
 import ml_collections
 
-from maxlm import attention, chat
-from maxlm.attention import head_dim  # noqa: F401  (also this module's name for it)
+from maxlm.data import chat
+from maxlm.data.tasks import TASKS as SFT_TASKS  # noqa: F401
 from maxlm.errors import ConfigError  # noqa: F401  (raised here; its home is the bottom layer)
-from maxlm.lora import TARGETS as LORA_TARGETS  # noqa: F401
-from maxlm.tasks import TASKS as SFT_TASKS  # noqa: F401
+from maxlm.model import attention
+from maxlm.model.attention import head_dim  # noqa: F401  (also this module's name for it)
+from maxlm.model.lora import TARGETS as LORA_TARGETS  # noqa: F401
 
 # Logical axis -> mesh axes. The model only ever names logical axes (see model.py); this table is the
 # single place that decides how they map onto the device mesh (MaxText's `logical_axis_rules`).
@@ -76,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.mlp_dim = 2048  # F (SwiGLU hidden size)
     m.max_seq_len = 2048  # longest context the model is meant to see (sampler cache size bound)
     m.rope_theta = 10000.0
-    # Context extension (maxlm/attention.py, ROPE_VARIANTS): none | linear (position interpolation) | ntk
+    # Context extension (maxlm/model/attention.py, ROPE_VARIANTS): none | linear (position interpolation) | ntk
     # (static NTK-aware base) | dynamic (NTK grown with the length past rope_original_max_len) | yarn (Peng et
     # al. 2023). Every model.rope_<name> key reaches the variant's function as <name> (attention.rope_config);
     # a variant with a parameter of its own adds its key here.
@@ -166,7 +167,7 @@ def default_config() -> ml_collections.ConfigDict:
     ck.async_save = True
 
     # Supervised fine-tuning (python -m maxlm.sft). The run starts from `sft.base`; data is `sft.data_path`
-    # (chat jsonl) or, when empty, the built-in synthetic task suite (maxlm/tasks.py).
+    # (chat jsonl) or, when empty, the built-in synthetic task suite (maxlm/data/tasks.py).
     c.sft = s = ml_collections.ConfigDict()
     s.base = ""  # a maxlm workdir (its newest checkpoint) or a Hugging Face folder (config.json + safetensors)
     s.base_step = -1  # checkpoint step of a maxlm base; -1 the newest
@@ -217,7 +218,7 @@ def default_config() -> ml_collections.ConfigDict:
     p.policy = ""  # the SFT model: actor and frozen reference (maxlm workdir or Hugging Face folder)
     p.policy_step = -1
     p.reward_model = ""  # a maxlm.reward workdir (frozen); used when reward_fn == "model"
-    p.reward_fn = "model"  # an environment of maxlm.environments.ENVIRONMENTS: model | shortest_path (maxlm/graph.py)
+    p.reward_fn = "model"  # an environment of maxlm.environments.ENVIRONMENTS: model | shortest_path (maxlm/posttrain/graph.py)
     p.reward_domain = "correct"  # system prompt the reward model is queried with (PREFERENCE_DOMAINS; "" none)
     p.critic_init = "reward"  # reward (InternLM2's choice) | policy (a zero value head on the SFT trunk)
     p.tasks = ("sort",)  # built-in tasks whose train prompts are sampled and held-out items are scored
@@ -241,7 +242,7 @@ def default_config() -> ml_collections.ConfigDict:
     p.ptx_coef = 0.0  # InstructGPT's PPO-ptx: weight of the language-model loss on `data.*` batches
     p.eval_every = 10  # iterations between held-out evaluations (greedy exact match)
     p.eval_items = 200
-    p.graph_nodes = 21  # shortest_path: nodes of the random directed graph (maxlm/graph.py)
+    p.graph_nodes = 21  # shortest_path: nodes of the random directed graph (maxlm/posttrain/graph.py)
     p.graph_seed = 0
 
     c.mesh = me = ml_collections.ConfigDict()
@@ -546,7 +547,7 @@ def curate_config() -> ml_collections.ConfigDict:
     c.boilerplate = ml_collections.ConfigDict()
     c.boilerplate.min_docs = 10  # a line found in at least this many documents is boilerplate
 
-    # Heuristic quality rules (maxlm/data/quality.py): the enabled ones in order, and each one's thresholds
+    # Heuristic quality rules (maxlm/curation/quality.py): the enabled ones in order, and each one's thresholds
     # (Gopher's, Rae et al. 2021, unless noted).
     c.quality = q = ml_collections.ConfigDict()
     q.rules = ("length", "mean_word_length", "symbol_ratio", "line_punctuation", "repeated_lines",
@@ -594,39 +595,6 @@ def curate_stages(c: ml_collections.ConfigDict) -> tuple[str, ...]:
     for s in named:
         chosen.update(CURATE_ALIASES.get(s, (s,)))
     return tuple(s for s in CURATE_STAGES if s in chosen)
-
-
-def validate_curate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Reject an impossible curate config before any data is read, naming the key."""
-    from maxlm.data import quality
-
-    named = [s.strip() for s in c.stages.split(",") if s.strip()]
-    bad = [s for s in named if s not in CURATE_STAGES and s not in CURATE_ALIASES]
-    _check(not bad, "stages", f"unknown stage(s) {bad}; known: {CURATE_STAGES} and aliases {tuple(CURATE_ALIASES)}")
-    _check(c.workers >= 0, "workers", "must be >= 0 (0: one per CPU core)")
-    _check(c.max_line_bytes > 0, "max_line_bytes", "must be positive")
-    _check(c.html in ("auto", "always", "never"), "html", "must be auto, always or never")
-    _check(c.boilerplate.min_docs >= 2, "boilerplate.min_docs", "must be >= 2 (a line in one document is content)")
-    unknown = [r for r in c.quality.rules if r not in quality.RULES]
-    _check(not unknown, "quality.rules", f"unknown rule(s) {unknown}; known: {tuple(quality.RULES)}")
-    for name in ("top_ngrams", "repeated_ngrams"):
-        _check(len(c.quality[name].n) == len(c.quality[name].max_fraction), f"quality.{name}",
-               "n and max_fraction must have the same length")
-    _check(not c.quality.blocklist.words_file or os.path.isfile(c.quality.blocklist.words_file),
-           "quality.blocklist.words_file", f"no such file: {c.quality.blocklist.words_file}")
-    _check(0.0 < c.dedup.threshold < 1.0, "dedup.threshold", "must be in (0, 1)")
-    _check(c.dedup.num_perm >= 2, "dedup.num_perm", "must be >= 2")
-    _check(c.dedup.ngram >= 1, "dedup.ngram", "must be >= 1")
-    _check(c.dedup.unit in ("char", "word"), "dedup.unit", "must be char or word")
-    _check(0.0 < c.dedup.fn_weight < 1.0, "dedup.fn_weight", "must be in (0, 1)")
-    _check(c.paragraph.min_chars >= 1, "paragraph.min_chars", "must be >= 1")
-    pp = c.perplexity
-    _check(pp.batch_size > 0, "perplexity.batch_size", "must be positive")
-    _check(pp.max_tokens > 1, "perplexity.max_tokens", "must be > 1")
-    _check(0.0 < pp.drop_above <= 100.0, "perplexity.drop_above", "must be in (0, 100]")
-    _check(len(pp.buckets) == 2 and 0.0 <= pp.buckets[0] <= pp.buckets[1] <= 100.0, "perplexity.buckets",
-           "two increasing percentiles in [0, 100]")
-    return c
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 import ml_collections
 import sentencepiece as spm
 
+from maxlm import data
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_SENTENCE_BYTES = 1 << 16  # longer lines are skipped (SentencePiece would drop them anyway)
 TRAIN_THREADS = 8  # fixed: the learned merges depend on the thread count, not on the machine's cores
@@ -212,7 +214,6 @@ def load_or_train(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
     path = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(path):
         return _checked(load(path), config, "cached in the workdir")
-    from maxlm import data
 
     os.makedirs(workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".tokenizer-") as tmp:

@@ -132,7 +132,7 @@ GOOD_EN = (
     "When the church bell rang at noon, most of the traders began to pack away their goods, counting coins "
     "and promising to return the following week."
 )
-"""Clean English prose that passes every default quality rule (maxlm/data/quality.py)."""
+"""Clean English prose that passes every default quality rule (maxlm/curation/quality.py)."""
 
 
 # ------------------------------------------------------------------------------------------------- tfds

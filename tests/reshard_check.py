@@ -15,10 +15,10 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from maxlm import checkpoint  # noqa: E402
+from maxlm.training import checkpoint  # noqa: E402
 from maxlm import config as C  # noqa: E402
-from maxlm.sharding import make_mesh  # noqa: E402
-from maxlm.train import Trainer  # noqa: E402
+from maxlm.training.sharding import make_mesh  # noqa: E402
+from maxlm.training.pretrain import Trainer  # noqa: E402
 
 BASE = {"model.vocab_size": 128, "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4,
         "model.num_kv_heads": 2, "model.mlp_dim": 128, "model.max_seq_len": 64, "data.seq_len": 32,

@@ -19,9 +19,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maxlm import config as C  # noqa: E402
-from maxlm import model  # noqa: E402
-from maxlm.sharding import make_mesh  # noqa: E402
-from maxlm.train import Trainer  # noqa: E402
+from maxlm.model import decoder as model  # noqa: E402
+from maxlm.training.sharding import make_mesh  # noqa: E402
+from maxlm.training.pretrain import Trainer  # noqa: E402
 
 BASE = {"model.vocab_size": 128, "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4,
         "model.num_kv_heads": 2, "model.mlp_dim": 128, "model.compute_dtype": "float32", "model.max_seq_len": 64,

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from maxlm import config as C
-from maxlm import model, reward, train
 from maxlm.data import preference
+from maxlm.model import decoder as model
+from maxlm.posttrain import reward
+from maxlm.training import pretrain as train
 from tests.helpers import random_params
 
 T, B, V = 16, 2, 64
@@ -72,7 +74,7 @@ def test_eval_loss_is_total_loss_over_total_tokens_on_ragged_batches():
 def test_reward_eval_metrics_pool_pairs_across_ragged_batches(shared_tok_path):
     """Reward-model evaluation over batches of 4, 1 and 3 real pairs (the rest padding rows): accuracy,
     margin and loss are means over the 8 pairs, from rewards read by numpy at each sequence's last token."""
-    from maxlm import chat, tasks
+    from maxlm.data import chat, tasks
     from maxlm import tokenizer as tokenizer_lib
 
     tok = tokenizer_lib.load(shared_tok_path)
@@ -115,7 +117,8 @@ def test_task_accuracy_and_per_language_accuracy_pool_items(monkeypatch, shared_
     """`evaluate.task_accuracy` with the sampler replaced by scripted replies (right for every zh item and for
     the first en one; a right reply may carry whitespace): accuracy over all items and per language, counted
     here from the items' languages."""
-    from maxlm import evaluate, tasks
+    from maxlm.evaluation import harness as evaluate
+    from maxlm.data import tasks
     from maxlm import tokenizer as tokenizer_lib
 
     tok = tokenizer_lib.load(shared_tok_path)

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from maxlm import chat, tokenizer
+from maxlm import tokenizer
+from maxlm.data import chat
 from maxlm.data import sft as sft_data
 
 CONVERSATION = [

@@ -118,7 +118,7 @@ def test_unknown_registry_names_are_one_line_naming_the_key_and_the_registered(k
 @pytest.fixture
 def fake_rope():
     """A registered RoPE variant `test_double_theta`: plain rope with twice the base; records its arguments."""
-    from maxlm import attention
+    from maxlm.model import attention
 
     seen = []
 
@@ -143,7 +143,7 @@ def test_a_registered_rope_variant_is_accepted_by_config_and_used_by_the_model(f
     import jax
     import numpy as np
 
-    from maxlm import model
+    from maxlm.model import decoder as model
 
     c = C.validate(_small(**{"model.rope_scaling": "test_double_theta"}))  # no config edit needed
     params = model.init(c, jax.random.PRNGKey(0))
@@ -158,7 +158,7 @@ def test_a_registered_rope_variant_is_accepted_by_config_and_used_by_the_model(f
     rope_keys = {k[len("rope_"):] for k in c.model if k.startswith("rope_")} - {"theta", "scaling"}
     assert fake_rope and all(s == rope_keys | {"seq_len"} for s in fake_rope)
     with pytest.raises(TypeError, match="unknown rope parameter"):  # a misspelt parameter is not swallowed
-        from maxlm import attention
+        from maxlm.model import attention
 
         attention.rope_frequencies(8, theta=1e4, scaling="yarn", beta_fats=16.0)
 
@@ -167,7 +167,7 @@ def test_a_registered_attention_impl_is_accepted_by_config_and_used_by_the_model
     import jax
     import numpy as np
 
-    from maxlm import attention, model
+    from maxlm.model import attention, decoder as model
 
     calls = []
 
@@ -190,7 +190,7 @@ def test_a_registered_attention_impl_is_accepted_by_config_and_used_by_the_model
 
 
 def test_shape_keys_are_the_model_section_but_the_run_keys():
-    from maxlm import pretrained
+    from maxlm.interop import pretrained
 
     expected = {"vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                 "max_seq_len", "rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len", "rope_beta_fast",
@@ -206,7 +206,8 @@ def test_shape_keys_are_the_model_section_but_the_run_keys():
 
 
 def test_eval_tasks_come_from_the_registry():
-    from maxlm import evaluate, tasks
+    from maxlm.evaluation import harness as evaluate
+    from maxlm.data import tasks
 
     assert list(evaluate.EVAL_TASKS) == [*tasks.TASKS, "all", "mc", "ppl", "gen", "passkey", "contamination"]
     with pytest.raises(evaluate.EvaluateError) as err:
@@ -233,7 +234,7 @@ def test_evaluate_cli_unknown_task_is_one_line():
 
 def test_rl_environments_are_validated_from_their_registry():
     """`ppo.reward_fn` names an environment registered beside its code (maxlm.environments, maxlm.graph)."""
-    from maxlm import environments, ppo  # noqa: F401  (ppo imports every built-in environment)
+    from maxlm.posttrain import environments, ppo  # noqa: F401  (ppo imports every built-in environment)
 
     assert list(environments.ENVIRONMENTS)[:2] == ["model", "shortest_path"]
     config = C.override(C.default_config(), **{"ppo.reward_fn": "chess"})

@@ -1,4 +1,4 @@
-"""Contamination check (maxlm/contamination.py): a corpus with known overlaps planted in it (case,
+"""Contamination check (maxlm/evaluation/contamination.py): a corpus with known overlaps planted in it (case,
 punctuation and spacing changed; Chinese without spaces), near misses one unit short of an n-gram, and the
 command line's per-benchmark fractions."""
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from maxlm import contamination
+from maxlm.evaluation import contamination
 from tests.helpers import ROOT
 
 

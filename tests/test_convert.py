@@ -21,8 +21,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import jax  # noqa: E402
 
-from maxlm import model as model_lib  # noqa: E402
-from maxlm.convert import from_hf, to_hf  # noqa: E402
+from maxlm.model import decoder as model_lib  # noqa: E402
+from maxlm.interop.hf import from_hf, to_hf  # noqa: E402
 from tests.helpers import HF_TOL, HF_VOCAB, build_hf, hf_logits  # noqa: E402
 
 # name -> (HF class name, extra config kwargs)

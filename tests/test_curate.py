@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from maxlm import config as config_lib
-from maxlm import curate
-from maxlm.data import clean, records
+from maxlm.curation import clean
+from maxlm.curation import pipeline as curate
+from maxlm.data import records
 from maxlm.data.sources import StdlibSource
 from tests.helpers import GOOD_EN, ROOT, build_tiny_tfds
 
@@ -181,8 +182,8 @@ def test_perplexity_stage_matches_transformers(tmp_path, hf_base):
     from transformers import LlamaForCausalLM
 
     from maxlm import tokenizer
-    from maxlm.data import perplexity
-    from maxlm import pretrained
+    from maxlm.curation import perplexity
+    from maxlm.interop import pretrained
 
     rng = random.Random(4)
     texts = [_prose(rng, 1)[: rng.randint(20, 400)] for _ in range(7)]

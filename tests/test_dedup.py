@@ -1,4 +1,4 @@
-"""Near-duplicate detection (maxlm/data/dedup.py) against oracles written here: Python sets of shingle
+"""Near-duplicate detection (maxlm/curation/dedup.py) against oracles written here: Python sets of shingle
 strings for the Jaccard, a BFS for connected components, quadrature for the LSH areas, and a planted corpus
 whose ground truth is computed in this file."""
 
@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from maxlm.data import dedup
+from maxlm.curation import dedup
 from maxlm.data.hashing import CodePoints
 
 

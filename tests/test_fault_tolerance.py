@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import checkpoint, convert, train
 from maxlm import config as C
+from maxlm.interop import hf as convert
+from maxlm.training import checkpoint, pretrain as train
 from tests.helpers import ROOT, small_config
 
 

@@ -1,4 +1,4 @@
-"""GSM8K-style generation evaluation (maxlm/generation_eval.py): answer extraction on literal cases, the
+"""GSM8K-style generation evaluation (maxlm/evaluation/generation.py): answer extraction on literal cases, the
 few-shot prompt against a literal string, and greedy continuations equal to `transformers.generate`, item by
 item, with the same extracted answers."""
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from maxlm import generation_eval as gen
-from maxlm import pretrained
 from maxlm import tokenizer as tokenizer_lib
+from maxlm.evaluation import generation as gen
+from maxlm.interop import pretrained
 from tests.helpers import ROOT
 
 

@@ -1,4 +1,4 @@
-"""The shortest-path task (maxlm/graph.py): a hand-made graph with known answers, random graphs checked
+"""The shortest-path task (maxlm/posttrain/graph.py): a hand-made graph with known answers, random graphs checked
 against an independent Floyd-Warshall, walks, the pretraining data, and the PPO environment."""
 
 import json
@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from maxlm import graph
 from maxlm.config import default_config
 from maxlm.data.sources import JsonlSource
+from maxlm.posttrain import graph
 
 A, B, C, D, E = range(5)
 # a is the goal. b -> a directly; c and e are two steps away (via b); d is three steps away, by two routes

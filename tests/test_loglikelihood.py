@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from maxlm import evaluate
-from maxlm.convert import from_hf
+from maxlm.interop.hf import from_hf
+from maxlm.model import scoring
 from tests.helpers import HF_VOCAB, ROOT, build_hf
 
 
@@ -28,11 +28,11 @@ def test_loglikelihoods_match_transformers_on_ragged_batches(tmp_path, class_nam
     rng = np.random.default_rng(0)
     contexts = [rng.integers(0, HF_VOCAB, rng.integers(1, 40)).tolist() for _ in range(11)]
     continuations = [rng.integers(0, HF_VOCAB, rng.integers(1, 9)).tolist() for _ in range(11)]
-    got = evaluate.loglikelihoods(config, params, contexts, continuations, batch_size=4)
+    got = scoring.loglikelihoods(config, params, contexts, continuations, batch_size=4)
     want = [_direct(hf_model, c, x) for c, x in zip(contexts, continuations)]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     # a batch's padding and neighbours change nothing: each pair alone gives the same number
-    alone = [evaluate.loglikelihoods(config, params, [c], [x], batch_size=1)[0] for c, x in zip(contexts, continuations)]
+    alone = [scoring.loglikelihoods(config, params, [c], [x], batch_size=1)[0] for c, x in zip(contexts, continuations)]
     np.testing.assert_allclose(got, alone, rtol=0, atol=1e-5)
 
 
@@ -41,11 +41,11 @@ def test_loglikelihoods_reject_bad_requests(tmp_path):
     hf_model.save_pretrained(str(tmp_path), safe_serialization=True)
     config, params = from_hf(str(tmp_path))
     with pytest.raises(ValueError, match="empty context"):
-        evaluate.loglikelihoods(config, params, [[]], [[1]])
+        scoring.loglikelihoods(config, params, [[]], [[1]])
     with pytest.raises(ValueError, match="contexts but"):
-        evaluate.loglikelihoods(config, params, [[1]], [])
+        scoring.loglikelihoods(config, params, [[1]], [])
     long_context = list(range(1, HF_VOCAB)) * 3  # longer than max_seq_len (256): cut from the left
-    got = evaluate.loglikelihoods(config, params, [long_context], [[5, 6]])[0]
+    got = scoring.loglikelihoods(config, params, [long_context], [[5, 6]])[0]
     assert got == pytest.approx(_direct(hf_model, long_context[-(257 - 2):], [5, 6]), abs=1e-4)
 
 
@@ -69,7 +69,7 @@ def _hf_docs_recipe(hf_model, ids, window, stride):
 def test_perplexity_and_bits_per_byte_match_transformers(shared_tok_path, hf_base):
     from transformers import LlamaForCausalLM
 
-    from maxlm import pretrained
+    from maxlm.interop import pretrained
     from maxlm import tokenizer as tokenizer_lib
 
     config, params, _ = pretrained.load_base(hf_base)
@@ -80,14 +80,14 @@ def test_perplexity_and_bits_per_byte_match_transformers(shared_tok_path, hf_bas
     n, window = len(ids), 100
     assert window < n < 2 * window - 1
     stride = n - window  # two windows, placed exactly where the guide's loop puts them
-    r = evaluate.perplexity(config, params, tok, [text], window=window, stride=stride)
+    r = scoring.perplexity(config, params, tok, [text], window=window, stride=stride)
     want = _hf_docs_recipe(hf, ids, window, stride)
     assert r["tokens"] == n - 1 and r["items"][0]["nll"] == pytest.approx(want, abs=1e-3)
     assert r["ppl"] == pytest.approx(np.exp(want / (n - 1)), rel=1e-5)
     assert r["bits_per_byte"] == pytest.approx(want / np.log(2) / len(text.encode()), rel=1e-5)
     short = "A short text."
     ids = [tok.bos_id] + tok.encode(short)
-    whole = evaluate.perplexity(config, params, tok, [short], window=64, stride=32)
+    whole = scoring.perplexity(config, params, tok, [short], window=64, stride=32)
     assert whole["items"][0]["nll"] == pytest.approx(_hf_docs_recipe(hf, ids, 64, 32), abs=1e-4)
     # Several texts of very different lengths: perplexity and bits per byte pool every token and byte
     # (exp(total nll / total tokens)), not a mean of per-text values.
@@ -95,7 +95,7 @@ def test_perplexity_and_bits_per_byte_match_transformers(shared_tok_path, hf_bas
     docs = [[tok.bos_id] + tok.encode(t) for t in texts]
     nlls = [_hf_docs_recipe(hf, d, window, stride) for d in docs]
     tokens, nbytes = sum(len(d) - 1 for d in docs), sum(len(t.encode()) for t in texts)
-    many = evaluate.perplexity(config, params, tok, texts, window=window, stride=stride)
+    many = scoring.perplexity(config, params, tok, texts, window=window, stride=stride)
     assert (many["tokens"], many["bytes"], many["n"]) == (tokens, nbytes, 3)
     assert many["ppl"] == pytest.approx(np.exp(sum(nlls) / tokens), rel=1e-5)
     assert many["bits_per_byte"] == pytest.approx(sum(nlls) / np.log(2) / nbytes, rel=1e-5)
@@ -106,11 +106,11 @@ def test_perplexity_and_bits_per_byte_match_transformers(shared_tok_path, hf_bas
 def test_sliding_windows_score_every_token_once():
     for n in range(2, 40):
         for window, stride in [(4, 2), (4, 3), (8, 1), (5, 4)]:
-            spans = evaluate.sliding_windows(n, window, stride)
+            spans = scoring.sliding_windows(n, window, stride)
             scored = [t for _, a, b in spans for t in range(a, b)]
             assert scored == list(range(1, n)) and all(e - b <= window for b, _, e in spans)
     with pytest.raises(ValueError, match="stride"):
-        evaluate.sliding_windows(10, 4, 4)
+        scoring.sliding_windows(10, 4, 4)
 
 
 def test_ppl_command_line(tmp_path, hf_base):
@@ -118,7 +118,7 @@ def test_ppl_command_line(tmp_path, hf_base):
     import subprocess
     import sys
 
-    from maxlm import pretrained
+    from maxlm.interop import pretrained
     from maxlm import tokenizer as tokenizer_lib
 
     texts = ["One document of plain words.", "Another, a little longer: " * 5, "第三个文件。"]
@@ -132,6 +132,6 @@ def test_ppl_command_line(tmp_path, hf_base):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     config, params, tok_path = pretrained.load_base(hf_base)
-    want = evaluate.perplexity(config, params, tokenizer_lib.load(tok_path), texts, window=32, stride=16)
+    want = scoring.perplexity(config, params, tokenizer_lib.load(tok_path), texts, window=32, stride=16)
     assert summary["n"] == 3 and summary["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
     assert summary["bits_per_byte"] == pytest.approx(want["bits_per_byte"], rel=1e-5)

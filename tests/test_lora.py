@@ -1,4 +1,4 @@
-"""LoRA (maxlm/lora.py): merge math, gradients through merge, shardings, counts and validation.
+"""LoRA (maxlm/model/lora.py): merge math, gradients through merge, shardings, counts and validation.
 
 References are computed here independently, in float64 numpy: each weight is viewed as a matrix
 [L, prod(input dims), prod(output dims)] and W + scale * A @ B is formed with numpy matmuls.
@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from maxlm import config as C
-from maxlm import lora, model
+from maxlm.model import lora, decoder as model
 from tests.helpers import random_params
 
 TINY = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "tiny.py")

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from maxlm import config as C
-from maxlm import curate, train
+from maxlm.curation import pipeline as curate
 from maxlm.data import make_source
 from maxlm.data.mixture import MixtureError, MixtureSource
+from maxlm.training import pretrain as train
 from tests.helpers import WORDS, small_config
 
 

@@ -7,9 +7,9 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from kernels import reference
-from maxlm import attention
 from maxlm import config as C
-from maxlm import model
+from maxlm.model import attention
+from maxlm.model import decoder as model
 
 
 def _cfg(**extra):
@@ -132,7 +132,7 @@ def test_documents_in_a_packed_row_do_not_interact(params):
 def test_pallas_attention_matches_xla_loss_and_grads(params, scan, remat):
     # The Pallas flash kernel (interpreted on CPU) inside the full model: same loss, same gradients,
     # on a packed batch with a padding tail (segment 0) so every masking path is exercised.
-    from maxlm.train import loss_fn
+    from maxlm.training.pretrain import loss_fn
 
     tokens = jax.random.randint(jax.random.key(3), (2, 17), 0, 97)
     seg = jnp.array([[1] * 5 + [2] * 9 + [0] * 2, [3] * 16])

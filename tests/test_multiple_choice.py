@@ -1,4 +1,4 @@
-"""Few-shot multiple choice (maxlm/multiple_choice.py) on a small MMLU-shaped folder built here: loading both
+"""Few-shot multiple choice (maxlm/evaluation/multiple_choice.py) on a small MMLU-shaped folder built here: loading both
 layouts, prompts against literal strings, and predictions equal item for item to an independent computation
 with `transformers` (each choice's log-likelihood summed from the model's own softmax)."""
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from maxlm import multiple_choice as mc
-from maxlm import pretrained
 from maxlm import tokenizer as tokenizer_lib
+from maxlm.evaluation import multiple_choice as mc
+from maxlm.interop import pretrained
 from tests.helpers import ROOT
 
 ROWS = [

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from maxlm import config as C
-from maxlm import model, optim
+from maxlm.model import decoder as model
+from maxlm.training import optim
 
 
 def _config(schedule, **extra):

@@ -1,4 +1,4 @@
-"""Passkey retrieval (maxlm/passkey.py): prompts of the asked length with the needle at the asked depth,
+"""Passkey retrieval (maxlm/evaluation/passkey.py): prompts of the asked length with the needle at the asked depth,
 scoring by the first number of the answer (with an oracle that reads the key back from the prompt, and one
 that never can), the heat map, and the command line on a random model."""
 
@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from maxlm import passkey
 from maxlm import tokenizer as tokenizer_lib
+from maxlm.evaluation import passkey
 from tests.helpers import ROOT
 
 

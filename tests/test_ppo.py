@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import model, ppo, reward, sample
 from maxlm import config as C
+from maxlm.model import decoder as model, sampler as sample
+from maxlm.posttrain import ppo, reward
 from tests.helpers import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,7 +193,7 @@ def test_ppo_iterations_raise_a_programmatic_score():
     from the KV-cache sampler, `_score`, `_advantages` (KL to the frozen start, GAE, whitening) and the
     trainer's jitted clipped-loss step -- raise a reward that counts one target token in 4-token replies
     from ~1/16 under the random policy to more than 0.4 in 6 iterations, while the KL to the reference grows."""
-    from maxlm import train
+    from maxlm.training import pretrain as train
 
     target, r = 9, 4
     config = C.override(_config(), **{
@@ -283,7 +284,8 @@ def test_ppo_cli_end_to_end_and_resume(hf_base, reward_run, tmp_path):
 def test_reward_model_sees_a_sampled_reply_as_it_was_trained(shared_tok_path):
     """PPO's reward-model input for a reply that stopped at the end marker is token for token the
     rendering `maxlm.reward` trains on, and the checker ignores the marker."""
-    from maxlm import tasks, tokenizer
+    from maxlm.data import tasks
+    from maxlm import tokenizer
     from maxlm.data import preference
 
     tok = tokenizer.load(shared_tok_path)

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from maxlm import model, pretrained
+from maxlm.interop import pretrained
+from maxlm.model import decoder as model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

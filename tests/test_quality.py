@@ -1,10 +1,11 @@
-"""Every heuristic quality rule (maxlm/data/quality.py) on an English and a Chinese case: clean text passes,
+"""Every heuristic quality rule (maxlm/curation/quality.py) on an English and a Chinese case: clean text passes,
 text with the rule's defect is removed by that rule, and the statistics match direct computations."""
 
 import pytest
 
 from maxlm import config as config_lib
-from maxlm.data import quality
+from maxlm.curation import pipeline
+from maxlm.curation import quality
 from tests.helpers import GOOD_EN
 
 GOOD_ZH = (
@@ -98,10 +99,10 @@ def test_validate_names_the_key():
     c = config_lib.curate_config()
     c.quality.rules = ("length", "nonsense")
     with pytest.raises(config_lib.ConfigError, match="quality.rules"):
-        config_lib.validate_curate(c)
+        pipeline.validate_curate(c)
     c = config_lib.curate_config()
     c.stages = "dedup,typo"
     with pytest.raises(config_lib.ConfigError, match="stages"):
-        config_lib.validate_curate(c)
+        pipeline.validate_curate(c)
     c.stages = "dedup"
     assert config_lib.curate_stages(c) == ("exact", "near")

@@ -12,9 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import chat, model, reward, tasks, tokenizer
 from maxlm import config as C
+from maxlm import tokenizer
+from maxlm.data import chat, tasks
 from maxlm.data import preference
+from maxlm.model import decoder as model
+from maxlm.posttrain import reward
 from tests.helpers import ROOT, random_params, tiny_model_config
 
 
@@ -154,7 +157,7 @@ def test_reward_cli_end_to_end(reward_run, hf_base, tmp_path):
 
 
 def test_sampled_pairs_reject_the_policys_wrong_replies(hf_base, tok):
-    from maxlm import pretrained
+    from maxlm.interop import pretrained
 
     config, params, _ = pretrained.load_base(hf_base)
     items = tasks.make_items("sort", "train", 3)
@@ -193,7 +196,7 @@ def test_pair_iterator_resumes_exactly_on_any_number_of_hosts(tok):
 def test_pairs_sampled_from_another_policy(hf_base, tok):
     """`reward.sample_policy`: the sampled pairs come from that model even when the reward model's own base
     params are not passed, and they are exactly `sampled_pairs` of it on the items past the synthetic ones."""
-    from maxlm import pretrained
+    from maxlm.interop import pretrained
 
     config, params, _ = pretrained.load_base(hf_base)
     cfg = pretrained.with_base_model(C.override(C.default_config(), **{

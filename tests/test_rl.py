@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import rl
+from maxlm.posttrain import rl
 
 T = 7
 LENGTHS = (7, 3, 0, 5, 1)

@@ -1,4 +1,4 @@
-"""Rotary scaling for context extension (maxlm/attention.py: linear, dynamic NTK, YaRN) against Hugging Face's
+"""Rotary scaling for context extension (maxlm/model/attention.py: linear, dynamic NTK, YaRN) against Hugging Face's
 implementation of the same `rope_scaling`: logits of randomly initialised Llama models, read by `from_hf`,
 on sequences longer than the original context, and the export back to a config transformers reads alike; and
 frequency by frequency against transformers' own rope initialisation functions (static NTK, which transformers lacks,
@@ -14,9 +14,9 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from maxlm import attention
-from maxlm import model as model_lib
-from maxlm.convert import from_hf, to_hf
+from maxlm.interop.hf import from_hf, to_hf
+from maxlm.model import attention
+from maxlm.model import decoder as model_lib
 from tests.helpers import HF_TOL, HF_VOCAB, build_hf, hf_logits
 
 CASES = {

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from maxlm import config as config_lib
-from maxlm import model, sample
+from maxlm.model import decoder as model, sampler as sample
 
 VOCAB, D, N, K, F, L = 256, 64, 4, 2, 128, 2
 MAX_NEW = 32

@@ -11,9 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import chat, model, pretrained, tasks, tokenizer, train
 from maxlm import config as C
+from maxlm import tokenizer
+from maxlm.data import chat, tasks
 from maxlm.data import sft as sft_data
+from maxlm.interop import pretrained
+from maxlm.model import decoder as model
+from maxlm.training import pretrain as train
 from tests.helpers import ROOT, tiny_model_config
 
 
@@ -116,7 +120,7 @@ def _hf_logits(folder, tokens):
 
 @pytest.mark.parametrize("rank", [0, 4])
 def test_sft_on_imported_hf_model_exports_back(hf_base, tok, tmp_path, rank):
-    from maxlm import sft
+    from maxlm.posttrain import sft
 
     work = str(tmp_path / "sft")
     history = sft.finetune(_sft_config(hf_base, **{"lora.rank": rank}), work)

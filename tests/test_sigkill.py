@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from maxlm import checkpoint
+from maxlm.training import checkpoint
 from tests.helpers import ROOT, write_corpus
 
 NUM_KILLS = 20

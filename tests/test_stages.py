@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from maxlm import checkpoint, optim, train
 from maxlm import config as C
+from maxlm.training import checkpoint, optim, pretrain as train
 from tests.helpers import ROOT, small_config
 
 LONG = ("name=long steps=8 data.seq_len=256 data.batch_size=2 model.max_seq_len=256 model.rope_scaling=yarn "

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from maxlm import tasks
 from maxlm.config import SFT_TASKS
+from maxlm.data import tasks
 
 WRAPPERS = {
     "bracket": lambda w: "[" + w + "]",

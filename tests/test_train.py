@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import checkpoint, model, train
 from maxlm import config as C
+from maxlm.model import decoder as model
+from maxlm.training import checkpoint, pretrain as train
 from tests.helpers import ROOT, random_params, small_config, write_corpus
 
 

@@ -1,5 +1,6 @@
 """Pretraining data: random-access document sources (sources.py) and the packed batch iterator (packing.py)."""
 
+from maxlm.data.mixture import make_source
 from maxlm.data.packing import Batch, PackedIterator, gather_state, merge_states
 from maxlm.data.sources import (
     SKIP_REASONS,
@@ -10,7 +11,6 @@ from maxlm.data.sources import (
     TfdsSource,
     iter_texts,
     make_base_source,
-    make_source,
     split_indices,
 )
 

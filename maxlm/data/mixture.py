@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 
-from maxlm.data.sources import JsonlSource, Lookup, Source, split_indices, unit_hash
+from maxlm.data.sources import JsonlSource, Lookup, Source, Subset, make_base_source, split_indices, unit_hash
 
 
 class MixtureError(ValueError):
@@ -98,3 +99,13 @@ class MixtureSource(Source):
                  f"({r['distinct']} distinct of {r['available']})"
                  for name, w, share, r in zip(self.names, self.weights, shares, self.realised)]
         return "data mixture: " + "; ".join(parts)
+
+
+def make_source(config: ml_collections.ConfigDict, split: str) -> Source:
+    """The "train" or "eval" documents of the configured source (held out by `config.data.eval_fraction`)."""
+    d = config.data
+    if d.source == "mixture":
+        return MixtureSource(d.mixture, split, d.eval_fraction, quality_repeat=d.quality_repeat, text_key=d.text_key,
+                             seed=d.shuffle_seed)
+    base = make_base_source(config)
+    return Subset(base, split_indices(len(base), config.data.eval_fraction, split))

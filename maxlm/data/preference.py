@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from maxlm import chat, tasks
+from maxlm.data import chat, tasks
 from maxlm.data import sft as sft_data
 from maxlm.data.packing import EpochIterator
 

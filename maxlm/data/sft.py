@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from maxlm import chat
+from maxlm.data import chat
 from maxlm.data.packing import EpochIterator
 
 Batch = dict[str, np.ndarray]

@@ -269,18 +269,6 @@ def make_base_source(config: ml_collections.ConfigDict) -> Source:
     raise ValueError(f"data.source {d.source!r} has no single base source (stdlib | jsonl | tfds)")
 
 
-def make_source(config: ml_collections.ConfigDict, split: str) -> Source:
-    """The "train" or "eval" documents of the configured source (held out by `config.data.eval_fraction`)."""
-    d = config.data
-    if d.source == "mixture":
-        from maxlm.data.mixture import MixtureSource
-
-        return MixtureSource(d.mixture, split, d.eval_fraction, quality_repeat=d.quality_repeat, text_key=d.text_key,
-                             seed=d.shuffle_seed)
-    base = make_base_source(config)
-    return Subset(base, split_indices(len(base), config.data.eval_fraction, split))
-
-
 def iter_texts(source: Source, seed: int = 0) -> Iterator[str]:
     """Readable documents in a fixed shuffled order, so a byte-capped prefix samples the whole corpus."""
     for i in np.random.default_rng(seed).permutation(len(source)):

@@ -18,12 +18,12 @@ import os
 from typing import Any, Callable
 
 import jax
-from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 from maxlm import config as config_lib
-from maxlm import trees
+from maxlm.model import trees
 
 ITEMS = ("params", "opt_state", "meta", "config")
 

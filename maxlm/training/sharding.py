@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from maxlm import model
 from maxlm.config import MESH_AXES, ConfigError
+from maxlm.model import decoder as model
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from maxlm.data import dedup
-from maxlm.data.quality import CJK
+from maxlm.curation import dedup
+from maxlm.curation.quality import CJK
 from maxlm.data.records import Shard, iter_records
 
 _UNIT = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")  # a CJK character, or a run of other letters and digits

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.ad_checkpoint import checkpoint_name
 
-from maxlm import attention
-from maxlm.attention import head_dim
+from maxlm.model import attention
+from maxlm.model.attention import head_dim
 
 Cache = dict[str, jax.Array]
 

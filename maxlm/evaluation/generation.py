@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from maxlm import sample
+from maxlm.model import sampler as sample
 
 _HASHES = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple, Union
 
 import ml_collections
 
-from maxlm import lora, model, value_head
+from maxlm.model import lora, decoder as model, value_head
 
 Layout = Union[str, dict]
 

@@ -30,10 +30,12 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from maxlm import checkpoint as checkpoint_lib
 from maxlm import config as config_lib
-from maxlm import data, lora, optim, sharding, trees
-from maxlm.metrics import MetricsWriter, format_bytes, log_line, peak_flops_per_device
+from maxlm import data
+from maxlm.model import lora, trees
+from maxlm.training import checkpoint as checkpoint_lib
+from maxlm.training import optim, sharding
+from maxlm.training.metrics import MetricsWriter, format_bytes, log_line, peak_flops_per_device
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -168,7 +170,11 @@ class Trainer:
         missing = set(self.frozen_layouts) - set(frozen)
         if missing:
             raise ValueError(f"the {self.objective.name} objective needs the frozen trees {sorted(missing)}")
-        return {name: jax.device_put(frozen[name], self.state_shardings["frozen"][name]) for name in self.frozen_layouts}
+        # Copies, never aliases: the state is donated to the step, and a frozen tree sharing a buffer with the
+        # parameters or with another frozen tree (a reference policy that is also the actor's start) would
+        # be donated twice.
+        return {name: jax.device_put(frozen[name], self.state_shardings["frozen"][name], may_alias=False)
+                for name in self.frozen_layouts}
 
     def init_state(self, rng: jax.Array, params: Any = None, base: dict | None = None,
                    frozen: dict | None = None) -> State:

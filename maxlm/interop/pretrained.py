@@ -21,8 +21,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from maxlm import checkpoint, convert, lora, tokenizer
 from maxlm import config as config_lib
+from maxlm import tokenizer
+from maxlm.interop import hf as convert
+from maxlm.model import lora
+from maxlm.training import checkpoint
 
 # Model keys fixed by the weights: every key of the `model` section but config.MODEL_RUN_KEYS (dtype of
 # compute, attention kernel, remat, scan: how to run them, which comes from the fine-tuning config).

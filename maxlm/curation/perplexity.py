@@ -13,17 +13,17 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from maxlm.model import scoring
+
 
 def perplexities(config: ml_collections.ConfigDict, params: dict, tok, texts: Sequence[str], *, max_tokens: int,
                  batch_size: int) -> np.ndarray:
     """exp(mean next-token NLL) of each text's first `max_tokens` tokens ([bos] included). float64 [n]; a
     text with no tokens scores 1."""
-    from maxlm import evaluate
-
     length = min(max_tokens, config.model.max_seq_len + 1)
     bodies = [tok.encode(t)[:length - 1] for t in texts]
     scored = [i for i, b in enumerate(bodies) if b]
-    ll = evaluate.loglikelihoods(config, params, [[tok.bos_id]] * len(scored), [bodies[i] for i in scored],
+    ll = scoring.loglikelihoods(config, params, [[tok.bos_id]] * len(scored), [bodies[i] for i in scored],
                                  batch_size=batch_size)
     out = np.ones(len(texts), np.float64)
     for i, value in zip(scored, ll):

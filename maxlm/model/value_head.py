@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec
 
-from maxlm import model
+from maxlm.model import decoder as model
 
 
 def _trunk(tree: dict) -> dict:

@@ -15,9 +15,11 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from maxlm import chat, config as config_lib, evaluate, tasks
+from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
+from maxlm.data import chat, tasks
 from maxlm.data import preference
+from maxlm.evaluation import harness as evaluate
 
 ENVIRONMENTS: dict[str, Callable[[ml_collections.ConfigDict, tokenizer_lib.Tokenizer], Any]] = {}
 

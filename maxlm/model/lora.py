@@ -49,8 +49,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec
 
-from maxlm import model
 from maxlm.errors import ConfigError
+from maxlm.model import decoder as model
 
 # The weights an adapter can target (`lora.targets`); q/k/v mean `wqkv` on a fused-qkv model.
 TARGETS = ("q", "k", "v", "o", "wqkv", "gate", "up", "down", "lm_head")

@@ -24,7 +24,7 @@ from typing import Any
 
 import ml_collections
 
-from maxlm import evaluate
+from maxlm.model import scoring
 
 LETTERS = ("A", "B", "C", "D")
 HEADERS = {
@@ -102,7 +102,7 @@ def score(config: ml_collections.ConfigDict, params: dict, tok: Any, data: dict[
                 contexts.append(ctx)
                 continuations.append(tok.encode(c))
             meta.append((subject, i, row))
-    ll = evaluate.loglikelihoods(config, params, contexts, continuations)
+    ll = scoring.loglikelihoods(config, params, contexts, continuations)
     items = []
     for k, (subject, i, row) in enumerate(meta):
         mine = ll[4 * k:4 * k + 4]

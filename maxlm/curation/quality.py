@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 # Scripts written without spaces between words (CJK radicals and symbols, kana, bopomofo, ideographs,
-# compatibility ideographs, hangul): one character is one unit. Shared with maxlm/contamination.py.
+# compatibility ideographs, hangul): one character is one unit. Shared with maxlm/evaluation/contamination.py.
 CJK = "\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _UNIT = re.compile(rf"[{CJK}]|[^\s{CJK}]+")
 _IS_CJK = re.compile(rf"[{CJK}]")

@@ -1,0 +1,1 @@
+"""Data curation: cleaning, quality rules, MinHash-LSH dedup, perplexity filtering, the pipeline."""

@@ -1,0 +1,440 @@
+"""Data curation: clean, filter, deduplicate and score a corpus into jsonl shards the pretraining loader reads.
+
+    python -m maxlm.curate --config=configs/curate_default.py --input='crawl/*.jsonl.gz' --output=curated
+    python -m maxlm.curate --input=stdlib --output=curated --config.stages=dedup   # dedup only
+    python -m maxlm.curate --input=tfds:wiki40b/en:train --output=curated
+
+The stages follow the seeds' recipe (InternLM2: jsonl, heuristic rules, LSH dedup, safety and perplexity
+filters; Baichuan-7B: rules, model scores, document- and paragraph-level dedup), in this order:
+
+  normalize    Unicode NFC, control characters, whitespace; HTML to text (maxlm/curation/clean.py)
+  boilerplate  lines found in >= boilerplate.min_docs different documents are removed everywhere
+  quality      the heuristic rules of maxlm/curation/quality.py (Gopher's, plus a safety blocklist)
+  exact        identical normalised text: the first document is kept
+  near         MinHash + banded LSH + verified Jaccard + connected components (maxlm/curation/dedup.py)
+  paragraph    long paragraphs already seen in an earlier kept document are cut (repeated spans)
+  perplexity   a maxlm checkpoint scores each document; the worst percentile goes, the rest get buckets
+
+Input: jsonl files (optionally .gz / .zst), one record per line with a `text` field; every other field
+(`id`, `url`, ...) is carried through unchanged. Each input file is a shard, processed by its own worker
+process; output shard k (`part-0000k.jsonl`) holds what survives of input shard k, in input order. A line
+that is not a valid record (bad JSON, invalid UTF-8, no text, over `max_line_bytes`) is counted per reason
+and skipped. Memory stays bounded: documents stream through the workers, MinHash signatures go to disk
+and LSH reads them once, in row chunks, into 8-byte band keys. `DIR/report.json` counts documents and bytes
+in and out and the removals per rule; `DIR/removed_examples.jsonl` keeps a few removed documents per rule
+for a human to read. The output is written under a temporary folder and moved into place at the end, and
+is byte-identical for the same input, config and seed.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import glob
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from maxlm import config as config_lib
+from maxlm import tokenizer as tokenizer_lib
+from maxlm.config import CURATE_ALIASES, CURATE_STAGES, _check
+from maxlm.curation import clean, dedup, perplexity, quality
+from maxlm.data.records import MALFORMED, InputError, Shard, iter_records, resolve_input
+from maxlm.interop import pretrained
+
+SIGNATURE_BATCH = 512  # documents per MinHash call
+EXAMPLE_CHARS = 2000
+
+
+class CurateError(ValueError):
+    """A user mistake (no input, bad output folder): one line, exit status 2."""
+
+
+def prepare(text: str, config: ml_collections.ConfigDict, stages: tuple[str, ...]) -> str:
+    """The normalize stage: HTML to text (when asked or when it looks like HTML), then `clean.normalize`."""
+    if "normalize" not in stages:
+        return text
+    if config.html == "always" or (config.html == "auto" and clean.looks_like_html(text)):
+        return clean.html_to_text(text)
+    return clean.normalize(text)
+
+
+def _doc_id(record: dict, shard: Shard, line: int) -> str:
+    return str(record.get("id", f"{os.path.basename(shard.path) or shard.kind}:{line}"))
+
+
+# ---- worker passes (module-level functions: they run in spawned processes) ----
+
+def _line_frequencies(shard: Shard, config: ml_collections.ConfigDict, stages: tuple[str, ...]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Pass A: (line hash, number of documents containing the line) over one shard."""
+    hashes = []
+    for record, _ in iter_records(shard, config.text_key, config.max_line_bytes):
+        if record is not None:
+            text = prepare(record[config.text_key], config, stages)
+            hashes.extend({clean.text_hash(line) for line in clean.lines_of(text)})
+    return np.unique(np.asarray(hashes, np.int64), return_counts=True)
+
+
+def _examples_add(examples: dict, rule: str, limit: int, **row: Any) -> None:
+    if len(examples[rule]) < limit:
+        row["text"] = row["text"][:EXAMPLE_CHARS]
+        examples[rule].append(dict(rule=rule, **row))
+
+
+def _filter_shard(k: int, shard: Shard, config: ml_collections.ConfigDict, stages: tuple[str, ...], work: str,
+                  boilerplate_file: str) -> dict:
+    """Pass B: normalise, strip boilerplate, apply the quality rules; survivors go to work/survivors-k.jsonl
+    with their exact-dedup hash, MinHash signature (work/sig-k.npy) and long-paragraph hashes."""
+    boilerplate = np.load(boilerplate_file) if boilerplate_file else np.zeros(0, np.int64)
+    hasher = dedup.MinHasher(config.dedup.num_perm, config.dedup.ngram, config.dedup.unit, config.seed)
+    malformed, removed = collections.Counter(), collections.Counter()
+    examples = collections.defaultdict(list)
+    docs_in = bytes_in = lines_cut = 0
+    exact, ids, para_hash, para_doc, sigs, batch = [], [], [], [], [], []
+    out_path = os.path.join(work, f"survivors-{k:05d}.jsonl")
+    with open(out_path, "w", encoding="utf-8") as out:
+        for line, (record, reason) in enumerate(iter_records(shard, config.text_key, config.max_line_bytes)):
+            if record is None:
+                malformed[reason] += 1
+                continue
+            original = record[config.text_key]
+            docs_in += 1
+            bytes_in += len(original.encode("utf-8"))
+            text = prepare(original, config, stages)
+            if "boilerplate" in stages and len(boilerplate):
+                text, cut = clean.drop_lines(text, boilerplate)
+                lines_cut += cut
+            doc_id = _doc_id(record, shard, line)
+            rule = None
+            if not text.strip():
+                rule = "boilerplate" if original.strip() else "normalize"
+            elif "quality" in stages:
+                rule = quality.check(text, config.quality, url=str(record.get("url", "")))
+            if rule is not None:
+                removed[rule] += 1
+                _examples_add(examples, rule, config.examples_per_rule, id=doc_id, text=original)
+                continue
+            record[config.text_key] = text
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            ids.append(doc_id)
+            if "exact" in stages:
+                exact.append(clean.text_hash(dedup.normalize_for_shingles(text)))
+            if "paragraph" in stages:
+                for p in clean.paragraphs_of(text):
+                    if len(p) >= config.paragraph.min_chars:
+                        para_hash.append(clean.text_hash(p))
+                        para_doc.append(len(ids) - 1)
+            if "near" in stages:
+                batch.append(text)
+                if len(batch) == SIGNATURE_BATCH:
+                    sigs.append(hasher.signatures(batch))
+                    batch = []
+    if batch:
+        sigs.append(hasher.signatures(batch))
+    sig_path = os.path.join(work, f"sig-{k:05d}.npy")
+    np.save(sig_path, np.concatenate(sigs) if sigs else np.zeros((0, config.dedup.num_perm), np.uint32))
+    return {"malformed": malformed, "removed": removed, "examples": dict(examples), "docs_in": docs_in,
+            "bytes_in": bytes_in, "boilerplate_lines": lines_cut, "ids": ids, "exact": np.asarray(exact, np.int64),
+            "para_hash": np.asarray(para_hash, np.int64), "para_doc": np.asarray(para_doc, np.int64),
+            "survivors": out_path, "signatures": sig_path}
+
+
+def _finish_shard(survivors: str, ids: list[str], drop: list[tuple[int, str, str]], owner: dict[int, int],
+                  first: int, config: ml_collections.ConfigDict, stages: tuple[str, ...], out_path: str) -> dict:
+    """Pass C: drop the duplicates, cut repeated paragraphs, write the shard's kept records."""
+    dropped = {i: (rule, of) for i, rule, of in drop}
+    removed = collections.Counter()
+    examples = collections.defaultdict(list)
+    docs_out = bytes_out = para_chars = 0
+    with open(survivors, encoding="utf-8") as src, open(out_path, "w", encoding="utf-8") as out:
+        for i, line in enumerate(src):
+            record = json.loads(line)
+            text = record[config.text_key]
+            doc_id = ids[i]
+            if i in dropped:
+                rule, of = dropped[i]
+                removed[rule] += 1
+                _examples_add(examples, rule, config.examples_per_rule, id=doc_id, duplicate_of=of, text=text)
+                continue
+            if "paragraph" in stages and owner:
+                cut, chars = clean.drop_paragraphs(text, owner, first + i, config.paragraph.min_chars)
+                if chars:
+                    para_chars += chars
+                    if not cut.strip() or ("quality" in stages and "length" in config.quality.rules
+                                           and quality.check(cut, config.quality, rules=("length",)) is not None):
+                        removed["paragraph"] += 1
+                        _examples_add(examples, "paragraph", config.examples_per_rule, id=doc_id, text=text)
+                        continue
+                    record[config.text_key] = text = cut
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            docs_out += 1
+            bytes_out += len(text.encode("utf-8"))
+    return {"removed": removed, "examples": dict(examples), "docs_out": docs_out, "bytes_out": bytes_out,
+            "paragraph_chars": para_chars}
+
+
+# ---- the driver ----
+
+class _Inline:
+    """The executor interface, run in this process (workers=1: no process start-up, easy debugging)."""
+
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self):
+        pass
+
+
+def _executor(workers: int, n_shards: int):
+    workers = min(workers or os.cpu_count() or 1, n_shards)
+    if workers <= 1:
+        return _Inline()
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def curate(config: ml_collections.ConfigDict, input_spec: str, output: str) -> dict:
+    """Run the configured stages over `input_spec` into `output`; returns (and writes) the report."""
+    validate_curate(config)
+    stages = config_lib.curate_stages(config)
+    if "perplexity" in stages and not os.path.isdir(config.perplexity.workdir):
+        raise CurateError(f"perplexity.workdir={config.perplexity.workdir} is not a maxlm run (train one, e.g. the "
+                          "README's runs/tiny, or leave the stage out: --config.stages=...)")
+    shards = resolve_input(input_spec, config.tfds_data_dir)
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise CurateError(f"--output={output} exists and is not a folder")
+    os.makedirs(output, exist_ok=True)
+    work = os.path.join(output, ".curate-tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(os.path.join(work, "out"))
+    start = time.time()
+    _log(f"maxlm.curate: {len(shards)} shard(s) from {input_spec}; stages {', '.join(stages)}")
+    pool = _executor(config.workers, len(shards))
+    try:
+        report = _run(config, stages, shards, work, pool)
+    finally:
+        pool.shutdown()
+    report["input"]["spec"] = input_spec
+    for name in sorted(os.listdir(os.path.join(work, "out"))):
+        os.replace(os.path.join(work, "out", name), os.path.join(output, name))
+    for stale in glob.glob(os.path.join(output, "part-*.jsonl")):
+        if int(os.path.basename(stale)[5:10]) >= len(shards):
+            os.remove(stale)  # an earlier run over more shards
+    shutil.rmtree(work)
+    with open(os.path.join(output, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    _log(f"kept {report['output']['documents']} of {report['input']['documents']} documents "
+         f"({report['output']['bytes'] / max(report['input']['bytes'], 1):.1%} of the bytes) in "
+         f"{time.time() - start:.1f}s -> {output}")
+    return report
+
+
+def _run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: list[Shard], work: str, pool) -> dict:
+    boilerplate_file = ""
+    if "boilerplate" in stages:
+        futures = [pool.submit(_line_frequencies, s, config, stages) for s in shards]
+        hashes, freq = zip(*(f.result() for f in futures))
+        hashes, freq = np.concatenate(hashes), np.concatenate(freq)
+        uniq, inverse = np.unique(hashes, return_inverse=True)
+        counts = np.bincount(inverse, weights=freq).astype(np.int64)
+        boiler = uniq[counts >= config.boilerplate.min_docs]
+        boilerplate_file = os.path.join(work, "boilerplate.npy")
+        np.save(boilerplate_file, boiler)
+        _log(f"boilerplate: {len(boiler)} distinct lines occur in >= {config.boilerplate.min_docs} documents")
+
+    futures = [pool.submit(_filter_shard, k, s, config, stages, work, boilerplate_file) for k, s in enumerate(shards)]
+    parts = [f.result() for f in futures]
+    sizes = np.array([len(p["ids"]) for p in parts], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n = int(offsets[-1])
+    ids = [i for p in parts for i in p["ids"]]
+    reason = np.full(n, "", object)  # why each survivor of pass B is dropped ("" = kept)
+    of = np.arange(n)
+    report_dedup: dict[str, Any] = {}
+    if "exact" in stages and n:
+        hashes = np.concatenate([p["exact"] for p in parts])
+        _, first_index, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        of = first_index[inverse.reshape(-1)]
+        reason[of != np.arange(n)] = "exact"
+    if "near" in stages and n:
+        sig_path = os.path.join(work, "signatures.npy")
+        sig = np.lib.format.open_memmap(sig_path, "w+", np.uint32, (n, config.dedup.num_perm))
+        for p, lo in zip(parts, offsets):
+            sig[lo:lo + len(p["ids"])] = np.load(p["signatures"])
+        sig.flush()
+        params = dedup.lsh_params(config.dedup.threshold, config.dedup.num_perm, 1 - config.dedup.fn_weight,
+                                  config.dedup.fn_weight)
+        _log(params.describe(config.dedup.threshold))
+        result = dedup.near_duplicates(np.load(sig_path, mmap_mode="r"), config.dedup.threshold, params)
+        near = (~result.keep) & (reason == "")
+        reason[near], of[near] = "near", result.cluster[near]
+        report_dedup = {"bands": params.bands, "rows": params.rows, "false_positive_area": params.false_positive_area,
+                        "false_negative_area": params.false_negative_area, "candidate_pairs": result.candidate_pairs,
+                        "verified_pairs": result.verified_pairs, "clusters_with_duplicates": int(
+                            len(np.unique(result.cluster[~result.keep])))}
+
+    owner_by_shard: list[dict[int, int]] = [{} for _ in parts]
+    if "paragraph" in stages and n:
+        ph = np.concatenate([p["para_hash"] for p in parts])
+        pd = np.concatenate([p["para_doc"] + lo for p, lo in zip(parts, offsets)])
+        alive = reason[pd] == ""
+        ph, pd = ph[alive], pd[alive]
+        uniq, first_index, inverse, count = np.unique(ph, return_index=True, return_inverse=True, return_counts=True)
+        repeated = count[inverse.reshape(-1)] > 1
+        shard_of = np.searchsorted(offsets, pd[repeated], side="right") - 1
+        for h, o, k in zip(ph[repeated], pd[first_index[inverse.reshape(-1)]][repeated], shard_of):
+            owner_by_shard[k][int(h)] = int(o)
+
+    out_dir = os.path.join(work, "out") if "perplexity" not in stages else os.path.join(work, "kept")
+    os.makedirs(out_dir, exist_ok=True)
+    futures = []
+    for k, p in enumerate(parts):
+        lo = int(offsets[k])
+        drop = [(i - lo, str(reason[i]), ids[of[i]]) for i in range(lo, lo + len(p["ids"])) if reason[i]]
+        futures.append(pool.submit(_finish_shard, p["survivors"], p["ids"], drop, owner_by_shard[k], lo, config,
+                                   stages, os.path.join(out_dir, f"part-{k:05d}.jsonl")))
+    finals = [f.result() for f in futures]
+
+    removed = collections.Counter()
+    examples = collections.defaultdict(list)
+    for result in parts + finals:
+        removed.update(result["removed"])
+        for rule, rows in result["examples"].items():
+            examples[rule].extend(rows[:config.examples_per_rule - len(examples[rule])])
+    report = {
+        "stages": list(stages),
+        "input": {"shards": len(shards), "documents": sum(p["docs_in"] for p in parts),
+                  "bytes": sum(p["bytes_in"] for p in parts)},
+        "malformed": {r: sum(p["malformed"][r] for p in parts) for r in MALFORMED},
+        "removed": {r: removed[r] for r in _rule_order(config, stages)},
+        "modified": {"boilerplate_lines": sum(p["boilerplate_lines"] for p in parts),
+                     "paragraph_chars": sum(f["paragraph_chars"] for f in finals)},
+        "output": {"documents": sum(f["docs_out"] for f in finals), "bytes": sum(f["bytes_out"] for f in finals)},
+    }
+    if report_dedup:
+        report["near_dedup"] = report_dedup
+    if "perplexity" in stages:
+        report["perplexity"] = _perplexity_stage(config, len(shards), work, removed, examples)
+        report["removed"]["perplexity"] = removed["perplexity"]
+        report["output"] = report["perplexity"].pop("output")
+    with open(os.path.join(work, "out", "removed_examples.jsonl"), "w", encoding="utf-8") as f:
+        for rule in _rule_order(config, stages):
+            for row in examples.get(rule, []):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return report
+
+
+def _rule_order(config: ml_collections.ConfigDict, stages: tuple[str, ...]) -> list[str]:
+    rules = [s for s in ("normalize", "boilerplate") if s in stages]
+    rules += list(config.quality.rules) if "quality" in stages else []
+    return rules + [s for s in ("exact", "near", "paragraph", "perplexity") if s in stages]
+
+
+def _perplexity_stage(config: ml_collections.ConfigDict, n_shards: int, work: str, removed: collections.Counter,
+                      examples: dict) -> dict:
+    """Score every kept document, drop those above the `drop_above` percentile, bucket the rest."""
+    pp = config.perplexity
+    model_config, params, tok_path = pretrained.load_base(pp.workdir, pp.step, key="perplexity.workdir")
+    tok = tokenizer_lib.load(tok_path)
+    kept = [os.path.join(work, "kept", f"part-{k:05d}.jsonl") for k in range(n_shards)]
+    scores = []
+    for path in kept:
+        with open(path, encoding="utf-8") as f:
+            texts = [json.loads(line)[config.text_key] for line in f]
+        scores.append(perplexity.perplexities(model_config, params, tok, texts, max_tokens=pp.max_tokens,
+                                              batch_size=pp.batch_size))
+    every = np.concatenate(scores) if scores else np.zeros(0)
+    if not len(every):
+        return {"scored": 0, "output": {"documents": 0, "bytes": 0}}
+    drop_at = float(np.percentile(every, pp.drop_above)) if pp.drop_above < 100 else float("inf")
+    high_at, low_at = (float(np.percentile(every, q)) for q in pp.buckets)
+    buckets = collections.Counter()
+    docs_out = bytes_out = 0
+    for path, score in zip(kept, scores):
+        with open(path, encoding="utf-8") as src, open(os.path.join(work, "out", os.path.basename(path)), "w",
+                                                        encoding="utf-8") as out:
+            for line, ppl in zip(src, score):
+                record = json.loads(line)
+                if ppl > drop_at:
+                    removed["perplexity"] += 1
+                    _examples_add(examples, "perplexity", config.examples_per_rule, id=record.get("id"),
+                                  ppl=round(float(ppl), 3), text=record[config.text_key])
+                    continue
+                record["ppl"] = round(float(ppl), 4)
+                record["quality"] = "high" if ppl <= high_at else "medium" if ppl <= low_at else "low"
+                buckets[record["quality"]] += 1
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                docs_out += 1
+                bytes_out += len(record[config.text_key].encode("utf-8"))
+    return {"scored": int(len(every)), "model": pp.workdir, "drop_above": round(drop_at, 4),
+            "high_at_most": round(high_at, 4), "medium_at_most": round(low_at, 4),
+            "buckets": {b: buckets[b] for b in ("high", "medium", "low")},
+            "output": {"documents": docs_out, "bytes": bytes_out}}
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    if len(argv) > 1:
+        raise CurateError(f"unexpected arguments: {' '.join(argv[1:])}")
+    report = curate(flags.FLAGS.config, flags.FLAGS.input, flags.FLAGS.output)
+    print(json.dumps({"documents_in": report["input"]["documents"], "documents_out": report["output"]["documents"],
+                      "bytes_in": report["input"]["bytes"], "bytes_out": report["output"]["bytes"],
+                      "removed": report["removed"], "malformed": report["malformed"]}, ensure_ascii=False))
+
+
+def validate_curate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Reject an impossible curate config before any data is read, naming the key."""
+    named = [s.strip() for s in c.stages.split(",") if s.strip()]
+    bad = [s for s in named if s not in CURATE_STAGES and s not in CURATE_ALIASES]
+    _check(not bad, "stages", f"unknown stage(s) {bad}; known: {CURATE_STAGES} and aliases {tuple(CURATE_ALIASES)}")
+    _check(c.workers >= 0, "workers", "must be >= 0 (0: one per CPU core)")
+    _check(c.max_line_bytes > 0, "max_line_bytes", "must be positive")
+    _check(c.html in ("auto", "always", "never"), "html", "must be auto, always or never")
+    _check(c.boilerplate.min_docs >= 2, "boilerplate.min_docs", "must be >= 2 (a line in one document is content)")
+    unknown = [r for r in c.quality.rules if r not in quality.RULES]
+    _check(not unknown, "quality.rules", f"unknown rule(s) {unknown}; known: {tuple(quality.RULES)}")
+    for name in ("top_ngrams", "repeated_ngrams"):
+        _check(len(c.quality[name].n) == len(c.quality[name].max_fraction), f"quality.{name}",
+               "n and max_fraction must have the same length")
+    _check(not c.quality.blocklist.words_file or os.path.isfile(c.quality.blocklist.words_file),
+           "quality.blocklist.words_file", f"no such file: {c.quality.blocklist.words_file}")
+    _check(0.0 < c.dedup.threshold < 1.0, "dedup.threshold", "must be in (0, 1)")
+    _check(c.dedup.num_perm >= 2, "dedup.num_perm", "must be >= 2")
+    _check(c.dedup.ngram >= 1, "dedup.ngram", "must be >= 1")
+    _check(c.dedup.unit in ("char", "word"), "dedup.unit", "must be char or word")
+    _check(0.0 < c.dedup.fn_weight < 1.0, "dedup.fn_weight", "must be in (0, 1)")
+    _check(c.paragraph.min_chars >= 1, "paragraph.min_chars", "must be >= 1")
+    pp = c.perplexity
+    _check(pp.batch_size > 0, "perplexity.batch_size", "must be positive")
+    _check(pp.max_tokens > 1, "perplexity.max_tokens", "must be > 1")
+    _check(0.0 < pp.drop_above <= 100.0, "perplexity.drop_above", "must be in (0, 100]")
+    _check(len(pp.buckets) == 2 and 0.0 <= pp.buckets[0] <= pp.buckets[1] <= 100.0, "perplexity.buckets",
+           "two increasing percentiles in [0, 100]")
+    return c
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    from maxlm import cli
+
+    cli.define_config_flag("configs/curate_default.py", schema=config_lib.curate_config)
+    flags.DEFINE_string("input", "stdlib", "A glob of jsonl files (.gz / .zst too), stdlib (the embedded corpus), "
+                        "or tfds:NAME[:SPLIT].")
+    flags.DEFINE_string("output", "curated", "Folder for part-*.jsonl, report.json and removed_examples.jsonl.")
+    cli.run(main, user_errors=(CurateError, InputError), schema=config_lib.curate_config)

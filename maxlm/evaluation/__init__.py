@@ -1,0 +1,1 @@
+"""Evaluation: the harness (CLI, built-in tasks), multiple choice, generation, contamination, passkey."""

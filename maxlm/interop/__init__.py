@@ -1,0 +1,1 @@
+"""Interoperability: Hugging Face conversion and loading a base (maxlm workdir or HF folder)."""

@@ -1,0 +1,493 @@
+"""Hugging Face <-> maxlm weight conversion: `from_hf(path)` and `to_hf(config, params, path)`.
+
+Supported Hugging Face layouts (a `save_pretrained` folder: config.json + model.safetensors, or sharded
+safetensors with `model.safetensors.index.json`):
+
+* `LlamaForCausalLM` (MHA, GQA, MQA; optional `attention_bias` for q/k/v, whose o_proj bias must be zero),
+* `Qwen2ForCausalLM` (Llama plus biases on q, k and v; no sliding-window layers),
+* the InternLM2 layout (`InternLM2ForCausalLM`, the remote-code model of internlm/internlm2-*): one fused
+  `wqkv` projection, `wo`, `feed_forward.w1/w3/w2`, `tok_embeddings`, `output`.
+
+Rotary scaling: none (`rope_type` "default"), `linear` (position interpolation), `dynamic` (dynamic NTK)
+and `yarn`; anything else (llama3, longrope, ...) is a `ValueError`, as is every other architecture. Both the legacy
+config keys (`rope_theta`, `rope_scaling`) and transformers 5's `rope_parameters` are read; `to_hf` writes
+the legacy keys, which transformers 4.x and 5.x both read.
+
+Weight layout. A torch `nn.Linear(in, out)` stores its weight as [out, in] and computes y = x W^T; maxlm
+stores every matrix input-first with the head axes split out, so the einsums in `maxlm/model/decoder.py` read
+directly (L = layers, leading axis of every `layers/...` leaf, stacked from HF's `model.layers.{i}`):
+
+    maxlm leaf                  shape        HF tensor (per layer)             HF shape     mapping
+    embedding                   [V, D]       model.embed_tokens.weight         [V, D]       identity
+    layers/attn/q               [L, D, N, H] self_attn.q_proj.weight           [N*H, D]     view [N,H,D] -> (D,N,H)
+    layers/attn/k, v            [L, D, K, H] self_attn.{k,v}_proj.weight       [K*H, D]     view [K,H,D] -> (D,K,H)
+    layers/attn/{q,k,v}_bias    [L, N|K, H]  self_attn.{q,k,v}_proj.bias       [N*H | K*H]  view [N|K, H]
+    layers/attn/o               [L, N, H, D] self_attn.o_proj.weight           [D, N*H]     view [D,N,H] -> (N,H,D)
+    layers/attn_norm/scale      [L, D]       input_layernorm.weight            [D]          identity
+    layers/mlp/gate, up         [L, D, F]    mlp.{gate,up}_proj.weight         [F, D]       transpose
+    layers/mlp/down             [L, F, D]    mlp.down_proj.weight              [D, F]       transpose
+    layers/mlp_norm/scale       [L, D]       post_attention_layernorm.weight   [D]          identity
+    final_norm/scale            [D]          model.norm.weight                 [D]          identity
+    lm_head (absent when tied)  [D, V]       lm_head.weight                    [V, D]       transpose
+
+Query head n uses kv head n // G (G = N // K) in both codebases (HF `repeat_kv`), so no head permutation
+is needed; the rotary embedding is the same "rotate half" layout, so q/k need no interleave either.
+
+In the code this table lives once, in two parts that both directions use: `_HF_NAMES` (each layout's
+tensor name for every maxlm leaf) and `_hf_layout` (every leaf's HF shape, view and axis order).
+
+InternLM2 names: tok_embeddings (embedding), attention.wqkv, attention.wo (o), attention_norm,
+feed_forward.w1 (gate), w3 (up), w2 (down), ffn_norm, model.norm, output (lm_head). Its fused projection
+`wqkv.weight` is [(K*(G+2))*H, D] and is viewed as [K, G+2, H, D]: for each kv head, its G query heads,
+then one key head, then one value head (the remote code's `rearrange(.., "b q (h gs d) -> b q h gs d")`).
+maxlm's `fused_qkv=True` keeps exactly that grouping, input-first: `layers/attn/wqkv` [L, D, K, G+2, H]
+(and `bqkv` [L, K, G+2, H] from `wqkv.bias` when the config says `bias: true`; then `wo.bias` must be 0).
+
+`from_hf` returns the full maxlm config (`default_config()` with the model fields set, compute dtype
+float32) and float32 numpy parameters in exactly the tree `maxlm.model.init` builds (every leaf of
+`maxlm.model.abstract_params` is read from its HF tensor(s), and the shapes are checked). `to_hf` writes
+config.json + model.safetensors with the safetensors numpy API; torch is never imported by this module.
+It picks the InternLM2 layout when `fused_qkv`, Qwen2 when `qkv_bias`, else Llama, unless `architecture`
+says otherwise (the fused and split q/k/v layouts are converted into each other as needed). An InternLM2
+export has no remote code files (auto_map), so `AutoModelForCausalLM` loads it only after you add
+InternLM2's modeling files; Llama and Qwen2 exports load directly. A `rope_scaling="ntk"` model (static
+NTK-aware base scaling, which HF has no rope type for) is exported exactly as rope_theta * factor^(H / (H - 2))
+with no scaling.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors' numpy loader reads bf16)
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from maxlm import config as config_lib
+from maxlm.model import decoder as model_lib
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "internlm2": "InternLM2ForCausalLM",
+}
+_BY_CLASS = {v.lower(): k for k, v in _ARCHITECTURES.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The mapping, one table for names and one for shapes, used by both from_hf and to_hf
+
+
+# maxlm leaf -> its HF tensor in (the Llama / Qwen2 layout, the InternLM2 layout), None where that layout has
+# no such tensor. Names of `layers/...` leaves are per layer, under "model.layers.{i}." (see `_hf_names`).
+# `layers/attn/o_bias` is not a maxlm leaf (maxlm has no output-projection bias): it is only checked to be
+# zero on reading, and written as zeros where the layout's bias flag puts a bias on o as well.
+_HF_NAMES: dict[str, tuple[str | None, str | None]] = {
+    "embedding":              ("model.embed_tokens.weight",       "model.tok_embeddings.weight"),
+    "layers/attn/q":          ("self_attn.q_proj.weight",         None),
+    "layers/attn/k":          ("self_attn.k_proj.weight",         None),
+    "layers/attn/v":          ("self_attn.v_proj.weight",         None),
+    "layers/attn/q_bias":     ("self_attn.q_proj.bias",           None),
+    "layers/attn/k_bias":     ("self_attn.k_proj.bias",           None),
+    "layers/attn/v_bias":     ("self_attn.v_proj.bias",           None),
+    "layers/attn/wqkv":       (None,                              "attention.wqkv.weight"),
+    "layers/attn/bqkv":       (None,                              "attention.wqkv.bias"),
+    "layers/attn/o":          ("self_attn.o_proj.weight",         "attention.wo.weight"),
+    "layers/attn/o_bias":     ("self_attn.o_proj.bias",           "attention.wo.bias"),
+    "layers/attn_norm/scale": ("input_layernorm.weight",          "attention_norm.weight"),
+    "layers/mlp/gate":        ("mlp.gate_proj.weight",            "feed_forward.w1.weight"),
+    "layers/mlp/up":          ("mlp.up_proj.weight",              "feed_forward.w3.weight"),
+    "layers/mlp/down":        ("mlp.down_proj.weight",            "feed_forward.w2.weight"),
+    "layers/mlp_norm/scale":  ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    "final_norm/scale":       ("model.norm.weight",               "model.norm.weight"),
+    "lm_head":                ("lm_head.weight",                  "output.weight"),
+}
+
+
+def _hf_names(arch: str) -> dict[str, str]:
+    """maxlm leaf -> HF tensor name in `arch`'s layout; per-layer names are templates with "{i}" for the layer."""
+    column = 1 if arch == "internlm2" else 0
+    return {leaf: ("model.layers.{i}." + names[column] if leaf.startswith("layers/") else names[column])
+            for leaf, names in _HF_NAMES.items() if names[column] is not None}
+
+
+_Layout = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def _hf_layout(m: ml_collections.ConfigDict) -> dict[str, _Layout]:
+    """maxlm leaf -> (HF shape, view, axes), for one layer of a `layers/...` leaf.
+
+    maxlm = hf.reshape(view).transpose(axes) and hf = maxlm.transpose(argsort(axes)).reshape(HF shape): the
+    "mapping" column of the module docstring's table. Same for every layout (a layout lacking a leaf never
+    asks for it).
+    """
+    n, kv, h, d = m.num_heads, m.num_kv_heads, config_lib.head_dim(m), m.d_model
+    f, vocab = m.mlp_dim, m.vocab_size
+    s = n // kv + 2  # InternLM2's wqkv group per kv head: its G query heads, one key head, one value head
+    return {
+        "embedding":              ((vocab, d),      (vocab, d),      (0, 1)),
+        "layers/attn/q":          ((n * h, d),      (n, h, d),       (2, 0, 1)),
+        "layers/attn/k":          ((kv * h, d),     (kv, h, d),      (2, 0, 1)),
+        "layers/attn/v":          ((kv * h, d),     (kv, h, d),      (2, 0, 1)),
+        "layers/attn/q_bias":     ((n * h,),        (n, h),          (0, 1)),
+        "layers/attn/k_bias":     ((kv * h,),       (kv, h),         (0, 1)),
+        "layers/attn/v_bias":     ((kv * h,),       (kv, h),         (0, 1)),
+        "layers/attn/wqkv":       ((kv * s * h, d), (kv, s, h, d),   (3, 0, 1, 2)),
+        "layers/attn/bqkv":       ((kv * s * h,),   (kv, s, h),      (0, 1, 2)),
+        "layers/attn/o":          ((d, n * h),      (d, n, h),       (1, 2, 0)),
+        "layers/attn/o_bias":     ((d,),            (d,),            (0,)),
+        "layers/attn_norm/scale": ((d,),            (d,),            (0,)),
+        "layers/mlp/gate":        ((f, d),          (f, d),          (1, 0)),
+        "layers/mlp/up":          ((f, d),          (f, d),          (1, 0)),
+        "layers/mlp/down":        ((d, f),          (d, f),          (1, 0)),
+        "layers/mlp_norm/scale":  ((d,),            (d,),            (0,)),
+        "final_norm/scale":       ((d,),            (d,),            (0,)),
+        "lm_head":                ((vocab, d),      (vocab, d),      (1, 0)),
+    }
+
+
+def _from_hf_layout(x: np.ndarray, layout: _Layout) -> np.ndarray:
+    _, view, axes = layout
+    return x.reshape(view).transpose(axes)
+
+
+def _to_hf_layout(x: np.ndarray, layout: _Layout) -> np.ndarray:
+    shape, _, axes = layout
+    return x.transpose(np.argsort(axes)).reshape(shape)
+
+
+def _leaf_name(path: tuple) -> str:
+    """A parameter tree path -> the leaf name the tables use, e.g. "layers/attn/q"."""
+    return "/".join(key.key for key in path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _resolve(path: str) -> tuple[str, list[str]]:
+    """A HF folder or one .safetensors file -> (folder holding config.json, safetensors files to read)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"{path}: expected a Hugging Face folder or a .safetensors file")
+        return os.path.dirname(path), [path]
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: no such folder or file")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return path, [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return path, [single]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if len(files) == 1:
+        return path, files
+    if not files:
+        raise ValueError(f"{path}: no .safetensors weights (pytorch .bin checkpoints are not supported; "
+                         "re-save with safe_serialization=True)")
+    raise ValueError(f"{path}: {len(files)} .safetensors files but no model.safetensors.index.json")
+
+
+def _read_tensors(files: list[str]) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        with safe_open(name, framework="np") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def _architecture(hf: dict) -> str:
+    names = list(hf.get("architectures") or [])
+    for name in names:
+        if name.lower() in _BY_CLASS:
+            return _BY_CLASS[name.lower()]
+    model_type = str(hf.get("model_type", "")).lower()
+    if not names and model_type in _ARCHITECTURES:
+        return model_type
+    raise ValueError(f"unsupported architecture {names or model_type!r}: maxlm.convert reads "
+                     f"{sorted(_ARCHITECTURES.values())}")
+
+
+def _rope_from_hf(hf: dict) -> dict[str, Any]:
+    """The model.* rope fields (and max_seq_len) from legacy rope_theta/rope_scaling or v5 rope_parameters."""
+    theta = hf.get("rope_theta")
+    scaling = hf.get("rope_scaling")
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict):
+        if params and all(isinstance(v, dict) for v in params.values()):
+            raise ValueError(f"per-layer-type rope_parameters are not supported: {params}")
+        theta = params.get("rope_theta", theta)
+        if scaling is None:
+            scaling = params
+    theta = 10000.0 if theta is None else float(theta)
+    max_pos = int(hf.get("max_position_embeddings") or 2048)
+    out = {"model.rope_theta": theta, "model.rope_scaling": "none", "model.rope_factor": 1.0,
+           "model.max_seq_len": max_pos}
+    rope_type = "default"
+    if scaling:
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type in (None, "default"):
+        return out
+    if rope_type not in ("linear", "dynamic", "yarn"):
+        raise ValueError(f"unsupported rope type {rope_type!r} (rope scaling {scaling}); maxlm.convert supports "
+                         "'default', 'linear', 'dynamic' and 'yarn'")
+    if not scaling.get("factor"):
+        raise ValueError(f"{rope_type} rope scaling without a factor: {scaling}")
+    factor = float(scaling["factor"])
+    out.update({"model.rope_scaling": rope_type, "model.rope_factor": factor})
+    if rope_type == "dynamic":  # grows past max_position_embeddings: allow factor x that many positions
+        out.update({"model.rope_original_max_len": max_pos, "model.max_seq_len": int(max_pos * factor)})
+    elif rope_type == "yarn":
+        if scaling.get("truncate", True) is False:
+            raise ValueError("yarn rope scaling with truncate=False is not supported")
+        attention = scaling.get("attention_factor")
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if attention is None and mscale and mscale_all:  # DeepSeek's form
+            attention = (0.1 * mscale * math.log(factor) + 1.0) / (0.1 * mscale_all * math.log(factor) + 1.0)
+        out.update({"model.rope_original_max_len": int(scaling.get("original_max_position_embeddings") or max_pos),
+                    "model.rope_beta_fast": float(scaling.get("beta_fast") or 32.0),
+                    "model.rope_beta_slow": float(scaling.get("beta_slow") or 1.0),
+                    "model.rope_attention_factor": float(attention or 0.0)})
+    return out
+
+
+def _require_zero(tensors: dict, key: str, why: str) -> None:
+    if key in tensors and np.any(np.asarray(tensors[key], np.float32) != 0):
+        raise ValueError(f"{key} is non-zero but maxlm has no {why}")
+
+
+def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
+    """Read a HF Llama / Qwen2 / InternLM2 checkpoint -> (full maxlm config, float32 numpy params)."""
+    folder, files = _resolve(path)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{folder}: no config.json next to the weights")
+    with open(config_path) as f:
+        hf = json.load(f)
+    arch = _architecture(hf)
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"unsupported hidden_act {act!r}: maxlm's MLP is SwiGLU (silu)")
+    if hf.get("mlp_bias"):
+        raise ValueError("mlp_bias=True is not supported: maxlm's MLP has no biases")
+    if arch == "qwen2":
+        layer_types = hf.get("layer_types")
+        sliding = (any(t != "full_attention" for t in layer_types) if layer_types
+                   else hf.get("use_sliding_window", False)
+                   and hf.get("max_window_layers", 0) < hf["num_hidden_layers"])
+        if sliding:
+            raise ValueError("Qwen2 sliding-window attention layers are not supported by maxlm")
+
+    n_layers = int(hf["num_hidden_layers"])
+    d = int(hf["hidden_size"])
+    n = int(hf["num_attention_heads"])
+    kv = int(hf.get("num_key_value_heads") or n)
+    h = int(hf.get("head_dim") or d // n) if arch != "internlm2" else d // n
+    rope = _rope_from_hf(hf)
+
+    tensors = _read_tensors(files)
+    names = _hf_names(arch)
+    fused = "layers/attn/wqkv" in names  # the InternLM2 layout
+    qkv_bias = names["layers/attn/bqkv" if fused else "layers/attn/q_bias"].format(i=0) in tensors
+    tie = bool(hf.get("tie_word_embeddings", names["lm_head"] not in tensors))
+    if not tie and names["lm_head"] not in tensors:
+        raise ValueError(f"{path}: tie_word_embeddings is false but there is no {names['lm_head']}")
+
+    config = config_lib.override(config_lib.default_config(), **{
+        "model.vocab_size": int(hf["vocab_size"]),
+        "model.num_layers": n_layers,
+        "model.d_model": d,
+        "model.num_heads": n,
+        "model.num_kv_heads": kv,
+        "model.head_dim": h,
+        "model.mlp_dim": int(hf["intermediate_size"]),
+        **rope,
+        "model.norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "model.tie_embeddings": tie,
+        "model.qkv_bias": qkv_bias,
+        "model.fused_qkv": fused,
+        "model.init_std": float(hf.get("initializer_range", 0.02)),
+        "model.param_dtype": "float32",
+        "model.compute_dtype": "float32",
+    })
+    config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
+    config_lib.validate(config)
+
+    for i in range(n_layers):
+        o_bias = names["layers/attn/o_bias"].format(i=i)
+        _require_zero(tensors, o_bias, "output-projection bias")
+        tensors.pop(o_bias, None)
+    if tie:
+        tensors.pop(names["lm_head"], None)  # some tied checkpoints store the (identical) head anyway
+
+    def get(key: str) -> np.ndarray:
+        if key not in tensors:
+            raise ValueError(f"{path}: missing tensor {key!r} for {_ARCHITECTURES[arch]}")
+        return np.asarray(tensors.pop(key), np.float32)
+
+    layout = _hf_layout(config.model)
+
+    def read(leaf_path: tuple, _) -> np.ndarray:
+        leaf = _leaf_name(leaf_path)
+        if leaf.startswith("layers/"):
+            return np.stack([_from_hf_layout(get(names[leaf].format(i=i)), layout[leaf]) for i in range(n_layers)])
+        return _from_hf_layout(get(names[leaf]), layout[leaf])
+
+    # Every leaf `maxlm.model.init` builds for this config (q/k/v or wqkv, biases, lm_head unless tied).
+    params = jax.tree_util.tree_map_with_path(read, model_lib.abstract_params(config))
+    params = jax.tree_util.tree_map(np.ascontiguousarray, params)
+    leftover = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))
+    if leftover:
+        raise ValueError(f"{path}: tensors not understood by the {_ARCHITECTURES[arch]} mapping: {leftover[:8]}"
+                         + (" ..." if len(leftover) > 8 else ""))
+    _check_tree(config, params, f"from_hf({path})")
+    return config, params
+
+
+def _check_tree(config: ml_collections.ConfigDict, params: dict, where: str) -> None:
+    """Same tree structure and leaf shapes as `maxlm.model.init(config)` would produce."""
+    expected = model_lib.abstract_params(config)
+    exp_paths = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    got_paths = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    if exp_paths.keys() != got_paths.keys():
+        raise ValueError(f"{where}: parameter tree mismatch; missing {sorted(exp_paths.keys() - got_paths.keys())}, "
+                         f"unexpected {sorted(got_paths.keys() - exp_paths.keys())}")
+    bad = {k: (got_paths[k], exp_paths[k]) for k in exp_paths if tuple(exp_paths[k]) != got_paths[k]}
+    if bad:
+        raise ValueError(f"{where}: shape mismatch (got, expected): {bad}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _normalize_arch(architecture: str | None, m: ml_collections.ConfigDict) -> str:
+    if architecture is None:
+        return "internlm2" if m.fused_qkv else "qwen2" if m.qkv_bias else "llama"
+    key = architecture.lower()
+    if key in _ARCHITECTURES:
+        return key
+    if key in _BY_CLASS:
+        return _BY_CLASS[key]
+    raise ValueError(f"unsupported architecture {architecture!r}; choose one of "
+                     f"{sorted(_ARCHITECTURES)} or {sorted(_ARCHITECTURES.values())}")
+
+
+def _fuse_qkv(a: dict, n_layers: int, d: int, kv: int, g: int, h: int) -> dict:
+    """Split q/k/v (+ q/k/v biases) -> the InternLM2 grouping wqkv [L, D, K, G+2, H] (+ bqkv [L, K, G+2, H])."""
+    fused = {"wqkv": np.concatenate([a["q"].reshape(n_layers, d, kv, g, h), a["k"][:, :, :, None],
+                                     a["v"][:, :, :, None]], axis=3)}
+    if "q_bias" in a:
+        fused["bqkv"] = np.concatenate([a["q_bias"].reshape(n_layers, kv, g, h), a["k_bias"][:, :, None],
+                                        a["v_bias"][:, :, None]], axis=2)
+    return fused
+
+
+def _split_qkv(a: dict, n_layers: int, d: int, n: int, g: int, h: int) -> dict:
+    """The inverse of `_fuse_qkv`: wqkv (+ bqkv) -> q/k/v (+ q/k/v biases)."""
+    w = a["wqkv"]
+    split = {"q": w[:, :, :, :g].reshape(n_layers, d, n, h), "k": w[:, :, :, g], "v": w[:, :, :, g + 1]}
+    if "bqkv" in a:
+        b = a["bqkv"]
+        split.update(q_bias=b[:, :, :g].reshape(n_layers, n, h), k_bias=b[:, :, g], v_bias=b[:, :, g + 1])
+    return split
+
+
+def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architecture: str | None = None) -> None:
+    """Write `path`/config.json + `path`/model.safetensors for Llama, Qwen2 or the InternLM2 layout."""
+    m = model_lib.model_config(config)
+    arch = _normalize_arch(architecture, m)
+    _check_tree(config, params, "to_hf")
+    n_layers, d, n, kv = m.num_layers, m.d_model, m.num_heads, m.num_kv_heads
+    h, g = config_lib.head_dim(m), m.num_heads // m.num_kv_heads
+
+    theta, rope_scaling, max_pos = float(m.rope_theta), None, m.max_seq_len
+    if m.rope_scaling in ("linear", "dynamic", "yarn"):
+        rope_scaling = {"rope_type": m.rope_scaling, "type": m.rope_scaling, "factor": float(m.rope_factor)}
+    if m.rope_scaling == "dynamic":  # HF grows past max_position_embeddings, maxlm past rope_original_max_len
+        max_pos = m.rope_original_max_len or m.max_seq_len
+    elif m.rope_scaling == "yarn":
+        rope_scaling.update({"original_max_position_embeddings": m.rope_original_max_len or m.max_seq_len,
+                             "beta_fast": float(m.rope_beta_fast), "beta_slow": float(m.rope_beta_slow)})
+        if m.rope_attention_factor:
+            rope_scaling["attention_factor"] = float(m.rope_attention_factor)
+    elif m.rope_scaling == "ntk":
+        theta = theta * m.rope_factor ** (h / (h - 2))  # exactly what maxlm.attention.rope computes
+    elif m.rope_scaling not in ("none", "linear"):
+        raise ValueError(f"unsupported rope_scaling {m.rope_scaling!r}")
+    if arch == "internlm2" and h * n != d:
+        raise ValueError(f"the InternLM2 layout needs head_dim * num_heads == d_model, got {h} * {n} != {d}")
+
+    names, layout = _hf_names(arch), _hf_layout(m)
+    p = jax.tree_util.tree_map(np.asarray, params)
+    dtype = p["embedding"].dtype
+    # Bring the attention weights into the layout the target needs (fused <-> split q/k/v) ...
+    a = p["layers"]["attn"]
+    if "layers/attn/wqkv" in names and "wqkv" not in a:
+        a = {"o": a["o"], **_fuse_qkv(a, n_layers, d, kv, g, h)}
+    elif "layers/attn/wqkv" not in names and "wqkv" in a:
+        a = {"o": a["o"], **_split_qkv(a, n_layers, d, n, g, h)}
+    # ... and add the zero biases it expects: Qwen2 always has q/k/v biases, while Llama's attention_bias and
+    # InternLM2's bias put one on the output projection as well.
+    has_bias = "q_bias" in a or "bqkv" in a
+    zeros = lambda *shape: np.zeros(shape, a["o"].dtype)
+    if arch == "qwen2" and not has_bias:
+        a = {**a, "q_bias": zeros(n_layers, n, h), "k_bias": zeros(n_layers, kv, h), "v_bias": zeros(n_layers, kv, h)}
+    elif arch != "qwen2" and has_bias:
+        a = {**a, "o_bias": zeros(n_layers, d)}
+    p = {**p, "layers": {**p["layers"], "attn": a}}
+
+    t: dict[str, np.ndarray] = {}
+    for leaf_path, x in jax.tree_util.tree_leaves_with_path(p):
+        leaf = _leaf_name(leaf_path)
+        if leaf.startswith("layers/"):
+            t.update({names[leaf].format(i=i): _to_hf_layout(x[i], layout[leaf]) for i in range(n_layers)})
+        else:
+            t[names[leaf]] = _to_hf_layout(x, layout[leaf])
+    t = {key: np.ascontiguousarray(value) for key, value in t.items()}
+
+    dtype_name = np.dtype(dtype).name
+    hf: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": m.vocab_size,
+        "hidden_size": d,
+        "intermediate_size": m.mlp_dim,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n,
+        "num_key_value_heads": kv,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": float(m.norm_eps),
+        "rope_theta": theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": bool(m.tie_embeddings),
+        "initializer_range": float(m.init_std),
+        "use_cache": True,
+        "torch_dtype": dtype_name,  # transformers 4.x
+        "dtype": dtype_name,  # transformers 5.x
+    }
+    if arch == "internlm2":
+        hf.update(bias=has_bias, attn_implementation="eager")
+    else:
+        hf.update(head_dim=h, attention_dropout=0.0)
+        if arch == "llama":
+            hf.update(attention_bias=has_bias, mlp_bias=False)
+        else:
+            hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=n_layers)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+        f.write("\n")
+    save_file(t, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,1 @@
+"""Post-training: supervised fine-tuning, reward modelling, PPO and its environments."""
