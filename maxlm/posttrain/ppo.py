@@ -49,7 +49,7 @@ from maxlm import cli, data
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.interop import pretrained
-from maxlm.model import decoder as model, sampler as sample
+from maxlm.model import decoder as model, sampler as sample, trees
 from maxlm.posttrain import environments, graph, reward, rl
 from maxlm.posttrain.environments import Prompt, TaskEnvironment  # noqa: F401  (their home before environments.py)
 from maxlm.training import distributed, pretrain as train
@@ -63,12 +63,16 @@ class PPOError(ValueError):
     """A PPO set-up that cannot work (mismatched tokenizers, missing models): one line for the user."""
 
 
+# The trained tree: the actor (a language model) and the critic (a value head), as `maxlm.model.trees` names them.
+LAYOUT = {"actor": "lm", "critic": "value"}
+
+
 def abstract_params(config: ml_collections.ConfigDict) -> dict:
-    return {"actor": model.abstract_params(config), "critic": reward.abstract_params(config)}
+    return trees.abstract(config, LAYOUT)
 
 
 def logical_axes(config: ml_collections.ConfigDict) -> dict:
-    return {"actor": model.logical_axes(config), "critic": reward.logical_axes(config)}
+    return trees.logical_axes(config, LAYOUT)
 
 
 def init(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
@@ -117,7 +121,7 @@ def frozen_trees(config: ml_collections.ConfigDict) -> dict:
     return {"reference": "lm", **({"reward_model": "value"} if config.ppo.reward_fn == "model" else {})}
 
 
-OBJECTIVE = train.Objective("ppo", ppo_loss, {"actor": "lm", "critic": "value"}, init, frozen=frozen_trees,
+OBJECTIVE = train.Objective("ppo", ppo_loss, LAYOUT, init, frozen=frozen_trees,
                             policy="actor")
 
 
@@ -267,6 +271,7 @@ class RolloutFeed(trainer_lib.Feed):
         self.kl_coef = float(config.ppo.init_kl_coef)
         self.queue: list[dict[str, np.ndarray]] = []
         self.records: list[dict[str, float]] = []
+        self._collected_at = time.perf_counter()
         self.score_fn = jax.jit(functools.partial(_score, config))
         self.advantage_fn = jax.jit(functools.partial(_advantages, config))
 

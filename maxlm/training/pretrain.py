@@ -8,7 +8,8 @@ resumes from the newest checkpoint in the workdir, data position included, so th
 exactly the steps an uninterrupted run would have. A config with `train.stages` (InternLM2's 4k -> 32k)
 trains stage by stage, each resuming the previous one's checkpoint (see `train`).
 
-The step (`maxlm.trainer.train_step`) is `(state, batch) -> (state, metrics)`, state donated. The loss is the mean cross-entropy over the *real* target tokens of the whole global batch (sum of
+The step (`maxlm.training.trainer.train_step`) is `(state, batch) -> (state, metrics)`, state donated.
+The loss is the mean cross-entropy over the *real* target tokens of the whole global batch (sum of
 per-token losses / number of weighted tokens), so gradient accumulation over micro-batches gives the same
 gradient as one large batch, however the padding falls.
 """
