@@ -35,11 +35,11 @@ for line in open(os.path.join(w, "ppo", "metrics.jsonl")):
 evals = [by_step[s] for s in sorted(by_step) if "eval_true_score" in by_step[s]]
 last = by_step[max(by_step)]
 result = {"fraction_of_optimal": evals[-1]["eval_true_score"], "fraction_of_optimal_before": evals[0]["eval_true_score"],
-          "reward_mean_last": last["reward_mean"], "kl": last["kl"], "iterations": last["iteration"],
+          "reward_mean_last": last["reward_mean"], "kl": last["kl"], "iterations": int(last["iteration"]),
           "ppo_seconds": int(open(os.path.join(w, "ppo_seconds")).read())}
 print("PPO: iteration  reward(rollouts)  kl  fraction of optimal (sampled)", file=sys.stderr)
 for r in evals:
-    print(f"  {r.get('iteration', 0):>4}  {r.get('reward_mean', float('nan')):.3f}  {r.get('kl', float('nan')):.3f}  "
+    print(f"  {int(r.get('iteration', 0)):>4}  {r.get('reward_mean', float('nan')):.3f}  {r.get('kl', float('nan')):.3f}  "
           f"{r['eval_true_score']:.3f}", file=sys.stderr)
 print(json.dumps(result))
 PY

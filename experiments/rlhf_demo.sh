@@ -66,7 +66,7 @@ result = {
     "rm_by_domain": {k: {d: r["accuracy"] for d, r in v["by_domain"].items()} for k, v in rm.items()},
     "true_score_before": evals[0]["eval_true_score"], "true_score_after": evals[-1]["eval_true_score"],
     "kl": last["kl"], "kl_target": last["kl_target"], "reward_mean_first": by_step[1]["reward_mean"],
-    "reward_mean_last": last["reward_mean"], "iterations": last["iteration"],
+    "reward_mean_last": last["reward_mean"], "iterations": int(last["iteration"]),
     "ppo_seconds": int(open(os.path.join(w, "ppo_seconds")).read()),
 }
 print("held-out accuracy of the reward models (pairs of both domains):", file=sys.stderr)
@@ -75,7 +75,7 @@ for k, v in result["rm_by_domain"].items():
 print("PPO: iteration  reward  kl  true(rollouts)  held-out", file=sys.stderr)
 for r in records[1:]:
     if r["iteration"] % 10 == 0 or "eval_true_score" in r:
-        print(f"  {r['iteration']:>4}  {r['reward_mean']:+.3f}  {r['kl']:.3f}  {r['true_score']:.3f}  "
+        print(f"  {int(r['iteration']):>4}  {r['reward_mean']:+.3f}  {r['kl']:.3f}  {r['true_score']:.3f}  "
               f"{r.get('eval_true_score', float('nan')):.3f}", file=sys.stderr)
 print(json.dumps(result))
 PY
