@@ -16,8 +16,9 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from maxlm.config import ConfigError, default_config
+from maxlm.errors import WorkdirError
 
-USER_ERRORS = (ConfigError, FileNotFoundError)
+USER_ERRORS = (ConfigError, FileNotFoundError, WorkdirError)
 
 
 def define_config_flag(default: str = "configs/tiny.py", schema: Callable[[], ConfigDict] = default_config) -> None:

@@ -165,6 +165,10 @@ def default_config() -> ml_collections.ConfigDict:
     ck.max_to_keep = 3
     ck.keep_period = 0  # also keep every checkpoint whose step is a multiple of this forever (0: none)
     ck.async_save = True
+    # Resuming a workdir whose checkpoints were written with different data, tokenizer, model or stage
+    # settings is refused, naming the keys (`maxlm.training.workdir.check_resume`); True resumes anyway (a
+    # deliberate change, e.g. new data). Parameter and optimizer-state shapes must match regardless.
+    ck.allow_config_change = False
 
     # Supervised fine-tuning (python -m maxlm.sft). The run starts from `sft.base`; data is `sft.data_path`
     # (chat jsonl) or, when empty, the built-in synthetic task suite (maxlm/data/tasks.py).

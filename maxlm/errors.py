@@ -9,3 +9,8 @@ class ConfigError(ValueError):
         super().__init__(f"invalid config: {key}: {reason}")
         self.key = key
         self.reason = reason
+
+
+class WorkdirError(ValueError):
+    """A workdir that cannot be used as asked -- another run writes it, or it holds a different run: one line
+    for the user, and nothing in the workdir is touched."""

@@ -218,6 +218,13 @@ MUTATIONS = [
     Mutation("mixture-weights-unnormalised", "maxlm/data/mixture.py",
              "self.weights = weights / weights.sum()", "self.weights = weights",
              ["tests/test_mixture.py::test_byte_shares_follow_the_weights"]),
+    Mutation("resume-data-keys-free", "maxlm/training/workdir.py",
+             'FREE_SECTIONS = ("optim", "mesh", "checkpoint")', 'FREE_SECTIONS = ("optim", "mesh", "checkpoint", "data")',
+             ["tests/test_workdir.py::test_changed_keys_ignore_run_knobs_and_name_identity",
+              "tests/test_workdir.py::test_a_rerun_with_another_model_refuses_and_loses_nothing"]),
+    Mutation("stale-lock-pid-reuse-ignored", "maxlm/training/workdir.py",
+             "return start is None or _process_start(int(holder[\"pid\"])) in (None, start)", "return True",
+             ["tests/test_workdir.py::test_a_stale_lock_is_taken_over_with_a_warning"]),
 ]
 
 

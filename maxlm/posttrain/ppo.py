@@ -53,6 +53,7 @@ from maxlm.model import decoder as model, sampler as sample, trees
 from maxlm.posttrain import environments, graph, reward, rl
 from maxlm.posttrain.environments import Prompt, TaskEnvironment  # noqa: F401  (their home before environments.py)
 from maxlm.training import distributed, pretrain as train
+from maxlm.training import workdir as workdir_lib
 from maxlm.training import trainer as trainer_lib
 from maxlm.training.metrics import log_line
 
@@ -359,6 +360,7 @@ class RolloutFeed(trainer_lib.Feed):
         return out
 
 
+@workdir_lib.holding
 def run_ppo(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, float]]:
     """PPO to `ppo.iterations` (resuming from the workdir's newest checkpoint); returns the metric records."""
     config, tok, policy, rm = load_models(config, workdir)

@@ -32,6 +32,7 @@ from absl import flags
 
 from maxlm.data import chat, tasks
 from maxlm.training import checkpoint, distributed, pretrain as train
+from maxlm.training import workdir as workdir_lib
 from maxlm import cli
 from maxlm.interop import pretrained
 from maxlm.posttrain import sft
@@ -175,6 +176,7 @@ def _local(trainer: train.Trainer, batch: dict[str, np.ndarray]) -> train.Batch:
     return trainer.device_batch({k: v[first:first + rows] for k, v in batch.items()})
 
 
+@workdir_lib.holding
 def train_reward(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, float]]:
     """Train (or resume) the reward model to `train.num_steps`; returns the metrics records logged."""
     if config.lora.rank:

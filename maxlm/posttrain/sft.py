@@ -38,6 +38,7 @@ from maxlm.data import sft as sft_data
 from maxlm.evaluation import harness as evaluate
 from maxlm.interop import pretrained
 from maxlm.training import distributed, pretrain as train
+from maxlm.training import workdir as workdir_lib
 from maxlm.training.metrics import log_line
 
 
@@ -101,6 +102,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, section: str = "sft")
     return run_config, tok, template, params
 
 
+@workdir_lib.holding
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, float]]:
     """Fine-tune (or resume) to `train.num_steps`; returns the metrics records logged by this invocation."""
     config, tok, template, base_params = build(config, workdir)

@@ -7,7 +7,10 @@ own item so that inference (`maxlm.sample`) and conversion restore them without 
 Orbax writes each step into a temporary directory and renames it when complete, so a checkpoint is visible
 only once whole; a run killed mid-save leaves only a temporary directory, which is never listed. A
 complete-looking checkpoint that still fails to restore (a truncated file, a disk error) is moved aside as
-`<step>.damaged` with a warning naming it, and the next older one is tried. Restoring onto an abstract
+`<step>.damaged` (`.damaged.2`, ... when that name is taken) with a warning naming it, and the next older one
+is tried. A readable checkpoint of another run -- another stage, other config keys that make a run
+(`maxlm.training.workdir.check_resume`), parameters or optimizer state of other shapes -- is not damage:
+restoring refuses with one line and leaves every checkpoint in place. Restoring onto an abstract
 target (ShapeDtypeStructs carrying shardings) creates every array directly with its sharding on the
 current mesh, which is also what reshards a checkpoint written under another mesh.
 """
@@ -15,14 +18,17 @@ current mesh, which is also what reshards a checkpoint written under another mes
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from maxlm import config as config_lib
+from maxlm.errors import ConfigError, WorkdirError
 from maxlm.model import trees
 
 ITEMS = ("params", "opt_state", "meta", "config")
@@ -65,26 +71,81 @@ class Checkpointer:
         ))
         return out["params"], out["opt_state"], out["meta"]
 
-    def restore_latest(self, abstract_params: Any, abstract_opt_state: Any) -> tuple[Any, Any, dict] | None:
-        """The newest checkpoint that restores, or None; damaged ones are moved aside with a warning."""
+    def restore_latest(self, abstract_params: Any, abstract_opt_state: Any,
+                       check: Callable[[int, ml_collections.ConfigDict, dict], None] | None = None
+                       ) -> tuple[Any, Any, dict] | None:
+        """The newest checkpoint that restores, or None. Before its arrays are read, `check(step, saved config,
+        meta)` may refuse it (by raising), and arrays of other shapes than the targets' raise WorkdirError;
+        only checkpoints that cannot be read are moved aside (with a warning) for the next older one."""
         self.manager.wait_until_finished()
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                return self.restore(step, abstract_params, abstract_opt_state)
+                info = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                                          meta=ocp.args.JsonRestore()))
+                saved = config_lib.from_dict(info["config"])
+                params_shapes = saved_shapes(os.path.join(self.directory, str(step), "params"))
+                opt_shapes = saved_shapes(os.path.join(self.directory, str(step), "opt_state"))
+            except ConfigError as e:
+                raise WorkdirError(f"checkpoint {os.path.join(self.directory, str(step))} has a config this "
+                                   f"version of maxlm does not know ({e}); was it written by a newer one?") from None
             except Exception as e:  # noqa: BLE001 -- any failure to read means this checkpoint is unusable
-                path = os.path.join(self.directory, str(step))
-                message = f"checkpoint {path} is damaged and is skipped ({type(e).__name__}: {str(e)[:200]})"
-                logging.warning(message)
-                if jax.process_index() == 0:
-                    print(f"warning: {message}", flush=True)
-                    if os.path.isdir(path):
-                        os.replace(path, f"{path}.damaged")
-                self.manager.reload()
+                self._set_aside(step, e)
+                continue
+            if check is not None:
+                check(step, saved, info["meta"])
+            mismatch = shape_mismatch(params_shapes, abstract_params)
+            if mismatch:
+                raise WorkdirError(f"{os.path.dirname(self.directory)} holds a run whose parameters have other "
+                                   f"shapes ({mismatch}); use a new workdir")
+            if sorted(opt_shapes.values()) != sorted(_shapes(abstract_opt_state).values()):
+                raise WorkdirError(f"{os.path.dirname(self.directory)} holds a run whose optimizer state has "
+                                   f"another structure ({len(opt_shapes)} arrays, {len(_shapes(abstract_opt_state))} "
+                                   "expected: optim.grad_clip or LoRA settings changed?); use a new workdir")
+            try:
+                return self.restore(step, abstract_params, abstract_opt_state)
+            except Exception as e:  # noqa: BLE001 -- readable metadata, unreadable arrays: damaged
+                self._set_aside(step, e)
         return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        path = os.path.join(self.directory, str(step))
+        message = f"checkpoint {path} is damaged and is skipped ({type(error).__name__}: {str(error)[:200]})"
+        logging.warning(message)
+        if jax.process_index() == 0:
+            print(f"warning: {message}", flush=True)
+            if os.path.isdir(path):
+                target, n = f"{path}.damaged", 1
+                while os.path.exists(target):  # an earlier set-aside of this step keeps its name
+                    n += 1
+                    target = f"{path}.damaged.{n}"
+                os.replace(path, target)
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{key path: shape} of a tree's array leaves (arrays, ShapeDtypeStructs or Orbax array metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def saved_shapes(item_dir: str) -> dict[str, tuple[int, ...]]:
+    """{key path: shape} of a checkpoint item's arrays, from its metadata (no array is read)."""
+    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
+    return _shapes(getattr(metadata, "tree", metadata))
+
+
+def shape_mismatch(saved: dict[str, tuple[int, ...]], target: Any) -> str:
+    """"" when `saved` ({path: shape}) has exactly the target tree's arrays and shapes; else the first
+    differences, as one readable phrase."""
+    want = _shapes(target)
+    diffs = [f"{k} {saved[k]} saved, {want[k]} here" for k in sorted(saved.keys() & want.keys()) if saved[k] != want[k]]
+    diffs += [f"{k} only saved" for k in sorted(saved.keys() - want.keys())]
+    diffs += [f"{k} missing" for k in sorted(want.keys() - saved.keys())]
+    return "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
 
 
 def latest_step(workdir: str) -> int | None:
@@ -113,15 +174,40 @@ def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_co
     its adapters (`maxlm.pretrained.load_workdir` merges them into the base). With `with_meta`, also the
     checkpoint's meta, completed by `stage_of`.
 
-    Raises FileNotFoundError with a readable message when there is nothing to load.
+    Without a step, a newest checkpoint that cannot be read is skipped with a warning for the next older one,
+    as a resumed run does -- but left in place: reading a workdir never changes it. Raises FileNotFoundError
+    with a readable message when there is nothing to load.
     """
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints under {directory}")
     manager = ocp.CheckpointManager(directory, item_names=ITEMS)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint under {directory}")
+    try:
+        steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint under {directory}")
+        for i, candidate in enumerate(steps):
+            try:
+                out = _load(manager, candidate, abstract)
+            except Exception as e:  # noqa: BLE001 -- any failure to read makes this checkpoint unusable
+                if i + 1 == len(steps):
+                    if step is not None:
+                        raise
+                    raise FileNotFoundError(f"no checkpoint under {directory} can be read (the oldest, step "
+                                            f"{candidate}: {type(e).__name__}: {str(e)[:200]})") from None
+                message = (f"checkpoint {os.path.join(directory, str(candidate))} cannot be read ({type(e).__name__}: "
+                           f"{str(e)[:200]}); using step {steps[i + 1]}")
+                logging.warning(message)
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+                continue
+            config, params, meta = out
+            return (config, params, candidate, meta) if with_meta else (config, params, candidate)
+    finally:
+        manager.close()
+
+
+def _load(manager: ocp.CheckpointManager, step: int, abstract: Callable[[ml_collections.ConfigDict], Any] | None
+          ) -> tuple[ml_collections.ConfigDict, Any, dict]:
     items = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     config = config_lib.from_dict(items["config"])
     meta = {**items["meta"], **stage_of(items["meta"], config)}
@@ -129,5 +215,4 @@ def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_co
     target = abstract(config) if abstract is not None else trees.abstract(config, meta["layout"])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), target)
     params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
-    manager.close()
-    return (config, params, step, meta) if with_meta else (config, params, step)
+    return config, params, meta

@@ -17,7 +17,6 @@ gradient as one large batch, however the padding falls.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -32,6 +31,7 @@ from maxlm import tokenizer as tokenizer_lib
 from maxlm.model import lora, decoder as model, sampler as sample
 from maxlm.training import checkpoint as checkpoint_lib
 from maxlm.training import distributed, sharding
+from maxlm.training import workdir as workdir_lib
 from maxlm.training import trainer as trainer_lib
 from maxlm.training.metrics import log_line
 from maxlm.training.trainer import Batch, BatchFeed, Feed, LossFn, Objective, State, host_params, restore, run
@@ -120,27 +120,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, flo
             sharding.mesh_shape(stage.config, jax.device_count())
         except config_lib.ConfigError as e:
             raise stage.error(e) from None
-    os.makedirs(workdir, exist_ok=True)
-    log_line(f"maxlm.train: {config_lib.describe(config)}")
-    tok = tokenizer_lib.load_or_train(config, workdir)
-    history: list[dict[str, float]] = []
-    while True:
-        done = checkpoint_lib.latest_step(workdir) or 0
-        stage = next((s for s in plan if s.start <= done < s.end), plan[-1])
-        if len(plan) > 1:
-            m = stage.config.model
-            rope = f"rope theta {m.rope_theta:g}" + (f", {m.rope_scaling} x{m.rope_factor:g} from "
-                                                     f"{m.rope_original_max_len}" if m.rope_scaling != "none" else "")
-            log_line(f"stage {stage.index + 1}/{len(plan)} '{stage.name}': steps {stage.start + 1}..{stage.end}, "
-                     f"T={stage.config.data.seq_len} B={stage.config.data.batch_size}, {rope}, "
-                     f"attention {m.attention_impl}")
-        history += _train_stage(stage.config, workdir, tok, stage_start=stage.start, last=stage is plan[-1])
-        after = checkpoint_lib.latest_step(workdir) or 0
-        if after < stage.start:  # a damaged checkpoint was set aside: an earlier stage is unfinished
-            continue
-        if stage is plan[-1] or after < stage.end:  # done, or stopped by a signal (a rerun resumes here)
-            break
-    return history
+    with workdir_lib.hold(workdir):  # one writer per workdir, from the tokenizer on
+        log_line(f"maxlm.train: {config_lib.describe(config)}")
+        tok = tokenizer_lib.load_or_train(config, workdir)
+        history: list[dict[str, float]] = []
+        while True:
+            done = checkpoint_lib.latest_step(workdir) or 0
+            stage = next((s for s in plan if s.start <= done < s.end), plan[-1])
+            if len(plan) > 1:
+                m = stage.config.model
+                rope = f"rope theta {m.rope_theta:g}" + (f", {m.rope_scaling} x{m.rope_factor:g} from "
+                                                         f"{m.rope_original_max_len}" if m.rope_scaling != "none" else "")
+                log_line(f"stage {stage.index + 1}/{len(plan)} '{stage.name}': steps {stage.start + 1}..{stage.end}, "
+                         f"T={stage.config.data.seq_len} B={stage.config.data.batch_size}, {rope}, "
+                         f"attention {m.attention_impl}")
+            history += _train_stage(stage.config, workdir, tok, stage_start=stage.start, last=stage is plan[-1])
+            after = checkpoint_lib.latest_step(workdir) or 0
+            if after < stage.start:  # a damaged checkpoint was set aside: an earlier stage is unfinished
+                continue
+            if stage is plan[-1] or after < stage.end:  # done, or stopped by a signal (a rerun resumes here)
+                break
+        return history
 
 
 def _train_stage(config: ml_collections.ConfigDict, workdir: str, tok, *, stage_start: int, last: bool

@@ -35,6 +35,7 @@ from maxlm import data
 from maxlm.model import lora, trees
 from maxlm.training import checkpoint as checkpoint_lib
 from maxlm.training import optim, sharding
+from maxlm.training import workdir as workdir_lib
 from maxlm.training.metrics import MetricsWriter, format_bytes, log_line, peak_flops_per_device
 
 State = dict[str, Any]
@@ -348,12 +349,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed:
         feed = BatchFeed(feed)
     if evaluate is None and eval_batches:
         evaluate = lambda s: {f"eval_{k}": v for k, v in trainer.evaluate(s, eval_batches).items()}  # noqa: E731
-    primary = jax.process_index() == 0
     frozen = frozen or {}
+    with workdir_lib.hold(workdir):
+        return _run(config, workdir, trainer, feed, init_state=init_state, frozen=frozen, evaluate=evaluate,
+                    eval_at_start=eval_at_start, finish=finish, stage_start=stage_start, plot=plot,
+                    progress_keys=progress_keys)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed: Feed, *,
+         init_state: Callable[[], State], frozen: dict, evaluate: Callable[[State], dict[str, float]] | None,
+         eval_at_start: bool, finish: Callable[[State], None] | None, stage_start: int,
+         plot: tuple[str, tuple[str, ...], str] | None, progress_keys: tuple[str, ...]) -> list[dict[str, float]]:
+    primary = jax.process_index() == 0
     log_line(f"mesh {dict(trainer.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
     ckpt = checkpoint_lib.Checkpointer(workdir, config, stage=trainer.objective.name,
                                        layout=trainer.objective.params, policy=trainer.objective.policy)
-    restored = restore(ckpt, trainer, frozen)
+
+    def check(step: int, saved: ml_collections.ConfigDict, meta: dict) -> None:
+        # At or before a later stage's start the checkpoint is an earlier stage's: stage keys may differ.
+        workdir_lib.check_resume(saved, meta.get("stage", ""), config, trainer.objective.name, workdir,
+                                 stage_boundary=0 < stage_start and step <= stage_start)
+
+    try:
+        restored = restore(ckpt, trainer, frozen, check)
+    except BaseException:
+        ckpt.close()
+        raise
     if restored is not None:
         state, data_state = restored
         resumed = int(state["step"])
@@ -436,7 +457,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed:
                 break
             bad_streak = bad_streak + 1 if float(metrics["bad_step"]) else 0
             if config.train.max_bad_steps and bad_streak >= config.train.max_bad_steps:
-                restored = restore(ckpt, trainer, state.get("frozen", {}))
+                restored = restore(ckpt, trainer, state.get("frozen", {}), check)
                 if restored is None:
                     raise RuntimeError(f"{bad_streak} non-finite steps in a row and no checkpoint to go back to")
                 state = restored[0]
@@ -459,9 +480,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed:
     return writer.history
 
 
-def restore(ckpt: checkpoint_lib.Checkpointer, trainer: Trainer, frozen: dict) -> tuple[State, dict] | None:
-    """(state, feed state) of the newest usable checkpoint, laid out for this trainer's mesh, or None."""
-    restored = ckpt.restore_latest(trainer.abstract_state["params"], trainer.abstract_state["opt_state"])
+def restore(ckpt: checkpoint_lib.Checkpointer, trainer: Trainer, frozen: dict,
+            check: Callable[[int, ml_collections.ConfigDict, dict], None] | None = None
+            ) -> tuple[State, dict] | None:
+    """(state, feed state) of the newest usable checkpoint, laid out for this trainer's mesh, or None;
+    `check` may refuse a checkpoint of another run (`Checkpointer.restore_latest`)."""
+    restored = ckpt.restore_latest(trainer.abstract_state["params"], trainer.abstract_state["opt_state"], check)
     if restored is None:
         return None
     params, opt_state, meta = restored
