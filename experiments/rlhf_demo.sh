@@ -17,12 +17,12 @@ cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 mkdir -p "$W"
 # "Partly trained": the SFT run's checkpoint at step PARTIAL (of SFT_STEPS) is the policy and the reference
-# (held-out exact match 0.454 on 500 items, on the tiny base). The reward models start from the finished SFT
+# (held-out exact match 0.436 on 500 items, on the tiny base). The reward models start from the finished SFT
 # run (InstructGPT trains its RM from an SFT model; a better judge of sorting than the partial policy: held-out
 # pairwise accuracy 0.97-0.99 after 2000 steps, vs 0.93 from step PARTIAL after 1000) and also see the partial
 # policy's own sampled replies, judged by the checker (an RM that never saw them was exploited within 40 PPO
-# iterations: reward up, true score flat). Measured on 2 CPU cores: RMs correct 0.970 / brief 1.000 with
-# system prompts, 0.755 / 0.305 without; PPO 300 iterations in 703 s, held-out 0.454 -> 0.688, KL 2.26.
+# iterations: reward up, true score flat). Measured on 2 CPU cores (2026-12-04): RMs correct 0.965 / brief 0.989
+# with system prompts, 0.905 / 0.074 without; PPO 300 iterations in 972 s, held-out 0.436 -> 0.650, KL 2.12.
 SFT_STEPS=${SFT_STEPS:-1200}
 PARTIAL=${PARTIAL:-400}
 PPO_ITERATIONS=${PPO_ITERATIONS:-300}

@@ -9,6 +9,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors' 
 
 from maxlm import cli
 from maxlm import tokenizer
+from maxlm.errors import UserError
 from maxlm.interop import pretrained
 from maxlm.interop.hf import from_hf, to_hf  # noqa: F401  (stable library names)
 
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> None:
     print(f"wrote step {step} of {FLAGS.workdir} to {FLAGS.out}", flush=True)
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
     """A user mistake on the command line (reported as one line, exit status 2)."""
 
 

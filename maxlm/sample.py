@@ -11,7 +11,7 @@ import jax
 from maxlm import cli
 from maxlm import tokenizer
 from maxlm.interop import pretrained
-from maxlm.model.sampler import SampleError, generate
+from maxlm.model.sampler import SampleError, check_request, generate
 
 
 def _define_flags() -> None:
@@ -58,11 +58,12 @@ def main(argv: list[str]) -> None:
     prompts = [bos + ids for ids in encoded]
     eos = tok.eos_id if tok.eos_id is not None and tok.eos_id >= 0 else None
     pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
-    print(f"step {step} of {workdir}; {len(prompts)} prompt(s)", file=sys.stderr, flush=True)
-    outputs = generate(config, params, prompts, max_new_tokens=FLAGS.max_new_tokens,
-                       rng=jax.random.key(FLAGS.seed), temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+    sample_args = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                        top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty, greedy=FLAGS.greedy,
-                       eos_id=eos, pad_id=pad)
+                       eos_id=eos)
+    check_request(config, prompts, **sample_args)
+    print(f"step {step} of {workdir}; {len(prompts)} prompt(s)", file=sys.stderr, flush=True)
+    outputs = generate(config, params, prompts, rng=jax.random.key(FLAGS.seed), pad_id=pad, **sample_args)
     for text, ids, new in zip(FLAGS.prompt, encoded, outputs):
         print(f"=== prompt: {text!r}")
         stopped = ", stopped at eos" if len(new) < FLAGS.max_new_tokens else ""

@@ -24,6 +24,7 @@ import ml_collections
 import sentencepiece as spm
 
 from maxlm import data
+from maxlm.errors import ConfigError, InputError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_SENTENCE_BYTES = 1 << 16  # longer lines are skipped (SentencePiece would drop them anyway)
@@ -182,13 +183,16 @@ def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
 def load(path: str) -> Tokenizer:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer model at {path}")
-    return Tokenizer(path)
+    try:
+        return Tokenizer(path)
+    except RuntimeError as e:  # sentencepiece's "could not parse ModelProto"
+        raise InputError(f"{path} is not a SentencePiece tokenizer model ({' '.join(str(e).split())})") from None
 
 
 def _checked(tok: Tokenizer, config: ml_collections.ConfigDict, origin: str) -> Tokenizer:
     if tok.vocab_size != config.model.vocab_size:
-        raise ValueError(f"tokenizer {tok.path} ({origin}) has {tok.vocab_size} pieces but "
-                         f"model.vocab_size={config.model.vocab_size}; set them equal or use another workdir")
+        raise ConfigError("model.vocab_size", f"{config.model.vocab_size}, but the tokenizer {tok.path} ({origin}) has "
+                          f"{tok.vocab_size} pieces; set them equal or use another workdir")
     return tok
 
 

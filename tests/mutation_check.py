@@ -225,6 +225,16 @@ MUTATIONS = [
     Mutation("stale-lock-pid-reuse-ignored", "maxlm/training/workdir.py",
              "return start is None or _process_start(int(holder[\"pid\"])) in (None, start)", "return True",
              ["tests/test_workdir.py::test_a_stale_lock_is_taken_over_with_a_warning"]),
+    # Issue 21: imports check shapes, nothing is scored from nothing.
+    Mutation("hf-import-shape-unchecked", "maxlm/interop/hf.py",
+             "if tuple(x.shape) != expected:", "if x.size != math.prod(expected):",
+             ["tests/test_bad_inputs.py::test_bad_input[evaluate:hf_transposed_tensor]"]),
+    Mutation("ppl-of-nothing-is-one", "maxlm/evaluation/harness.py",
+             "    if not texts:  # a perplexity of nothing is not 1", "    if False:",
+             ["tests/test_bad_inputs.py::test_bad_input[evaluate:ppl_only_bad_lines]"]),
+    Mutation("unscoreable-gen-row-scored-wrong", "maxlm/evaluation/generation.py",
+             '"correct": pred == gold if gold else None})', '"correct": pred != "" and pred == gold})',
+             ["tests/test_generation_eval.py::test_exact_match_over_scripted_continuations"]),
 ]
 
 

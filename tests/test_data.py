@@ -101,7 +101,7 @@ def test_iterator_counts_skips_by_reason(tmp_path, tok):
 
 def test_all_unreadable_raises(tok):
     it = data.PackedIterator(ListSource([None, None]), tok, seq_len=8, batch_size=1, seed=0)
-    with pytest.raises(RuntimeError, match="no readable document"):
+    with pytest.raises(ValueError, match="no readable document"):
         next(it)
 
 
@@ -141,7 +141,7 @@ def test_split_is_disjoint_and_deterministic():
     assert 50 < len(evals) < 150
     assert np.array_equal(evals, data.split_indices(n, 0.1, "eval"))
     assert len(data.split_indices(5, 0.01, "eval")) == 1  # a tiny corpus still holds one document out
-    with pytest.raises(ValueError, match="no eval documents"):
+    with pytest.raises(ValueError, match="holds out no document"):
         data.split_indices(n, 0.0, "eval")
     config = _config(**{"data.eval_fraction": 0.05})
     tr, ev = data.make_source(config, "train"), data.make_source(config, "eval")

@@ -123,7 +123,7 @@ def test_damaged_checkpoint_is_skipped(corpus, tok_path, tmp_path, capsys):
     params, _, meta = ckpt.restore_latest(trainer.abstract_state["params"], trainer.abstract_state["opt_state"])
     ckpt.close()
     assert meta["step"] == 2
-    assert f"checkpoint {damaged} is damaged and is skipped" in capsys.readouterr().out
+    assert f"checkpoint {damaged} is damaged and is skipped" in capsys.readouterr().err
     assert os.path.isdir(damaged + ".damaged") and not os.path.exists(damaged)
     history = train.train(_cfg(corpus, tok_path, **{"train.num_steps": 5, "checkpoint.every_steps": 2}), work)
     assert [r["step"] for r in history] == [3, 4, 5]  # resumed from step 2 without a crash

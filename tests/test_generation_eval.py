@@ -52,14 +52,15 @@ SCRIPT = [
     ("q2", "#### 1,234", " The total is 1234.", True),
     ("q3", "#### 7", " 7\n\nQuestion: what is 8?", True),
     ("q4", "#### 7", " 5\n\nQuestion: is it 7?", False),  # a number after the cut does not count
-    ("q5", "no number", " no idea", False),  # nothing extracted on both sides is not a match
+    ("q5", "no number", " no idea", None),  # no gold answer to extract: unscoreable, not wrong
     ("q6", "#### 2.50", " it costs 2.5", True),
     ("q7", "#### 10", " 100", False),
 ]
 
 
 def test_exact_match_over_scripted_continuations(monkeypatch):
-    """`score`'s exact match and items, with the sampler replaced by scripted continuations: 4 of 7 right."""
+    """`score`'s exact match and items, with the sampler replaced by scripted continuations: 4 of the 6
+    scoreable right; the row without a gold answer counted as unscoreable, not as wrong."""
     from maxlm import config as C
 
     tok = _CharTokenizer()
@@ -80,7 +81,10 @@ def test_exact_match_over_scripted_continuations(monkeypatch):
     assert [i["correct"] for i in result["items"]] == [right for *_, right in SCRIPT]
     assert [i["pred"] for i in result["items"]] == ["12", "1234", "7", "5", "", "2.5", "100"]
     assert [i["gold"] for i in result["items"]] == ["12", "1234", "7", "7", "", "2.5", "10"]
-    assert (result["exact_match"], result["n"], result["shots"]) == (4 / 7, 7, 1)
+    assert (result["exact_match"], result["n"], result["shots"]) == (4 / 6, 6, 1)
+    assert result["unscoreable"] == {"no_gold_answer": 1}
+    with pytest.raises(ValueError, match="no scoreable row among 2"):
+        gen.score(C.default_config(), None, tok, [rows[4], rows[4]], [shot])
 
 
 def test_greedy_answers_match_transformers(tmp_path, hf_base):

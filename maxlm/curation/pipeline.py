@@ -47,13 +47,14 @@ from maxlm import tokenizer as tokenizer_lib
 from maxlm.config import CURATE_ALIASES, CURATE_STAGES, _check
 from maxlm.curation import clean, dedup, perplexity, quality
 from maxlm.data.records import MALFORMED, InputError, Shard, iter_records, resolve_input
+from maxlm.errors import UserError
 from maxlm.interop import pretrained
 
 SIGNATURE_BATCH = 512  # documents per MinHash call
 EXAMPLE_CHARS = 2000
 
 
-class CurateError(ValueError):
+class CurateError(UserError):
     """A user mistake (no input, bad output folder): one line, exit status 2."""
 
 
@@ -228,6 +229,10 @@ def curate(config: ml_collections.ConfigDict, input_spec: str, output: str) -> d
     finally:
         pool.shutdown()
     report["input"]["spec"] = input_spec
+    if not report["input"]["documents"]:  # curating nothing is a mistake, not an empty corpus to train on
+        shutil.rmtree(work)
+        bad = ", ".join(f"{k} {v}" for k, v in report["malformed"].items() if v)
+        raise CurateError(f"--input={input_spec}: no readable document" + (f" (skipped: {bad})" if bad else ""))
     for name in sorted(os.listdir(os.path.join(work, "out"))):
         os.replace(os.path.join(work, "out", name), os.path.join(output, name))
     for stale in glob.glob(os.path.join(output, "part-*.jsonl")):

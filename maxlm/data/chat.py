@@ -28,6 +28,8 @@ from typing import Protocol
 
 import numpy as np
 
+from maxlm.errors import UserError
+
 
 class TokenizerLike(Protocol):
     bos_id: int
@@ -84,7 +86,7 @@ def load_template(name_or_path: str) -> Template:
     return Template(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-class MessageError(ValueError):
+class MessageError(UserError):
     """A conversation that does not fit the template; `reason` is a short key for skip statistics."""
 
     def __init__(self, reason: str, detail: str):

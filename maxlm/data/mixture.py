@@ -25,9 +25,10 @@ import ml_collections
 import numpy as np
 
 from maxlm.data.sources import JsonlSource, Lookup, Source, Subset, make_base_source, split_indices, unit_hash
+from maxlm.errors import UserError
 
 
-class MixtureError(ValueError):
+class MixtureError(UserError):
     """A mixture that cannot be built (no documents left in a source): names the config key."""
 
 

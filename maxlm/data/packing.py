@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from maxlm.data.sources import SKIP_REASONS, Source
+from maxlm.errors import InputError
 
 Batch = dict[str, np.ndarray]
 
@@ -71,8 +72,9 @@ class _Stream:
                 self.cursor, self.offset = self.cursor + 1, 0
                 skipped += 1
                 if skipped > len(order):
-                    raise RuntimeError(f"row {self.row}: no readable document in a whole epoch "
-                                       f"(skipped: {dict(self.stats)})")
+                    reasons = ", ".join(f"{k[len('skipped_'):]} {v}" for k, v in self.stats.items()
+                                        if k.startswith("skipped_") and v)
+                    raise InputError(f"no readable document in the data: every one was skipped ({reasons})")
                 continue
             tokens = [self.tokenizer.bos_id] + self.tokenizer.encode(text) + [self.tokenizer.eos_id]
             self._doc_key, self._doc = (self.epoch, self.cursor), np.asarray(tokens, np.int32)
@@ -116,7 +118,7 @@ class PackedIterator:
         if batch_size % num_hosts:
             raise ValueError(f"batch_size={batch_size} is not divisible by num_hosts={num_hosts}")
         if len(source) == 0:
-            raise ValueError("the data source has no documents")
+            raise InputError("the data source has no documents (an empty file or split?)")
         self.seq_len, self.rows, self.seed, self.batch_size = seq_len, batch_size // num_hosts, seed, batch_size
         self.first_row = host_id * self.rows
         self._stats = dict.fromkeys(("docs", "tokens") + tuple(f"skipped_{r}" for r in SKIP_REASONS), 0)

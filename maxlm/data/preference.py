@@ -30,6 +30,7 @@ import numpy as np
 from maxlm.data import chat, tasks
 from maxlm.data import sft as sft_data
 from maxlm.data.packing import EpochIterator
+from maxlm.errors import InputError
 
 Batch = dict[str, np.ndarray]
 
@@ -206,7 +207,7 @@ class PairIterator(EpochIterator):
     def __init__(self, pairs: Pairs, *, seq_len: int, batch_size: int, seed: int, pad_id: int = 0,
                  host_id: int = 0, num_hosts: int = 1):
         if len(pairs) == 0:
-            raise ValueError(f"no usable preference pairs ({pairs.summary()})")
+            raise InputError(f"no usable preference pairs ({pairs.summary()})")
         longest = max(max(len(c), len(r)) for c, r in pairs.items)
         if longest > seq_len:
             raise ValueError(f"a pair has {longest} tokens, more than seq_len={seq_len}")

@@ -21,10 +21,7 @@ from typing import Any
 import numpy as np
 
 from maxlm.data.sources import StdlibSource, as_text
-
-
-class InputError(ValueError):
-    """An input that cannot be read at all (no file matches, a missing decompressor): one line for the user."""
+from maxlm.errors import InputError  # noqa: F401  (raised here; importable from here as before)
 
 
 MALFORMED = ("bad_json", "bad_utf8", "missing_text", "not_string", "empty", "too_long", "corrupt_file")

@@ -34,6 +34,7 @@ import numpy as np
 
 from maxlm.data import chat
 from maxlm.data.packing import EpochIterator
+from maxlm.errors import InputError
 
 Batch = dict[str, np.ndarray]
 PACK_OPEN_ROWS = 16
@@ -150,7 +151,7 @@ class SFTIterator(EpochIterator):
     def __init__(self, conversations: Conversations, *, seq_len: int, batch_size: int, seed: int, pad_id: int = 0,
                  host_id: int = 0, num_hosts: int = 1):
         if len(conversations) == 0:
-            raise ValueError(f"no usable conversations ({conversations.summary()})")
+            raise InputError(f"no usable conversations ({conversations.summary()})")
         too_long = [len(ids) for ids, _ in conversations.items if len(ids) - 1 > seq_len]
         if too_long:
             raise ValueError(f"{len(too_long)} conversations exceed seq_len={seq_len} + 1 tokens")

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from maxlm.data.hashing import splitmix64
+from maxlm.errors import ConfigError, InputError
 
 CURATED_SHARDS = "part-*.jsonl*"  # the shards of a curate output folder (beside report.json)
 SKIP_REASONS = ("bad_json", "bad_utf8", "missing_text", "not_string", "empty")
@@ -104,7 +105,7 @@ class JsonlSource(Source):
                     with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 24)
                 except (OSError, EOFError, zlib.error) as e:
-                    raise ValueError(f"{path}: corrupt gzip file ({e})") from e
+                    raise InputError(f"{path}: corrupt gzip file ({e})") from e
                 path = plain
             size = os.path.getsize(path)
             if size == 0:
@@ -253,7 +254,8 @@ def split_indices(n: int, eval_fraction: float, split: str) -> np.ndarray:
     if eval_fraction > 0 and n > 1 and not held_out.any():
         held_out[np.argmin(u)] = True
     if split == "eval" and not held_out.any():
-        raise ValueError(f"no eval documents: data.eval_fraction={eval_fraction} of {n} documents")
+        raise ConfigError("data.eval_fraction", f"{eval_fraction} holds out no document of the {n} in the corpus "
+                          "(set it to 0, or train.eval_every=0, for no eval loss)")
     return np.flatnonzero(held_out if split == "eval" else ~held_out)
 
 

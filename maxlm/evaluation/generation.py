@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from maxlm.errors import InputError
 from maxlm.model import sampler as sample
 
 _HASHES = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
@@ -42,11 +43,20 @@ def extract_answer(text: str) -> str:
 
 
 def load_rows(path: str) -> list[dict]:
+    """The `{"question", "answer"}` rows of a jsonl file; a line that is not one is an InputError naming it
+    (a benchmark file is small and curated: a broken line is a broken benchmark, not noise to skip)."""
+    rows = []
     with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    bad = [r for r in rows if not isinstance(r, dict) or "question" not in r or "answer" not in r]
-    if bad:
-        raise ValueError(f"{path}: rows need question and answer fields, e.g. {bad[0]}")
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+                raise InputError(f"{path}:{n}: rows need question and answer fields, got {line.strip()[:80]}")
+            rows.append(row)
     return rows
 
 
@@ -62,8 +72,16 @@ def cut(continuation: str) -> str:
 
 def score(config: ml_collections.ConfigDict, params: dict, tok: Any, rows: Sequence[dict], shots: Sequence[dict], *,
           max_new_tokens: int = 256) -> dict:
-    """Greedy exact match of the extracted final answers -> {"task", "exact_match", "n", "items"}. The
-    continuation gets `max_new_tokens`, or what the model's context leaves after the longest prompt."""
+    """Greedy exact match of the extracted final answers -> {"task", "exact_match", "n", "unscoreable",
+    "items"}. The continuation gets `max_new_tokens`, or what the model's context leaves after the longest
+    prompt. A row whose answer has no final answer to extract cannot be scored: it is counted in
+    `unscoreable` by reason, left out of `n` and the mean, and its item has `correct` None; no scoreable row
+    at all is an InputError."""
+    golds = [extract_answer(str(r["answer"])) for r in rows]
+    unscoreable = {"no_gold_answer": golds.count("")} if "" in golds else {}
+    if len(rows) == golds.count(""):
+        raise InputError(f"no scoreable row among {len(rows)}: no row's answer has a final answer to extract "
+                         "(a number, or '#### <answer>')")
     prompts = [[tok.bos_id] + tok.encode(prompt(shots, r)) for r in rows]
     room = config.model.max_seq_len - max((len(p) for p in prompts), default=0)
     if room < 1:
@@ -76,9 +94,10 @@ def score(config: ml_collections.ConfigDict, params: dict, tok: Any, rows: Seque
                                greedy=True, eos_id=tok.eos_id, pad_id=tok.pad_id)
         outputs += [tok.decode(o) for o in outs]
     items = []
-    for row, out in zip(rows, outputs):
-        pred, gold = extract_answer(cut(out)), extract_answer(str(row["answer"]))
+    for row, out, gold in zip(rows, outputs, golds):
+        pred = extract_answer(cut(out))
         items.append({"question": row["question"], "response": cut(out), "pred": pred, "gold": gold,
-                      "correct": pred != "" and pred == gold})
-    return {"task": "gen", "exact_match": sum(i["correct"] for i in items) / max(len(items), 1), "n": len(items),
+                      "correct": pred == gold if gold else None})
+    scored = [i["correct"] for i in items if i["correct"] is not None]
+    return {"task": "gen", "exact_match": sum(scored) / len(scored), "n": len(scored), "unscoreable": unscoreable,
             "shots": len(shots), "items": items}

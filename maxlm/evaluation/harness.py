@@ -21,6 +21,7 @@ unknown-task error are made from that registry.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import json
@@ -36,6 +37,7 @@ from maxlm import tokenizer as tokenizer_lib
 from maxlm.data import chat, tasks
 from maxlm.data import records
 from maxlm.data.records import InputError
+from maxlm.errors import UserError
 from maxlm.evaluation import contamination
 from maxlm.evaluation import generation as generation_eval
 from maxlm.evaluation import multiple_choice
@@ -49,7 +51,7 @@ MAX_NEW_TOKENS = 24  # the longest reply in the suite ({"answer": "abcdefg"}) is
 GENERATE_BATCH = 64
 
 
-class EvaluateError(ValueError):
+class EvaluateError(UserError):
     """A user mistake on the command line (one line, exit status 2)."""
 
 
@@ -182,6 +184,8 @@ def _load_model(FLAGS) -> Model:
         config, params, step = pretrained.load_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
         tok_path = tokenizer_lib.run_tokenizer_path(config, FLAGS.workdir)
     else:
+        if not pretrained.is_hf_folder(FLAGS.hf):
+            raise EvaluateError(f"--hf={FLAGS.hf} is not a Hugging Face folder (no config.json there)")
         config, params, tok_path = pretrained.load_base(FLAGS.hf)
         step = None
     if not tok_path or not os.path.exists(tok_path):
@@ -243,15 +247,25 @@ def _check_ppl(FLAGS) -> None:
 
 @eval_task("ppl", "perplexity and bits per byte of --data", check=_check_ppl)
 def _perplexity(FLAGS, m: Model) -> None:
-    texts = [r[m.config.data.text_key] for shard in records.resolve_input(FLAGS.data)
-             for r, _ in records.iter_records(shard, m.config.data.text_key, 1 << 30) if r is not None]
+    texts, skipped = [], collections.Counter()
+    for shard in records.resolve_input(FLAGS.data):
+        for r, reason in records.iter_records(shard, m.config.data.text_key, 1 << 30):
+            if r is None:
+                skipped[reason] += 1
+            else:
+                texts.append(r[m.config.data.text_key])
+    if not texts:  # a perplexity of nothing is not 1
+        raise InputError(f"--data={FLAGS.data}: no document to score"
+                         + (f" (every line skipped: {', '.join(f'{k} {v}' for k, v in skipped.most_common())})"
+                            if skipped else " (no lines)"))
     r = perplexity(m.config, m.params, m.tok, texts[:FLAGS.n] if FLAGS.n else texts, window=FLAGS.window,
                    stride=FLAGS.stride)
     _write_items(os.path.join(m.out_dir, "ppl.jsonl"), r["items"])
     print(f"ppl: {r['ppl']:.4f}, bits per byte {r['bits_per_byte']:.4f} over {r['tokens']} tokens of {r['n']} "
-          f"documents (window {r['window']}, stride {r['stride']})", file=sys.stderr, flush=True)
+          f"documents (window {r['window']}, stride {r['stride']})" + _unscoreable(dict(skipped)), file=sys.stderr,
+          flush=True)
     _summary(m.out_dir, "ppl", {k: r[k] for k in ("task", "ppl", "bits_per_byte", "tokens", "bytes", "n", "window",
-                                                  "stride")} | {"step": m.step})
+                                                  "stride")} | {"unscoreable": dict(skipped), "step": m.step})
 
 
 def _check_gen(FLAGS) -> None:
@@ -271,9 +285,14 @@ def _generation(FLAGS, m: Model) -> None:
         shots, rows = every[:FLAGS.shots], every[FLAGS.shots:]
     r = generation_eval.score(m.config, m.params, m.tok, rows[:FLAGS.n] if FLAGS.n else rows, shots)
     _write_items(os.path.join(m.out_dir, "gen.jsonl"), r["items"])
-    print(f"gen: exact match {r['exact_match']:.4f} on {r['n']} items ({r['shots']}-shot)", file=sys.stderr,
-          flush=True)
-    _summary(m.out_dir, "gen", {k: r[k] for k in ("task", "exact_match", "n", "shots")} | {"step": m.step})
+    print(f"gen: exact match {r['exact_match']:.4f} on {r['n']} items ({r['shots']}-shot)"
+          + _unscoreable(r["unscoreable"]), file=sys.stderr, flush=True)
+    _summary(m.out_dir, "gen", {k: r[k] for k in ("task", "exact_match", "n", "unscoreable", "shots")}
+             | {"step": m.step})
+
+
+def _unscoreable(counts: dict[str, int]) -> str:
+    return "; not scoreable: " + ", ".join(f"{k} {v}" for k, v in counts.items()) if counts else ""
 
 
 @eval_task("passkey", "needle in a haystack")

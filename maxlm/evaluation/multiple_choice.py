@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_collections
 
+from maxlm.errors import UserError
 from maxlm.model import scoring
 
 LETTERS = ("A", "B", "C", "D")
@@ -34,7 +35,7 @@ HEADERS = {
 ANSWER = {"en": "Answer:", "zh": "答案："}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A benchmark folder that cannot be read: one line for the user."""
 
 

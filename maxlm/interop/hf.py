@@ -71,6 +71,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from maxlm import config as config_lib
+from maxlm.errors import UserError
 from maxlm.model import decoder as model_lib
 
 _ARCHITECTURES = {
@@ -79,6 +80,10 @@ _ARCHITECTURES = {
     "internlm2": "InternLM2ForCausalLM",
 }
 _BY_CLASS = {v.lower(): k for k, v in _ARCHITECTURES.items()}
+
+
+class HFError(UserError):
+    """A Hugging Face folder, config or architecture maxlm cannot convert: one line naming what and where."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,10 +182,10 @@ def _resolve(path: str) -> tuple[str, list[str]]:
     path = os.path.abspath(os.fspath(path))
     if os.path.isfile(path):
         if not path.endswith(".safetensors"):
-            raise ValueError(f"{path}: expected a Hugging Face folder or a .safetensors file")
+            raise HFError(f"{path}: expected a Hugging Face folder or a .safetensors file")
         return os.path.dirname(path), [path]
     if not os.path.isdir(path):
-        raise ValueError(f"{path}: no such folder or file")
+        raise HFError(f"{path}: no such folder or file")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -193,9 +198,9 @@ def _resolve(path: str) -> tuple[str, list[str]]:
     if len(files) == 1:
         return path, files
     if not files:
-        raise ValueError(f"{path}: no .safetensors weights (pytorch .bin checkpoints are not supported; "
+        raise HFError(f"{path}: no .safetensors weights (pytorch .bin checkpoints are not supported; "
                          "re-save with safe_serialization=True)")
-    raise ValueError(f"{path}: {len(files)} .safetensors files but no model.safetensors.index.json")
+    raise HFError(f"{path}: {len(files)} .safetensors files but no model.safetensors.index.json")
 
 
 def _read_tensors(files: list[str]) -> dict[str, np.ndarray]:
@@ -215,7 +220,7 @@ def _architecture(hf: dict) -> str:
     model_type = str(hf.get("model_type", "")).lower()
     if not names and model_type in _ARCHITECTURES:
         return model_type
-    raise ValueError(f"unsupported architecture {names or model_type!r}: maxlm.convert reads "
+    raise HFError(f"unsupported architecture {names or model_type!r}: maxlm.convert reads "
                      f"{sorted(_ARCHITECTURES.values())}")
 
 
@@ -226,7 +231,7 @@ def _rope_from_hf(hf: dict) -> dict[str, Any]:
     params = hf.get("rope_parameters")
     if isinstance(params, dict):
         if params and all(isinstance(v, dict) for v in params.values()):
-            raise ValueError(f"per-layer-type rope_parameters are not supported: {params}")
+            raise HFError(f"per-layer-type rope_parameters are not supported: {params}")
         theta = params.get("rope_theta", theta)
         if scaling is None:
             scaling = params
@@ -240,17 +245,17 @@ def _rope_from_hf(hf: dict) -> dict[str, Any]:
     if rope_type in (None, "default"):
         return out
     if rope_type not in ("linear", "dynamic", "yarn"):
-        raise ValueError(f"unsupported rope type {rope_type!r} (rope scaling {scaling}); maxlm.convert supports "
+        raise HFError(f"unsupported rope type {rope_type!r} (rope scaling {scaling}); maxlm.convert supports "
                          "'default', 'linear', 'dynamic' and 'yarn'")
     if not scaling.get("factor"):
-        raise ValueError(f"{rope_type} rope scaling without a factor: {scaling}")
+        raise HFError(f"{rope_type} rope scaling without a factor: {scaling}")
     factor = float(scaling["factor"])
     out.update({"model.rope_scaling": rope_type, "model.rope_factor": factor})
     if rope_type == "dynamic":  # grows past max_position_embeddings: allow factor x that many positions
         out.update({"model.rope_original_max_len": max_pos, "model.max_seq_len": int(max_pos * factor)})
     elif rope_type == "yarn":
         if scaling.get("truncate", True) is False:
-            raise ValueError("yarn rope scaling with truncate=False is not supported")
+            raise HFError("yarn rope scaling with truncate=False is not supported")
         attention = scaling.get("attention_factor")
         mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
         if attention is None and mscale and mscale_all:  # DeepSeek's form
@@ -264,7 +269,10 @@ def _rope_from_hf(hf: dict) -> dict[str, Any]:
 
 def _require_zero(tensors: dict, key: str, why: str) -> None:
     if key in tensors and np.any(np.asarray(tensors[key], np.float32) != 0):
-        raise ValueError(f"{key} is non-zero but maxlm has no {why}")
+        raise HFError(f"{key} is non-zero but maxlm has no {why}")
+
+
+_REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
 def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
@@ -272,22 +280,30 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     folder, files = _resolve(path)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
-        raise ValueError(f"{folder}: no config.json next to the weights")
+        raise HFError(f"{folder}: no config.json next to the weights")
     with open(config_path) as f:
-        hf = json.load(f)
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise HFError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise HFError(f"{config_path} is not a JSON object")
+    missing = [k for k in _REQUIRED_HF_KEYS if hf.get(k) is None]
+    if missing:
+        raise HFError(f"{config_path} lacks {', '.join(missing)}")
     arch = _architecture(hf)
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise ValueError(f"unsupported hidden_act {act!r}: maxlm's MLP is SwiGLU (silu)")
+        raise HFError(f"unsupported hidden_act {act!r}: maxlm's MLP is SwiGLU (silu)")
     if hf.get("mlp_bias"):
-        raise ValueError("mlp_bias=True is not supported: maxlm's MLP has no biases")
+        raise HFError("mlp_bias=True is not supported: maxlm's MLP has no biases")
     if arch == "qwen2":
         layer_types = hf.get("layer_types")
         sliding = (any(t != "full_attention" for t in layer_types) if layer_types
                    else hf.get("use_sliding_window", False)
                    and hf.get("max_window_layers", 0) < hf["num_hidden_layers"])
         if sliding:
-            raise ValueError("Qwen2 sliding-window attention layers are not supported by maxlm")
+            raise HFError("Qwen2 sliding-window attention layers are not supported by maxlm")
 
     n_layers = int(hf["num_hidden_layers"])
     d = int(hf["hidden_size"])
@@ -302,7 +318,7 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     qkv_bias = names["layers/attn/bqkv" if fused else "layers/attn/q_bias"].format(i=0) in tensors
     tie = bool(hf.get("tie_word_embeddings", names["lm_head"] not in tensors))
     if not tie and names["lm_head"] not in tensors:
-        raise ValueError(f"{path}: tie_word_embeddings is false but there is no {names['lm_head']}")
+        raise HFError(f"{path}: tie_word_embeddings is false but there is no {names['lm_head']}")
 
     config = config_lib.override(config_lib.default_config(), **{
         "model.vocab_size": int(hf["vocab_size"]),
@@ -331,25 +347,33 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     if tie:
         tensors.pop(names["lm_head"], None)  # some tied checkpoints store the (identical) head anyway
 
-    def get(key: str) -> np.ndarray:
-        if key not in tensors:
-            raise ValueError(f"{path}: missing tensor {key!r} for {_ARCHITECTURES[arch]}")
-        return np.asarray(tensors.pop(key), np.float32)
-
     layout = _hf_layout(config.model)
+
+    def get(key: str, leaf: str) -> np.ndarray:
+        # The shape the config implies, checked before any reshape: a transposed or mis-sized tensor has the
+        # right element count often enough (gate_proj [F, D] vs [D, F]) to load silently otherwise.
+        if key not in tensors:
+            raise HFError(f"{path}: missing tensor {key!r} for {_ARCHITECTURES[arch]}")
+        x = tensors.pop(key)
+        expected = tuple(layout[leaf][0])
+        if tuple(x.shape) != expected:
+            raise HFError(f"{path}: tensor {key} has shape {list(x.shape)}, expected {list(expected)} from "
+                             "config.json")
+        return np.asarray(x, np.float32)
 
     def read(leaf_path: tuple, _) -> np.ndarray:
         leaf = _leaf_name(leaf_path)
         if leaf.startswith("layers/"):
-            return np.stack([_from_hf_layout(get(names[leaf].format(i=i)), layout[leaf]) for i in range(n_layers)])
-        return _from_hf_layout(get(names[leaf]), layout[leaf])
+            return np.stack([_from_hf_layout(get(names[leaf].format(i=i), leaf), layout[leaf])
+                             for i in range(n_layers)])
+        return _from_hf_layout(get(names[leaf], leaf), layout[leaf])
 
     # Every leaf `maxlm.model.init` builds for this config (q/k/v or wqkv, biases, lm_head unless tied).
     params = jax.tree_util.tree_map_with_path(read, model_lib.abstract_params(config))
     params = jax.tree_util.tree_map(np.ascontiguousarray, params)
     leftover = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))
     if leftover:
-        raise ValueError(f"{path}: tensors not understood by the {_ARCHITECTURES[arch]} mapping: {leftover[:8]}"
+        raise HFError(f"{path}: tensors not understood by the {_ARCHITECTURES[arch]} mapping: {leftover[:8]}"
                          + (" ..." if len(leftover) > 8 else ""))
     _check_tree(config, params, f"from_hf({path})")
     return config, params
@@ -361,11 +385,11 @@ def _check_tree(config: ml_collections.ConfigDict, params: dict, where: str) -> 
     exp_paths = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
     got_paths = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     if exp_paths.keys() != got_paths.keys():
-        raise ValueError(f"{where}: parameter tree mismatch; missing {sorted(exp_paths.keys() - got_paths.keys())}, "
+        raise HFError(f"{where}: parameter tree mismatch; missing {sorted(exp_paths.keys() - got_paths.keys())}, "
                          f"unexpected {sorted(got_paths.keys() - exp_paths.keys())}")
     bad = {k: (got_paths[k], exp_paths[k]) for k in exp_paths if tuple(exp_paths[k]) != got_paths[k]}
     if bad:
-        raise ValueError(f"{where}: shape mismatch (got, expected): {bad}")
+        raise HFError(f"{where}: shape mismatch (got, expected): {bad}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,7 +404,7 @@ def _normalize_arch(architecture: str | None, m: ml_collections.ConfigDict) -> s
         return key
     if key in _BY_CLASS:
         return _BY_CLASS[key]
-    raise ValueError(f"unsupported architecture {architecture!r}; choose one of "
+    raise HFError(f"unsupported architecture {architecture!r}; choose one of "
                      f"{sorted(_ARCHITECTURES)} or {sorted(_ARCHITECTURES.values())}")
 
 
@@ -425,9 +449,9 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
     elif m.rope_scaling == "ntk":
         theta = theta * m.rope_factor ** (h / (h - 2))  # exactly what maxlm.attention.rope computes
     elif m.rope_scaling not in ("none", "linear"):
-        raise ValueError(f"unsupported rope_scaling {m.rope_scaling!r}")
+        raise HFError(f"unsupported rope_scaling {m.rope_scaling!r}")
     if arch == "internlm2" and h * n != d:
-        raise ValueError(f"the InternLM2 layout needs head_dim * num_heads == d_model, got {h} * {n} != {d}")
+        raise HFError(f"the InternLM2 layout needs head_dim * num_heads == d_model, got {h} * {n} != {d}")
 
     names, layout = _hf_names(arch), _hf_layout(m)
     p = jax.tree_util.tree_map(np.asarray, params)

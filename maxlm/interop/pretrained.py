@@ -23,6 +23,7 @@ import numpy as np
 
 from maxlm import config as config_lib
 from maxlm import tokenizer
+from maxlm.errors import UserError
 from maxlm.interop import hf as convert
 from maxlm.model import lora
 from maxlm.training import checkpoint
@@ -32,7 +33,7 @@ from maxlm.training import checkpoint
 SHAPE_KEYS = config_lib.shape_keys()
 
 
-class BaseModelError(ValueError):
+class BaseModelError(UserError):
     """A base model that cannot be used (unsupported architecture, damaged files): one line for the user."""
 
 
@@ -62,12 +63,15 @@ def load_workdir(workdir: str, step: int | None = None) -> tuple[ml_collections.
     """(config, host params, step) of the policy in a run's checkpoint, whichever stage wrote it: the
     model itself, a LoRA run's adapters merged into their base, PPO's actor (the checkpoint records where
     the policy sits). A reward model is not a policy: BaseModelError."""
-    config, params, step, meta = checkpoint.load_latest(workdir, step, with_meta=True)
+
+    def is_policy(meta: dict) -> None:
+        if meta["policy"] is None:
+            raise BaseModelError(f"{workdir} holds a {meta['stage'] or 'non-policy'} model ({meta['layout']} "
+                                 "parameters), not a language model to sample from, evaluate or export")
+
+    config, params, step, meta = checkpoint.load_latest(workdir, step, with_meta=True, check=is_policy)
     params = jax.device_get(params)
     layout, policy = meta["layout"], meta["policy"]
-    if policy is None:
-        raise BaseModelError(f"{workdir} holds a {meta['stage'] or 'non-policy'} model ({layout} parameters), "
-                             "not a language model to sample from, evaluate or export")
     if policy:
         params, layout = params[policy], layout[policy]
     if layout == "lora":

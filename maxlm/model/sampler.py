@@ -45,10 +45,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from maxlm.errors import UserError
 from maxlm.model import decoder as model
 
 
-class SampleError(ValueError):
+class SampleError(UserError):
     """A user mistake in a generation request (empty prompt, context too long, bad hyper-parameter)."""
 
 
@@ -190,17 +191,11 @@ def _generate_padded(cfg: ml_collections.FrozenConfigDict, params: dict, tokens:
 _generate_jit = jax.jit(_generate_padded, static_argnums=(0,), static_argnames=("max_new_tokens", "greedy"))
 
 
-def generate(config: ml_collections.ConfigDict, params: dict, prompts: list[list[int]], *, max_new_tokens: int,
-             rng: jax.Array | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             repetition_penalty: float = 1.0, greedy: bool = False, eos_id: int | None = None,
-             pad_id: int = 0) -> list[list[int]]:
-    """Continue each prompt (a list of token ids, bos included if the model expects one); returns new tokens.
-
-    Each returned list holds at most `max_new_tokens` ids and stops before `eos_id` (excluded). `rng` (a
-    `jax.random.key`) drives sampling; None means `jax.random.key(0)`. It is ignored when `greedy`.
-    `pad_id` fills the padding slots (never attended to) and is not part of any output. Raises ValueError for
-    empty prompts, out-of-vocabulary ids, bad hyper-parameters, or a context longer than model.max_seq_len.
-    """
+def check_request(config: ml_collections.ConfigDict, prompts: list[list[int]], *, max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                  greedy: bool = False, eos_id: int | None = None) -> int:
+    """Refuse a generation request `generate` cannot serve (SampleError naming what is wrong), before any
+    work; returns the padded prompt length. Callers that print or load first call it up front."""
     cfg = ml_collections.FrozenConfigDict(model.model_config(config))
     if max_new_tokens < 1:
         raise SampleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -223,7 +218,23 @@ def generate(config: ml_collections.ConfigDict, params: dict, prompts: list[list
         raise SampleError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         raise SampleError(f"eos_id must be None or in [0, {cfg.vocab_size}), got {eos_id}")
-    padded = padded_length(max(len(p) for p in prompts), max_new_tokens, cfg.max_seq_len)
+    return padded_length(max(len(p) for p in prompts), max_new_tokens, cfg.max_seq_len)
+
+
+def generate(config: ml_collections.ConfigDict, params: dict, prompts: list[list[int]], *, max_new_tokens: int,
+             rng: jax.Array | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, greedy: bool = False, eos_id: int | None = None,
+             pad_id: int = 0) -> list[list[int]]:
+    """Continue each prompt (a list of token ids, bos included if the model expects one); returns new tokens.
+
+    Each returned list holds at most `max_new_tokens` ids and stops before `eos_id` (excluded). `rng` (a
+    `jax.random.key`) drives sampling; None means `jax.random.key(0)`. It is ignored when `greedy`.
+    `pad_id` fills the padding slots (never attended to) and is not part of any output. Raises ValueError for
+    empty prompts, out-of-vocabulary ids, bad hyper-parameters, or a context longer than model.max_seq_len.
+    """
+    cfg = ml_collections.FrozenConfigDict(model.model_config(config))
+    padded = check_request(config, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, repetition_penalty=repetition_penalty, greedy=greedy, eos_id=eos_id)
 
     # Pad slots are never attended to, but their embeddings must be finite: use a valid id for them.
     input_pad = pad_id if 0 <= pad_id < cfg.vocab_size else 0

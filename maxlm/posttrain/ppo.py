@@ -48,6 +48,7 @@ from absl import flags
 from maxlm import cli, data
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
+from maxlm.errors import UserError
 from maxlm.interop import pretrained
 from maxlm.model import decoder as model, sampler as sample, trees
 from maxlm.posttrain import environments, graph, reward, rl
@@ -60,7 +61,7 @@ from maxlm.training.metrics import log_line
 assert graph.Environment  # the shortest-path environment registers itself on import
 
 
-class PPOError(ValueError):
+class PPOError(UserError):
     """A PPO set-up that cannot work (mismatched tokenizers, missing models): one line for the user."""
 
 

@@ -40,6 +40,7 @@ from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.data import preference
 from maxlm.data.sources import split_indices
+from maxlm.errors import InputError
 from maxlm.training.metrics import log_line
 # The model (decoder trunk + scalar head) lives with the models; its names stay importable from here.
 from maxlm.model.value_head import abstract_params, from_lm, init, logical_axes, scores, token_values  # noqa: F401
@@ -71,8 +72,16 @@ OBJECTIVE = train.Objective("reward", pair_loss, "value", init, policy=None)
 
 
 def load(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, tokenizer_lib.Tokenizer]:
-    """(config, host params, tokenizer) of a trained reward model."""
-    config, params, _ = checkpoint.load_latest(workdir, step, abstract=abstract_params)
+    """(config, host params, tokenizer) of a trained reward model; any other run is refused before its
+    arrays are read."""
+
+    def is_reward_model(meta: dict) -> None:
+        if meta["layout"] != "value":
+            raise pretrained.BaseModelError(
+                f"{workdir} holds a {meta['stage'] or 'language'} model ({meta['layout']} parameters), not a reward "
+                "model (train one with maxlm.reward)")
+
+    config, params, _ = checkpoint.load_latest(workdir, step, abstract=abstract_params, check=is_reward_model)
     return config, jax.device_get(params), tokenizer_lib.load(os.path.join(workdir, "tokenizer.model"))
 
 
@@ -114,6 +123,9 @@ def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Templ
     pairs = preference.Pairs(template, tok, config.data.seq_len)
     if r.data_path:
         everything = preference.load_jsonl(r.data_path, preference.Pairs(template, tok, config.data.seq_len))
+        if not everything.items:
+            reasons = ", ".join(f"{k} {v}" for k, v in everything.skipped.most_common()) or "the files are empty"
+            raise InputError(f"every preference pair in reward.data_path={r.data_path} was skipped ({reasons})")
         keep = split_indices(len(everything), config.data.eval_fraction, split)
         pairs.items = [everything.items[i] for i in keep]
         pairs.domains = [everything.domains[i] for i in keep]

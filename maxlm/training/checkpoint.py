@@ -18,6 +18,7 @@ current mesh, which is also what reshards a checkpoint written under another mes
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from typing import Any, Callable
 
@@ -28,10 +29,14 @@ from absl import logging
 from etils import epath
 
 from maxlm import config as config_lib
-from maxlm.errors import ConfigError, WorkdirError
+from maxlm.errors import ConfigError, UserError, WorkdirError
 from maxlm.model import trees
 
 ITEMS = ("params", "opt_state", "meta", "config")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -50,12 +55,27 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self.config = config
         self.stage = {"stage": stage, "layout": layout, "policy": policy} if stage else {}
+        self._pending_bytes = 0  # bytes of a save that may still be being written (async)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, params: Any, opt_state: Any, data_state: dict) -> None:
-        """Start an (asynchronous) save; returns as soon as the arrays are copied off the step's buffers."""
+        """Start an (asynchronous) save; returns as soon as the arrays are copied off the step's buffers.
+
+        A disk without room for the arrays refuses the save up front (WorkdirError, one line) instead of
+        failing half-way in Orbax's writer threads: the checkpoints already saved stay as they are.
+        """
+        need = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
+        in_progress = getattr(self.manager, "is_saving_in_progress", lambda: True)()
+        pending = self._pending_bytes if in_progress else 0
+        free = shutil.disk_usage(self.directory).free
+        if free < need + pending + (1 << 20):
+            self.manager.wait_until_finished()  # the save already under way completes before the error exits
+            raise WorkdirError(f"no room for checkpoint {step} in {self.directory}: it needs ~{_mib(need + pending)}, "
+                               f"{_mib(free)} is free; the checkpoints already saved are intact (free space and "
+                               "rerun to resume)")
+        self._pending_bytes = need
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
@@ -110,9 +130,10 @@ class Checkpointer:
     def _set_aside(self, step: int, error: Exception) -> None:
         path = os.path.join(self.directory, str(step))
         message = f"checkpoint {path} is damaged and is skipped ({type(error).__name__}: {str(error)[:200]})"
-        logging.warning(message)
-        if jax.process_index() == 0:
-            print(f"warning: {message}", flush=True)
+        if jax.process_index() != 0:
+            logging.warning(message)
+        else:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
             if os.path.isdir(path):
                 target, n = f"{path}.damaged", 1
                 while os.path.exists(target):  # an earlier set-aside of this step keeps its name
@@ -168,7 +189,7 @@ def stage_of(meta: dict, config: ml_collections.ConfigDict) -> dict:
 
 
 def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_collections.ConfigDict], Any] | None = None,
-                with_meta: bool = False) -> tuple:
+                with_meta: bool = False, check: Callable[[dict], None] | None = None) -> tuple:
     """(config, params, step) of the newest (or the given) checkpoint in `workdir`, params on one device,
     restored in the layout the checkpoint records (`abstract(config)` overrides it) -- a LoRA run's are
     its adapters (`maxlm.pretrained.load_workdir` merges them into the base). With `with_meta`, also the
@@ -176,7 +197,8 @@ def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_co
 
     Without a step, a newest checkpoint that cannot be read is skipped with a warning for the next older one,
     as a resumed run does -- but left in place: reading a workdir never changes it. Raises FileNotFoundError
-    with a readable message when there is nothing to load.
+    with a readable message when there is nothing to load. `check(meta)` may refuse the run before its arrays
+    are read (a UserError: a reward model where a policy is wanted, say), which no older checkpoint changes.
     """
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
@@ -188,7 +210,9 @@ def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_co
             raise FileNotFoundError(f"no complete checkpoint under {directory}")
         for i, candidate in enumerate(steps):
             try:
-                out = _load(manager, candidate, abstract)
+                out = _load(manager, candidate, abstract, check)
+            except UserError:
+                raise
             except Exception as e:  # noqa: BLE001 -- any failure to read makes this checkpoint unusable
                 if i + 1 == len(steps):
                     if step is not None:
@@ -197,7 +221,6 @@ def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_co
                                             f"{candidate}: {type(e).__name__}: {str(e)[:200]})") from None
                 message = (f"checkpoint {os.path.join(directory, str(candidate))} cannot be read ({type(e).__name__}: "
                            f"{str(e)[:200]}); using step {steps[i + 1]}")
-                logging.warning(message)
                 print(f"warning: {message}", file=sys.stderr, flush=True)
                 continue
             config, params, meta = out
@@ -206,11 +229,13 @@ def load_latest(workdir: str, step: int | None = None, abstract: Callable[[ml_co
         manager.close()
 
 
-def _load(manager: ocp.CheckpointManager, step: int, abstract: Callable[[ml_collections.ConfigDict], Any] | None
-          ) -> tuple[ml_collections.ConfigDict, Any, dict]:
+def _load(manager: ocp.CheckpointManager, step: int, abstract: Callable[[ml_collections.ConfigDict], Any] | None,
+          check: Callable[[dict], None] | None = None) -> tuple[ml_collections.ConfigDict, Any, dict]:
     items = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     config = config_lib.from_dict(items["config"])
     meta = {**items["meta"], **stage_of(items["meta"], config)}
+    if check is not None:
+        check(meta)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = abstract(config) if abstract is not None else trees.abstract(config, meta["layout"])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), target)
