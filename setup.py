@@ -25,6 +25,7 @@ setup(
         "absl-py>=2.1,<3",
         "safetensors>=0.4,<1",  # Hugging Face import / export (maxlm.convert, fine-tuning an HF model)
         "protobuf>=4",  # editing SentencePiece models (chat special tokens)
+        "tokenizers>=0.20,<1",  # the tokenizer.json of today's open weights (Llama 3, Qwen, Mistral, Gemma)
     ],
     extras_require={
         # The oracle for the decoder: Hugging Face transformers on the CPU build of torch the machines carry.

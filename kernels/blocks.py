@@ -8,6 +8,10 @@ below it (no mask at all). The helpers below give those ranges as traced integer
 bounds or `pl.when` guards encode "no wasted work above the diagonal" (FlashAttention-2, Dao 2023, §3.1).
 Conservative rounding is allowed only towards "masked": a tile classed as diagonal but fully visible costs
 a few selects, never a wrong answer.
+
+A sliding window of W slots (Mistral: query slot q sees keys q - W + 1 .. q) adds a second diagonal below
+the first: tiles wholly left of it are skipped like those above the causal one (`window_kv_start`,
+`window_q_end`), so attention costs O(T W) instead of O(T^2); tiles the window edge crosses take the mask.
 """
 
 from __future__ import annotations
@@ -48,6 +52,20 @@ def q_blocks_for_kv(j, block_q: int, block_k: int, num_q_blocks: int, q_offset=0
     return start, jnp.maximum(full, start)
 
 
+def window_kv_start(i, block_q: int, block_k: int, window: int, q_offset=0):
+    """The first key tile query tile i sees under a sliding window (its first row sees back to slot
+    first_row - window + 1)."""
+    first_row = q_offset + i * block_q
+    return div(jnp.maximum(first_row - window + 1, 0), block_k)
+
+
+def window_q_end(j, block_q: int, block_k: int, num_q_blocks: int, window: int, q_offset=0):
+    """One past the last query tile that sees key tile j under a sliding window (query slots up to its
+    last key + window - 1)."""
+    last = j * block_k + block_k - 1 + window - 1 - q_offset  # relative to the first query's slot
+    return jnp.where(last < 0, 0, jnp.minimum(div(jnp.maximum(last, 0), block_q) + 1, num_q_blocks))
+
+
 def kv_ranges(i, block_q: int, block_k: int, num_kv_blocks: int, *, causal: bool, masked_everywhere: bool,
               q_offset=0):
     """Loop bounds over key tiles for query tile i: tiles [0, full) need no mask, [full, touched) do,
@@ -70,16 +88,21 @@ def q_ranges(j, block_q: int, block_k: int, num_q_blocks: int, *, causal: bool, 
     return start, (num_q_blocks if masked_everywhere else full)
 
 
-def tile_kind(i, j, block_q: int, block_k: int, q_offset=0):
-    """(visible, crosses the diagonal) for tile (query tile i, key tile j) under a causal mask."""
+def tile_kind(i, j, block_q: int, block_k: int, q_offset=0, window: int = 0):
+    """(visible, needs the mask) for tile (query tile i, key tile j) under a causal mask: it crosses the
+    diagonal, or, with a sliding window, the window's edge."""
     first_row = q_offset + i * block_q
-    visible = j * block_k <= first_row + block_q - 1
+    last_row = first_row + block_q - 1
+    visible = j * block_k <= last_row
     diagonal = (j + 1) * block_k - 1 > first_row
+    if window:
+        visible = visible & (first_row - ((j + 1) * block_k - 1) < window)  # its last key reaches a row
+        diagonal = diagonal | (last_row - j * block_k >= window)  # some row is past its first key's window
     return visible, diagonal
 
 
 def tile_mask(q_start, k_start, shape: tuple[int, int], *, causal: bool, q_seg=None, kv_seg=None,
-              transposed: bool = False) -> jax.Array | None:
+              transposed: bool = False, window: int = 0) -> jax.Array | None:
     """Boolean visibility of one tile. Normal layout is [block_q, block_k]; `transposed` gives
     [block_k, block_q] (the layout the TPU backward works in, so per-query statistics broadcast as rows).
     `q_seg` / `kv_seg` must already be shaped to broadcast against the tile (column or row vectors).
@@ -90,6 +113,8 @@ def tile_mask(q_start, k_start, shape: tuple[int, int], *, causal: bool, q_seg=N
         q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
         k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, k_axis)
         mask = k_pos <= q_pos
+        if window:
+            mask = mask & (q_pos - k_pos < window)
     if q_seg is not None:
         seg = (q_seg == kv_seg) & (kv_seg != 0)
         mask = seg if mask is None else mask & seg

@@ -57,6 +57,7 @@ class BlockSizes:
 class _Static:
     causal: bool
     sm_scale: float
+    window: int
     blocks: BlockSizes
     backend: str
     interpret: bool
@@ -84,14 +85,15 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
                     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
                     sm_scale: float | None = None, block_sizes: BlockSizes | None = None,
                     backend: str | None = None, interpret: bool | None = None,
-                    q_offset: int | jax.Array = 0) -> jax.Array:
+                    q_offset: int | jax.Array = 0, window: int = 0) -> jax.Array:
     """Attention over q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H] in q's dtype (float32 accumulation).
 
     segment_ids: [B,T] ids shared by queries and keys (needs T == S), or a pair ([B,T], [B,S]); a query
     attends to a key only when their ids are equal and non-zero. Causal masking compares slots: query t
     is at slot q_offset + t (an int or a traced int32 scalar), key s at slot s. `sm_scale` defaults to
     H^-0.5. `backend` is "gpu" or "tpu" (default: the platform's); `interpret` defaults to True on a CPU
-    platform.
+    platform. `window` > 0 (causal only): Mistral's sliding window, query slot q sees keys q - window + 1 .. q;
+    key tiles wholly outside it are skipped, forward and backward.
     """
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"flash_attention expects q [B,T,N,H] and k, v [B,S,K,H]; got q {q.shape}, "
@@ -102,6 +104,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head dim")
     if n % kv_heads:
         raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({kv_heads})")
+    if window < 0 or (window and not causal):
+        raise ValueError(f"window must be >= 0 and needs causal=True, got window={window}, causal={causal}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     backend = backend or default_backend()
@@ -142,7 +146,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         q_seg = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, t_pad - t)))
         kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, s_pad - s)))
     pad = lambda x, to: jnp.pad(x, ((0, 0), (0, to - x.shape[1]), (0, 0), (0, 0)))
-    static = _Static(causal=causal, sm_scale=float(sm_scale if sm_scale is not None else h ** -0.5),
+    static = _Static(causal=causal, sm_scale=float(sm_scale if sm_scale is not None else h ** -0.5), window=int(window),
                      blocks=bs, backend=backend, interpret=bool(interpret))
     offset = jnp.reshape(jnp.asarray(q_offset, jnp.int32), (1,))
     out = _flash(pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), q_seg, kv_seg, offset, static)
@@ -157,7 +161,7 @@ def _forward(q, k, v, q_seg, kv_seg, offset, static: _Static):
     bs = static.blocks
     return _impl(static).forward(q, k, v, q_seg, kv_seg, offset, causal=static.causal, sm_scale=static.sm_scale,
                                  block_q=bs.block_q, block_k=bs.block_k, num_warps=bs.num_warps,
-                                 num_stages=bs.num_stages, interpret=static.interpret)
+                                 num_stages=bs.num_stages, interpret=static.interpret, window=static.window)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -178,7 +182,7 @@ def _flash_bwd(static: _Static, residuals, do):
     dq, dk, dv = _impl(static).backward(
         q, k, v, q_seg, kv_seg, offset, lse, delta, do.astype(q.dtype), causal=static.causal, sm_scale=static.sm_scale,
         block_q=bs.block_q_bwd, block_k=bs.block_k_bwd, num_warps=bs.num_warps, num_stages=bs.num_stages,
-        interpret=static.interpret)
+        interpret=static.interpret, window=static.window)
     return dq, dk, dv, None, None, None
 
 

@@ -44,7 +44,7 @@ def _params(num_warps: int, num_stages: int):
     return pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _fwd_kernel(off_ref, *refs, causal, sm_scale, block_k, num_kv_blocks, has_seg):
+def _fwd_kernel(off_ref, *refs, causal, sm_scale, block_k, num_kv_blocks, has_seg, window=0):
     if has_seg:
         q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref = refs
     else:
@@ -62,7 +62,7 @@ def _fwd_kernel(off_ref, *refs, causal, sm_scale, block_k, num_kv_blocks, has_se
         if masked:
             kv_seg = kvseg_ref[keys][None, :] if has_seg else None
             mask = blocks.tile_mask(q_offset + i * block_q, j * block_k, s.shape, causal=causal, q_seg=q_seg,
-                                    kv_seg=kv_seg)
+                                    kv_seg=kv_seg, window=window)
             s = s if mask is None else jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp(m - m_new)
@@ -75,7 +75,10 @@ def _fwd_kernel(off_ref, *refs, causal, sm_scale, block_k, num_kv_blocks, has_se
              jnp.zeros((block_q, head_dim), jnp.float32))
     full, touched = blocks.kv_ranges(i, block_q, block_k, num_kv_blocks, causal=causal,
                                      masked_everywhere=has_seg, q_offset=q_offset)
-    carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
+    if window:  # key tiles left of the window are skipped; the rest take the mask
+        full = blocks.window_kv_start(i, block_q, block_k, window, q_offset)
+    else:
+        carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(full, touched, functools.partial(body, masked=True), carry)
     m, l, acc = carry
     out, lse = blocks.finalize(m[:, None], l[:, None], acc)
@@ -87,7 +90,7 @@ _OFFSET = pl.BlockSpec((1,), lambda *_: (0,))
 
 
 def forward(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, sm_scale: float, block_q: int, block_k: int,
-            num_warps: int, num_stages: int, interpret: bool):
+            num_warps: int, num_stages: int, interpret: bool, window: int = 0):
     """o [B,T,N,H] and lse [B,N,T] (float32). T and S must be multiples of the blocks; q_offset int32[1]."""
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
@@ -103,7 +106,7 @@ def forward(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, sm_scale: float, 
                      pl.BlockSpec((None, s), lambda i, bi, ni: (bi, 0))]
         args += [q_seg, kv_seg]
     kernel = functools.partial(_fwd_kernel, causal=causal, sm_scale=sm_scale, block_k=block_k,
-                               num_kv_blocks=s // block_k, has_seg=has_seg)
+                               num_kv_blocks=s // block_k, has_seg=has_seg, window=window)
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, block_q, None, h), lambda i, bi, ni: (bi, i, ni, 0)),
@@ -113,7 +116,7 @@ def forward(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, sm_scale: float, 
     )(*args)
 
 
-def _dkdv_kernel(off_ref, *refs, causal, sm_scale, block_q, num_q_blocks, group, has_seg):
+def _dkdv_kernel(off_ref, *refs, causal, sm_scale, block_q, num_q_blocks, group, has_seg, window=0):
     if has_seg:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, dk_ref, dv_ref = refs
     else:
@@ -132,7 +135,7 @@ def _dkdv_kernel(off_ref, *refs, causal, sm_scale, block_q, num_q_blocks, group,
         if masked:
             q_seg = qseg_ref[rows][:, None] if has_seg else None
             mask = blocks.tile_mask(q_offset + i * block_q, j * block_k, s.shape, causal=causal, q_seg=q_seg,
-                                    kv_seg=kv_seg)
+                                    kv_seg=kv_seg, window=window)
             s = s if mask is None else jnp.where(mask, s, MASK_VALUE)
         p = jnp.exp(s - lse[:, None])
         dv = dv + _dot(p.astype(do.dtype), do, _TN)
@@ -144,10 +147,15 @@ def _dkdv_kernel(off_ref, *refs, causal, sm_scale, block_q, num_q_blocks, group,
     start, full = blocks.q_ranges(j, block_q, block_k, num_q_blocks, causal=causal, masked_everywhere=has_seg,
                                   q_offset=q_offset)
 
+    if window:  # query tiles past the window of this key tile's last key are skipped
+        full = end = blocks.window_q_end(j, block_q, block_k, num_q_blocks, window, q_offset)
+    else:
+        end = num_q_blocks
+
     def per_head(gi, carry):
         head = kv_head * group + gi
         carry = lax.fori_loop(start, full, functools.partial(body, head=head, masked=True), carry)
-        return lax.fori_loop(full, num_q_blocks, functools.partial(body, head=head, masked=False), carry)
+        return lax.fori_loop(full, end, functools.partial(body, head=head, masked=False), carry)
 
     zeros = jnp.zeros((block_k, head_dim), jnp.float32)
     dk, dv = lax.fori_loop(0, group, per_head, (zeros, zeros))
@@ -155,7 +163,7 @@ def _dkdv_kernel(off_ref, *refs, causal, sm_scale, block_q, num_q_blocks, group,
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(off_ref, *refs, causal, sm_scale, block_k, num_kv_blocks, has_seg):
+def _dq_kernel(off_ref, *refs, causal, sm_scale, block_k, num_kv_blocks, has_seg, window=0):
     if has_seg:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, dq_ref = refs
     else:
@@ -173,7 +181,7 @@ def _dq_kernel(off_ref, *refs, causal, sm_scale, block_k, num_kv_blocks, has_seg
         if masked:
             kv_seg = kvseg_ref[keys][None, :] if has_seg else None
             mask = blocks.tile_mask(q_offset + i * block_q, j * block_k, s.shape, causal=causal, q_seg=q_seg,
-                                    kv_seg=kv_seg)
+                                    kv_seg=kv_seg, window=window)
             s = s if mask is None else jnp.where(mask, s, MASK_VALUE)
         p = jnp.exp(s - lse[:, None])
         dp = _dot(do, v, _NT)
@@ -183,13 +191,16 @@ def _dq_kernel(off_ref, *refs, causal, sm_scale, block_k, num_kv_blocks, has_seg
     full, touched = blocks.kv_ranges(i, block_q, block_k, num_kv_blocks, causal=causal,
                                      masked_everywhere=has_seg, q_offset=q_offset)
     dq = jnp.zeros((block_q, head_dim), jnp.float32)
-    dq = lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
+    if window:
+        full = blocks.window_kv_start(i, block_q, block_k, window, q_offset)
+    else:
+        dq = lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
     dq = lax.fori_loop(full, touched, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
 def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, sm_scale: float, block_q: int,
-             block_k: int, num_warps: int, num_stages: int, interpret: bool):
+             block_k: int, num_warps: int, num_stages: int, interpret: bool, window: int = 0):
     """dq, dk, dv from the saved log-sum-exp and delta = rowsum(dO * O), both [B,N,T] float32."""
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
@@ -209,7 +220,7 @@ def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, 
         args += [q_seg, kv_seg]
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, causal=causal, sm_scale=sm_scale, block_q=block_q,
-                          num_q_blocks=t // block_q, group=g, has_seg=has_seg),
+                          num_q_blocks=t // block_q, group=g, has_seg=has_seg, window=window),
         grid=(s // block_k, b, kv_heads), in_specs=in_specs, out_specs=[kv_tile, kv_tile],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=params, interpret=interpret, name="flash_bwd_dkdv",
@@ -227,7 +238,7 @@ def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, 
         args += [q_seg, kv_seg]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, causal=causal, sm_scale=sm_scale, block_k=block_k,
-                          num_kv_blocks=s // block_k, has_seg=has_seg),
+                          num_kv_blocks=s // block_k, has_seg=has_seg, window=window),
         grid=(t // block_q, b, n), in_specs=in_specs, out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params, interpret=interpret, name="flash_bwd_dq",

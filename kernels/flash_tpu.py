@@ -38,7 +38,7 @@ def _heads_major(x):
     return jnp.swapaxes(x, 1, 2)
 
 
-def _fwd_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
+def _fwd_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg, window=0):
     if has_seg:
         q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     else:
@@ -57,7 +57,7 @@ def _fwd_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
         if masked:
             mask = blocks.tile_mask(q_offset + i * block_q, j * block_k, s.shape, causal=causal,
                                     q_seg=qseg_ref[...] if has_seg else None,
-                                    kv_seg=kvseg_ref[...] if has_seg else None)
+                                    kv_seg=kvseg_ref[...] if has_seg else None, window=window)
             s = s if mask is None else jnp.where(mask, s, MASK_VALUE)
         m_prev = m_sc[...]  # [bq, 128], lane-replicated
         m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
@@ -67,7 +67,7 @@ def _fwd_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
         m_sc[...] = m_next
         acc_sc[...] = acc_sc[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v)
 
-    _guarded(step, i, j, q_offset, causal=causal, has_seg=has_seg, block_q=block_q, block_k=block_k)
+    _guarded(step, i, j, q_offset, causal=causal, has_seg=has_seg, block_q=block_q, block_k=block_k, window=window)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -77,19 +77,26 @@ def _fwd_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
         lse_ref[...] = lse_wide.T[:1, :]
 
 
-def _kv_index(i, j, off_ref, *, block_q, block_k, causal):
-    """Key tile to fetch at grid step (i, j): above the diagonal, repeat the last visible one."""
+def _kv_index(i, j, off_ref, *, block_q, block_k, causal, window=0):
+    """Key tile to fetch at grid step (i, j): above the diagonal, repeat the last visible one; left of a
+    sliding window, fetch its first one (the same tile for every skipped step: no new DMA)."""
     if not causal:
         return j
-    return jnp.minimum(j, blocks.div(off_ref[0] + i * block_q + block_q - 1, block_k))
+    j = jnp.minimum(j, blocks.div(off_ref[0] + i * block_q + block_q - 1, block_k))
+    return jnp.maximum(j, blocks.window_kv_start(i, block_q, block_k, window, off_ref[0])) if window else j
 
 
-def _q_index(i, j, off_ref, *, block_q, block_k, causal, num_q_blocks):
-    """Query tile to fetch at (key tile j, step i): before the first visible one, fetch that one."""
+def _q_index(i, j, off_ref, *, block_q, block_k, causal, num_q_blocks, window=0):
+    """Query tile to fetch at (key tile j, step i): before the first visible one, fetch that one; past a
+    sliding window's last, that last one."""
     if not causal:
         return i
     start, _ = blocks.q_blocks_for_kv(j, block_q, block_k, num_q_blocks, off_ref[0])
-    return jnp.minimum(jnp.maximum(i, start), num_q_blocks - 1)
+    i = jnp.maximum(i, start)
+    if window:
+        end = blocks.window_q_end(j, block_q, block_k, num_q_blocks, window, off_ref[0])
+        i = jnp.minimum(i, jnp.maximum(end - 1, start))
+    return jnp.minimum(i, num_q_blocks - 1)
 
 
 def _params(*semantics):
@@ -106,13 +113,13 @@ def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, seman
 
 
 def forward(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, sm_scale: float, block_q: int, block_k: int,
-            interpret: bool, **_):
+            interpret: bool, window: int = 0, **_):
     """o [B,T,N,H] and lse [B,N,T] float32; q/k/v arrive in the model layout and leave in it."""
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     g = n // kv_heads
     has_seg = q_seg is not None
-    kvi = functools.partial(_kv_index, block_q=block_q, block_k=block_k, causal=causal)
+    kvi = functools.partial(_kv_index, block_q=block_q, block_k=block_k, causal=causal, window=window)
     q_tile = pl.BlockSpec((None, None, block_q, h), lambda bi, ni, i, j, off: (bi, ni, i, 0))
     kv_tile = pl.BlockSpec((None, None, block_k, h),
                            lambda bi, ni, i, j, off: (bi, blocks.div(ni, g), kvi(i, j, off), 0))
@@ -124,7 +131,7 @@ def forward(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, sm_scale: float, 
         args += [q_seg[:, :, None], kv_seg[:, None, :]]
     out, lse = _call(
         functools.partial(_fwd_kernel, causal=causal, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
-                          has_seg=has_seg),
+                          has_seg=has_seg, window=window),
         grid=(b, n, t // block_q, s // block_k), in_specs=in_specs,
         out_specs=[q_tile, pl.BlockSpec((None, None, 1, block_q), lambda bi, ni, i, j, off: (bi, ni, 0, i))],
         out_shape=[jax.ShapeDtypeStruct((b, n, t, h), q.dtype), jax.ShapeDtypeStruct((b, n, 1, t), jnp.float32)],
@@ -135,7 +142,8 @@ def forward(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, sm_scale: float, 
     return _heads_major(out), lse[:, :, 0, :]
 
 
-def _transposed_tile(q_ref, k_ref, qseg_ref, kvseg_ref, q_start, j, *, causal, masked, sm_scale, has_seg):
+def _transposed_tile(q_ref, k_ref, qseg_ref, kvseg_ref, q_start, j, *, causal, masked, sm_scale, has_seg,
+                     window=0):
     """S^T = K Q^T for one tile, [bk, bq], masked where needed."""
     q, k = q_ref[...], k_ref[...]
     s_t = _dot(k, q, _NT) * sm_scale
@@ -143,23 +151,23 @@ def _transposed_tile(q_ref, k_ref, qseg_ref, kvseg_ref, q_start, j, *, causal, m
         block_k = s_t.shape[0]
         mask = blocks.tile_mask(q_start, j * block_k, s_t.shape, causal=causal, transposed=True,
                                 q_seg=qseg_ref[...] if has_seg else None,
-                                kv_seg=kvseg_ref[...] if has_seg else None)
+                                kv_seg=kvseg_ref[...] if has_seg else None, window=window)
         s_t = s_t if mask is None else jnp.where(mask, s_t, MASK_VALUE)
     return s_t
 
 
-def _guarded(step, i, j, q_offset, *, causal, has_seg, block_q, block_k):
+def _guarded(step, i, j, q_offset, *, causal, has_seg, block_q, block_k, window=0):
     """Run step(masked) only on visible tiles, with the mask only where the tile needs it."""
     if not causal:
         step(has_seg)
         return
-    visible, diagonal = blocks.tile_kind(i, j, block_q, block_k, q_offset)
+    visible, diagonal = blocks.tile_kind(i, j, block_q, block_k, q_offset, window)
     needs_mask = visible if has_seg else visible & diagonal
     pl.when(needs_mask)(lambda: step(True))
     pl.when(visible & jnp.logical_not(needs_mask))(lambda: step(False))
 
 
-def _dkdv_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
+def _dkdv_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg, window=0):
     if has_seg:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref,
          dk_ref, dv_ref, dk_sc, dv_sc) = refs
@@ -175,7 +183,7 @@ def _dkdv_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
 
     def step(masked):
         s_t = _transposed_tile(q_ref, k_ref, qseg_ref, kvseg_ref, q_offset + i * block_q, j, causal=causal, masked=masked,
-                               sm_scale=sm_scale, has_seg=has_seg)
+                               sm_scale=sm_scale, has_seg=has_seg, window=window)
         p_t = jnp.exp(s_t - lse_ref[...])  # [bk, bq] - [1, bq]
         do = do_ref[...]
         dv_sc[...] += _dot(p_t.astype(do.dtype), do)
@@ -183,7 +191,7 @@ def _dkdv_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
         ds_t = p_t * (dp_t - delta_ref[...])
         dk_sc[...] += _dot(ds_t.astype(q_ref.dtype), q_ref[...])
 
-    _guarded(step, i, j, q_offset, causal=causal, has_seg=has_seg, block_q=block_q, block_k=block_k)
+    _guarded(step, i, j, q_offset, causal=causal, has_seg=has_seg, block_q=block_q, block_k=block_k, window=window)
 
     @pl.when((gi == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
     def _finish():
@@ -191,7 +199,7 @@ def _dkdv_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
+def _dq_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg, window=0):
     if has_seg:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, dq_ref, dq_sc = refs
     else:
@@ -205,14 +213,14 @@ def _dq_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
 
     def step(masked):
         s_t = _transposed_tile(q_ref, k_ref, qseg_ref, kvseg_ref, q_offset + i * block_q, j, causal=causal, masked=masked,
-                               sm_scale=sm_scale, has_seg=has_seg)
+                               sm_scale=sm_scale, has_seg=has_seg, window=window)
         p_t = jnp.exp(s_t - lse_ref[...])
         dp_t = _dot(v_ref[...], do_ref[...], _NT)
         ds_t = p_t * (dp_t - delta_ref[...])
         k = k_ref[...]
         dq_sc[...] += _dot(ds_t.T.astype(k.dtype), k)
 
-    _guarded(step, i, j, q_offset, causal=causal, has_seg=has_seg, block_q=block_q, block_k=block_k)
+    _guarded(step, i, j, q_offset, causal=causal, has_seg=has_seg, block_q=block_q, block_k=block_k, window=window)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -220,7 +228,7 @@ def _dq_kernel(off_ref, *refs, causal, sm_scale, block_q, block_k, has_seg):
 
 
 def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, sm_scale: float, block_q: int,
-             block_k: int, interpret: bool, **_):
+             block_k: int, interpret: bool, window: int = 0, **_):
     """dq, dk, dv in the model layout from lse and delta [B,N,T] float32."""
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
@@ -228,8 +236,9 @@ def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, 
     has_seg = q_seg is not None
     qh, kh, vh, doh = (_heads_major(x) for x in (q, k, v, do))
     lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]
-    qi = functools.partial(_q_index, block_q=block_q, block_k=block_k, causal=causal, num_q_blocks=t // block_q)
-    kvi = functools.partial(_kv_index, block_q=block_q, block_k=block_k, causal=causal)
+    qi = functools.partial(_q_index, block_q=block_q, block_k=block_k, causal=causal, num_q_blocks=t // block_q,
+                           window=window)
+    kvi = functools.partial(_kv_index, block_q=block_q, block_k=block_k, causal=causal, window=window)
 
     # dK, dV: grid (batch, kv head, key tile, query head in group, query tile); the last two accumulate.
     q_tile = pl.BlockSpec((None, None, block_q, h),
@@ -245,7 +254,7 @@ def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, 
         args += [q_seg[:, None, :], kv_seg[:, :, None]]
     dk, dv = _call(
         functools.partial(_dkdv_kernel, causal=causal, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
-                          has_seg=has_seg),
+                          has_seg=has_seg, window=window),
         grid=(b, kv_heads, s // block_k, g, t // block_q), in_specs=in_specs, out_specs=[kv_tile, kv_tile],
         out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((block_k, h), jnp.float32), pltpu.VMEM((block_k, h), jnp.float32)],
@@ -266,7 +275,7 @@ def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, 
         args += [q_seg[:, None, :], kv_seg[:, :, None]]
     dq = _call(
         functools.partial(_dq_kernel, causal=causal, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
-                          has_seg=has_seg),
+                          has_seg=has_seg, window=window),
         grid=(b, n, t // block_q, s // block_k), in_specs=in_specs, out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((block_q, h), jnp.float32)],

@@ -19,8 +19,9 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *, causal: bool,
-                   q_offset: jax.Array | int = 0) -> jax.Array:
-    """Boolean [B, T, S]: True where query t may attend to key s."""
+                   q_offset: jax.Array | int = 0, window: int = 0) -> jax.Array:
+    """Boolean [B, T, S]: True where query t may attend to key s. `window` > 0 (Mistral's sliding window,
+    causal only) also requires the key to be one of the query's last `window` slots, itself included."""
     mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
     if causal:
         t = q_segment_ids.shape[1]
@@ -28,12 +29,16 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *, causa
         q_slot = jnp.arange(t)[:, None] + q_offset
         kv_slot = jnp.arange(s)[None, :]
         mask = mask & (kv_slot <= q_slot)[None]
+        if window:
+            mask = mask & (q_slot - kv_slot < window)[None]
+    elif window:
+        raise ValueError("a sliding window needs causal attention")
     return mask
 
 
 def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array,
                   kv_segment_ids: jax.Array, causal: bool = True, q_offset: jax.Array | int = 0,
-                  sm_scale: float | None = None) -> jax.Array:
+                  sm_scale: float | None = None, window: int = 0) -> jax.Array:
     """Softmax attention with grouped-query heads, computed in float32. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
 
     K/V are never repeated: the query heads are viewed as [K, G] groups (GQA, Ainslie et al. 2023), which
@@ -45,7 +50,7 @@ def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: ja
     scale = sm_scale if sm_scale is not None else h ** -0.5
     qg = q.reshape(b, t, kv_heads, g, h)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
-    mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
+    mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset, window=window)
     logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
     # A query that sees no key at all (a padding slot) outputs zeros rather than an average of
     # everything: the convention of FlashAttention's variable-length kernels, and the one every

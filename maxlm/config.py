@@ -79,18 +79,22 @@ def default_config() -> ml_collections.ConfigDict:
     m.rope_theta = 10000.0
     # Context extension (maxlm/model/attention.py, ROPE_VARIANTS): none | linear (position interpolation) | ntk
     # (static NTK-aware base) | dynamic (NTK grown with the length past rope_original_max_len) | yarn (Peng et
-    # al. 2023). Every model.rope_<name> key reaches the variant's function as <name> (attention.rope_config);
+    # al. 2023) | llama3 (Llama 3.1's wavelength-dependent interpolation). Every model.rope_<name> key reaches the variant's function as <name> (attention.rope_config);
     # a variant with a parameter of its own adds its key here.
     m.rope_scaling = "none"
     m.rope_factor = 1.0  # context-extension factor
-    m.rope_original_max_len = 0  # dynamic / yarn: the length pretraining used (0: max_seq_len)
+    m.rope_original_max_len = 0  # dynamic / yarn / llama3: the length pretraining used (0: max_seq_len)
     m.rope_beta_fast = 32.0  # yarn: dimensions rotating more often than this over the original length keep
     m.rope_beta_slow = 1.0  # their frequency, those rotating less than this are interpolated
     m.rope_attention_factor = 0.0  # yarn: cos/sin multiplier; 0: 0.1 ln(factor) + 1
+    m.rope_low_freq_factor = 1.0  # llama3: wavelengths over original_max_len / this are interpolated
+    m.rope_high_freq_factor = 4.0  # llama3: wavelengths under original_max_len / this keep their frequency
     m.norm_eps = 1e-6
     m.tie_embeddings = False
     m.fused_qkv = False  # InternLM2's single `wqkv` projection
     m.qkv_bias = False  # Qwen2 has biases on q, k, v
+    m.qk_norm = False  # Qwen3: RMSNorm (a learned scale per head dim) on each head's query and key before RoPE
+    m.sliding_window = 0  # Mistral: each token attends to its last `sliding_window` tokens (itself included); 0: all
     m.init_std = 0.02
     m.param_dtype = "float32"
     # How to run the weights (MODEL_RUN_KEYS); every other model key is fixed by the weights (`shape_keys`):
@@ -310,12 +314,18 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
     _check(m.rope_factor >= 1.0, "model.rope_factor", "must be >= 1 (it extends the context)")
     _check(m.rope_original_max_len >= 0, "model.rope_original_max_len", "must be >= 0 (0: max_seq_len)")
     _check(m.rope_beta_fast > m.rope_beta_slow > 0, "model.rope_beta_fast", "needs beta_fast > beta_slow > 0")
+    _check(m.rope_high_freq_factor > m.rope_low_freq_factor > 0, "model.rope_high_freq_factor",
+           "needs high_freq_factor > low_freq_factor > 0")
     _check(m.norm_eps > 0, "model.norm_eps", "must be positive")
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
     _check(m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
     _check(m.attention_impl in attention.ATTENTION_IMPLS, "model.attention_impl",
            f"must be one of {tuple(attention.ATTENTION_IMPLS)}")
     impl = attention.ATTENTION_IMPLS[m.attention_impl]
+    _check(m.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0: full attention)")
+    _check(not m.sliding_window or impl.windowed, "model.sliding_window",
+           f"attention_impl={m.attention_impl!r} has no sliding window yet; use one of "
+           f"{tuple(k for k, v in attention.ATTENTION_IMPLS.items() if v.windowed)}")
     if impl.backend is not None:
         import jax
 
@@ -632,6 +642,8 @@ def num_params(c: ml_collections.ConfigDict) -> int:
     attn = m.d_model * h * (m.num_heads * 2 + m.num_kv_heads * 2)
     if m.qkv_bias:
         attn += h * (m.num_heads + 2 * m.num_kv_heads)
+    if m.qk_norm:
+        attn += 2 * h
     mlp = 3 * m.d_model * m.mlp_dim
     per_layer = attn + mlp + 2 * m.d_model
     emb = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)

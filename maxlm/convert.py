@@ -16,8 +16,6 @@ from maxlm.interop.hf import from_hf, to_hf  # noqa: F401  (stable library names
 
 def main(argv: list[str]) -> None:
     """`python -m maxlm.convert to_hf --workdir=W --out=DIR [--step=N] [--architecture=A]`."""
-    import shutil
-
     from absl import flags
 
     FLAGS = flags.FLAGS
@@ -29,8 +27,8 @@ def main(argv: list[str]) -> None:
     config, params, step = pretrained.load_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
     to_hf(config, params, FLAGS.out, architecture=FLAGS.architecture or None)
     tok_path = tokenizer.run_tokenizer_path(config, FLAGS.workdir)
-    if os.path.exists(tok_path):  # SentencePiece model, which Hugging Face's LlamaTokenizer reads
-        shutil.copy(tok_path, os.path.join(FLAGS.out, "tokenizer.model"))
+    if os.path.exists(tok_path):  # tokenizer.json (+ its config) or the SentencePiece model LlamaTokenizer reads
+        tokenizer.export(tok_path, FLAGS.out)
     print(f"wrote step {step} of {FLAGS.workdir} to {FLAGS.out}", flush=True)
 
 
@@ -42,7 +40,7 @@ def _run() -> None:
     from absl import flags
 
     flags.DEFINE_string("workdir", "", "Training workdir whose checkpoint to export.")
-    flags.DEFINE_string("out", "", "Folder to write (config.json + model.safetensors [+ tokenizer.model]).")
+    flags.DEFINE_string("out", "", "Folder to write (config.json + model.safetensors [+ the run's tokenizer files]).")
     flags.DEFINE_integer("step", -1, "Checkpoint step to export (default: the newest).")
     flags.DEFINE_string("architecture", "", "llama | qwen2 | internlm2 (default: from the model config).")
     cli.run(main, user_errors=(ConvertError,))

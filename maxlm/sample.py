@@ -19,7 +19,7 @@ def _define_flags() -> None:
 
     flags.DEFINE_string("workdir", None, "(required) Training workdir: the newest checkpoint under "
                         "<workdir>/checkpoints is loaded, and its tokenizer (config.tokenizer.path, else "
-                        "<workdir>/tokenizer.model).")
+                        "<workdir>/tokenizer.json or tokenizer.model).")
     flags.DEFINE_multi_string("prompt", None, "Text to continue; repeat the flag for a batch of prompts.")
     flags.DEFINE_integer("max_new_tokens", 128, "Most tokens generated per prompt (fewer if eos comes first).")
     flags.DEFINE_float("temperature", 0.8, "Softmax temperature (> 0); lower is more conservative.")

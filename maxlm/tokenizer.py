@@ -1,4 +1,10 @@
-"""SentencePiece BPE tokenizer, trained on the project's own corpus with LLaMA / Baichuan 2 choices.
+"""Tokenizers: SentencePiece BPE trained on the project's own corpus with LLaMA / Baichuan 2 choices, and
+the Hugging Face `tokenizer.json` of today's open weights (Llama 3, Qwen, Mistral, Gemma) read with the
+`tokenizers` library -- the reference implementation `AutoTokenizer` wraps. `load(path)` takes either file
+(or a folder holding one) and returns an object with one interface: `encode` / `decode` (no bos/eos added:
+the caller frames text itself), the bos / eos / pad ids, `vocab_size`, `piece_to_id` / `id_to_piece`.
+
+The trained SentencePiece models:
 
 Choices (Touvron et al. 2023, LLaMA section 2.1; Yang et al. 2023, Baichuan 2 section 2.2):
   * BPE via SentencePiece; digits split into single-digit pieces (numbers tokenize uniformly).
@@ -16,6 +22,7 @@ order (no sampling, no shuffling) with a fixed thread count, which the BPE resul
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -86,6 +93,141 @@ class Tokenizer:
         return self._path
 
 
+HF_FILE = "tokenizer.json"  # a Hugging Face fast tokenizer
+SP_FILE = "tokenizer.model"  # a SentencePiece model
+HF_CONFIG = "tokenizer_config.json"  # beside tokenizer.json: which added tokens are bos / eos / pad
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (byte-level BPE of Llama 3 / Qwen / Mistral, or a converted
+    SentencePiece model), through the `tokenizers` library, with the bos / eos / pad tokens named by the
+    `tokenizer_config.json` beside it. `encode` adds no special tokens (as `AutoTokenizer`'s
+    `add_special_tokens=False`), so ids equal AutoTokenizer's; `decode` drops bos / eos / pad (as
+    SentencePiece drops its control pieces) and keeps other added tokens (chat markers) as text.
+
+    A model without a pad token pads with its eos id (what fine-tuning recipes for Llama 3 do): padding is
+    only a filler here, never attended to nor trained on.
+    """
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        self._path = path
+        try:
+            self._tok = _Tokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 -- the Rust loader raises a bare Exception
+            raise InputError(f"{path} is not a Hugging Face tokenizer.json ({' '.join(str(e).split())[:200]})") from None
+        special = _special_tokens(os.path.join(os.path.dirname(os.path.abspath(path)), HF_CONFIG))
+        self._ids = {name: (self._tok.token_to_id(token) if token else None) for name, token in special.items()}
+        for name, token in special.items():
+            if token and self._ids[name] is None:
+                raise InputError(f"{path}: {HF_CONFIG} names {name}_token {token!r}, which is not in the vocabulary")
+        self._control = {i for i in self._ids.values() if i is not None}
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if int(i) not in self._control], skip_special_tokens=False)
+
+    def piece_to_id(self, piece: str) -> int:
+        i = self._tok.token_to_id(piece)
+        return self.unk_id if i is None else i
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i)) or ""
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        for name in ("pad", "eos"):
+            if self._ids[name] is not None:
+                return self._ids[name]
+        return 0
+
+    @property
+    def unk_id(self) -> int:
+        return -1 if self._ids["unk"] is None else self._ids["unk"]
+
+    @property
+    def bos_id(self) -> int:
+        return -1 if self._ids["bos"] is None else self._ids["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return -1 if self._ids["eos"] is None else self._ids["eos"]
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def save_with(self, pieces: Iterable[str], out_path: str) -> list[str]:
+        """Write this tokenizer with `pieces` it lacks appended as special added tokens (matched whole
+        before the pre-tokenizer, never split, existing ids unchanged) to `out_path`, and its
+        tokenizer_config.json beside it; returns the pieces added."""
+        from tokenizers import AddedToken
+
+        added = [p for p in dict.fromkeys(pieces) if self._tok.token_to_id(p) is None]
+        self._tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in added])
+        _write_atomic(out_path, self._tok.to_str().encode("utf-8"))
+        _copy_beside(self._path, out_path, HF_CONFIG)
+        return added
+
+
+def _special_tokens(config_path: str) -> dict[str, str | None]:
+    """{"bos", "eos", "pad", "unk"} -> token text from a tokenizer_config.json (string or AddedToken dict)."""
+    cfg = {}
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            try:
+                cfg = json.load(f)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{config_path} is not valid JSON ({e})") from None
+    out = {}
+    for name in ("bos", "eos", "pad", "unk"):
+        value = cfg.get(f"{name}_token")
+        out[name] = value.get("content") if isinstance(value, dict) else value
+    return out
+
+
+def _copy_beside(source_file: str, target_file: str, name: str) -> None:
+    """Copy `name` from beside `source_file` to beside `target_file` (when there is one and they differ)."""
+    src = os.path.join(os.path.dirname(os.path.abspath(source_file)), name)
+    dst = os.path.join(os.path.dirname(os.path.abspath(target_file)), name)
+    if os.path.exists(src) and os.path.abspath(src) != dst:
+        with open(src, "rb") as f:
+            _write_atomic(dst, f.read())
+
+
+def resolve(path: str) -> str:
+    """The tokenizer file of `path`: the file itself, or a folder's tokenizer.json (what AutoTokenizer
+    reads first) else its tokenizer.model; "" when a folder has neither."""
+    if os.path.isdir(path):
+        for name in (HF_FILE, SP_FILE):
+            if os.path.exists(os.path.join(path, name)):
+                return os.path.join(path, name)
+        return ""
+    return path
+
+
+def is_hf(path: str) -> bool:
+    return resolve(path).endswith(".json")
+
+
+def file_name(path: str) -> str:
+    """The name a copy of the tokenizer at `path` takes in a workdir (or an export)."""
+    return HF_FILE if is_hf(path) else SP_FILE
+
+
+def workdir_tokenizer(workdir: str) -> str:
+    """A run's own tokenizer file in `workdir` (tokenizer.json or tokenizer.model; the latter when neither
+    exists yet, the name a pretraining run writes)."""
+    return resolve(workdir) or os.path.join(workdir, SP_FILE)
+
+
 def _lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
     """Non-empty lines of `texts`, in order, until `max_bytes` of UTF-8 have been yielded."""
     total = 0
@@ -130,15 +272,24 @@ def train(texts: Iterable[str], out_prefix: str, config: ml_collections.ConfigDi
     return tok
 
 
-def add_special_tokens(path: str, pieces: Iterable[str], out_path: str) -> tuple[Tokenizer, list[str]]:
-    """Append `pieces` missing from the SentencePiece model at `path` as user-defined (never split) pieces,
+def add_special_tokens(path: str, pieces: Iterable[str], out_path: str
+                       ) -> tuple[Tokenizer | HFTokenizer, list[str]]:
+    """Append `pieces` missing from the tokenizer at `path` as user-defined (never split) pieces,
     without retraining: existing ids and the encoding of text without the new pieces are unchanged, and
     each new piece gets the next id. Writes `out_path` atomically (only when something was added; otherwise
     the model at `path` is returned) -> (tokenizer, the pieces added).
 
     The new pieces are user-defined symbols, which SentencePiece matches before segmentation wherever
-    they occur in the text -- the same treatment `tokenizer.user_defined_symbols` get at training time.
+    they occur in the text -- the same treatment `tokenizer.user_defined_symbols` get at training time. A
+    tokenizer.json gets them as special added tokens, which `tokenizers` matches the same way.
     """
+    if is_hf(path):
+        tok = HFTokenizer(resolve(path))
+        probe = list(pieces)
+        if all(tok._tok.token_to_id(p) is not None for p in probe):
+            return tok, []
+        added = tok.save_with(probe, out_path)
+        return load(out_path), added
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
     proto = model_pb2.ModelProto()
@@ -159,9 +310,21 @@ def add_special_tokens(path: str, pieces: Iterable[str], out_path: str) -> tuple
 
 
 def copy_model(source: str, target: str) -> None:
-    """Copy a SentencePiece model file into place atomically (a run's workdir copy of its base's tokenizer)."""
+    """Copy a tokenizer file into place atomically (a run's workdir copy of its base's tokenizer); a
+    tokenizer.json brings its tokenizer_config.json."""
+    source = resolve(source)
     with open(source, "rb") as f:
         _write_atomic(target, f.read())
+    if source.endswith(".json"):
+        _copy_beside(source, target, HF_CONFIG)
+
+
+def export(source: str, folder: str) -> list[str]:
+    """Copy the tokenizer at `source` (and its tokenizer_config.json) into an export `folder`; returns the
+    names written."""
+    name = file_name(source)
+    copy_model(source, os.path.join(folder, name))
+    return [name] + ([HF_CONFIG] if name == HF_FILE and os.path.exists(os.path.join(folder, HF_CONFIG)) else [])
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -180,9 +343,17 @@ def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
     return a.vocab_size == b.vocab_size and all(a.id_to_piece(i) == b.id_to_piece(i) for i in range(a.vocab_size))
 
 
-def load(path: str) -> Tokenizer:
+def load(path: str) -> Tokenizer | HFTokenizer:
+    """A SentencePiece `.model`, a Hugging Face `tokenizer.json`, or a folder holding one (tokenizer.json
+    first, as AutoTokenizer reads it)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer model at {path}")
+    file = resolve(path)
+    if not file:
+        raise FileNotFoundError(f"no {HF_FILE} or {SP_FILE} in {path}")
+    if file.endswith(".json"):
+        return HFTokenizer(file)
+    path = file
     try:
         return Tokenizer(path)
     except RuntimeError as e:  # sentencepiece's "could not parse ModelProto"
@@ -198,8 +369,8 @@ def _checked(tok: Tokenizer, config: ml_collections.ConfigDict, origin: str) -> 
 
 def run_tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
     """The tokenizer a training run in `workdir` used: `tokenizer.path` when set (and present, or when the
-    workdir has none), else the workdir's own `tokenizer.model`."""
-    in_workdir = os.path.join(workdir, "tokenizer.model")
+    workdir has none), else the workdir's own tokenizer (tokenizer.json or tokenizer.model)."""
+    in_workdir = workdir_tokenizer(workdir)
     configured = config.tokenizer.path if "tokenizer" in config else ""
     if configured and (os.path.exists(configured) or not os.path.exists(in_workdir)):
         return configured

@@ -104,7 +104,7 @@ def _tiny(**overrides):
 
 
 @pytest.mark.parametrize("key,value,names", [
-    ("model.rope_scaling", "xpos", ("none", "linear", "ntk", "dynamic", "yarn")),
+    ("model.rope_scaling", "xpos", ("none", "linear", "ntk", "dynamic", "yarn", "llama3")),
     ("model.attention_impl", "flash", ("xla", "cudnn", "pallas")),
     ("sft.template", "chatgpt", ("chatml", "internlm2")),
 ])
@@ -194,15 +194,17 @@ def test_shape_keys_are_the_model_section_but_the_run_keys():
 
     expected = {"vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                 "max_seq_len", "rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len", "rope_beta_fast",
-                "rope_beta_slow", "rope_attention_factor", "norm_eps", "tie_embeddings", "fused_qkv", "qkv_bias",
-                "init_std", "param_dtype"}
+                "rope_beta_slow", "rope_attention_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                "norm_eps", "tie_embeddings", "fused_qkv", "qkv_bias", "qk_norm", "sliding_window", "init_std",
+                "param_dtype"}
     assert set(C.shape_keys()) == expected and len(C.shape_keys()) == len(expected)
     assert tuple(pretrained.SHAPE_KEYS) == C.shape_keys()
     model_keys = set(C.default_config().model)
     assert set(C.MODEL_RUN_KEYS) <= model_keys and model_keys == expected | set(C.MODEL_RUN_KEYS)
     assert set(C.STAGE_KEYS["model"]) == {"max_seq_len", "rope_theta", "rope_scaling", "rope_factor",
                                           "rope_original_max_len", "rope_beta_fast", "rope_beta_slow",
-                                          "rope_attention_factor", "attention_impl", "remat_policy", "compute_dtype"}
+                                          "rope_attention_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                                          "attention_impl", "remat_policy", "compute_dtype"}
 
 
 def test_eval_tasks_come_from_the_registry():

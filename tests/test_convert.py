@@ -33,6 +33,15 @@ VARIANTS = {
                                                    rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "llama_tied": ("LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2": ("Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    # Qwen3: QK-norm and an explicit head_dim (24 * 4 heads != hidden 64)
+    "qwen3": ("Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=24, rope_theta=1000000.0)),
+    # Mistral: a sliding window shorter than the test sequences (17 tokens; packed: segments up to 9)
+    "mistral": ("MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=5, head_dim=16)),
+    # Llama 3.2: tied embeddings, a 500000 base and the llama3 rope scaling
+    "llama3": ("LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 16})),
 }
 
 
@@ -95,7 +104,8 @@ def test_parity_and_round_trip(variant, tmp_path):
     assert m.compute_dtype == "float32" and m.num_kv_heads == kwargs["num_key_value_heads"]
     assert m.qkv_bias == (class_name == "Qwen2ForCausalLM") and not m.fused_qkv
     assert m.tie_embeddings == kwargs.get("tie_word_embeddings", False)
-    assert m.rope_scaling == ("linear" if "rope_scaling" in kwargs else "none")
+    assert m.rope_scaling == kwargs.get("rope_scaling", {}).get("rope_type", "none")
+    assert m.qk_norm == (class_name == "Qwen3ForCausalLM")
     got = _maxlm_logits(config, params, tokens)
     _check_close(f"{variant} parity", got, want)
 
@@ -145,12 +155,34 @@ def _check_packed(name, config, params, hf_model):
     assert worst < HF_TOL
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "qwen2"])
+@pytest.mark.parametrize("variant", ["llama_gqa", "qwen2", "qwen3", "mistral"])
 def test_packed_sequences(variant, tmp_path):
     class_name, kwargs = VARIANTS[variant]
     hf_model = build_hf(class_name, seed=1, **kwargs)
     config, params = from_hf(_save(hf_model, tmp_path / "src"))
     _check_packed(variant, config, params, hf_model)
+
+
+def test_mistral_window_through_the_pallas_kernel(tmp_path):
+    """The sliding window in maxlm's flash kernel (interpreted here): Mistral's logits against transformers,
+    packed documents included, and the loss gradient equal to the XLA path's."""
+    from maxlm import config as config_lib
+
+    class_name, kwargs = VARIANTS["mistral"]
+    hf_model = build_hf(class_name, seed=1, **kwargs)
+    config, params = from_hf(_save(hf_model, tmp_path / "src"))
+    pallas = config_lib.override(config, **{"model.attention_impl": "pallas"})
+    _check_close("mistral pallas", _maxlm_logits(pallas, params, _tokens()), hf_logits(hf_model, _tokens()))
+    _check_packed("mistral pallas", pallas, params, hf_model)
+    tokens, positions, segment_ids, _ = _packed_batch()
+
+    def loss(p, cfg):
+        logits = model_lib.apply(cfg, p, tokens, positions=positions, segment_ids=segment_ids)
+        return (logits * (segment_ids > 0)[..., None]).sum() / 100.0
+
+    want, got = jax.grad(loss)(params, config), jax.grad(loss)(params, pallas)
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    assert diff < 1e-4, diff
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,7 +307,7 @@ def test_unsupported_raise(tmp_path):
     with pytest.raises(ValueError, match="unsupported architecture"):
         from_hf(src)
     write(rope_scaling={"rope_type": "llama3", "factor": 8.0})
-    with pytest.raises(ValueError, match="rope type"):
+    with pytest.raises(ValueError, match="llama3 rope scaling without low_freq_factor"):
         from_hf(src)
     write(rope_parameters={"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4})
     with pytest.raises(ValueError, match="rope type"):

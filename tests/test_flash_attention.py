@@ -36,7 +36,7 @@ def _packed_segments(b, length, cuts):
 
 
 def _compare(*, backend, causal, n, k, t=64, s=None, h=64, segments=False, blocks=SMALL,
-             dtype=jnp.float32, q_offset=0):
+             dtype=jnp.float32, q_offset=0, window=0):
     s = t if s is None else s
     b = 2
     q, kk, v, do = _inputs(b, t, s, n, k, h, dtype)
@@ -49,11 +49,11 @@ def _compare(*, backend, causal, n, k, t=64, s=None, h=64, segments=False, block
 
     def flash(q, kk, v):
         return flash_attention(q, kk, v, causal=causal, segment_ids=seg_arg, block_sizes=blocks, backend=backend,
-                               q_offset=q_offset)
+                               q_offset=q_offset, window=window)
 
     def ref(q, kk, v):
         return mha_reference(q, kk, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal,
-                             q_offset=q_offset)
+                             q_offset=q_offset, window=window)
 
     f32 = lambda x: x.astype(jnp.float32)
     out, vjp = jax.vjp(flash, q, kk, v)
@@ -107,6 +107,47 @@ def test_causal_queries_at_an_offset(backend, segments):
     # A sequence shard: 32 queries at slots 48..79 against all 96 keys (the offset is traced, as under
     # shard_map where it comes from the device's index on the sequence axis).
     _compare(backend=backend, causal=True, n=4, k=2, t=32, s=96, segments=segments, q_offset=jnp.int32(48))
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("window,segments", [(1, False), (8, True), (40, False), (40, True)])
+def test_sliding_window(backend, window, segments):
+    """Mistral's window, narrower than a tile (1: each query sees only itself; 8) and spanning several
+    (40 over 16- and 32-wide tiles), with packed segments ending mid-tile: forward and gradients."""
+    _compare(backend=backend, causal=True, n=4, k=2, t=96, segments=segments, window=window)
+
+
+@pytest.mark.parametrize("window,offset", [(1, 0), (24, 0), (100, 0), (24, 48), (64, 16)])
+def test_window_tile_skipping_is_exact(window, offset):
+    """The window's tile bounds against the reference mask, tile by tile: every key tile before
+    `window_kv_start` (and every query tile from `window_q_end` on) sees nothing, the first tile kept sees
+    something, and `tile_kind` calls exactly the tiles the window or the diagonal cuts "needs the mask".
+    The kernels therefore do O(T x window) work, not O(T^2)."""
+    from kernels import blocks
+    from kernels.reference import attention_mask
+
+    t, s, bq, bk = 64, 160, 16, 32
+    ones = lambda n: jnp.ones((1, n), jnp.int32)
+    mask = np.asarray(attention_mask(ones(t), ones(s), causal=True, q_offset=offset, window=window))[0]
+    tiles = mask.reshape(t // bq, bq, s // bk, bk).transpose(0, 2, 1, 3)  # [query tile, key tile, bq, bk]
+    for i in range(t // bq):
+        start = int(blocks.window_kv_start(i, bq, bk, window, offset))
+        assert not tiles[i, :start].any() and tiles[i, start].any()
+        for j in range(s // bk):
+            visible, needs_mask = (bool(x) for x in blocks.tile_kind(i, j, bq, bk, offset, window))
+            assert visible == tiles[i, j].any() and (not visible or needs_mask == (not tiles[i, j].all()))
+    for j in range(s // bk):
+        end = int(blocks.window_q_end(j, bq, bk, t // bq, window, offset))
+        assert not tiles[end:, j].any() and (end == 0 or tiles[end - 1, j].any() or not tiles[:, j].any())
+    visited = sum(int(blocks.kv_ranges(i, bq, bk, s // bk, causal=True, masked_everywhere=False, q_offset=offset)[1])
+                  - int(blocks.window_kv_start(i, bq, bk, window, offset)) for i in range(t // bq))
+    assert visited == int(tiles.any(axis=(2, 3)).sum())  # no tile outside the window is visited
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_sliding_window_at_an_offset(backend):
+    # A sequence shard's queries at slots 48..79 with a 24-slot window: key tiles before slot 25 are skipped.
+    _compare(backend=backend, causal=True, n=4, k=2, t=32, s=96, q_offset=jnp.int32(48), window=24)
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])

@@ -20,7 +20,7 @@ ROWS = [
     ("Water boils at sea level at what Celsius temperature?", "100", "50", "0", "212", "A"),
     ("Which word is a verb?", "blue", "quickly", "table", "run", "D"),
     ("How many legs does a spider have?", "six", "eight", "ten", "four", "B"),
-    ("Which animal barks?", "fox", "训练数据", "dog", "lazy", "C"),  # 13 bytes in 5 characters: norm by bytes
+    ("Which animal barks?", "fox", "训练数据", "dog", "lazy", "C"),  # 12 bytes in 4 characters: norm and bytes differ
 ]
 
 
@@ -79,17 +79,20 @@ def test_predictions_match_transformers_item_for_item(tmp_path, hf_base, mode):
     for item, row in zip(result["items"], data["general_knowledge"]["eval"]):
         ctx = [tok.bos_id] + tok.encode(mc.prompt("general_knowledge", dev, row))
         assert len(ctx) + 8 <= config.model.max_seq_len  # no truncation: the transformers pass sees it all
-        lls, lens = [], []
+        lls, lens, byte_lens = [], [], []
         for letter in "ABCD":
             cont = tok.encode(f" {letter}" if mode == "letter" else f" {row[letter].strip()}")
             ids = torch.tensor([ctx + cont])
             with torch.no_grad():
                 logp = torch.log_softmax(hf(ids).logits.double(), -1)[0]
             lls.append(float(sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(cont))))
-            lens.append(len((f" {letter}" if mode == "letter" else f" {row[letter].strip()}").encode()))
+            bare = letter if mode == "letter" else row[letter].strip()  # lm_eval's choice, without the " "
+            lens.append(len(bare))
+            byte_lens.append(len(bare.encode()))
         np.testing.assert_allclose(item["loglikelihoods"], lls, atol=1e-4)
         pred, pred_norm = "ABCD"[int(np.argmax(lls))], "ABCD"[int(np.argmax(np.array(lls) / np.array(lens)))]
-        assert (item["pred"], item["pred_norm"]) == (pred, pred_norm)
+        pred_bytes = "ABCD"[int(np.argmax(np.array(lls) / np.array(byte_lens)))]
+        assert (item["pred"], item["pred_norm"], item["pred_bytes"]) == (pred, pred_norm, pred_bytes)
         assert (item["correct"], item["correct_norm"]) == (pred == row["answer"], pred_norm == row["answer"])
         hits.append(pred == row["answer"])
         hits_norm.append(pred_norm == row["answer"])
@@ -111,12 +114,15 @@ def test_command_line(tmp_path, hf_base):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["task"] == "mc" and summary["n"] == len(ROWS) and summary["shots"] == 1
     items = [json.loads(line) for line in open(tmp_path / "out" / "mc.jsonl")]
-    # acc and acc_norm recomputed from each item's four log-likelihoods and the option texts' UTF-8 lengths
+    # acc, acc_norm and acc_bytes recomputed from each item's four log-likelihoods and the bare option texts'
+    # lengths in characters and in UTF-8 bytes (lm-evaluation-harness's definitions)
     lls = np.array([i["loglikelihoods"] for i in items])
-    lens = np.array([[len(f" {o}".encode()) for o in row[1:5]] for row in ROWS])
+    lens = np.array([[len(o.strip()) for o in row[1:5]] for row in ROWS])
+    byte_lens = np.array([[len(o.strip().encode()) for o in row[1:5]] for row in ROWS])
     answers = np.array(["ABCD".index(row[-1]) for row in ROWS])
     assert summary["acc"] == np.mean(lls.argmax(1) == answers)
-    assert summary["acc_norm"] == np.mean((lls / lens).argmax(1) == answers) != summary["acc"]
+    assert summary["acc_norm"] == np.mean((lls / lens).argmax(1) == answers)
+    assert summary["acc_bytes"] == np.mean((lls / byte_lens).argmax(1) == answers)
     assert json.load(open(tmp_path / "out" / "mc_summary.json")) == summary
     missing = run(f"--hf={hf_base}", "--task=mc")
     assert missing.returncode == 2 and "--data" in missing.stderr and "Traceback" not in missing.stderr

@@ -1,4 +1,4 @@
-"""Rotary scaling for context extension (maxlm/model/attention.py: linear, dynamic NTK, YaRN) against Hugging Face's
+"""Rotary scaling for context extension (maxlm/model/attention.py: linear, dynamic NTK, YaRN, Llama 3) against Hugging Face's
 implementation of the same `rope_scaling`: logits of randomly initialised Llama models, read by `from_hf`,
 on sequences longer than the original context, and the export back to a config transformers reads alike; and
 frequency by frequency against transformers' own rope initialisation functions (static NTK, which transformers lacks,
@@ -30,6 +30,12 @@ CASES = {
     "yarn_mscale": (dict(max_position_embeddings=256, rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707,
         "mscale_all_dim": 1.0}), 140),
+    "llama3": (dict(max_position_embeddings=256, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}), 200),
+    "llama3_custom": (dict(max_position_embeddings=256, rope_scaling={
+        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+        "original_max_position_embeddings": 64}), 160),
 }
 
 
@@ -167,8 +173,23 @@ def test_linear_keeps_plain_frequencies(h):
         assert scale == 1.0
 
 
+@pytest.mark.parametrize("h", HEAD_DIMS)
+def test_llama3_frequencies_match_transformers(h):
+    """Llama 3.1's interpolation: transformers' `_compute_llama3_parameters`, over original lengths, factors,
+    bases (500000 is Llama 3's) and low/high frequency factors, every regime (kept, blended, divided) hit."""
+    for l0, factor, theta, (low, high) in itertools.product(ORIGINAL_LENS, FACTORS, (10000.0, 500000.0),
+                                                            ((1.0, 4.0), (2.0, 8.0))):
+        config = _hf_config(h, int(l0 * factor), theta, rope_type="llama3", factor=factor, low_freq_factor=low,
+                            high_freq_factor=high, original_max_position_embeddings=l0)
+        want, want_scale = _hf_frequencies("llama3", config)
+        got, scale = attention.rope_frequencies(h, theta=theta, scaling="llama3", factor=factor, original_max_len=l0,
+                                                low_freq_factor=low, high_freq_factor=high)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, err_msg=str((l0, factor, theta, low, high)))
+        assert scale == want_scale == 1.0
+
+
 @pytest.mark.parametrize("case,factor", [("none", 1.0), ("linear", 2.0), ("linear", 8.0), ("dynamic", 2.0),
-                                         ("dynamic", 8.0), ("yarn", 2.0), ("yarn", 8.0)])
+                                         ("dynamic", 8.0), ("yarn", 2.0), ("yarn", 8.0), ("llama3", 8.0)])
 def test_rope_rotation_matches_transformers(case, factor):
     """`rope` on [B,T,N,H] against transformers' `LlamaRotaryEmbedding` + `apply_rotary_pos_emb` (cos/sin times its
     attention scaling) at head dim 64 and a 32-token original context, at largest positions just below, at and past
@@ -177,12 +198,15 @@ def test_rope_rotation_matches_transformers(case, factor):
     rope_params = {"none": dict(rope_type="default"), "linear": dict(rope_type="linear", factor=factor),
                    "dynamic": dict(rope_type="dynamic", factor=factor),
                    "yarn": dict(rope_type="yarn", factor=factor, original_max_position_embeddings=l0, beta_fast=16.0,
-                                beta_slow=2.0)}[case]
+                                beta_slow=2.0),
+                   "llama3": dict(rope_type="llama3", factor=factor, original_max_position_embeddings=l0,
+                                  low_freq_factor=1.0, high_freq_factor=4.0)}[case]
     config = _hf_config(h, l0 if case == "dynamic" else int(l0 * factor), theta, **rope_params)
     rng = np.random.default_rng(1)
     for last in (l0 - 2, l0 - 1, l0, 5 * l0):
         x = rng.standard_normal((2, 6, 2, h)).astype(np.float32)
         positions = np.array([[0, 3, l0 // 2, last - 1, last, 7], [1, 2, 5, l0 - 3, l0 // 4, 0]])
         out = attention.rope(jnp.asarray(x), jnp.asarray(positions), theta=theta, scaling=case, factor=factor,
-                             original_max_len=l0, beta_fast=16.0, beta_slow=2.0)
+                             original_max_len=l0, beta_fast=16.0, beta_slow=2.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0)
         np.testing.assert_allclose(np.asarray(out), _hf_rope(x, positions, config), atol=1e-4, err_msg=str(last))

@@ -120,6 +120,24 @@ def test_greedy_matches_hugging_face(hf, repetition_penalty):
     assert got == [expected]
 
 
+def test_sliding_window_decoding_matches_hugging_face_mistral(tmp_path):
+    """A Mistral with a 6-token window, read by `from_hf`: greedy decoding through the KV cache (the window
+    over cache slots, left-padded batch rows included) equals transformers' generate token for token."""
+    from maxlm.interop.hf import from_hf
+    from tests.helpers import build_hf
+
+    hf_model = build_hf("MistralForCausalLM", seed=2, num_key_value_heads=2, sliding_window=6, vocab_size=VOCAB,
+                        bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    hf_model.save_pretrained(str(tmp_path), safe_serialization=True)
+    config, params = from_hf(str(tmp_path))
+    assert config.model.sliding_window == 6
+    expected = hf_greedy(hf_model, PROMPT, 20)
+    assert sample.generate(config, params, [PROMPT], max_new_tokens=20, greedy=True) == [expected]
+    longer = PROMPT + [7, 8, 9, 10, 11]
+    batched = sample.generate(config, params, [PROMPT, longer], max_new_tokens=20, greedy=True)
+    assert batched == [expected, hf_greedy(hf_model, longer, 20)]
+
+
 def test_batch_of_different_lengths_equals_each_alone(hf):
     _, config, params = hf
     rng = np.random.default_rng(0)

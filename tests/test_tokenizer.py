@@ -111,7 +111,7 @@ def test_load_or_train_caches_and_checks_vocab(tmp_path):
     stamp = path.stat().st_mtime_ns
     assert tokenizer.load_or_train(config, str(tmp_path)).encode("x = 1") == tok.encode("x = 1")
     assert path.stat().st_mtime_ns == stamp  # loaded from the cache, not retrained
-    with pytest.raises(ValueError, match="model.vocab_size=512"):
+    with pytest.raises(ValueError, match="model.vocab_size: 512"):
         tokenizer.load_or_train(_config(**{"model.vocab_size": 512}), str(tmp_path))
     with pytest.raises(ValueError, match="tokenizer.path"):
         tokenizer.load_or_train(_config(**{"model.vocab_size": 512, "tokenizer.path": str(path)}), "/nonexistent")

@@ -87,8 +87,8 @@ def _define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("workdir", "", "A maxlm run to evaluate (its newest checkpoint; LoRA runs merged).")
-    flags.DEFINE_string("hf", "", "A Hugging Face folder to evaluate instead (with a SentencePiece "
-                        "tokenizer.model).")
+    flags.DEFINE_string("hf", "", "A Hugging Face folder to evaluate instead (with its tokenizer.json or "
+                        "SentencePiece tokenizer.model).")
     flags.DEFINE_integer("step", -1, "Checkpoint step (default: the newest).")
     flags.DEFINE_string("task", "all", task_help())
     flags.DEFINE_integer("n", 0, "Held-out items per built-in task (default: the run's sft.task_eval_size); ppl / gen: "
@@ -189,7 +189,7 @@ def _load_model(FLAGS) -> Model:
         config, params, tok_path = pretrained.load_base(FLAGS.hf)
         step = None
     if not tok_path or not os.path.exists(tok_path):
-        raise FileNotFoundError(f"no SentencePiece tokenizer at {tok_path or FLAGS.hf + '/tokenizer.model'}")
+        raise FileNotFoundError(f"no tokenizer at {tok_path or FLAGS.hf + ' (tokenizer.json or tokenizer.model)'}")
     tok = tokenizer_lib.load(tok_path)
     if FLAGS.template:
         with config.unlocked():
@@ -235,9 +235,11 @@ def _multiple_choice(FLAGS, m: Model) -> None:
     r = multiple_choice.score(m.config, m.params, m.tok, multiple_choice.load(FLAGS.data), shots=FLAGS.shots,
                               lang=FLAGS.lang, mode=FLAGS.choices)
     _write_items(os.path.join(m.out_dir, "mc.jsonl"), r["items"])
-    print(f"mc: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} on {r['n']} items ({FLAGS.shots}-shot)",
+    print(f"mc: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f}, acc_bytes {r['acc_bytes']:.4f} on {r['n']} items "
+          f"({FLAGS.shots}-shot)",
           file=sys.stderr, flush=True)
-    _summary(m.out_dir, "mc", {k: r[k] for k in ("task", "acc", "acc_norm", "n", "shots")} | {"step": m.step})
+    _summary(m.out_dir, "mc", {k: r[k] for k in ("task", "acc", "acc_norm", "acc_bytes", "n", "shots")}
+             | {"step": m.step})
 
 
 def _check_ppl(FLAGS) -> None:

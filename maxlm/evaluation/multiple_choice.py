@@ -9,8 +9,10 @@ Prompts follow the benchmarks' own formats (Hendrycks et al. 2021 for MMLU, Huan
 a subject header, k solved dev examples, then the question with its lettered options and "Answer:" /
 "答案：". Each choice is a continuation of that prompt: its letter (" A", as lm-evaluation-harness's MMLU
 does) or, with `choices="text"`, the option's text. `acc` takes the choice with the highest total
-log-likelihood; `acc_norm` divides each by the continuation's length in UTF-8 bytes first
-(lm-evaluation-harness's normalisation, comparable across tokenizers).
+log-likelihood; `acc_norm` divides each by the length of the bare choice in characters first, and
+`acc_bytes` by its length in UTF-8 bytes -- lm-evaluation-harness's two normalisations (its
+`process_results` for multiple choice), of the choice without the " " that joins it to the prompt. With
+letter choices every length is 1 and both equal `acc`, as in the harness.
 """
 
 from __future__ import annotations
@@ -86,14 +88,21 @@ def prompt(subject: str, shots: Sequence[dict], row: dict, lang: str = "en") -> 
         format_question(row, lang, False)
 
 
+def choice_texts(row: dict, mode: str = "letter") -> list[str]:
+    """The bare choices: "A" ... (letters) or each option's text."""
+    return [k if mode == "letter" else row[k].strip() for k in LETTERS]
+
+
 def choices(row: dict, mode: str = "letter") -> list[str]:
-    """The continuation of each choice: " A" ... (letters) or " <option text>"."""
-    return [f" {k}" if mode == "letter" else f" {row[k].strip()}" for k in LETTERS]
+    """The continuation of each choice: " A" ... (letters) or " <option text>" (the bare choice after the
+    harness's target delimiter " ")."""
+    return [" " + c for c in choice_texts(row, mode)]
 
 
 def score(config: ml_collections.ConfigDict, params: dict, tok: Any, data: dict[str, dict[str, list[dict]]], *,
           shots: int = 5, lang: str = "en", mode: str = "letter") -> dict:
-    """Per-item results and acc / acc_norm over every subject's eval rows (k shots from its dev rows)."""
+    """Per-item results and acc / acc_norm / acc_bytes over every subject's eval rows (k shots from its dev
+    rows)."""
     contexts, continuations, meta = [], [], []
     for subject in sorted(data):
         dev, rows = data[subject]["dev"][:shots], data[subject]["eval"]
@@ -107,12 +116,15 @@ def score(config: ml_collections.ConfigDict, params: dict, tok: Any, data: dict[
     items = []
     for k, (subject, i, row) in enumerate(meta):
         mine = ll[4 * k:4 * k + 4]
-        texts = choices(row, mode)
-        norm = [v / max(len(t.encode("utf-8")), 1) for v, t in zip(mine, texts)]
-        pred, pred_norm = LETTERS[max(range(4), key=mine.__getitem__)], LETTERS[max(range(4), key=norm.__getitem__)]
+        texts = choice_texts(row, mode)
+        norm = [v / max(len(t), 1) for v, t in zip(mine, texts)]
+        per_byte = [v / max(len(t.encode("utf-8")), 1) for v, t in zip(mine, texts)]
+        pred, pred_norm, pred_bytes = (LETTERS[max(range(4), key=scores.__getitem__)] for scores in (mine, norm, per_byte))
         answer = row["answer"].strip()
         items.append({"subject": subject, "index": i, "answer": answer, "pred": pred, "pred_norm": pred_norm,
-                      "loglikelihoods": mine, "correct": pred == answer, "correct_norm": pred_norm == answer})
+                      "pred_bytes": pred_bytes, "loglikelihoods": mine, "correct": pred == answer,
+                      "correct_norm": pred_norm == answer, "correct_bytes": pred_bytes == answer})
     n = len(items)
     return {"task": "mc", "acc": sum(r["correct"] for r in items) / max(n, 1),
-            "acc_norm": sum(r["correct_norm"] for r in items) / max(n, 1), "n": n, "shots": shots, "items": items}
+            "acc_norm": sum(r["correct_norm"] for r in items) / max(n, 1),
+            "acc_bytes": sum(r["correct_bytes"] for r in items) / max(n, 1), "n": n, "shots": shots, "items": items}

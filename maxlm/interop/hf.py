@@ -3,13 +3,17 @@
 Supported Hugging Face layouts (a `save_pretrained` folder: config.json + model.safetensors, or sharded
 safetensors with `model.safetensors.index.json`):
 
-* `LlamaForCausalLM` (MHA, GQA, MQA; optional `attention_bias` for q/k/v, whose o_proj bias must be zero),
-* `Qwen2ForCausalLM` (Llama plus biases on q, k and v; no sliding-window layers),
+* `LlamaForCausalLM` (MHA, GQA, MQA; optional `attention_bias` for q/k/v, whose o_proj bias must be zero;
+  Llama 2, and Llama 3 / 3.1 / 3.2 with their `llama3` rope scaling and tied embeddings),
+* `Qwen2ForCausalLM` (Llama plus biases on q, k and v; no sliding-window layers; Qwen2 and Qwen2.5),
+* `Qwen3ForCausalLM` (QK-norm: `self_attn.{q,k}_norm.weight` [H], RMSNorm of each head's query and key
+  before RoPE -> `layers/attn/{q,k}_norm/scale`; an explicit `head_dim`),
+* `MistralForCausalLM` (Llama's tensors; its `sliding_window` -> `model.sliding_window`, null: none),
 * the InternLM2 layout (`InternLM2ForCausalLM`, the remote-code model of internlm/internlm2-*): one fused
   `wqkv` projection, `wo`, `feed_forward.w1/w3/w2`, `tok_embeddings`, `output`.
 
-Rotary scaling: none (`rope_type` "default"), `linear` (position interpolation), `dynamic` (dynamic NTK)
-and `yarn`; anything else (llama3, longrope, ...) is a `ValueError`, as is every other architecture. Both the legacy
+Rotary scaling: none (`rope_type` "default"), `linear` (position interpolation), `dynamic` (dynamic NTK),
+`yarn` and `llama3`; anything else (longrope, ...) is an HFError, as is every other architecture. Both the legacy
 config keys (`rope_theta`, `rope_scaling`) and transformers 5's `rope_parameters` are read; `to_hf` writes
 the legacy keys, which transformers 4.x and 5.x both read.
 
@@ -47,7 +51,8 @@ maxlm's `fused_qkv=True` keeps exactly that grouping, input-first: `layers/attn/
 float32) and float32 numpy parameters in exactly the tree `maxlm.model.init` builds (every leaf of
 `maxlm.model.abstract_params` is read from its HF tensor(s), and the shapes are checked). `to_hf` writes
 config.json + model.safetensors with the safetensors numpy API; torch is never imported by this module.
-It picks the InternLM2 layout when `fused_qkv`, Qwen2 when `qkv_bias`, else Llama, unless `architecture`
+It picks Mistral when `sliding_window`, the InternLM2 layout when `fused_qkv`, Qwen3 when `qk_norm`, Qwen2
+when `qkv_bias`, else Llama, unless `architecture`
 says otherwise (the fused and split q/k/v layouts are converted into each other as needed). An InternLM2
 export has no remote code files (auto_map), so `AutoModelForCausalLM` loads it only after you add
 InternLM2's modeling files; Llama and Qwen2 exports load directly. A `rope_scaling="ntk"` model (static
@@ -77,6 +82,8 @@ from maxlm.model import decoder as model_lib
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
     "internlm2": "InternLM2ForCausalLM",
 }
 _BY_CLASS = {v.lower(): k for k, v in _ARCHITECTURES.items()}
@@ -106,6 +113,8 @@ _HF_NAMES: dict[str, tuple[str | None, str | None]] = {
     "layers/attn/bqkv":       (None,                              "attention.wqkv.bias"),
     "layers/attn/o":          ("self_attn.o_proj.weight",         "attention.wo.weight"),
     "layers/attn/o_bias":     ("self_attn.o_proj.bias",           "attention.wo.bias"),
+    "layers/attn/q_norm/scale": ("self_attn.q_norm.weight",       None),
+    "layers/attn/k_norm/scale": ("self_attn.k_norm.weight",       None),
     "layers/attn_norm/scale": ("input_layernorm.weight",          "attention_norm.weight"),
     "layers/mlp/gate":        ("mlp.gate_proj.weight",            "feed_forward.w1.weight"),
     "layers/mlp/up":          ("mlp.up_proj.weight",              "feed_forward.w3.weight"),
@@ -148,6 +157,8 @@ def _hf_layout(m: ml_collections.ConfigDict) -> dict[str, _Layout]:
         "layers/attn/bqkv":       ((kv * s * h,),   (kv, s, h),      (0, 1, 2)),
         "layers/attn/o":          ((d, n * h),      (d, n, h),       (1, 2, 0)),
         "layers/attn/o_bias":     ((d,),            (d,),            (0,)),
+        "layers/attn/q_norm/scale": ((h,),          (h,),            (0,)),
+        "layers/attn/k_norm/scale": ((h,),          (h,),            (0,)),
         "layers/attn_norm/scale": ((d,),            (d,),            (0,)),
         "layers/mlp/gate":        ((f, d),          (f, d),          (1, 0)),
         "layers/mlp/up":          ((f, d),          (f, d),          (1, 0)),
@@ -199,7 +210,7 @@ def _resolve(path: str) -> tuple[str, list[str]]:
         return path, files
     if not files:
         raise HFError(f"{path}: no .safetensors weights (pytorch .bin checkpoints are not supported; "
-                         "re-save with safe_serialization=True)")
+                      "re-save with safe_serialization=True)")
     raise HFError(f"{path}: {len(files)} .safetensors files but no model.safetensors.index.json")
 
 
@@ -221,7 +232,7 @@ def _architecture(hf: dict) -> str:
     if not names and model_type in _ARCHITECTURES:
         return model_type
     raise HFError(f"unsupported architecture {names or model_type!r}: maxlm.convert reads "
-                     f"{sorted(_ARCHITECTURES.values())}")
+                  f"{sorted(_ARCHITECTURES.values())}")
 
 
 def _rope_from_hf(hf: dict) -> dict[str, Any]:
@@ -244,15 +255,23 @@ def _rope_from_hf(hf: dict) -> dict[str, Any]:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type in (None, "default"):
         return out
-    if rope_type not in ("linear", "dynamic", "yarn"):
+    if rope_type not in ("linear", "dynamic", "yarn", "llama3"):
         raise HFError(f"unsupported rope type {rope_type!r} (rope scaling {scaling}); maxlm.convert supports "
-                         "'default', 'linear', 'dynamic' and 'yarn'")
+                      "'default', 'linear', 'dynamic', 'yarn' and 'llama3'")
     if not scaling.get("factor"):
         raise HFError(f"{rope_type} rope scaling without a factor: {scaling}")
     factor = float(scaling["factor"])
     out.update({"model.rope_scaling": rope_type, "model.rope_factor": factor})
     if rope_type == "dynamic":  # grows past max_position_embeddings: allow factor x that many positions
         out.update({"model.rope_original_max_len": max_pos, "model.max_seq_len": int(max_pos * factor)})
+    elif rope_type == "llama3":
+        missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                   if scaling.get(k) is None]
+        if missing:
+            raise HFError(f"llama3 rope scaling without {', '.join(missing)}: {scaling}")
+        out.update({"model.rope_original_max_len": int(scaling["original_max_position_embeddings"]),
+                    "model.rope_low_freq_factor": float(scaling["low_freq_factor"]),
+                    "model.rope_high_freq_factor": float(scaling["high_freq_factor"])})
     elif rope_type == "yarn":
         if scaling.get("truncate", True) is False:
             raise HFError("yarn rope scaling with truncate=False is not supported")
@@ -276,7 +295,8 @@ _REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", 
 
 
 def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
-    """Read a HF Llama / Qwen2 / InternLM2 checkpoint -> (full maxlm config, float32 numpy params)."""
+    """Read a HF Llama / Qwen2 / Qwen3 / Mistral / InternLM2 checkpoint -> (full maxlm config, float32 numpy
+    params)."""
     folder, files = _resolve(path)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
@@ -297,13 +317,13 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
         raise HFError(f"unsupported hidden_act {act!r}: maxlm's MLP is SwiGLU (silu)")
     if hf.get("mlp_bias"):
         raise HFError("mlp_bias=True is not supported: maxlm's MLP has no biases")
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3"):
         layer_types = hf.get("layer_types")
         sliding = (any(t != "full_attention" for t in layer_types) if layer_types
                    else hf.get("use_sliding_window", False)
                    and hf.get("max_window_layers", 0) < hf["num_hidden_layers"])
         if sliding:
-            raise HFError("Qwen2 sliding-window attention layers are not supported by maxlm")
+            raise HFError(f"{_ARCHITECTURES[arch]} sliding-window attention layers are not supported by maxlm")
 
     n_layers = int(hf["num_hidden_layers"])
     d = int(hf["hidden_size"])
@@ -316,6 +336,8 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     names = _hf_names(arch)
     fused = "layers/attn/wqkv" in names  # the InternLM2 layout
     qkv_bias = names["layers/attn/bqkv" if fused else "layers/attn/q_bias"].format(i=0) in tensors
+    qk_norm = arch == "qwen3"
+    window = int(hf.get("sliding_window") or 0) if arch == "mistral" else 0
     tie = bool(hf.get("tie_word_embeddings", names["lm_head"] not in tensors))
     if not tie and names["lm_head"] not in tensors:
         raise HFError(f"{path}: tie_word_embeddings is false but there is no {names['lm_head']}")
@@ -332,6 +354,8 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
         "model.norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "model.tie_embeddings": tie,
         "model.qkv_bias": qkv_bias,
+        "model.qk_norm": qk_norm,
+        "model.sliding_window": window,
         "model.fused_qkv": fused,
         "model.init_std": float(hf.get("initializer_range", 0.02)),
         "model.param_dtype": "float32",
@@ -358,7 +382,7 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
         expected = tuple(layout[leaf][0])
         if tuple(x.shape) != expected:
             raise HFError(f"{path}: tensor {key} has shape {list(x.shape)}, expected {list(expected)} from "
-                             "config.json")
+                          "config.json")
         return np.asarray(x, np.float32)
 
     def read(leaf_path: tuple, _) -> np.ndarray:
@@ -374,7 +398,7 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     leftover = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))
     if leftover:
         raise HFError(f"{path}: tensors not understood by the {_ARCHITECTURES[arch]} mapping: {leftover[:8]}"
-                         + (" ..." if len(leftover) > 8 else ""))
+                      + (" ..." if len(leftover) > 8 else ""))
     _check_tree(config, params, f"from_hf({path})")
     return config, params
 
@@ -386,7 +410,7 @@ def _check_tree(config: ml_collections.ConfigDict, params: dict, where: str) -> 
     got_paths = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     if exp_paths.keys() != got_paths.keys():
         raise HFError(f"{where}: parameter tree mismatch; missing {sorted(exp_paths.keys() - got_paths.keys())}, "
-                         f"unexpected {sorted(got_paths.keys() - exp_paths.keys())}")
+                      f"unexpected {sorted(got_paths.keys() - exp_paths.keys())}")
     bad = {k: (got_paths[k], exp_paths[k]) for k in exp_paths if tuple(exp_paths[k]) != got_paths[k]}
     if bad:
         raise HFError(f"{where}: shape mismatch (got, expected): {bad}")
@@ -398,14 +422,16 @@ def _check_tree(config: ml_collections.ConfigDict, params: dict, where: str) -> 
 
 def _normalize_arch(architecture: str | None, m: ml_collections.ConfigDict) -> str:
     if architecture is None:
-        return "internlm2" if m.fused_qkv else "qwen2" if m.qkv_bias else "llama"
+        if m.sliding_window:
+            return "mistral"
+        return "internlm2" if m.fused_qkv else "qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else "llama"
     key = architecture.lower()
     if key in _ARCHITECTURES:
         return key
     if key in _BY_CLASS:
         return _BY_CLASS[key]
     raise HFError(f"unsupported architecture {architecture!r}; choose one of "
-                     f"{sorted(_ARCHITECTURES)} or {sorted(_ARCHITECTURES.values())}")
+                  f"{sorted(_ARCHITECTURES)} or {sorted(_ARCHITECTURES.values())}")
 
 
 def _fuse_qkv(a: dict, n_layers: int, d: int, kv: int, g: int, h: int) -> dict:
@@ -429,7 +455,8 @@ def _split_qkv(a: dict, n_layers: int, d: int, n: int, g: int, h: int) -> dict:
 
 
 def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architecture: str | None = None) -> None:
-    """Write `path`/config.json + `path`/model.safetensors for Llama, Qwen2 or the InternLM2 layout."""
+    """Write `path`/config.json + `path`/model.safetensors for Llama, Qwen2, Qwen3, Mistral or the InternLM2
+    layout."""
     m = model_lib.model_config(config)
     arch = _normalize_arch(architecture, m)
     _check_tree(config, params, "to_hf")
@@ -437,7 +464,7 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
     h, g = config_lib.head_dim(m), m.num_heads // m.num_kv_heads
 
     theta, rope_scaling, max_pos = float(m.rope_theta), None, m.max_seq_len
-    if m.rope_scaling in ("linear", "dynamic", "yarn"):
+    if m.rope_scaling in ("linear", "dynamic", "yarn", "llama3"):
         rope_scaling = {"rope_type": m.rope_scaling, "type": m.rope_scaling, "factor": float(m.rope_factor)}
     if m.rope_scaling == "dynamic":  # HF grows past max_position_embeddings, maxlm past rope_original_max_len
         max_pos = m.rope_original_max_len or m.max_seq_len
@@ -446,10 +473,22 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
                              "beta_fast": float(m.rope_beta_fast), "beta_slow": float(m.rope_beta_slow)})
         if m.rope_attention_factor:
             rope_scaling["attention_factor"] = float(m.rope_attention_factor)
+    elif m.rope_scaling == "llama3":
+        rope_scaling.update({"original_max_position_embeddings": m.rope_original_max_len or m.max_seq_len,
+                             "low_freq_factor": float(m.rope_low_freq_factor),
+                             "high_freq_factor": float(m.rope_high_freq_factor)})
     elif m.rope_scaling == "ntk":
         theta = theta * m.rope_factor ** (h / (h - 2))  # exactly what maxlm.attention.rope computes
     elif m.rope_scaling not in ("none", "linear"):
         raise HFError(f"unsupported rope_scaling {m.rope_scaling!r}")
+    if m.qk_norm != (arch == "qwen3"):
+        raise HFError(f"{_ARCHITECTURES[arch]} {'has no' if m.qk_norm else 'needs'} QK-norm, and this model "
+                      f"{'has' if m.qk_norm else 'has none'} (model.qk_norm={m.qk_norm}); export as "
+                      f"{'qwen3' if m.qk_norm else 'llama or qwen2'}")
+    if m.sliding_window and arch != "mistral":
+        raise HFError(f"model.sliding_window={m.sliding_window}: only the mistral architecture carries one here")
+    if arch == "mistral" and (m.qkv_bias or m.qk_norm or m.fused_qkv):
+        raise HFError("MistralForCausalLM has no q/k/v biases, QK-norm or fused wqkv")
     if arch == "internlm2" and h * n != d:
         raise HFError(f"the InternLM2 layout needs head_dim * num_heads == d_model, got {h} * {n} != {d}")
 
@@ -506,9 +545,11 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
         hf.update(bias=has_bias, attn_implementation="eager")
     else:
         hf.update(head_dim=h, attention_dropout=0.0)
-        if arch == "llama":
+        if arch in ("llama", "qwen3"):
             hf.update(attention_bias=has_bias, mlp_bias=False)
-        else:
+        if arch == "mistral":
+            hf.update(sliding_window=m.sliding_window or None)
+        if arch in ("qwen2", "qwen3"):
             hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=n_layers)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:

@@ -43,7 +43,7 @@ def is_hf_folder(path: str) -> bool:
 
 def load_base(path: str, step: int = -1, key: str = "sft.base") -> tuple[ml_collections.ConfigDict, dict, str]:
     """(config, host params, tokenizer path or "") of a maxlm workdir (its newest or given checkpoint; a
-    LoRA run comes back merged) or a Hugging Face folder (its `tokenizer.model`, when it has one)."""
+    LoRA run comes back merged) or a Hugging Face folder (its tokenizer.json, else its `tokenizer.model`, when it has one)."""
     if not path:
         raise FileNotFoundError(f"no base model: set --config.{key} to a maxlm workdir or a Hugging Face folder")
     if not os.path.isdir(path):
@@ -53,8 +53,7 @@ def load_base(path: str, step: int = -1, key: str = "sft.base") -> tuple[ml_coll
             config, params = convert.from_hf(path)
         except ValueError as e:
             raise BaseModelError(f"cannot import the Hugging Face model at {path}: {e}") from e
-        tok = os.path.join(path, "tokenizer.model")
-        return config, params, tok if os.path.exists(tok) else ""
+        return config, params, tokenizer.resolve(path)
     config, params, _ = load_workdir(path, None if step < 0 else step)
     return config, params, tokenizer.run_tokenizer_path(config, path)
 

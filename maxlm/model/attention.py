@@ -20,6 +20,7 @@ registered with `@register_attention(name)`, a RoPE variant (context extension) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -43,63 +44,75 @@ class AttentionImpl:
     fn: Callable[..., jax.Array]
     backend: str | None = None
     hardware: str = ""
+    windowed: bool = False  # takes `window=` (a sliding window, Mistral's); config.validate checks it
 
 
 # model.attention_impl -> implementation, in registration order (the order config errors list them).
 ATTENTION_IMPLS: dict[str, AttentionImpl] = {}
 
 
-def register_attention(name: str, *, backend: str | None = None, hardware: str = ""):
-    """Decorator registering an attention implementation as `model.attention_impl=name`."""
+def register_attention(name: str, *, backend: str | None = None, hardware: str = "", windowed: bool = False):
+    """Decorator registering an attention implementation as `model.attention_impl=name`; `windowed` ones
+    also take a keyword `window` (> 0: each query sees only its last `window` slots)."""
     def register(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-        ATTENTION_IMPLS[name] = AttentionImpl(fn, backend, hardware)
+        ATTENTION_IMPLS[name] = AttentionImpl(fn, backend, hardware, windowed)
         return fn
     return register
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
-           q_offset: jax.Array | int = 0, causal: bool = True, impl: str = "xla") -> jax.Array:
-    """q [B,T,N,H], k/v [B,S,K,H], segment ids [B,T] / [B,S] -> [B,T,N,H] in q's dtype."""
+           q_offset: jax.Array | int = 0, causal: bool = True, impl: str = "xla", window: int = 0) -> jax.Array:
+    """q [B,T,N,H], k/v [B,S,K,H], segment ids [B,T] / [B,S] -> [B,T,N,H] in q's dtype. `window` > 0: a
+    sliding window (Mistral; Beltagy et al. 2020) of that many slots, the query's own included."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}")
-    return ATTENTION_IMPLS[impl].fn(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal)
+    entry = ATTENTION_IMPLS[impl]
+    if not window:
+        return entry.fn(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal)
+    if not entry.windowed:
+        raise ValueError(f"attention impl {impl!r} has no sliding window")
+    return entry.fn(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, window=window)
 
 
 def _self_attention(q: jax.Array, k: jax.Array, q_offset: jax.Array | int) -> bool:
     return isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
 
 
-def _reference(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool) -> jax.Array:
+def _reference(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, window: int = 0) -> jax.Array:
     return reference.mha_reference(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal,
-                                   q_offset=q_offset)
+                                   q_offset=q_offset, window=window)
 
 
-def _flash(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool) -> jax.Array:
-    return kernels.flash_attention(q, k, v, causal=causal, segment_ids=(q_seg, kv_seg), q_offset=q_offset)
+def _flash(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, window: int = 0) -> jax.Array:
+    return kernels.flash_attention(q, k, v, causal=causal, segment_ids=(q_seg, kv_seg), q_offset=q_offset,
+                                   window=window)
 
 
-@register_attention("xla")
-def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal):
+@register_attention("xla", windowed=True)
+def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, window=0):
     """The plain-jnp reference; per device (keys/values gathered) when the sequence is sharded."""
+    local = functools.partial(_reference, window=window)
     if _self_attention(q, k, q_offset) and _sequence_shards() > 1:
-        return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, local=_reference)
-    return _reference(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal)
+        return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, local=local)
+    return local(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal)
 
 
-@register_attention("cudnn", backend="gpu", hardware="an NVIDIA GPU")
-def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal):
+@register_attention("cudnn", backend="gpu", hardware="an NVIDIA GPU", windowed=True)
+def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, window=0):
     """`jax.nn.dot_product_attention`'s cuDNN fused kernel, given the reference's mask."""
-    mask = reference.attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
+    mask = reference.attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset, window=window)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
 
 
-@register_attention("pallas")
-def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal):
-    """maxlm's flash kernel for self-attention (training, scoring, prefill), per device under a mesh.
-    Cached decoding (queries at an offset into a longer cache) is memory-bound and served by the reference."""
+@register_attention("pallas", windowed=True)
+def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, window=0):
+    """maxlm's flash kernel for self-attention (training, scoring, prefill), per device under a mesh; with a
+    sliding window the key tiles outside it are skipped. Cached decoding (queries at an offset into a longer
+    cache) is memory-bound and served by the reference."""
     if _self_attention(q, k, q_offset):
-        return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, local=_flash)
-    return _reference(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal)
+        return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
+                           local=functools.partial(_flash, window=window))
+    return _reference(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal, window=window)
 
 
 def _specs():
@@ -235,6 +248,20 @@ def _yarn_rope(h: int, *, theta: float, factor: float = 1.0, original_max_len: i
     inv_freq = inv_freq / factor * (1.0 - extrapolate) + inv_freq * extrapolate
     scale = attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
     return inv_freq, scale
+
+
+@register_rope("llama3")
+def _llama3_rope(h: int, *, theta: float, factor: float = 1.0, original_max_len: int = 0,
+                 low_freq_factor: float = 1.0, high_freq_factor: float = 4.0, **_) -> tuple[jax.Array, Any]:
+    """Llama 3.1's frequency-dependent interpolation (Meta's reference `apply_scaling`; HF "llama3"): by a
+    dimension's wavelength 2 pi / theta_i against L0 = `original_max_len`, short wavelengths (< L0 /
+    high_freq_factor) keep their frequency, long ones (> L0 / low_freq_factor) are divided by `factor`,
+    and those between blend the two linearly in L0 / wavelength."""
+    inv_freq = _inverse_frequencies(h, theta)
+    wavelength = 2 * math.pi / inv_freq
+    smooth = jnp.clip((original_max_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor),
+                      0.0, 1.0)  # 0 at the long-wavelength end, 1 at the short one
+    return inv_freq / factor * (1.0 - smooth) + inv_freq * smooth, 1.0
 
 
 def _rope_parameter_names() -> frozenset[str]:

@@ -98,6 +98,9 @@ class Attention(nn.Module):
                 return y
 
             q, k, v = proj("q", n, "heads"), proj("k", k_heads, "kv_heads"), proj("v", k_heads, "kv_heads")
+        if cfg.qk_norm:  # Qwen3 / Gemma 3: each head's query and key RMS-normalised over H, before RoPE
+            q = RMSNorm(cfg.norm_eps, pdt, name="q_norm")(q)
+            k = RMSNorm(cfg.norm_eps, pdt, name="k_norm")(k)
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = _constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
@@ -115,7 +118,7 @@ class Attention(nn.Module):
             q_offset = idx
             k, v = k.astype(dt), v.astype(dt)
         out = attention.attend(q, k, v, q_segment_ids=aux["segment_ids"], kv_segment_ids=aux["kv_segment_ids"],
-                               q_offset=q_offset, impl=cfg.attention_impl)
+                               q_offset=q_offset, impl=cfg.attention_impl, window=cfg.sliding_window)
         out = checkpoint_name(out, "attention_out")
         wo = self.param("o", nn.with_logical_partitioning(winit, ("heads", "head_dim", "embed")), (n, h, d), pdt)
         return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), new_cache

@@ -227,7 +227,7 @@ def load_models(config: ml_collections.ConfigDict, workdir: str):
                                      f"{config.data.batch_size} (the minibatch)")
     policy_config, policy, tok_path = pretrained.load_base(p.policy, p.policy_step, key="ppo.policy")
     if not tok_path or not os.path.exists(tok_path):
-        raise PPOError(f"ppo.policy={p.policy} has no tokenizer.model")
+        raise PPOError(f"ppo.policy={p.policy} has no tokenizer (tokenizer.json or tokenizer.model)")
     tok = tokenizer_lib.load(tok_path)
     rm = None
     if p.reward_fn == "model":
@@ -252,7 +252,7 @@ def load_models(config: ml_collections.ConfigDict, workdir: str):
         run_config.train.eval_every = p.eval_every * updates
     config_lib.validate(run_config)
     os.makedirs(workdir, exist_ok=True)
-    target = os.path.join(workdir, "tokenizer.model")
+    target = os.path.join(workdir, tokenizer_lib.file_name(tok_path))
     if not os.path.exists(target):
         tokenizer_lib.copy_model(tok_path, target)
     return run_config, tok, policy, rm

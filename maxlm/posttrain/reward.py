@@ -82,7 +82,7 @@ def load(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDi
                 "model (train one with maxlm.reward)")
 
     config, params, _ = checkpoint.load_latest(workdir, step, abstract=abstract_params, check=is_reward_model)
-    return config, jax.device_get(params), tokenizer_lib.load(os.path.join(workdir, "tokenizer.model"))
+    return config, jax.device_get(params), tokenizer_lib.load(tokenizer_lib.workdir_tokenizer(workdir))
 
 
 def sampled_pairs(config: ml_collections.ConfigDict, params: dict, tok: Any, template: chat.Template,

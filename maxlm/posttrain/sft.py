@@ -5,8 +5,8 @@
 
 The run starts from `sft.base`: a maxlm workdir (its newest checkpoint) or a Hugging Face folder. The
 model's shapes come from the base (`pretrained.SHAPE_KEYS`); how it runs (dtype, attention kernel, remat,
-mesh) from this config. The template's special tokens are appended to the base's SentencePiece model when
-missing (the workdir gets its own `tokenizer.model`) and the embeddings grow to match.
+mesh) from this config. The template's special tokens are appended to the base's tokenizer (SentencePiece
+model or tokenizer.json) when missing (the workdir gets its own copy) and the embeddings grow to match.
 
 SFT is the second stage of the InstructGPT / InternLM2 pipeline (Ouyang et al. 2022, section 3.5; Cai et
 al. 2024, section 4.1). The step is `maxlm.train.train_step`, unchanged: an SFT batch is a packed batch
@@ -45,10 +45,11 @@ from maxlm.training.metrics import log_line
 def prepare_tokenizer(config: ml_collections.ConfigDict, base_tokenizer: str, template: chat.Template,
                       workdir: str) -> tokenizer_lib.Tokenizer:
     """The run's own tokenizer in `workdir`: the base's (or `tokenizer.path`) plus the template's markers."""
-    source = config.tokenizer.path or base_tokenizer
+    source = tokenizer_lib.resolve(config.tokenizer.path) if config.tokenizer.path else base_tokenizer
     if not source or not os.path.exists(source):
-        raise FileNotFoundError("the base has no SentencePiece tokenizer.model; set --config.tokenizer.path")
-    target = os.path.join(workdir, "tokenizer.model")
+        raise FileNotFoundError("the base has no tokenizer (tokenizer.json or tokenizer.model); set "
+                                "--config.tokenizer.path")
+    target = os.path.join(workdir, tokenizer_lib.file_name(source))
     if os.path.abspath(source) != os.path.abspath(target):
         tok, added = tokenizer_lib.add_special_tokens(source, template.special_tokens, target)
         if not added:
@@ -96,7 +97,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, section: str = "sft")
             # The markers' rows were never trained (new, or reserved but unseen in pretraining): train them.
             markers = {i for piece in template.special_tokens for i in tok.encode(piece)}
             run_config.lora.token_ids = tuple(sorted(set(run_config.lora.token_ids) | markers))
-        run_config.tokenizer.path = ""  # the workdir's tokenizer.model
+        run_config.tokenizer.path = ""  # the workdir's own tokenizer
     config_lib.validate(run_config)
     params = pretrained.resize_vocab(base_params, vocab, seed=config.train.seed)
     return run_config, tok, template, params
