@@ -110,14 +110,17 @@ def test_causal_queries_at_an_offset(backend, segments):
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("window,segments", [(1, False), (8, True), (40, False), (40, True)])
+@pytest.mark.parametrize("window,segments", [(1, False), (8, True), (18, False), (40, False), (40, True)])
 def test_sliding_window(backend, window, segments):
-    """Mistral's window, narrower than a tile (1: each query sees only itself; 8) and spanning several
-    (40 over 16- and 32-wide tiles), with packed segments ending mid-tile: forward and gradients."""
+    """Mistral's window, narrower than a tile (1: each query sees only itself; 8), with its edge on a tile's
+    last key (18: the forward's 32-row tiles reach back to slot 15, the last of a 16-wide key tile), and
+    spanning several (40 over 16- and 32-wide tiles), with packed segments ending mid-tile: forward and
+    gradients."""
     _compare(backend=backend, causal=True, n=4, k=2, t=96, segments=segments, window=window)
 
 
-@pytest.mark.parametrize("window,offset", [(1, 0), (24, 0), (100, 0), (24, 48), (64, 16)])
+# Windows whose edge falls on a tile's last key (18: rows 16, 48 see back to slots -1, 31) as well as between.
+@pytest.mark.parametrize("window,offset", [(1, 0), (18, 0), (24, 0), (100, 0), (24, 48), (50, 16), (64, 16)])
 def test_window_tile_skipping_is_exact(window, offset):
     """The window's tile bounds against the reference mask, tile by tile: every key tile before
     `window_kv_start` (and every query tile from `window_q_end` on) sees nothing, the first tile kept sees
