@@ -63,7 +63,14 @@ def _compare(*, backend, causal, n, k, t=64, s=None, h=64, segments=False, block
     for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
         assert a.dtype == dtype and a.shape == e.shape, name
         err = float(jnp.max(jnp.abs(f32(a) - e)))
-        if dtype == jnp.float32:
+        if dtype == jnp.float32 and jax.default_backend() == "gpu":
+            # Compiled for a GPU, Triton's float32 dots run in TF32 (10-bit mantissa): ~3e-4 of the norm -- of
+            # the gradient, or of the output where that is larger (a window of 1 makes dq exactly 0, and
+            # TF32's cancellation noise scales with the terms, not with that 0).
+            scale = max(float(jnp.linalg.norm(e)), float(jnp.linalg.norm(expected[0])))
+            rel = float(jnp.linalg.norm(f32(a) - e)) / scale
+            assert rel <= 2e-3, f"{name}: relative error {rel:.2e} (TF32)"
+        elif dtype == jnp.float32:
             assert err <= 2e-5, f"{name}: max abs error {err:.2e}"
         else:
             scale = float(jnp.max(jnp.abs(e)))
