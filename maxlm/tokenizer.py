@@ -164,13 +164,17 @@ class HFTokenizer:
     def path(self) -> str:
         return self._path
 
+    def missing(self, pieces: Iterable[str]) -> list[str]:
+        """The `pieces` not in the vocabulary, once each, in order."""
+        return [p for p in dict.fromkeys(pieces) if self._tok.token_to_id(p) is None]
+
     def save_with(self, pieces: Iterable[str], out_path: str) -> list[str]:
         """Write this tokenizer with `pieces` it lacks appended as special added tokens (matched whole
         before the pre-tokenizer, never split, existing ids unchanged) to `out_path`, and its
         tokenizer_config.json beside it; returns the pieces added."""
         from tokenizers import AddedToken
 
-        added = [p for p in dict.fromkeys(pieces) if self._tok.token_to_id(p) is None]
+        added = self.missing(pieces)
         self._tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in added])
         _write_atomic(out_path, self._tok.to_str().encode("utf-8"))
         _copy_beside(self._path, out_path, HF_CONFIG)
@@ -284,11 +288,10 @@ def add_special_tokens(path: str, pieces: Iterable[str], out_path: str
     tokenizer.json gets them as special added tokens, which `tokenizers` matches the same way.
     """
     if is_hf(path):
-        tok = HFTokenizer(resolve(path))
-        probe = list(pieces)
-        if all(tok._tok.token_to_id(p) is not None for p in probe):
+        tok, pieces = HFTokenizer(resolve(path)), list(pieces)
+        if not tok.missing(pieces):
             return tok, []
-        added = tok.save_with(probe, out_path)
+        added = tok.save_with(pieces, out_path)
         return load(out_path), added
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
