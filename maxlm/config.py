@@ -181,6 +181,7 @@ def default_config() -> ml_collections.ConfigDict:
     s.base_step = -1  # checkpoint step of a maxlm base; -1 the newest
     s.data_path = ""  # glob of chat jsonl: {"messages": [...]} or {"prompt", "response", "history"} records
     s.template = "chatml"  # chatml | internlm2 (adds the environment role and tool-call markers) | a .json file
+    # | hf (the base model's own Jinja chat template, from its Hugging Face tokenizer folder)
     s.system_prompt = ""  # inserted when a conversation has no system message ("" inserts none)
     s.tasks = ("format", "reverse", "sort", "add")  # built-in suite, used when data_path is empty
     s.task_train_size = 2000  # training conversations per task
@@ -373,8 +374,8 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
     _check(c.checkpoint.keep_period >= 0, "checkpoint.keep_period", "must be >= 0 (0 keeps none extra)")
 
     s = c.sft
-    _check(s.template in chat.TEMPLATES or s.template.endswith(".json"), "sft.template",
-           f"must be one of {tuple(chat.TEMPLATES)} or a template .json file")
+    _check(s.template in (*chat.TEMPLATES, chat.HF) or s.template.endswith(".json"), "sft.template",
+           f"must be one of {(*chat.TEMPLATES, chat.HF)} or a template .json file")
     _check(all(t in SFT_TASKS for t in s.tasks), "sft.tasks", f"each must be one of {SFT_TASKS}, got {s.tasks}")
     for key in ("task_train_size", "task_eval_size"):
         _check(s[key] > 0, f"sft.{key}", "must be positive")

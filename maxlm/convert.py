@@ -15,7 +15,8 @@ from maxlm.interop.hf import from_hf, to_hf  # noqa: F401  (stable library names
 
 
 def main(argv: list[str]) -> None:
-    """`python -m maxlm.convert to_hf --workdir=W --out=DIR [--step=N] [--architecture=A]`."""
+    """`python -m maxlm.convert to_hf --workdir=W --out=DIR [--step=N] [--architecture=A] [--dtype=bfloat16]
+    [--max_shard_size=5GB]`."""
     from absl import flags
 
     FLAGS = flags.FLAGS
@@ -25,7 +26,10 @@ def main(argv: list[str]) -> None:
         raise ConvertError("to_hf needs --workdir (a training workdir) and --out (the folder to write)")
     # A LoRA run comes back with its adapters merged into the base weights.
     config, params, step = pretrained.load_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
-    to_hf(config, params, FLAGS.out, architecture=FLAGS.architecture or None)
+    if FLAGS.dtype not in ("", "float32", "bfloat16", "float16"):
+        raise ConvertError(f"--dtype={FLAGS.dtype}: choose float32, bfloat16 or float16 (default: the checkpoint's)")
+    to_hf(config, params, FLAGS.out, architecture=FLAGS.architecture or None, dtype=FLAGS.dtype or None,
+          max_shard_size=FLAGS.max_shard_size)
     tok_path = tokenizer.run_tokenizer_path(config, FLAGS.workdir)
     if os.path.exists(tok_path):  # tokenizer.json (+ its config) or the SentencePiece model LlamaTokenizer reads
         tokenizer.export(tok_path, FLAGS.out)
@@ -42,7 +46,11 @@ def _run() -> None:
     flags.DEFINE_string("workdir", "", "Training workdir whose checkpoint to export.")
     flags.DEFINE_string("out", "", "Folder to write (config.json + model.safetensors [+ the run's tokenizer files]).")
     flags.DEFINE_integer("step", -1, "Checkpoint step to export (default: the newest).")
-    flags.DEFINE_string("architecture", "", "llama | qwen2 | internlm2 (default: from the model config).")
+    flags.DEFINE_string("architecture", "", "llama | qwen2 | qwen3 | mistral | internlm2 (default: from the model "
+                        "config).")
+    flags.DEFINE_string("dtype", "", "Weights on disk: float32 | bfloat16 | float16 (default: the checkpoint's).")
+    flags.DEFINE_string("max_shard_size", "5GB", "Split the weights into shards of at most this size, with "
+                        "model.safetensors.index.json (transformers' layout).")
     cli.run(main, user_errors=(ConvertError,))
 
 

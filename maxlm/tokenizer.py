@@ -96,6 +96,7 @@ class Tokenizer:
 HF_FILE = "tokenizer.json"  # a Hugging Face fast tokenizer
 SP_FILE = "tokenizer.model"  # a SentencePiece model
 HF_CONFIG = "tokenizer_config.json"  # beside tokenizer.json: which added tokens are bos / eos / pad
+HF_TEMPLATE = "chat_template.jinja"  # beside tokenizer.json: the model's chat template (transformers >= 4.5x)
 
 
 class HFTokenizer:
@@ -126,6 +127,12 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, the [start, end) character span of `text` each id came from) -- how a chat template's
+        rendered text is mapped back to trained tokens."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids if int(i) not in self._control], skip_special_tokens=False)
@@ -177,7 +184,8 @@ class HFTokenizer:
         added = self.missing(pieces)
         self._tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in added])
         _write_atomic(out_path, self._tok.to_str().encode("utf-8"))
-        _copy_beside(self._path, out_path, HF_CONFIG)
+        for name in (HF_CONFIG, HF_TEMPLATE):
+            _copy_beside(self._path, out_path, name)
         return added
 
 
@@ -319,7 +327,8 @@ def copy_model(source: str, target: str) -> None:
     with open(source, "rb") as f:
         _write_atomic(target, f.read())
     if source.endswith(".json"):
-        _copy_beside(source, target, HF_CONFIG)
+        for name in (HF_CONFIG, HF_TEMPLATE):
+            _copy_beside(source, target, name)
 
 
 def export(source: str, folder: str) -> list[str]:
@@ -327,7 +336,8 @@ def export(source: str, folder: str) -> list[str]:
     names written."""
     name = file_name(source)
     copy_model(source, os.path.join(folder, name))
-    return [name] + ([HF_CONFIG] if name == HF_FILE and os.path.exists(os.path.join(folder, HF_CONFIG)) else [])
+    return [name] + [beside for beside in (HF_CONFIG, HF_TEMPLATE)
+                     if name == HF_FILE and os.path.exists(os.path.join(folder, beside))]
 
 
 def _write_atomic(path: str, data: bytes) -> None:

@@ -106,7 +106,7 @@ def _tiny(**overrides):
 @pytest.mark.parametrize("key,value,names", [
     ("model.rope_scaling", "xpos", ("none", "linear", "ntk", "dynamic", "yarn", "llama3")),
     ("model.attention_impl", "flash", ("xla", "cudnn", "pallas")),
-    ("sft.template", "chatgpt", ("chatml", "internlm2")),
+    ("sft.template", "chatgpt", ("chatml", "internlm2", "hf")),
 ])
 def test_unknown_registry_names_are_one_line_naming_the_key_and_the_registered(key, value, names):
     with pytest.raises(C.ConfigError) as err:

@@ -20,6 +20,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from maxlm.model import decoder as model_lib  # noqa: E402
 from maxlm.interop.hf import from_hf, to_hf  # noqa: E402
@@ -292,6 +293,93 @@ def test_sharded_bf16_and_file_path(tmp_path):
     _check_close("qwen2 bf16 parity", _maxlm_logits(config, params, tokens), hf_logits(hf_model, tokens))
 
 
+def test_sharded_bf16_export_loads_everywhere(tmp_path):
+    """to_hf(dtype=bfloat16, max_shard_size=...) writes what save_pretrained writes -- shards named
+    model-0000i-of-0000N with an index -- and transformers' Auto class reproduces maxlm's logits on the
+    bf16-rounded weights with no extra arguments; from_hf reads the shards back exactly."""
+    hf_model = build_hf("LlamaForCausalLM", seed=5, num_key_value_heads=2)
+    config, params = from_hf(_save(hf_model, tmp_path / "src"))
+    out = str(tmp_path / "out")
+    to_hf(config, params, out)  # one file first: the sharded export below must remove it
+    to_hf(config, params, out, dtype="bfloat16", max_shard_size="40KB")
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert "model.safetensors" not in files and len(files) >= 3, files
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    on_disk = {}
+    for name in files:
+        on_disk.update({k: (name, v) for k, v in safetensors_numpy.load_file(os.path.join(out, name)).items()})
+    assert {k: name for k, (name, _) in on_disk.items()} == index["weight_map"]
+    assert index["metadata"]["total_size"] == sum(v.nbytes for _, v in on_disk.values())
+    assert {str(v.dtype) for _, v in on_disk.values()} == {"bfloat16"}
+    for name in files:  # every shard but one holding a single large tensor stays under the limit
+        sizes = [v.nbytes for n, v in on_disk.values() if n == name]
+        assert sum(sizes) <= 40_000 or len(sizes) == 1, (name, sizes)
+
+    rounded = jax.tree_util.tree_map(lambda x: np.asarray(x, np.dtype("bfloat16")).astype(np.float32), params)
+    config2, params2 = from_hf(out)
+    _assert_params_equal(params2, rounded)
+    tokens = _tokens(5)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager",
+                                                                 dtype=torch.float32).eval()
+    _check_close("bf16 sharded export: transformers vs maxlm", hf_logits(reloaded, tokens),
+                 _maxlm_logits(config2, params2, tokens))
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+
+    to_hf(config, params, out)  # and back to one file: the shards and the index go
+    assert sorted(f for f in os.listdir(out) if "safetensors" in f) == ["model.safetensors"]
+
+
+def test_lazy_import_onto_shardings(tmp_path, monkeypatch):
+    """from_hf(shardings=..., dtype=...) places each leaf on its sharding as it is read: jax arrays in the
+    asked dtype and sharding, equal to the eager import, and no more than one leaf's worth of tensors read
+    ahead of placement."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from maxlm.interop import hf
+
+    hf_model = build_hf("Qwen2ForCausalLM", seed=6, num_key_value_heads=2)
+    src = str(tmp_path / "src")
+    hf_model.save_pretrained(src, max_shard_size="60KB")
+    _, eager = from_hf(src)
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+    asked = {}
+
+    def shardings(config):
+        asked["config"] = config
+        return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, PartitionSpec(*([None] * len(x.shape)))),
+                                      model_lib.abstract_params(config))
+
+    pending = []  # tensor sizes read since the last placement
+    peak = []
+    pop, place = hf._LazyTensors.pop, jax.make_array_from_callback
+
+    def counting_pop(self, key, *default):
+        x = pop(self, key, *default)
+        pending.append(getattr(x, "nbytes", 0))
+        return x
+
+    def counting_place(shape, sharding, callback):
+        peak.append(sum(pending))
+        pending.clear()
+        return place(shape, sharding, callback)
+
+    monkeypatch.setattr(hf._LazyTensors, "pop", counting_pop)
+    monkeypatch.setattr(jax, "make_array_from_callback", counting_place)
+    config, params = from_hf(src, dtype=np.dtype("bfloat16"), shardings=shardings)
+    assert config.model.param_dtype == "bfloat16" and asked["config"].model.num_kv_heads == 2
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(eager)):
+        assert isinstance(got, jax.Array) and got.dtype == jnp.bfloat16, path
+        assert got.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec()), got.ndim), path
+        np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                      np.asarray(want, np.dtype("bfloat16")).astype(np.float32))
+    largest_leaf = max(x.nbytes for x in jax.tree_util.tree_leaves(eager))  # float32 on disk here
+    assert 0 < max(peak) <= largest_leaf, (peak, largest_leaf)
+
+
 def test_unsupported_raise(tmp_path):
     src = _save(build_hf("LlamaForCausalLM", num_key_value_heads=2), tmp_path / "src")
     with open(os.path.join(src, "config.json")) as f:
@@ -316,3 +404,19 @@ def test_unsupported_raise(tmp_path):
     config, params = from_hf(src)
     with pytest.raises(ValueError, match="unsupported architecture"):
         to_hf(config, params, str(tmp_path / "x"), architecture="gpt2")
+
+
+@pytest.mark.slow
+def test_load_memory_script_on_eight_devices():
+    """experiments/load_hf_memory.py at its tiny shape: the sharded import onto 8 CPU devices leaves each
+    device about an eighth of the model (asserted inside the script), and every loader reports."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "load_hf_memory.py"), "--shape=tiny"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["files"] > 1 and {r["loader"] for r in result["rows"]} >= {"maxlm float32 host", "maxlm bf16 sharded"}

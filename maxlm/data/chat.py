@@ -11,6 +11,8 @@ the content, an end marker and a separator. Two ship with maxlm:
   call `<|action_start|><|plugin|>\\n{call}<|action_end|>`. Every marker is one special token.
 
 A custom template is a JSON file with the fields of `Template` (`--config.sft.template=path/to/t.json`).
+`--config.sft.template=hf` uses the model's own Jinja chat template from its Hugging Face tokenizer folder,
+rendered as transformers renders it (`maxlm/data/chat_hf.py`); the functions below take either kind.
 
 Rendering encodes each piece of text separately (header, content, end, separator) and concatenates the
 ids, so a marker is never merged with its neighbours and the prompt a sampler is given is tokenized exactly
@@ -24,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -74,8 +76,16 @@ INTERNLM2 = dataclasses.replace(
 TEMPLATES = {t.name: t for t in (CHATML, INTERNLM2)}
 
 
-def load_template(name_or_path: str) -> Template:
-    """A built-in template by name, or a JSON file holding `Template`'s fields."""
+HF = "hf"  # sft.template value: the model's own chat template (chat_hf.HFTemplate)
+
+
+def load_template(name_or_path: str, tokenizer_path: str = "") -> Any:
+    """A built-in template by name, a JSON file holding `Template`'s fields, or (`hf`) the Jinja chat
+    template of the Hugging Face tokenizer at `tokenizer_path` (the run's tokenizer, e.g. a model folder's)."""
+    if name_or_path == HF:
+        from maxlm.data import chat_hf
+
+        return chat_hf.load(tokenizer_path)
     if name_or_path in TEMPLATES:
         return TEMPLATES[name_or_path]
     if not os.path.isfile(name_or_path):
@@ -96,6 +106,8 @@ class MessageError(UserError):
 
 def check_messages(template: Template, messages: list) -> None:
     """Raise MessageError unless `messages` is a list of well-formed messages with an assistant reply."""
+    if not isinstance(template, Template):
+        return template.check(messages)
     if not isinstance(messages, list) or not messages:
         raise MessageError("no_messages", "expected a non-empty list of messages")
     for m in messages:
@@ -132,9 +144,13 @@ def _pieces(template: Template, message: dict) -> list[tuple[str, bool]]:
     return [(header, False), *body, (template.end, trained), (template.separator, False)]
 
 
-def render(template: Template, tok: TokenizerLike, messages: list[dict], *, bos: bool = True
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [n], weights float32 [n]) of a whole conversation; weights as in the module docstring."""
+def render(template: Template, tok: TokenizerLike, messages: list[dict], *, bos: bool = True,
+           tools: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [n], weights float32 [n]) of a whole conversation; weights as in the module docstring.
+    A model's own template (`hf`) writes its BOS itself and reads `tools`; a piece template takes no tools."""
+    if not isinstance(template, Template):
+        return template.render(tok, messages, tools)
+    _no_tools(tools)
     ids: list[int] = [tok.bos_id] if bos else []
     weights: list[float] = [0.0] * len(ids)
     for message in messages:
@@ -145,11 +161,19 @@ def render(template: Template, tok: TokenizerLike, messages: list[dict], *, bos:
     return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
 
 
-def render_prompt(template: Template, tok: TokenizerLike, messages: list[dict], *, bos: bool = True) -> list[int]:
+def render_prompt(template: Template, tok: TokenizerLike, messages: list[dict], *, bos: bool = True,
+                  tools: list | None = None) -> list[int]:
     """Token ids a sampler continues to produce the next assistant message: the conversation so far plus
     the assistant header, tokenized exactly as `render` tokenizes training data."""
+    if not isinstance(template, Template):
+        return template.render_prompt(tok, messages, tools)
     ids, _ = render(template, tok, messages, bos=bos)
     return ids.tolist() + tok.encode(template.generation_prompt())
+
+
+def _no_tools(tools: list | None) -> None:
+    if tools:
+        raise MessageError("bad_tool_call", "tool definitions need the model's own chat template (sft.template=hf)")
 
 
 def rounds(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
@@ -165,11 +189,14 @@ def rounds(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
     return head, out
 
 
-def truncate_left(template: Template, tok: TokenizerLike, messages: list[dict], max_tokens: int
-                  ) -> tuple[np.ndarray, np.ndarray, int]:
+def truncate_left(template: Template, tok: TokenizerLike, messages: list[dict], max_tokens: int,
+                  tools: list | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Render, dropping the oldest rounds (system messages are kept) until at most `max_tokens` ids remain
     -> (ids, weights, rounds dropped); MessageError("too_long") when no round with a trained token
     survives. Rendering is additive per message, so each round is rendered once."""
+    if not isinstance(template, Template):
+        return template.truncate_left(tok, messages, max_tokens, tools)
+    _no_tools(tools)
     head, rs = rounds(messages)
     head_ids, head_w = render(template, tok, head)
     parts = [render(template, tok, r, bos=False) for r in rs]

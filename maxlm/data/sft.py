@@ -39,7 +39,7 @@ from maxlm.errors import InputError
 Batch = dict[str, np.ndarray]
 PACK_OPEN_ROWS = 16
 SFT_SKIP_REASONS = ("bad_utf8", "bad_json", "not_object", "unknown_shape", "no_messages", "bad_message", "unknown_role",
-                    "unknown_name", "bad_tool_call", "no_assistant", "too_long")
+                    "unknown_name", "bad_tool_call", "no_assistant", "template_error", "too_long")
 
 
 def to_messages(record: Any, system_prompt: str = "") -> list[dict]:

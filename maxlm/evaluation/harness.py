@@ -64,7 +64,7 @@ def stop_id(template: chat.Template, tok: tokenizer_lib.Tokenizer) -> int:
 def task_accuracy(config: ml_collections.ConfigDict, params: dict, tok: tokenizer_lib.Tokenizer, task: str, *,
                   n: int, split: str = "eval") -> dict:
     """Greedy exact match on the first `n` items of a task's split -> {accuracy, n, by_lang, examples, items}."""
-    template = chat.load_template(config.sft.template)
+    template = chat.load_template(config.sft.template, tok.path)
     items = tasks.make_items(task, split, n, seed=config.sft.task_seed)
     prompts = [chat.render_prompt(template, tok, tasks.messages(item, config.sft.system_prompt, with_answer=False))
                for item in items]

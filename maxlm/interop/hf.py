@@ -89,6 +89,9 @@ _ARCHITECTURES = {
 _BY_CLASS = {v.lower(): k for k, v in _ARCHITECTURES.items()}
 
 
+INDEX = "model.safetensors.index.json"  # a sharded checkpoint's tensor -> file map
+
+
 class HFError(UserError):
     """A Hugging Face folder, config or architecture maxlm cannot convert: one line naming what and where."""
 
@@ -197,7 +200,7 @@ def _resolve(path: str) -> tuple[str, list[str]]:
         return os.path.dirname(path), [path]
     if not os.path.isdir(path):
         raise HFError(f"{path}: no such folder or file")
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = os.path.join(path, INDEX)
     if os.path.exists(index):
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
@@ -214,13 +217,50 @@ def _resolve(path: str) -> tuple[str, list[str]]:
     raise HFError(f"{path}: {len(files)} .safetensors files but no model.safetensors.index.json")
 
 
-def _read_tensors(files: list[str]) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {}
-    for name in files:
-        with safe_open(name, framework="np") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    return tensors
+def _open(name: str):
+    """A safetensors file for reading with pread(2) where this safetensors has it (0.8+): memory-mapped
+    reads would leave every page read mapped, so the process's resident memory would grow by the whole
+    checkpoint even though each tensor is dropped once placed."""
+    try:
+        return safe_open(name, framework="np", backend="pread")
+    except TypeError:
+        return safe_open(name, framework="np")
+
+
+class _LazyTensors:
+    """The tensors of one checkpoint's safetensors files, read one at a time when asked for.
+
+    Acts as the mapping `from_hf` consumes (`in`, `pop`, `[]`, iteration over the names not yet popped),
+    but holds only the files' headers: a tensor's bytes are read by `pop` / `[]`, so a host reading a
+    multi-file checkpoint never holds more than the tensor in hand (plus what it keeps). `shape(name)`
+    comes from the header, so a wrong shape is reported before anything is read.
+    """
+
+    def __init__(self, files: list[str]):
+        self._handles = [_open(name) for name in files]
+        self._where: dict[str, Any] = {}
+        for handle in self._handles:
+            for key in handle.keys():
+                self._where[key] = handle
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def __iter__(self):
+        return iter(list(self._where))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._where[key].get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._where[key].get_slice(key).get_shape())
+
+    def pop(self, key: str, *default: Any) -> np.ndarray | None:
+        if key not in self._where and default:
+            return default[0]
+        x = self[key]
+        del self._where[key]
+        return x
 
 
 def _architecture(hf: dict) -> str:
@@ -294,9 +334,21 @@ def _require_zero(tensors: dict, key: str, why: str) -> None:
 _REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
-def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
-    """Read a HF Llama / Qwen2 / Qwen3 / Mistral / InternLM2 checkpoint -> (full maxlm config, float32 numpy
-    params)."""
+def from_hf(path: str, *, dtype: Any = np.float32, shardings: Any = None
+            ) -> tuple[ml_collections.ConfigDict, dict]:
+    """Read a HF Llama / Qwen2 / Qwen3 / Mistral / InternLM2 checkpoint -> (full maxlm config, params).
+
+    Tensors are read lazily, one at a time (`_LazyTensors`), converted to `dtype` (float32 by default; the
+    config's `model.param_dtype` says which) and written into the parameter tree, so the host's peak memory is
+    the tree itself plus one tensor, never the files' contents on top.
+
+    `shardings`: where the parameters go -- a pytree of `jax.sharding.Sharding` shaped like the parameter
+    tree, or a callable `config -> such a tree` (the config is known only once config.json is read, e.g.
+    `lambda c: trainer_shardings(c)`). Each leaf is then read, placed with `jax.make_array_from_callback`
+    (every device receives only its shard) and dropped from the host before the next: the host holds one
+    leaf at a time, never the model. Returns jax.Arrays then, numpy arrays otherwise.
+    """
+    dtype = np.dtype(dtype)
     folder, files = _resolve(path)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
@@ -332,7 +384,7 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     h = int(hf.get("head_dim") or d // n) if arch != "internlm2" else d // n
     rope = _rope_from_hf(hf)
 
-    tensors = _read_tensors(files)
+    tensors = _LazyTensors(files)
     names = _hf_names(arch)
     fused = "layers/attn/wqkv" in names  # the InternLM2 layout
     qkv_bias = names["layers/attn/bqkv" if fused else "layers/attn/q_bias"].format(i=0) in tensors
@@ -358,7 +410,7 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
         "model.sliding_window": window,
         "model.fused_qkv": fused,
         "model.init_std": float(hf.get("initializer_range", 0.02)),
-        "model.param_dtype": "float32",
+        "model.param_dtype": dtype.name,
         "model.compute_dtype": "float32",
     })
     config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
@@ -374,27 +426,40 @@ def from_hf(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     layout = _hf_layout(config.model)
 
     def get(key: str, leaf: str) -> np.ndarray:
-        # The shape the config implies, checked before any reshape: a transposed or mis-sized tensor has the
-        # right element count often enough (gate_proj [F, D] vs [D, F]) to load silently otherwise.
+        # The shape the config implies, checked (from the file's header) before anything is read: a
+        # transposed or mis-sized tensor has the right element count often enough (gate_proj [F, D] vs
+        # [D, F]) to load silently otherwise.
         if key not in tensors:
             raise HFError(f"{path}: missing tensor {key!r} for {_ARCHITECTURES[arch]}")
-        x = tensors.pop(key)
         expected = tuple(layout[leaf][0])
-        if tuple(x.shape) != expected:
-            raise HFError(f"{path}: tensor {key} has shape {list(x.shape)}, expected {list(expected)} from "
-                          "config.json")
-        return np.asarray(x, np.float32)
+        if tensors.shape(key) != expected:
+            raise HFError(f"{path}: tensor {key} has shape {list(tensors.shape(key))}, expected {list(expected)} "
+                          "from config.json")
+        return _from_hf_layout(tensors.pop(key), layout[leaf])
 
-    def read(leaf_path: tuple, _) -> np.ndarray:
+    def read(leaf_path: tuple, like: jax.ShapeDtypeStruct) -> np.ndarray:
         leaf = _leaf_name(leaf_path)
-        if leaf.startswith("layers/"):
-            return np.stack([_from_hf_layout(get(names[leaf].format(i=i), leaf), layout[leaf])
-                             for i in range(n_layers)])
-        return _from_hf_layout(get(names[leaf], leaf), layout[leaf])
+        if not leaf.startswith("layers/"):
+            return np.ascontiguousarray(get(names[leaf], leaf), dtype)
+        out = np.empty(like.shape, dtype)  # filled layer by layer: no list of L arrays to stack
+        for i in range(n_layers):
+            out[i] = get(names[leaf].format(i=i), leaf)
+        return out
 
-    # Every leaf `maxlm.model.init` builds for this config (q/k/v or wqkv, biases, lm_head unless tied).
-    params = jax.tree_util.tree_map_with_path(read, model_lib.abstract_params(config))
-    params = jax.tree_util.tree_map(np.ascontiguousarray, params)
+    # Every leaf `maxlm.model.init` builds for this config (q/k/v or wqkv, biases, lm_head unless tied), in
+    # the order of the tree; with shardings, each leaf goes to its devices before the next is read.
+    abstract = model_lib.abstract_params(config)
+    if shardings is None:
+        params = jax.tree_util.tree_map_with_path(read, abstract)
+    else:
+        if callable(shardings):
+            shardings = shardings(config)
+
+        def place(leaf_path: tuple, like: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding) -> jax.Array:
+            host = read(leaf_path, like)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+        params = jax.tree_util.tree_map_with_path(place, abstract, shardings)
     leftover = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))
     if leftover:
         raise HFError(f"{path}: tensors not understood by the {_ARCHITECTURES[arch]} mapping: {leftover[:8]}"
@@ -454,9 +519,14 @@ def _split_qkv(a: dict, n_layers: int, d: int, n: int, g: int, h: int) -> dict:
     return split
 
 
-def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architecture: str | None = None) -> None:
-    """Write `path`/config.json + `path`/model.safetensors for Llama, Qwen2, Qwen3, Mistral or the InternLM2
-    layout."""
+def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architecture: str | None = None, *,
+          dtype: Any = None, max_shard_size: int | str = "5GB") -> None:
+    """Write `path`/config.json + the weights for Llama, Qwen2, Qwen3, Mistral or the InternLM2 layout.
+
+    `dtype`: the weights' dtype on disk (default: the parameters' own; "bfloat16" is what open checkpoints
+    ship). Weights over `max_shard_size` (transformers' default, 5GB) are split into shards with an index,
+    as `save_pretrained` does.
+    """
     m = model_lib.model_config(config)
     arch = _normalize_arch(architecture, m)
     _check_tree(config, params, "to_hf")
@@ -494,7 +564,7 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
 
     names, layout = _hf_names(arch), _hf_layout(m)
     p = jax.tree_util.tree_map(np.asarray, params)
-    dtype = p["embedding"].dtype
+    dtype = np.dtype(dtype or p["embedding"].dtype)
     # Bring the attention weights into the layout the target needs (fused <-> split q/k/v) ...
     a = p["layers"]["attn"]
     if "layers/attn/wqkv" in names and "wqkv" not in a:
@@ -511,14 +581,15 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
         a = {**a, "o_bias": zeros(n_layers, d)}
     p = {**p, "layers": {**p["layers"], "attn": a}}
 
-    t: dict[str, np.ndarray] = {}
-    for leaf_path, x in jax.tree_util.tree_leaves_with_path(p):
-        leaf = _leaf_name(leaf_path)
-        if leaf.startswith("layers/"):
-            t.update({names[leaf].format(i=i): _to_hf_layout(x[i], layout[leaf]) for i in range(n_layers)})
-        else:
-            t[names[leaf]] = _to_hf_layout(x, layout[leaf])
-    t = {key: np.ascontiguousarray(value) for key, value in t.items()}
+    def hf_tensors():  # (HF name, tensor in the export dtype), one at a time, in the tree's order
+        for leaf_path, x in jax.tree_util.tree_leaves_with_path(p):
+            leaf = _leaf_name(leaf_path)
+            if leaf.startswith("layers/"):
+                for i in range(n_layers):
+                    yield names[leaf].format(i=i), _to_hf_layout(x[i], layout[leaf])
+            else:
+                yield names[leaf], _to_hf_layout(x, layout[leaf])
+
 
     dtype_name = np.dtype(dtype).name
     hf: dict[str, Any] = {
@@ -555,4 +626,63 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
         f.write("\n")
-    save_file(t, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    _write_safetensors(((k, np.ascontiguousarray(x, dtype)) for k, x in hf_tensors()), path,
+                       _parse_size(max_shard_size))
+
+
+def _parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "5GB", "500MB", "2GiB" (transformers' `max_shard_size` form)."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[:-len(unit)]) * scale)
+            except ValueError:
+                break
+    raise HFError(f"max_shard_size {size!r}: expected bytes or a size such as '5GB' or '500MB'")
+
+
+def _write_safetensors(tensors: Any, path: str, max_shard_bytes: int) -> None:
+    """Write (name, array) pairs as `model.safetensors`, or, past `max_shard_bytes`, as
+    `model-0000i-of-0000N.safetensors` shards with `model.safetensors.index.json` -- the layout of
+    transformers' `save_pretrained`, which `from_pretrained` and `from_hf` both read.
+
+    Each shard is written as soon as it is full, so at most one shard's tensors are held beyond `params`.
+    Weight files of an earlier export in `path` are removed first: a stale `model.safetensors` beside a new
+    index would be read instead of it.
+    """
+    for stale in glob.glob(os.path.join(path, "model*.safetensors")) + [os.path.join(path, INDEX)]:
+        if os.path.exists(stale):
+            os.remove(stale)
+    written: list[tuple[str, list[str]]] = []  # (temporary file, its tensor names)
+    current: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush() -> None:
+        name = os.path.join(path, f".shard-{len(written):05d}.safetensors")
+        save_file(current, name, metadata={"format": "pt"})
+        written.append((name, list(current)))
+
+    for key, x in tensors:
+        if current and size + x.nbytes > max_shard_bytes:
+            flush()
+            current, size = {}, 0
+        current[key] = x
+        size += x.nbytes
+        total += x.nbytes
+    if current or not written:
+        flush()
+    if len(written) == 1:
+        os.replace(written[0][0], os.path.join(path, "model.safetensors"))
+        return
+    weight_map = {}
+    for i, (name, keys) in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(name, os.path.join(path, final))
+        weight_map.update({key: final for key in keys})
+    with open(os.path.join(path, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        f.write("\n")

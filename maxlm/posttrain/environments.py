@@ -57,7 +57,7 @@ class TaskEnvironment:
     def __init__(self, config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer):
         p = config.ppo
         self.config, self.tok = config, tok
-        self.template = chat.load_template(config.sft.template)
+        self.template = chat.load_template(config.sft.template, tok.path)
         self.rm_system = preference.DOMAINS[p.reward_domain] if p.reward_domain else ""
         self.stop_id = evaluate.stop_id(self.template, tok)
         self.train_items = [i for t in p.tasks

@@ -83,10 +83,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, section: str = "sft")
     (`section` is "sft", or "reward" for a reward model)."""
     config_lib.validate(config)
     config_lib.require_single_stage(config, f"maxlm.{section}")
-    template = chat.load_template(config.sft.template)
     base_path = config[section].base
     base_config, base_params, base_tok = pretrained.load_base(base_path, config[section].base_step,
                                                                    key=f"{section}.base")
+    template = chat.load_template(config.sft.template, config.tokenizer.path or base_tok)
     os.makedirs(workdir, exist_ok=True)
     tok = prepare_tokenizer(config, base_tok, template, workdir)
     vocab = max(base_config.model.vocab_size, tok.vocab_size)
