@@ -26,6 +26,7 @@ setup(
         "safetensors>=0.4,<1",  # Hugging Face import / export (maxlm.convert, fine-tuning an HF model)
         "protobuf>=4",  # editing SentencePiece models (chat special tokens)
         "tokenizers>=0.20,<1",  # the tokenizer.json of today's open weights (Llama 3, Qwen, Mistral, Gemma)
+        "jinja2>=3.1",  # a model's own chat template (sft.template=hf), rendered as transformers renders it
     ],
     extras_require={
         # The oracle for the decoder: Hugging Face transformers on the CPU build of torch the machines carry.

@@ -46,6 +46,7 @@ from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.config import CURATE_ALIASES, CURATE_STAGES, _check
 from maxlm.curation import clean, dedup, perplexity, quality
+from maxlm.data import records
 from maxlm.data.records import MALFORMED, InputError, Shard, iter_records, resolve_input
 from maxlm.errors import UserError
 from maxlm.interop import pretrained
@@ -231,7 +232,7 @@ def curate(config: ml_collections.ConfigDict, input_spec: str, output: str) -> d
     report["input"]["spec"] = input_spec
     if not report["input"]["documents"]:  # curating nothing is a mistake, not an empty corpus to train on
         shutil.rmtree(work)
-        bad = ", ".join(f"{k} {v}" for k, v in report["malformed"].items() if v)
+        bad = records.reason_counts(report["malformed"])
         raise CurateError(f"--input={input_spec}: no readable document" + (f" (skipped: {bad})" if bad else ""))
     for name in sorted(os.listdir(os.path.join(work, "out"))):
         os.replace(os.path.join(work, "out", name), os.path.join(output, name))

@@ -30,7 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from maxlm.errors import UserError
+from maxlm.data import chat_hf
+from maxlm.data.conversation import MessageError, rounds  # noqa: F401  (chat.MessageError, chat.rounds)
 
 
 class TokenizerLike(Protocol):
@@ -83,8 +84,6 @@ def load_template(name_or_path: str, tokenizer_path: str = "") -> Any:
     """A built-in template by name, a JSON file holding `Template`'s fields, or (`hf`) the Jinja chat
     template of the Hugging Face tokenizer at `tokenizer_path` (the run's tokenizer, e.g. a model folder's)."""
     if name_or_path == HF:
-        from maxlm.data import chat_hf
-
         return chat_hf.load(tokenizer_path)
     if name_or_path in TEMPLATES:
         return TEMPLATES[name_or_path]
@@ -94,14 +93,6 @@ def load_template(name_or_path: str, tokenizer_path: str = "") -> Any:
     with open(name_or_path, encoding="utf-8") as f:
         fields = json.load(f)
     return Template(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-
-
-class MessageError(UserError):
-    """A conversation that does not fit the template; `reason` is a short key for skip statistics."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 def check_messages(template: Template, messages: list) -> None:
@@ -174,19 +165,6 @@ def render_prompt(template: Template, tok: TokenizerLike, messages: list[dict], 
 def _no_tools(tools: list | None) -> None:
     if tools:
         raise MessageError("bad_tool_call", "tool definitions need the model's own chat template (sft.template=hf)")
-
-
-def rounds(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
-    """(leading system messages, rounds): a round starts at a user message and runs to the next one."""
-    k = 0
-    while k < len(messages) and messages[k]["role"] == "system":
-        k += 1
-    head, out = messages[:k], []
-    for m in messages[k:]:
-        if m["role"] == "user" or not out:
-            out.append([])
-        out[-1].append(m)
-    return head, out
 
 
 def truncate_left(template: Template, tok: TokenizerLike, messages: list[dict], max_tokens: int,

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from maxlm.data import chat
+from maxlm.data import conversation as chat
 from maxlm.errors import InputError
 
 TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.5x saves the template here

@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from maxlm.data.sources import SKIP_REASONS, Source
+from maxlm.data import records
 from maxlm.errors import InputError
 
 Batch = dict[str, np.ndarray]
@@ -72,8 +73,7 @@ class _Stream:
                 self.cursor, self.offset = self.cursor + 1, 0
                 skipped += 1
                 if skipped > len(order):
-                    reasons = ", ".join(f"{k[len('skipped_'):]} {v}" for k, v in self.stats.items()
-                                        if k.startswith("skipped_") and v)
+                    reasons = records.reason_counts(self.stats, prefix="skipped_")
                     raise InputError(f"no readable document in the data: every one was skipped ({reasons})")
                 continue
             tokens = [self.tokenizer.bos_id] + self.tokenizer.encode(text) + [self.tokenizer.eos_id]

@@ -30,6 +30,7 @@ import numpy as np
 from maxlm.data import chat, tasks
 from maxlm.data import sft as sft_data
 from maxlm.data.packing import EpochIterator
+from maxlm.data import records
 from maxlm.errors import InputError
 
 Batch = dict[str, np.ndarray]
@@ -112,7 +113,7 @@ class Pairs:
         return self.add(record)
 
     def summary(self) -> str:
-        skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
+        skipped = records.reason_counts(self.skipped) or "none"
         return f"{len(self.items)} pairs; skipped: {skipped}"
 
 

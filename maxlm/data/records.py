@@ -15,7 +15,7 @@ import gzip
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,14 @@ from maxlm.errors import InputError  # noqa: F401  (raised here; importable from
 
 MALFORMED = ("bad_json", "bad_utf8", "missing_text", "not_string", "empty", "too_long", "corrupt_file")
 SOURCE_SHARD_DOCS = 1000  # documents per shard when the input is a Source (stdlib, TFDS), not files
+
+
+def reason_counts(counts: Mapping[str, int], prefix: str = "") -> str:
+    """"bad_json 3, too_long 1": the non-zero counts of skipped records by reason, most frequent first (keys
+    lose `prefix`) -- the one wording every "nothing usable" error and summary uses."""
+    items = [(k[len(prefix):] if prefix and k.startswith(prefix) else k, v) for k, v in counts.items()
+             if v and k.startswith(prefix)]
+    return ", ".join(f"{k} {v}" for k, v in sorted(items, key=lambda kv: (-kv[1], kv[0])))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -258,7 +258,7 @@ def _perplexity(FLAGS, m: Model) -> None:
                 texts.append(r[m.config.data.text_key])
     if not texts:  # a perplexity of nothing is not 1
         raise InputError(f"--data={FLAGS.data}: no document to score"
-                         + (f" (every line skipped: {', '.join(f'{k} {v}' for k, v in skipped.most_common())})"
+                         + (f" (every line skipped: {records.reason_counts(skipped)})"
                             if skipped else " (no lines)"))
     r = perplexity(m.config, m.params, m.tok, texts[:FLAGS.n] if FLAGS.n else texts, window=FLAGS.window,
                    stride=FLAGS.stride)
@@ -294,7 +294,7 @@ def _generation(FLAGS, m: Model) -> None:
 
 
 def _unscoreable(counts: dict[str, int]) -> str:
-    return "; not scoreable: " + ", ".join(f"{k} {v}" for k, v in counts.items()) if counts else ""
+    return "; not scoreable: " + records.reason_counts(counts) if counts else ""
 
 
 @eval_task("passkey", "needle in a haystack")

@@ -40,6 +40,7 @@ from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.data import preference
 from maxlm.data.sources import split_indices
+from maxlm.data import records
 from maxlm.errors import InputError
 from maxlm.training.metrics import log_line
 # The model (decoder trunk + scalar head) lives with the models; its names stay importable from here.
@@ -124,7 +125,7 @@ def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Templ
     if r.data_path:
         everything = preference.load_jsonl(r.data_path, preference.Pairs(template, tok, config.data.seq_len))
         if not everything.items:
-            reasons = ", ".join(f"{k} {v}" for k, v in everything.skipped.most_common()) or "the files are empty"
+            reasons = records.reason_counts(everything.skipped) or "the files are empty"
             raise InputError(f"every preference pair in reward.data_path={r.data_path} was skipped ({reasons})")
         keep = split_indices(len(everything), config.data.eval_fraction, split)
         pairs.items = [everything.items[i] for i in keep]
