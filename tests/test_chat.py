@@ -234,3 +234,24 @@ def test_answer_mask_against_hand_laid_out_targets(tok):
     first, last = np.flatnonzero(target_mask)[[0, -1]]
     assert ids[first] == newline[0] and ids[first + 1] == tok.encode("two")[0]
     assert ids[last + 1] == end and ids[last] == tok.encode("four")[-1] and target_mask[last + 1] == 0
+
+
+@pytest.mark.parametrize("name", sorted(chat.TEMPLATES))
+def test_to_jinja_renders_what_maxlm_trains_on(name):
+    """`chat.to_jinja` (what an export writes as its chat template) rendered by transformers' own Jinja
+    environment gives the text of maxlm's pieces: headers, names, tool calls, markers and the generation
+    prompt, on contents with Jinja syntax, quotes and backslashes in them."""
+    render_jinja_template = pytest.importorskip("transformers.utils.chat_template_utils").render_jinja_template
+    template = chat.TEMPLATES[name]
+    messages = [{"role": "system", "content": "Be {{ brief }} and \"exact\"."},
+                {"role": "user", "content": "a\\b\n{% raw %}"}, {"role": "assistant", "content": "ok"}]
+    if name == "internlm2":
+        messages[0]["name"] = "interpreter"
+        messages += [{"role": "user", "content": "run it"},
+                     {"role": "assistant", "content": "", "tool_call": {"name": "interpreter", "content": "print(1)"}},
+                     {"role": "environment", "name": "interpreter", "content": "1"}]
+    for prompt in (False, True):
+        (text,), _ = render_jinja_template(conversations=[messages], chat_template=chat.to_jinja(template),
+                                           add_generation_prompt=prompt, bos_token="<s>")
+        want = "<s>" + "".join(piece for m in messages for piece, _ in chat._pieces(template, m))
+        assert text == want + (template.generation_prompt() if prompt else "")

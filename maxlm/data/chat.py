@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Protocol
 
 import numpy as np
@@ -93,6 +94,26 @@ def load_template(name_or_path: str, tokenizer_path: str = "") -> Any:
     with open(name_or_path, encoding="utf-8") as f:
         fields = json.load(f)
     return Template(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def to_jinja(template: Template) -> str:
+    """The template as a Jinja chat template rendering the same text as `render` (BOS, then each message's
+    header, content, tool call, end marker and separator; `add_generation_prompt` appends the assistant
+    header): what an export writes into tokenizer_config.json so `apply_chat_template` formats
+    conversations as the model was trained. Literal text goes through `{{ "..." }}` string expressions, so
+    transformers' `trim_blocks` / `lstrip_blocks` cannot strip any of it."""
+
+    def literal(text: str, **fields: str) -> str:  # "{field}"s become the Jinja given, the rest string literals
+        parts = re.split(r"\{(\w+)\}", text)  # even: literal text, odd: a field's name
+        return "".join(fields[p] if i % 2 else "{{ " + json.dumps(p) + " }}" for i, p in enumerate(parts) if p)
+
+    name = (f"{{% if m.name %}}{literal(template.name_format, tool='{{ m.name }}')}{{% endif %}}"
+            if template.name_format else "")
+    call = (f"{{% if m.tool_call %}}{literal(template.tool_call_format, tool='{{ m.tool_call.name }}', content='{{ m.tool_call.content }}')}"
+            "{% endif %}" if template.tool_call_format else "")
+    return ("{{ bos_token }}{% for m in messages %}" + literal(template.header, role="{{ m.role }}", name=name)
+            + "{{ m.content }}" + call + literal(template.end + template.separator) + "{% endfor %}"
+            + "{% if add_generation_prompt %}" + literal(template.generation_prompt()) + "{% endif %}")
 
 
 def check_messages(template: Template, messages: list) -> None:
