@@ -3,7 +3,9 @@ maxlm/interop/hf.py; `maxlm.convert.from_hf` / `to_hf` stay importable from here
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors' numpy loader reads bf16)
 
@@ -27,8 +29,14 @@ def main(argv: list[str]) -> None:
     config, params, step = pretrained.load_workdir(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
     to_hf(config, params, FLAGS.out, architecture=FLAGS.architecture or None)
     tok_path = tokenizer.run_tokenizer_path(config, FLAGS.workdir)
-    if os.path.exists(tok_path):  # tokenizer.json (+ its config) or the SentencePiece model LlamaTokenizer reads
-        tokenizer.export(tok_path, FLAGS.out)
+    if os.path.exists(tok_path):  # what AutoTokenizer needs for maxlm's ids, bos included (tokenizer.export)
+        tokenizer.export(tok_path, FLAGS.out, model_max_length=config.model.max_seq_len)
+        with open(os.path.join(FLAGS.out, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+        if model_type == "qwen2" and not tokenizer.is_hf(tok_path):
+            print("warning: transformers 5 loads the tokenizer of a qwen2 folder as Qwen2Tokenizer, which rebuilds it "
+                  "as byte-level BPE and misreads this SentencePiece tokenizer: export with --architecture=llama (or "
+                  "qwen3) for AutoTokenizer to reproduce maxlm's ids", file=sys.stderr, flush=True)
     print(f"wrote step {step} of {FLAGS.workdir} to {FLAGS.out}", flush=True)
 
 
@@ -40,7 +48,8 @@ def _run() -> None:
     from absl import flags
 
     flags.DEFINE_string("workdir", "", "Training workdir whose checkpoint to export.")
-    flags.DEFINE_string("out", "", "Folder to write (config.json + model.safetensors [+ the run's tokenizer files]).")
+    flags.DEFINE_string("out", "", "Folder to write (config.json + model.safetensors [+ tokenizer.json, "
+                        "tokenizer_config.json, special_tokens_map.json, and a SentencePiece run's tokenizer.model]).")
     flags.DEFINE_integer("step", -1, "Checkpoint step to export (default: the newest).")
     flags.DEFINE_string("architecture", "", "llama | qwen2 | internlm2 (default: from the model config).")
     cli.run(main, user_errors=(ConvertError,))
