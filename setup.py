@@ -41,5 +41,9 @@ setup(
         ],
         # Reading zstd-compressed jsonl in `python -m maxlm.curate` (gzip needs nothing extra).
         "zstd": ["zstandard>=0.22"],
+        # lm-evaluation-harness as a client: `python -m maxlm.lm_eval --model maxlm ...` (maxlm/lm_eval.py); no torch.
+        "lm_eval": ["lm_eval>=0.4.13,<0.5"],
+        # ... plus its `--model hf` (torch, transformers, accelerate, peft), to score an export the same way.
+        "lm_eval_hf": ["lm_eval[hf]>=0.4.13,<0.5"],
     },
 )

@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer at {path}")
     tok = tokenizer.load(path)
-    bos = [tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []
+    bos = tokenizer.text_prefix(tok)
     encoded = [list(tok.encode(p)) for p in FLAGS.prompt]
     prompts = [bos + ids for ids in encoded]
     eos = tok.eos_id if tok.eos_id is not None and tok.eos_id >= 0 else None

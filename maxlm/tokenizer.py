@@ -2,7 +2,17 @@
 the Hugging Face `tokenizer.json` of today's open weights (Llama 3, Qwen, Mistral, Gemma) read with the
 `tokenizers` library -- the reference implementation `AutoTokenizer` wraps. `load(path)` takes either file
 (or a folder holding one) and returns an object with one interface: `encode` / `decode` (no bos/eos added:
-the caller frames text itself), the bos / eos / pad ids, `vocab_size`, `piece_to_id` / `id_to_piece`.
+the caller frames text itself), the bos / eos / pad ids, `vocab_size`, `piece_to_id` / `id_to_piece`, and
+`add_bos`: whether text is framed with bos at all. Qwen's tokenizers have no bos, GPT-2's have one they never
+add; every scorer, sampler and the packer frame text with `text_prefix(tok)` (and score a document's first
+token after `score_prefix_id(tok)`), so a model is fed what `AutoTokenizer` -- and lm-evaluation-harness
+on top of it -- feeds it.
+
+`export(source, folder)` writes what `AutoTokenizer` needs to reproduce those ids with no extra flags: a
+run's tokenizer.json as it is, or, for a SentencePiece run, its tokenizer.model plus a tokenizer.json built
+from it here with the `tokenizers` library (`sentencepiece_to_json`: fast, and readable without protobuf,
+which transformers' own conversion of a .model needs), a tokenizer_config.json (`write_hf_config`, the one
+writer, which also takes a chat template), special_tokens_map.json, and the token ids in config.json.
 
 The trained SentencePiece models:
 
@@ -48,6 +58,7 @@ class Tokenizer:
         meta_bytes = [f"<0x{b:02X}>" for b in _META.encode("utf-8")]
         ids = [self._sp.piece_to_id(p) for p in meta_bytes]
         self._meta_ids = ids if all(self._sp.is_byte(i) for i in ids) else None
+        self._special: frozenset[int] | None = None
 
     def encode(self, text: str) -> list[int]:
         if self._meta_ids is None or _META not in text:
@@ -59,8 +70,27 @@ class Tokenizer:
             ids += self._sp.encode(part)
         return ids
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of `ids` (control pieces dropped); `skip_special` also drops the user-defined pieces (chat
+        markers), which the exported tokenizer.json marks special, as `AutoTokenizer.decode(...,
+        skip_special_tokens=True)` -- and so lm-evaluation-harness's generations -- drop them."""
+        ids = [int(i) for i in ids]
+        if skip_special:
+            ids = [i for i in ids if i not in self.special_ids]
+        return self._sp.decode(ids)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Control, unknown and user-defined pieces: the special tokens of the exported tokenizer.json."""
+        if self._special is None:
+            types = _piece_types(self._path)
+            self._special = frozenset(i for i, t in enumerate(types) if t in _SP_SPECIAL_TYPES)
+        return self._special
+
+    @property
+    def add_bos(self) -> bool:
+        """A SentencePiece model with a bos piece frames every text with it (LLaMA's convention)."""
+        return self.bos_id >= 0
 
     def piece_to_id(self, piece: str) -> int:
         return self._sp.piece_to_id(piece)
@@ -118,12 +148,23 @@ class HFTokenizer:
             self._tok = _Tokenizer.from_file(path)
         except Exception as e:  # noqa: BLE001 -- the Rust loader raises a bare Exception
             raise InputError(f"{path} is not a Hugging Face tokenizer.json ({' '.join(str(e).split())[:200]})") from None
-        special = _special_tokens(os.path.join(os.path.dirname(os.path.abspath(path)), HF_CONFIG))
+        config = _read_config(os.path.join(os.path.dirname(os.path.abspath(path)), HF_CONFIG))
+        special = _special_tokens(config)
         self._ids = {name: (self._tok.token_to_id(token) if token else None) for name, token in special.items()}
         for name, token in special.items():
             if token and self._ids[name] is None:
                 raise InputError(f"{path}: {HF_CONFIG} names {name}_token {token!r}, which is not in the vocabulary")
         self._control = {i for i in self._ids.values() if i is not None}
+        self._add_bos = self._frames_with_bos()
+
+    def _frames_with_bos(self) -> bool:
+        """Whether `AutoTokenizer` puts bos before a text: what tokenizer.json's post-processor does (the
+        generic fast class of transformers 5 goes by it, not by tokenizer_config.json's `add_bos_token`,
+        which the files maxlm writes keep equal to it); never without a bos token (Qwen)."""
+        if self._ids["bos"] is None:
+            return False
+        framed = self._tok.encode("a", add_special_tokens=True).ids
+        return len(framed) > len(self.encode("a")) and framed[0] == self._ids["bos"]
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -134,8 +175,21 @@ class HFTokenizer:
         encoding = self._tok.encode(text, add_special_tokens=False)
         return encoding.ids, encoding.offsets
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids if int(i) not in self._control], skip_special_tokens=False)
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of `ids` without bos / eos / pad; `skip_special` also drops every other special added token
+        (chat markers), as `AutoTokenizer.decode(..., skip_special_tokens=True)` does."""
+        drop = self.special_ids if skip_special else self._control
+        return self._tok.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """The special added tokens, and bos / eos / pad."""
+        added = self._tok.get_added_tokens_decoder()
+        return frozenset({i for i, t in added.items() if t.special} | self._control)
+
+    @property
+    def add_bos(self) -> bool:
+        return self._add_bos
 
     def piece_to_id(self, piece: str) -> int:
         i = self._tok.token_to_id(piece)
@@ -189,20 +243,46 @@ class HFTokenizer:
         return added
 
 
-def _special_tokens(config_path: str) -> dict[str, str | None]:
+def _read_config(config_path: str) -> dict:
+    """A tokenizer_config.json as a dict ({} when there is none)."""
+    if not os.path.exists(config_path):
+        return {}
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{config_path} is not a JSON object")
+    return cfg
+
+
+def _special_tokens(cfg: dict) -> dict[str, str | None]:
     """{"bos", "eos", "pad", "unk"} -> token text from a tokenizer_config.json (string or AddedToken dict)."""
-    cfg = {}
-    if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            try:
-                cfg = json.load(f)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{config_path} is not valid JSON ({e})") from None
     out = {}
     for name in ("bos", "eos", "pad", "unk"):
         value = cfg.get(f"{name}_token")
         out[name] = value.get("content") if isinstance(value, dict) else value
     return out
+
+
+def text_prefix(tok: Tokenizer | HFTokenizer) -> list[int]:
+    """The ids every text starts with: [bos] when the tokenizer frames text with it, else none (Qwen; GPT-2).
+    What `AutoTokenizer(text)` puts first, so maxlm's scores and generations equal lm-evaluation-harness's."""
+    add = getattr(tok, "add_bos", None)
+    if add is None:  # a tokenizer-like object without the attribute (a test double): frame when it has a bos
+        add = tok.bos_id is not None and tok.bos_id >= 0
+    return [tok.bos_id] if add else []
+
+
+def score_prefix_id(tok: Tokenizer | HFTokenizer) -> int:
+    """The token a document's first token is scored after: bos when the tokenizer has one, else eos -- what
+    precedes a document in a packed stream without bos, and lm-evaluation-harness's `prefix_token_id`."""
+    for i in (tok.bos_id, tok.eos_id):
+        if i is not None and i >= 0:
+            return i
+    raise InputError(f"the tokenizer {getattr(tok, 'path', '')} has neither a bos nor an eos token to score a "
+                     "document's first token after")
 
 
 def _copy_beside(source_file: str, target_file: str, name: str) -> None:
@@ -331,13 +411,163 @@ def copy_model(source: str, target: str) -> None:
             _copy_beside(source, target, name)
 
 
-def export(source: str, folder: str) -> list[str]:
-    """Copy the tokenizer at `source` (and its tokenizer_config.json) into an export `folder`; returns the
-    names written."""
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+# SentencePiece piece types (sentencepiece_model.proto): NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4,
+# BYTE 6, UNUSED 5. The exported tokenizer.json makes unknown, control and user-defined pieces special added
+# tokens: matched whole before segmentation (as SentencePiece matches user-defined symbols), never split.
+_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER = 1, 2, 3, 4
+_SP_SPECIAL_TYPES = (_SP_UNKNOWN, _SP_CONTROL, _SP_USER)
+
+
+def _model_proto(path: str):
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    with open(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    return proto
+
+
+def _piece_types(path: str) -> list[int]:
+    return [p.type for p in _model_proto(path).pieces]
+
+
+def sentencepiece_to_json(path: str) -> str:
+    """A Hugging Face tokenizer.json equal to the SentencePiece BPE model at `path` (ids of every text, bos
+    framing, decoding), built with the `tokenizers` library.
+
+    Why not leave the .model to transformers: `AutoTokenizer` converts a .model at every load, only with
+    protobuf installed, and without a tokenizer_config.json it falls back to a generic class that adds no
+    bos. The conversion is the one transformers' Llama converter makes: the model's vocabulary with merges
+    regenerated from it (a piece's merges ranked by its id: SentencePiece BPE numbers pieces in merge
+    order), byte fallback, spaces as U+2581 with no dummy prefix (unless the model has one), and the unknown,
+    control and user-defined pieces (bos, eos, pad, chat markers) as special added tokens. A post-processor
+    prepends bos, as maxlm frames every text. One difference is inherent: maxlm's `Tokenizer.encode` sends a
+    literal U+2581 in the text as its UTF-8 bytes (so it decodes back to itself), while any tokenizer.json
+    reads it as a space.
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as _Tokenizer
+
+    proto = _model_proto(path)
+    if proto.trainer_spec.model_type != 2:  # 1 unigram, 2 bpe, 3 word, 4 char
+        raise InputError(f"{path}: only SentencePiece BPE models convert to tokenizer.json (this one has model "
+                         f"type {proto.trainer_spec.model_type})")
+    pieces = [(p.piece, p.type) for p in proto.pieces]
+    vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+    mergeable = {piece for piece, kind in pieces if kind == _SP_NORMAL}
+    merges = []
+    for piece, kind in pieces:
+        if kind != _SP_NORMAL or len(piece) < 2:
+            continue
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                  if piece[:k] in mergeable and piece[k:] in mergeable]
+        merges += sorted(splits, key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+    unk = proto.trainer_spec.unk_piece if proto.trainer_spec.unk_id >= 0 else None
+    tok = _Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                byte_fallback=proto.trainer_spec.byte_fallback))
+    norm = proto.normalizer_spec
+    steps = []
+    if norm.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
+    if norm.remove_extra_whitespaces:
+        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    tok.normalizer = normalizers.Sequence(steps) if steps else None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_META, prepend_scheme="first" if norm.add_dummy_prefix
+                                                 else "never", split=False)
+    steps = [decoders.Replace(_META, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if norm.add_dummy_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(steps)
+    tok.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece, kind in pieces
+                            if kind in _SP_SPECIAL_TYPES])
+    if proto.trainer_spec.bos_id >= 0:
+        bos = proto.trainer_spec.bos_piece
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                           special_tokens=[(bos, vocab[bos])])
+    return tok.to_str()
+
+
+def write_hf_config(folder: str, tok: Tokenizer | HFTokenizer, *, chat_template: str | None = None,
+                    model_max_length: int | None = None) -> list[str]:
+    """Write `folder`/tokenizer_config.json and special_tokens_map.json for `tok` -> the names written.
+
+    The one writer of both files, so what decides AutoTokenizer's behaviour is set in one place: a
+    tokenizer_config.json already in `folder` (copied from a tokenizer.json run) is kept and only completed;
+    otherwise one is made for the tokenizer.json `export` writes beside it: the generic fast class (which
+    takes tokenizer.json as written, in transformers 4 and 5 alike -- LlamaTokenizer would rebuild the
+    pre-tokenizer with a dummy prefix, or reconvert the .model), `add_bos_token` / `add_eos_token` as maxlm
+    frames text (bos first, never eos: transformers 5 rebuilds the post-processor from these), the bos / eos /
+    unk / pad tokens and the special added tokens (chat markers). `chat_template` (a Jinja string), when
+    given, becomes the `chat_template` field AutoTokenizer's `apply_chat_template` reads."""
+    path = os.path.join(folder, HF_CONFIG)
+    cfg = _read_config(path)
+    names = {"bos": tok.bos_id, "eos": tok.eos_id, "unk": tok.unk_id, "pad": tok.pad_id}
+    tokens = {name: tok.id_to_piece(i) if i is not None and 0 <= i < tok.vocab_size else None
+              for name, i in names.items()}
+    markers = sorted(tok.special_ids - {i for i in names.values() if i is not None and i >= 0})
+    extra = [tok.id_to_piece(i) for i in markers]
+    if not cfg:
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tok.add_bos, "add_eos_token": False,
+               "clean_up_tokenization_spaces": False,
+               **{f"{name}_token": token for name, token in tokens.items()}, "additional_special_tokens": extra}
+    if model_max_length:
+        cfg["model_max_length"] = int(model_max_length)
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    _write_atomic(path, (json.dumps(cfg, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+    written = [HF_CONFIG]
+    map_path = os.path.join(folder, SPECIAL_TOKENS_MAP)
+    if not os.path.exists(map_path):
+        special_map = {f"{name}_token": token for name, token in tokens.items() if token is not None}
+        if extra:
+            special_map["additional_special_tokens"] = extra
+        _write_atomic(map_path, (json.dumps(special_map, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+    written.append(SPECIAL_TOKENS_MAP)
+    return written
+
+
+def write_model_token_ids(folder: str, tok: Tokenizer | HFTokenizer) -> None:
+    """Set bos / eos / pad ids in `folder`/config.json (when there is one): transformers' generation stops at
+    the config's eos_token_id, and LlamaConfig's defaults (bos 1, eos 2) are not maxlm's ids."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    for name, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)):
+        cfg[f"{name}_token_id"] = i if i is not None and i >= 0 else None
+    _write_atomic(path, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def export(source: str, folder: str, *, chat_template: str | None = None, model_max_length: int | None = None
+           ) -> list[str]:
+    """Write the tokenizer at `source` into an export `folder` so that `AutoTokenizer.from_pretrained(folder)`
+    gives maxlm's ids, bos framing included, with no extra arguments; returns the names written.
+
+    A tokenizer.json run's files are copied as they are (its tokenizer_config.json and special_tokens_map.json
+    too: `HFTokenizer` reads bos framing from the same files AutoTokenizer does). A SentencePiece run gets its
+    tokenizer.model (for sentencepiece users) and the tokenizer.json `sentencepiece_to_json` builds from it.
+    Both get tokenizer_config.json through `write_hf_config` (`chat_template`, `model_max_length`) and their
+    token ids in config.json when the folder holds a model."""
     name = file_name(source)
+    source = resolve(source)
+    if os.path.dirname(os.path.abspath(source)) != os.path.abspath(folder):
+        for stale in (HF_FILE, SP_FILE, HF_CONFIG, SPECIAL_TOKENS_MAP, HF_TEMPLATE):  # an earlier export's
+            if os.path.exists(os.path.join(folder, stale)):
+                os.remove(os.path.join(folder, stale))
     copy_model(source, os.path.join(folder, name))
-    return [name] + [beside for beside in (HF_CONFIG, HF_TEMPLATE)
-                     if name == HF_FILE and os.path.exists(os.path.join(folder, beside))]
+    written = [name]
+    if name == HF_FILE:
+        _copy_beside(source, os.path.join(folder, name), SPECIAL_TOKENS_MAP)
+        written += [HF_TEMPLATE] if os.path.exists(os.path.join(folder, HF_TEMPLATE)) else []
+    else:
+        _write_atomic(os.path.join(folder, HF_FILE), sentencepiece_to_json(source).encode("utf-8"))
+        written.append(HF_FILE)
+    tok = load(os.path.join(folder, name))
+    written += write_hf_config(folder, tok, chat_template=chat_template, model_max_length=model_max_length)
+    write_model_token_ids(folder, tok)
+    return written
 
 
 def _write_atomic(path: str, data: bytes) -> None:

@@ -1,7 +1,11 @@
 """Hugging Face `tokenizer.json` support (issue 22): `maxlm.tokenizer.load` reads a Llama-3-style byte-level
 BPE folder, and its ids equal transformers' `AutoTokenizer` on the same folder -- the oracle -- over more than
 10,000 lines of mixed text (the standard library's source, generated Chinese, emoji, whitespace runs);
-decoding round-trips; chat markers added to it are single tokens that AutoTokenizer reads the same way."""
+decoding round-trips; chat markers added to it are single tokens that AutoTokenizer reads the same way.
+
+Export: a SentencePiece run's export reads back in AutoTokenizer -- fast, with bos, without protobuf -- as
+maxlm's `[bos] + encode(text)` over the same lines; bos framing (`add_bos`, `text_prefix`) follows what
+AutoTokenizer does for Llama-3-, Qwen- (no bos) and GPT-2-style (a bos never added) tokenizers."""
 
 from __future__ import annotations
 
@@ -157,7 +161,131 @@ def test_fine_tuning_a_folder_with_a_tokenizer_json_and_exporting_it(llama3_fold
     run_config, params, _ = pretrained.load_workdir(work)
     hf.to_hf(run_config, params, out)
     assert tokenizer_lib.export(tokenizer_lib.run_tokenizer_path(run_config, work), out) == [
-        "tokenizer.json", "tokenizer_config.json"]
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
     text = "<|im_start|>user\nFormat 3 as JSON<|im_end|>\n<|im_start|>assistant\n"
     assert AutoTokenizer.from_pretrained(out).encode(text, add_special_tokens=False) == run_tok.encode(text)
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == vocab + 2
+
+
+NO_PROTOBUF = """
+import json, sys
+sys.modules["google.protobuf"] = None  # as if protobuf were not installed
+sys.modules["google"] = None
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+print(json.dumps([tok.encode(line) for line in json.loads(sys.argv[2])]))
+"""
+
+
+@pytest.fixture(scope="module")
+def sp_export(tmp_path_factory):
+    """A 2,000-piece SentencePiece BPE model trained by maxlm on the mixed lines (its own choices: byte
+    fallback, digits split, whitespace pieces, ChatML markers) and its export folder."""
+    from maxlm import config as C
+
+    folder = tmp_path_factory.mktemp("sp_export")
+    config = C.override(C.default_config(), **{"model.vocab_size": 2000, "tokenizer.train_max_bytes": 2_000_000})
+    tokenizer_lib.train(_mixed_lines(20000, seed=1), str(folder / "sp"), config)
+    out = folder / "export"
+    written = tokenizer_lib.export(str(folder / "sp.model"), str(out), model_max_length=256)
+    assert written == ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    return str(folder / "sp.model"), str(out)
+
+
+def test_sentencepiece_export_gives_maxlm_ids_with_bos_in_auto_tokenizer(sp_export):
+    from transformers import AutoTokenizer
+
+    model, out = sp_export
+    sp, ref = tokenizer_lib.load(model), AutoTokenizer.from_pretrained(out)
+    assert type(ref).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast")  # tokenizer.json, not the .model
+    lines = _mixed_lines(7000) + ["1234567 89", "  \t\n\n   x", "<|im_start|>user\n你好<|im_end|>\n"]
+    mismatches = [line for line in lines if ref.encode(line) != [sp.bos_id] + sp.encode(line)]
+    # maxlm sends a literal U+2581 as bytes (so it decodes to itself); any tokenizer.json reads it as a space
+    assert mismatches == [line for line in lines if "\u2581" in line] and len(mismatches) == 1
+    decoded = {line: sp.decode(sp.encode(line), skip_special=True) for line in lines if "\u2581" not in line}
+    assert [line for line, text in decoded.items() if ref.decode(ref.encode(line), skip_special_tokens=True) != text] == []
+    assert (ref.bos_token_id, ref.eos_token_id) == (sp.bos_id, sp.eos_id)
+    assert (ref.pad_token_id, ref.unk_token_id) == (sp.pad_id, sp.unk_id)
+    assert ref.model_max_length == 256 and len(ref) == sp.vocab_size
+    chat = "<|im_start|>user\nhi<|im_end|>"
+    ids = ref.encode(chat, add_special_tokens=False)
+    assert ids == sp.encode(chat)
+    assert (ids[0], ids[-1]) == (sp.piece_to_id("<|im_start|>"), sp.piece_to_id("<|im_end|>"))
+    assert ref.decode(ids) == chat
+    assert ref.decode(ids, skip_special_tokens=True) == "user\nhi" == sp.decode(ids, skip_special=True)
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["add_bos_token"], cfg["add_eos_token"]) == (True, False)
+    assert (cfg["bos_token"], cfg["eos_token"]) == ("<s>", "</s>")
+    with open(os.path.join(out, "special_tokens_map.json")) as f:
+        assert json.load(f)["additional_special_tokens"] == ["<|im_start|>", "<|im_end|>"]
+
+
+def test_sentencepiece_export_reads_without_protobuf(sp_export):
+    import subprocess
+    import sys
+
+    model, out = sp_export
+    sp = tokenizer_lib.load(model)
+    lines = ["the quick brown fox", "数据 模型 训练", "def f(x):\n    return x  # 42", "🙂👍 ok", "a   b\t\tc\n\n"]
+    done = subprocess.run([sys.executable, "-c", NO_PROTOBUF, out, json.dumps(lines)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[sp.bos_id] + sp.encode(line) for line in lines]
+
+
+def test_chat_template_goes_into_tokenizer_config(sp_export, tmp_path):
+    from transformers import AutoTokenizer
+
+    model, _ = sp_export
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    tokenizer_lib.export(model, str(tmp_path), chat_template=template)
+    ref = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ref.chat_template == template
+    text = ref.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+def _byte_level(folder, config: dict, bos_in_post_processor: bool = False) -> str:
+    """A small byte-level BPE tokenizer.json (GPT-2's split) with <|endoftext|> (and <|bos|>) as special tokens
+    and the given tokenizer_config.json; the post-processor prepends <|bos|> when asked."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|bos|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_mixed_lines(200, seed=3), trainer)
+    if bos_in_post_processor:
+        tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 1)])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", **config}, f)
+    return str(folder)
+
+
+@pytest.mark.parametrize("style, config, post, add_bos", [
+    ("qwen", {"bos_token": None, "eos_token": "<|endoftext|>"}, False, False),
+    ("gpt2", {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}, False, False),
+    ("llama3", {"bos_token": "<|bos|>", "eos_token": "<|endoftext|>"}, True, True),
+    # transformers 5's generic class frames text as tokenizer.json's post-processor does, whatever this key says
+    ("config_says", {"bos_token": "<|bos|>", "eos_token": "<|endoftext|>", "add_bos_token": True}, False, False),
+])
+def test_bos_framing_follows_auto_tokenizer(tmp_path, style, config, post, add_bos):
+    """Every scorer frames text with `text_prefix`: exactly what AutoTokenizer puts first, for each style."""
+    from transformers import AutoTokenizer
+
+    folder = _byte_level(tmp_path / style, config, post)
+    tok, ref = tokenizer_lib.load(folder), AutoTokenizer.from_pretrained(folder)
+    assert tok.add_bos == add_bos
+    for text in ("Answer: B", "数据 and 🙂", "x"):
+        assert tokenizer_lib.text_prefix(tok) + tok.encode(text) == ref.encode(text)
+    # a document's first token is scored after bos, else eos (lm-evaluation-harness's prefix_token_id)
+    expected = ref.bos_token_id if ref.bos_token_id is not None else ref.eos_token_id
+    assert tokenizer_lib.score_prefix_id(tok) == expected
+    out = tmp_path / f"{style}_export"
+    tokenizer_lib.export(folder, str(out))
+    again, ref_again = tokenizer_lib.load(str(out)), AutoTokenizer.from_pretrained(str(out))
+    assert again.add_bos == add_bos and ref_again.encode("Answer: B") == ref.encode("Answer: B")

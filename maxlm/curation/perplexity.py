@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from maxlm import tokenizer as tokenizer_lib
 from maxlm.model import scoring
 
 
@@ -23,7 +24,8 @@ def perplexities(config: ml_collections.ConfigDict, params: dict, tok, texts: Se
     length = min(max_tokens, config.model.max_seq_len + 1)
     bodies = [tok.encode(t)[:length - 1] for t in texts]
     scored = [i for i, b in enumerate(bodies) if b]
-    ll = scoring.loglikelihoods(config, params, [[tok.bos_id]] * len(scored), [bodies[i] for i in scored],
+    start = [tokenizer_lib.score_prefix_id(tok)]
+    ll = scoring.loglikelihoods(config, params, [start] * len(scored), [bodies[i] for i in scored],
                                  batch_size=batch_size)
     out = np.ones(len(texts), np.float64)
     for i, value in zip(scored, ll):

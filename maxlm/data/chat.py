@@ -37,6 +37,7 @@ from maxlm.data.conversation import MessageError, rounds  # noqa: F401  (chat.Me
 
 class TokenizerLike(Protocol):
     bos_id: int
+    add_bos: bool  # whether text starts with bos (Qwen's tokenizers have none)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -96,11 +97,12 @@ def load_template(name_or_path: str, tokenizer_path: str = "") -> Any:
     return Template(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-def to_jinja(template: Template) -> str:
+def to_jinja(template: Template, bos: bool = True) -> str:
     """The template as a Jinja chat template rendering the same text as `render` (BOS, then each message's
     header, content, tool call, end marker and separator; `add_generation_prompt` appends the assistant
     header): what an export writes into tokenizer_config.json so `apply_chat_template` formats
-    conversations as the model was trained. Literal text goes through `{{ "..." }}` string expressions, so
+    conversations as the model was trained (`bos`: whether the tokenizer starts text with its bos, as
+    `render` does). Literal text goes through `{{ "..." }}` string expressions, so
     transformers' `trim_blocks` / `lstrip_blocks` cannot strip any of it."""
 
     def literal(text: str, **fields: str) -> str:  # "{field}"s become the Jinja given, the rest string literals
@@ -111,7 +113,7 @@ def to_jinja(template: Template) -> str:
             if template.name_format else "")
     call = (f"{{% if m.tool_call %}}{literal(template.tool_call_format, tool='{{ m.tool_call.name }}', content='{{ m.tool_call.content }}')}"
             "{% endif %}" if template.tool_call_format else "")
-    return ("{{ bos_token }}{% for m in messages %}" + literal(template.header, role="{{ m.role }}", name=name)
+    return (("{{ bos_token }}" if bos else "") + "{% for m in messages %}" + literal(template.header, role="{{ m.role }}", name=name)
             + "{{ m.content }}" + call + literal(template.end + template.separator) + "{% endfor %}"
             + "{% if add_generation_prompt %}" + literal(template.generation_prompt()) + "{% endif %}")
 
@@ -163,7 +165,7 @@ def render(template: Template, tok: TokenizerLike, messages: list[dict], *, bos:
     if not isinstance(template, Template):
         return template.render(tok, messages, tools)
     _no_tools(tools)
-    ids: list[int] = [tok.bos_id] if bos else []
+    ids: list[int] = [tok.bos_id] if bos and tok.add_bos else []
     weights: list[float] = [0.0] * len(ids)
     for message in messages:
         for text, trained in _pieces(template, message):

@@ -36,6 +36,7 @@ Batch = dict[str, np.ndarray]
 class TokenizerLike(Protocol):
     bos_id: int
     eos_id: int
+    add_bos: bool  # whether a document starts with bos (Qwen's tokenizers have none)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -58,7 +59,8 @@ class _Stream:
         return self._order
 
     def current_doc(self) -> np.ndarray:
-        """[bos] + tokens + [eos] of the document under the cursor, moving past unreadable documents."""
+        """[bos] + tokens + [eos] of the document under the cursor ([bos] only when the tokenizer frames text
+        with it), moving past unreadable documents."""
         skipped = 0
         while True:
             order = self._epoch_order()
@@ -76,7 +78,8 @@ class _Stream:
                     reasons = records.reason_counts(self.stats, prefix="skipped_")
                     raise InputError(f"no readable document in the data: every one was skipped ({reasons})")
                 continue
-            tokens = [self.tokenizer.bos_id] + self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+            bos = [self.tokenizer.bos_id] if self.tokenizer.add_bos else []
+            tokens = bos + self.tokenizer.encode(text) + [self.tokenizer.eos_id]
             self._doc_key, self._doc = (self.epoch, self.cursor), np.asarray(tokens, np.int32)
             return self._doc
 

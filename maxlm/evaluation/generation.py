@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from maxlm import tokenizer as tokenizer_lib
 from maxlm.errors import InputError
 from maxlm.model import sampler as sample
 
@@ -82,7 +83,7 @@ def score(config: ml_collections.ConfigDict, params: dict, tok: Any, rows: Seque
     if len(rows) == golds.count(""):
         raise InputError(f"no scoreable row among {len(rows)}: no row's answer has a final answer to extract "
                          "(a number, or '#### <answer>')")
-    prompts = [[tok.bos_id] + tok.encode(prompt(shots, r)) for r in rows]
+    prompts = [tokenizer_lib.text_prefix(tok) + tok.encode(prompt(shots, r)) for r in rows]
     room = config.model.max_seq_len - max((len(p) for p in prompts), default=0)
     if room < 1:
         raise sample.SampleError(f"the longest {len(shots)}-shot prompt fills model.max_seq_len="

@@ -26,6 +26,7 @@ from typing import Any
 
 import ml_collections
 
+from maxlm import tokenizer as tokenizer_lib
 from maxlm.errors import UserError
 from maxlm.model import scoring
 
@@ -107,7 +108,7 @@ def score(config: ml_collections.ConfigDict, params: dict, tok: Any, data: dict[
     for subject in sorted(data):
         dev, rows = data[subject]["dev"][:shots], data[subject]["eval"]
         for i, row in enumerate(rows):
-            ctx = [tok.bos_id] + tok.encode(prompt(subject, dev, row, lang))
+            ctx = tokenizer_lib.text_prefix(tok) + tok.encode(prompt(subject, dev, row, lang))
             for c in choices(row, mode):
                 contexts.append(ctx)
                 continuations.append(tok.encode(c))

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from maxlm import tokenizer as tokenizer_lib
+
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = "There is an important piece of information hidden in a lot of irrelevant text. Find it and memorize it.\n"
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -26,7 +28,7 @@ def build(tok: Any, length: int, depth: float, key: int) -> list[int]:
     a few fewer (whole filler sentences only)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    head = [tok.bos_id] + tok.encode(INTRO)
+    head = tokenizer_lib.text_prefix(tok) + tok.encode(INTRO)
     needle, question, unit = tok.encode(NEEDLE.format(key=key)), tok.encode(QUESTION), tok.encode(FILLER)
     room = length - len(head) - len(needle) - len(question)
     if room < 0:

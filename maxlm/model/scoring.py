@@ -22,19 +22,25 @@ SCORE_BATCH = 32
 @functools.lru_cache(maxsize=8)
 def _continuation_logprob_fn(config: ml_collections.FrozenConfigDict):
     @jax.jit
-    def fn(params: dict, tokens: jax.Array, weights: jax.Array) -> jax.Array:
-        """tokens [B, L] right-padded, weights [B, L] 1 on continuation tokens -> sum of their log-probs [B]."""
+    def fn(params: dict, tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """tokens [B, L] right-padded, weights [B, L] 1 on continuation tokens -> (sum of their log-probs [B],
+        whether each of them is the argmax [B])."""
         logits = model.apply(config, params, tokens[:, :-1]).astype(jnp.float32)
         logp = jax.nn.log_softmax(logits, axis=-1)
         picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-        return jnp.sum(picked * weights[:, 1:], axis=-1)
+        argmax = jnp.argmax(logits, axis=-1) == tokens[:, 1:]
+        greedy = jnp.all(argmax | (weights[:, 1:] == 0), axis=-1)
+        return jnp.sum(picked * weights[:, 1:], axis=-1), greedy
 
     return fn
 
 
 def loglikelihoods(config: ml_collections.ConfigDict, params: dict, contexts: Sequence[Sequence[int]],
-                   continuations: Sequence[Sequence[int]], *, batch_size: int = SCORE_BATCH) -> list[float]:
-    """sum_i log p(continuation_i | context, continuation_<i) for each (context, continuation) of token ids.
+                   continuations: Sequence[Sequence[int]], *, batch_size: int = SCORE_BATCH,
+                   with_greedy: bool = False) -> list[float] | list[tuple[float, bool]]:
+    """sum_i log p(continuation_i | context, continuation_<i) for each (context, continuation) of token ids;
+    with `with_greedy`, (that sum, whether every continuation token is the argmax) -- lm-evaluation-harness's
+    `is_greedy`, which its exact-match log-likelihood tasks (LAMBADA) count.
 
     The quantity lm-evaluation-harness's `loglikelihood` requests compute. Rows are context + continuation,
     right-padded (causal attention: padding after a token never changes it) to a length bucket so only a few
@@ -59,7 +65,7 @@ def loglikelihoods(config: ml_collections.ConfigDict, params: dict, contexts: Se
         scored.append(len(cont))
     fn = _continuation_logprob_fn(ml_collections.FrozenConfigDict(config))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = [0.0] * len(rows)
+    out: list = [0.0] * len(rows)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         length = min(sample.bucket_length(max(len(rows[i]) for i in chunk)), limit)
@@ -68,9 +74,9 @@ def loglikelihoods(config: ml_collections.ConfigDict, params: dict, contexts: Se
         for r, i in enumerate(chunk):
             tokens[r, :len(rows[i])] = rows[i]
             weights[r, len(rows[i]) - scored[i]:len(rows[i])] = 1.0
-        sums = np.asarray(fn(params, tokens, weights))
+        sums, greedy = (np.asarray(x) for x in fn(params, tokens, weights))
         for r, i in enumerate(chunk):
-            out[i] = float(sums[r])
+            out[i] = (float(sums[r]), bool(greedy[r])) if with_greedy else float(sums[r])
     return out
 
 
@@ -93,15 +99,16 @@ def sliding_windows(n: int, window: int, stride: int) -> list[tuple[int, int, in
 
 def perplexity(config: ml_collections.ConfigDict, params: dict, tok: tokenizer_lib.Tokenizer, texts: Sequence[str], *,
                window: int = 0, stride: int = 0) -> dict:
-    """Token-level perplexity and bits per byte of `texts` ([bos] + tokens each; every token after bos is
-    scored once, with sliding windows of `window` tokens moved by `stride` for texts longer than the model's
-    context). Bits per byte = total negative log-likelihood / ln 2 / UTF-8 bytes: comparable across
+    """Token-level perplexity and bits per byte of `texts` (each text's tokens scored after
+    `tokenizer.score_prefix_id`: bos, or eos for a tokenizer without one -- lm-evaluation-harness's
+    `loglikelihood_rolling`; every token scored once, with sliding windows of `window` tokens moved by
+    `stride` for texts longer than the model's context). Bits per byte = total negative log-likelihood / ln 2 / UTF-8 bytes: comparable across
     tokenizers, unlike token perplexity."""
     window = window or config.model.max_seq_len + 1
     stride = stride or window // 2
     contexts, continuations, per_text = [], [], []
     for text in texts:
-        ids = [tok.bos_id] + tok.encode(text)
+        ids = [tokenizer_lib.score_prefix_id(tok)] + tok.encode(text)
         spans = sliding_windows(len(ids), window, stride)
         per_text.append(len(spans))
         for begin, scored, end in spans:

@@ -31,6 +31,7 @@ import numpy as np
 from absl import flags
 
 from maxlm import cli
+from maxlm import tokenizer as tokenizer_lib
 from maxlm.model import sampler as sample
 from maxlm.posttrain import environments
 
@@ -197,7 +198,7 @@ class Environment:
         self.eval_items = list(self.train_items)
 
     def prompt(self, item: int) -> environments.Prompt:
-        ids = [self.tok.bos_id] + self.tok.encode(NODE_NAMES[item])
+        ids = tokenizer_lib.text_prefix(self.tok) + self.tok.encode(NODE_NAMES[item])
         return environments.Prompt(ids, ids, item)
 
     def sample_prompts(self, iteration: int, n: int) -> list[Any]:

@@ -165,7 +165,7 @@ def _train_stage(config: ml_collections.ConfigDict, workdir: str, tok, *, stage_
 
 def _print_samples(config: ml_collections.ConfigDict, params: dict, tok) -> None:
     prompts = ["import ", "def ", "class ", "    for ", "    return "][: config.train.num_samples]
-    outs = sample.generate(config, params, [[tok.bos_id] + tok.encode(p) for p in prompts],
+    outs = sample.generate(config, params, [tokenizer_lib.text_prefix(tok) + tok.encode(p) for p in prompts],
                            max_new_tokens=config.train.sample_tokens, rng=jax.random.key(config.train.seed),
                            temperature=0.8, top_k=40, eos_id=tok.eos_id)
     for prompt, out in zip(prompts, outs):
