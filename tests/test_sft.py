@@ -147,6 +147,16 @@ def test_sft_on_imported_hf_model_exports_back(hf_base, tok, tmp_path, rank):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert tokenizer.load(os.path.join(out, "tokenizer.model")).vocab_size == run_tok.vocab_size
+    # The export carries the run's template: AutoTokenizer formats a conversation as the run was trained.
+    from transformers import AutoTokenizer
+
+    conversation = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "1+2"},
+                    {"role": "assistant", "content": "3"}, {"role": "user", "content": "再加 4"},
+                    {"role": "assistant", "content": "7"}]
+    auto = AutoTokenizer.from_pretrained(out)
+    ids, _ = chat.render(chat.INTERNLM2, run_tok, conversation)
+    rendered = auto.apply_chat_template(conversation, tokenize=True)
+    assert list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered) == ids.tolist()
     tokens = np.asarray([chat.render_prompt(chat.INTERNLM2, run_tok, [{"role": "user", "content": "1+2"}])])
     ours = np.asarray(model.apply(config, params, jnp.asarray(tokens)))
     np.testing.assert_allclose(_hf_logits(out, tokens), ours, atol=1e-4, rtol=1e-4)
