@@ -41,6 +41,7 @@ import ml_collections
 import sentencepiece as spm
 
 from maxlm import data
+from maxlm.data import records
 from maxlm.errors import ConfigError, InputError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -245,16 +246,7 @@ class HFTokenizer:
 
 def _read_config(config_path: str) -> dict:
     """A tokenizer_config.json as a dict ({} when there is none)."""
-    if not os.path.exists(config_path):
-        return {}
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{config_path} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{config_path} is not a JSON object")
-    return cfg
+    return records.read_json_object(config_path) if os.path.exists(config_path) else {}
 
 
 def _special_tokens(cfg: dict) -> dict[str, str | None]:

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from maxlm.data import conversation as chat
+from maxlm.data import records
 from maxlm.errors import InputError
 
 TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.5x saves the template here
@@ -104,13 +105,7 @@ def _template_source(folder: str) -> str:
 
 def _config(folder: str) -> dict:
     path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} is not valid JSON ({e})") from None
+    return records.read_json_object(path) if os.path.isfile(path) else {}
 
 
 def _special_tokens(folder: str) -> dict[str, str]:

@@ -28,6 +28,19 @@ MALFORMED = ("bad_json", "bad_utf8", "missing_text", "not_string", "empty", "too
 SOURCE_SHARD_DOCS = 1000  # documents per shard when the input is a Source (stdlib, TFDS), not files
 
 
+def read_json_object(path: str, error: type[Exception] = InputError) -> dict:
+    """A JSON file holding one object (a config.json, a tokenizer_config.json) -> the dict; anything else is
+    `error` naming the file, in one line."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            value = json.load(f)
+        except json.JSONDecodeError as e:
+            raise error(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} is not a JSON object")
+    return value
+
+
 def reason_counts(counts: Mapping[str, int], prefix: str = "") -> str:
     """"bad_json 3, too_long 1": the non-zero counts of skipped records by reason, most frequent first (keys
     lose `prefix`) -- the one wording every "nothing usable" error and summary uses."""

@@ -76,6 +76,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from maxlm import config as config_lib
+from maxlm.data import records
 from maxlm.errors import UserError
 from maxlm.model import decoder as model_lib
 
@@ -353,13 +354,7 @@ def from_hf(path: str, *, dtype: Any = np.float32, shardings: Any = None
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise HFError(f"{folder}: no config.json next to the weights")
-    with open(config_path) as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise HFError(f"{config_path} is not valid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise HFError(f"{config_path} is not a JSON object")
+    hf = records.read_json_object(config_path, HFError)
     missing = [k for k in _REQUIRED_HF_KEYS if hf.get(k) is None]
     if missing:
         raise HFError(f"{config_path} lacks {', '.join(missing)}")
