@@ -42,7 +42,8 @@ def _run() -> None:
     flags.DEFINE_string("workdir", "", "Training workdir whose checkpoint to export.")
     flags.DEFINE_string("out", "", "Folder to write (config.json + model.safetensors [+ the run's tokenizer files]).")
     flags.DEFINE_integer("step", -1, "Checkpoint step to export (default: the newest).")
-    flags.DEFINE_string("architecture", "", "llama | qwen2 | internlm2 (default: from the model config).")
+    flags.DEFINE_string("architecture", "",
+                        "llama | qwen2 | qwen3 | mistral | gemma3 | internlm2 (default: from the model config).")
     cli.run(main, user_errors=(ConvertError,))
 
 
