@@ -38,8 +38,12 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *, causa
 
 def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array,
                   kv_segment_ids: jax.Array, causal: bool = True, q_offset: jax.Array | int = 0,
-                  sm_scale: float | None = None, window: int = 0) -> jax.Array:
+                  sm_scale: float | None = None, window: int = 0, softcap: float = 0.0) -> jax.Array:
     """Softmax attention with grouped-query heads, computed in float32. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
+
+    `sm_scale` multiplies the logits (default H^-0.5); `softcap` > 0 then bounds them smoothly to
+    (-softcap, softcap) as softcap * tanh(logits / softcap), before masking (Gemma 2's attention logit
+    soft-capping; Gemma Team 2024, "Gemma 2: Improving Open Language Models at a Practical Size").
 
     K/V are never repeated: the query heads are viewed as [K, G] groups (GQA, Ainslie et al. 2023), which
     is the same head-to-kv-head assignment as Hugging Face's `repeat_kv` (query head n uses kv head n // G).
@@ -50,6 +54,8 @@ def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: ja
     scale = sm_scale if sm_scale is not None else h ** -0.5
     qg = q.reshape(b, t, kv_heads, g, h)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+    if softcap:
+        logits = softcap * jnp.tanh(logits / softcap)
     mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset, window=window)
     logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
     # A query that sees no key at all (a padding slot) outputs zeros rather than an average of

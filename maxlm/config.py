@@ -25,6 +25,7 @@ from maxlm.data.tasks import TASKS as SFT_TASKS  # noqa: F401
 from maxlm.errors import ConfigError  # noqa: F401  (raised here; its home is the bottom layer)
 from maxlm.model import attention
 from maxlm.model.attention import head_dim  # noqa: F401  (also this module's name for it)
+from maxlm.model.decoder import MLP_ACTIVATIONS  # noqa: F401
 from maxlm.model.lora import TARGETS as LORA_TARGETS  # noqa: F401
 
 # Logical axis -> mesh axes. The model only ever names logical axes (see model.py); this table is the
@@ -55,6 +56,7 @@ DEFAULT_RULES = (
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 # Allowed values kept here are those with no registry of their own. Registries beside their implementation:
 # model.attention_impl (attention.ATTENTION_IMPLS), model.rope_scaling (attention.ROPE_VARIANTS),
+# model.mlp_activation (decoder.MLP_ACTIVATIONS),
 # sft.template (chat.TEMPLATES), and evaluate's --task (evaluate.EVAL_TASKS).
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -74,7 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.num_heads = 12  # N
     m.num_kv_heads = 12  # K; == N is MHA, 1 < K < N is GQA, 1 is MQA
     m.head_dim = 0  # H; 0 means d_model // num_heads
-    m.mlp_dim = 2048  # F (SwiGLU hidden size)
+    m.mlp_dim = 2048  # F (the gated MLP's hidden size)
     m.max_seq_len = 2048  # longest context the model is meant to see (sampler cache size bound)
     m.rope_theta = 10000.0
     # Context extension (maxlm/model/attention.py, ROPE_VARIANTS): none | linear (position interpolation) | ntk
@@ -95,6 +97,20 @@ def default_config() -> ml_collections.ConfigDict:
     m.qkv_bias = False  # Qwen2 has biases on q, k, v
     m.qk_norm = False  # Qwen3: RMSNorm (a learned scale per head dim) on each head's query and key before RoPE
     m.sliding_window = 0  # Mistral: each token attends to its last `sliding_window` tokens (itself included); 0: all
+    # Gemma 3 (Gemma Team 2025, "Gemma 3 Technical Report"). Local/global layers: with a sliding window, every
+    # `global_every`-th layer (layer i with (i + 1) % global_every == 0) attends to the whole context instead
+    # (Gemma 3: 5 local to 1 global, so 6); 0: every layer is local.
+    m.global_every = 0
+    m.local_rope_theta = 0.0  # > 0: plain RoPE of this base in the sliding-window layers (Gemma 3: 1e4); 0: as global
+    # layers (rope_theta and rope_scaling). Not a rope_* key: those are the rope variants' parameters.
+    m.norm_zero_centered = False  # Gemma: every RMSNorm multiplies by (1 + scale); the scales are stored (and
+    # initialised, at 0) zero-centred, exactly as Gemma checkpoints hold them
+    m.post_norms = False  # Gemma 2/3: an RMSNorm on the attention and the MLP outputs too, before each residual add
+    m.mlp_activation = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma); decoder.MLP_ACTIVATIONS
+    m.scale_embeddings = False  # Gemma: input embeddings times sqrt(d_model), rounded to the compute dtype
+    m.query_pre_attn_scalar = 0.0  # Gemma: attention logits scaled by this^-0.5 instead of head_dim^-0.5; 0: head_dim
+    m.attn_logit_softcap = 0.0  # Gemma 2: attention logits -> c * tanh(logits / c) (attention_impl=xla); 0: off
+    m.final_logit_softcap = 0.0  # Gemma 2: output logits -> c * tanh(logits / c); 0: off
     m.init_std = 0.02
     m.param_dtype = "float32"
     # How to run the weights (MODEL_RUN_KEYS); every other model key is fixed by the weights (`shape_keys`):
@@ -327,6 +343,22 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
     _check(not m.sliding_window or impl.windowed, "model.sliding_window",
            f"attention_impl={m.attention_impl!r} has no sliding window yet; use one of "
            f"{tuple(k for k, v in attention.ATTENTION_IMPLS.items() if v.windowed)}")
+    _check(m.global_every >= 0, "model.global_every", "must be >= 0 (0: every layer uses the sliding window)")
+    _check(not m.global_every or m.sliding_window, "model.global_every",
+           "interleaves global layers with sliding-window ones: set model.sliding_window > 0 too")
+    _check(m.local_rope_theta >= 0, "model.local_rope_theta", "must be >= 0 (0: local layers use rope_theta)")
+    _check(not m.local_rope_theta or m.sliding_window, "model.local_rope_theta",
+           "is the RoPE base of the sliding-window layers: set model.sliding_window > 0 too")
+    _check(m.mlp_activation in MLP_ACTIVATIONS, "model.mlp_activation", f"must be one of {tuple(MLP_ACTIVATIONS)}")
+    _check(m.query_pre_attn_scalar >= 0, "model.query_pre_attn_scalar", "must be >= 0 (0: head_dim)")
+    _check(not m.query_pre_attn_scalar or impl.scaled, "model.query_pre_attn_scalar",
+           f"attention_impl={m.attention_impl!r} takes no logit scale; use one of "
+           f"{tuple(k for k, v in attention.ATTENTION_IMPLS.items() if v.scaled)}")
+    for key in ("attn_logit_softcap", "final_logit_softcap"):
+        _check(m[key] >= 0, f"model.{key}", "must be >= 0 (0: off)")
+    _check(not m.attn_logit_softcap or impl.softcapped, "model.attn_logit_softcap",
+           f"attention_impl={m.attention_impl!r} cannot soft-cap attention logits; use one of "
+           f"{tuple(k for k, v in attention.ATTENTION_IMPLS.items() if v.softcapped)}")
     if impl.backend is not None:
         import jax
 
@@ -440,9 +472,9 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
 # that the previous stage's checkpoint restores as is.
 STAGE_SECTIONS = ("data", "optim", "checkpoint", "mesh")
 # In `model`: the context length, every rope_* key (RoPE has no parameters, so a variant's own keys are
-# stage keys too) and three of the MODEL_RUN_KEYS.
+# stage keys too), the local layers' RoPE base and three of the MODEL_RUN_KEYS.
 STAGE_KEYS = {"model": ("max_seq_len", *(k for k in default_config().model if k.startswith("rope_")),
-                        "attention_impl", "remat_policy", "compute_dtype"),
+                        "local_rope_theta", "attention_impl", "remat_policy", "compute_dtype"),
               "train": ("log_every", "eval_every", "eval_batches", "num_samples", "sample_tokens",
                         "max_bad_steps", "peak_tflops")}
 
@@ -646,7 +678,7 @@ def num_params(c: ml_collections.ConfigDict) -> int:
     if m.qk_norm:
         attn += 2 * h
     mlp = 3 * m.d_model * m.mlp_dim
-    per_layer = attn + mlp + 2 * m.d_model
+    per_layer = attn + mlp + (4 if m.post_norms else 2) * m.d_model
     emb = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
     return m.num_layers * per_layer + emb + m.d_model
 

@@ -70,8 +70,8 @@ def _run() -> None:
     flags.DEFINE_string("out", "", "Folder to write (config.json + model.safetensors [+ tokenizer.json, "
                         "tokenizer_config.json, special_tokens_map.json, and a SentencePiece run's tokenizer.model]).")
     flags.DEFINE_integer("step", -1, "Checkpoint step to export (default: the newest).")
-    flags.DEFINE_string("architecture", "", "llama | qwen2 | qwen3 | mistral | internlm2 (default: from the model "
-                        "config).")
+    flags.DEFINE_string("architecture", "",
+                        "llama | qwen2 | qwen3 | mistral | gemma3 | internlm2 (default: from the model config).")
     flags.DEFINE_string("dtype", "", "Weights on disk: float32 | bfloat16 | float16 (default: the checkpoint's).")
     flags.DEFINE_string("max_shard_size", "5GB", "Split the weights into shards of at most this size, with "
                         "model.safetensors.index.json (transformers' layout).")

@@ -98,6 +98,10 @@ def randomize_hf(model) -> None:
                 p.normal_(0.0, p.shape[-1] ** -0.5)
 
 
+# Causal LMs whose config class is not "<name>Config" (Gemma3Config is the multimodal model's).
+_HF_CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig"}
+
+
 def build_hf(class_name: str, seed: int = 0, **kwargs):
     """A small random transformers causal LM in eval mode: `class_name` (e.g. "LlamaForCausalLM",
     "Qwen2ForCausalLM") with `HF_BASE` updated by `kwargs`, eager attention, float32, weights from
@@ -106,7 +110,7 @@ def build_hf(class_name: str, seed: int = 0, **kwargs):
     import transformers
 
     torch.manual_seed(seed)
-    config_cls = getattr(transformers, class_name.replace("ForCausalLM", "Config"))
+    config_cls = getattr(transformers, _HF_CONFIG_CLASSES.get(class_name, class_name.replace("ForCausalLM", "Config")))
     config = config_cls(**{**HF_BASE, **kwargs}, attn_implementation="eager")
     model = getattr(transformers, class_name)(config)
     assert model.config._attn_implementation == "eager"

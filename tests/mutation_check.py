@@ -30,6 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROPE = "tests/test_rope_scaling.py::"
 AGG = "tests/test_aggregates.py::"
+G3 = "tests/test_convert.py::"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +249,44 @@ MUTATIONS = [
     Mutation("window-off-by-one-in-reference", "kernels/reference.py",
              "mask = mask & (q_slot - kv_slot < window)[None]", "mask = mask & (q_slot - kv_slot <= window)[None]",
              ["tests/test_convert.py::test_parity_and_round_trip"]),
+    # Gemma 3 (text): each switch against transformers.
+    Mutation("gemma-norm-without-one", "maxlm/model/decoder.py",
+             "return (x32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)",
+             "return (x32 * scale.astype(jnp.float32)).astype(x.dtype)",
+             [G3 + "test_parity_and_round_trip[gemma3]"]),
+    Mutation("gemma-rope-bases-swapped", "maxlm/model/attention.py",
+             "    if local and m.local_rope_theta:", "    if not local and m.local_rope_theta:",
+             [G3 + "test_parity_and_round_trip[gemma3]"]),
+    Mutation("gemma-global-layer-off-by-one", "maxlm/model/decoder.py",
+             "not (every and (i + 1) % every == 0)", "not (every and i % every == 0)",
+             [G3 + "test_parity_and_round_trip[gemma3]",
+              "tests/test_sample.py::test_gemma3_decoding_matches_hugging_face"]),
+    Mutation("local-cond-branches-swapped", "maxlm/model/attention.py",
+             "return jax.lax.cond(local, lambda: run(window), lambda: run(0))",
+             "return jax.lax.cond(local, lambda: run(0), lambda: run(window))",
+             [G3 + "test_gemma3_local_and_global_layers_through_the_pallas_kernel"]),
+    Mutation("gemma-attention-post-norm-dropped", "maxlm/model/decoder.py",
+             'attn_out = _norm(cfg, "attn_post_norm")(attn_out)',
+             'attn_out = attn_out + 0 * _norm(cfg, "attn_post_norm")(attn_out)',
+             [G3 + "test_parity_and_round_trip[gemma3]"]),
+    Mutation("gemma-embedding-scaled-by-head-dim", "maxlm/model/decoder.py",
+             "x = x * jnp.asarray(cfg.d_model ** 0.5, dt)", "x = x * jnp.asarray(head_dim(cfg) ** 0.5, dt)",
+             [G3 + "test_parity_and_round_trip[gemma3]"]),
+    Mutation("gemma-query-scale-ignored", "maxlm/model/decoder.py",
+             "scale=cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None,", "scale=None,",
+             [G3 + "test_parity_and_round_trip[gemma3]"]),
+    Mutation("gemma-exact-gelu", "maxlm/model/decoder.py",
+             "functools.partial(jax.nn.gelu, approximate=True)", "functools.partial(jax.nn.gelu, approximate=False)",
+             [G3 + "test_parity_and_round_trip[gemma3]"]),
+    Mutation("gemma-local-layers-scaled", "maxlm/model/attention.py",
+             'kwargs.update(theta=m.local_rope_theta, scaling="none")', "kwargs.update(theta=m.local_rope_theta)",
+             [G3 + "test_parity_and_round_trip[gemma3]"]),
+    Mutation("final-logit-softcap-dropped", "maxlm/model/decoder.py",
+             "logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)", "logits = logits",
+             [G3 + "test_parity_and_round_trip[gemma3_softcap]"]),
+    Mutation("attention-softcap-dropped", "kernels/reference.py",
+             "logits = softcap * jnp.tanh(logits / softcap)", "logits = logits",
+             [G3 + "test_attention_softcap_matches_transformers_gemma2"]),
 ]
 
 

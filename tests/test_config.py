@@ -37,6 +37,10 @@ def test_param_counts_match_published_models():
     ("optim.schedule", "exp", "must be one of"),
     ("mesh.tensor", 0, ">= 1 or -1"),
     ("lora.lr_ratio", 0.0, "must be positive"),
+    ("model.global_every", 6, "model.sliding_window > 0"),
+    ("model.local_rope_theta", 1e4, "model.sliding_window > 0"),
+    ("model.mlp_activation", "relu", "must be one of"),
+    ("model.final_logit_softcap", -1.0, ">= 0"),
 ])
 def test_invalid_values_name_the_key(key, value, fragment):
     c = C.override(C.load_config_file(os.path.join(ROOT, "configs", "tiny.py")), **{key: value})
@@ -53,6 +57,19 @@ def test_pallas_needs_whole_kv_heads_per_tensor_shard():
         C.validate(c)
     assert err.value.key == "mesh.tensor" and "pallas" in str(err.value)
     C.validate(C.override(c, **{"mesh.tensor": 1}))
+
+
+def test_attention_options_need_an_impl_that_takes_them():
+    """Gemma 2's attention soft-capping is in the XLA reference only: the kernels are refused, naming the key;
+    Gemma's query_pre_attn_scalar goes to every built-in impl (a logit scale), mixed local/global layers too."""
+    c = C.override(C.load_config_file(os.path.join(ROOT, "configs", "tiny.py")),
+                   **{"model.attn_logit_softcap": 50.0, "model.attention_impl": "pallas"})
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(c)
+    assert err.value.key == "model.attn_logit_softcap" and "'xla'" in str(err.value)
+    C.validate(C.override(c, **{"model.attention_impl": "xla"}))
+    C.validate(C.override(c, **{"model.attn_logit_softcap": 0.0, "model.query_pre_attn_scalar": 256.0,
+                                "model.sliding_window": 8, "model.global_every": 6}))
 
 
 def test_unknown_keys_are_rejected():
@@ -196,7 +213,9 @@ def test_shape_keys_are_the_model_section_but_the_run_keys():
                 "max_seq_len", "rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len", "rope_beta_fast",
                 "rope_beta_slow", "rope_attention_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                 "norm_eps", "tie_embeddings", "fused_qkv", "qkv_bias", "qk_norm", "sliding_window", "init_std",
-                "param_dtype"}
+                "param_dtype", "global_every", "local_rope_theta", "norm_zero_centered", "post_norms",
+                "mlp_activation", "scale_embeddings", "query_pre_attn_scalar", "attn_logit_softcap",
+                "final_logit_softcap"}
     assert set(C.shape_keys()) == expected and len(C.shape_keys()) == len(expected)
     assert tuple(pretrained.SHAPE_KEYS) == C.shape_keys()
     model_keys = set(C.default_config().model)
@@ -204,7 +223,7 @@ def test_shape_keys_are_the_model_section_but_the_run_keys():
     assert set(C.STAGE_KEYS["model"]) == {"max_seq_len", "rope_theta", "rope_scaling", "rope_factor",
                                           "rope_original_max_len", "rope_beta_fast", "rope_beta_slow",
                                           "rope_attention_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                                          "attention_impl", "remat_policy", "compute_dtype"}
+                                          "local_rope_theta", "attention_impl", "remat_policy", "compute_dtype"}
 
 
 def test_eval_tasks_come_from_the_registry():

@@ -3,7 +3,8 @@
 Small random models (`tests.helpers.build_hf`: 2 layers, hidden 64, 4 heads, vocab 160, intermediate 160,
 float32), re-initialised with O(1)-scale weights, random norm scales and non-zero biases so that a wrong
 mapping cannot hide behind near-zero activations. Every logit comparison is against a transformers model,
-never maxlm against itself.
+never maxlm against itself. (Gemma 3's norms, zero-centred, get 1 + N(0, 0.1) too: effective scales near 2,
+so a norm that forgot its + 1 is off by a factor of two.)
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ VARIANTS = {
     "qwen3": ("Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=24, rope_theta=1000000.0)),
     # Mistral: a sliding window shorter than the test sequences (17 tokens; packed: segments up to 9)
     "mistral": ("MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=5, head_dim=16)),
+    # Gemma 3 (text): 4 layers, local local global local (sliding_window_pattern 3) with a window shorter than
+    # the test sequences, the local base 1e4 and the global 1e6 with linear scaling on the global layers only,
+    # query_pre_attn_scalar 20 != head_dim 24, tied embeddings; its extra norms all get random scales.
+    "gemma3": ("Gemma3ForCausalLM", dict(num_hidden_layers=4, num_key_value_heads=2, head_dim=24, sliding_window=5,
+                                         layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                      "sliding_attention"],
+                                         rope_theta=1000000.0, rope_local_base_freq=10000.0, query_pre_attn_scalar=20,
+                                         rope_scaling={"rope_type": "linear", "factor": 2.0},
+                                         tie_word_embeddings=True)),
+    # Gemma 3 with final logit soft-capping (a cap small enough to bend O(1) logits) and an untied head
+    "gemma3_softcap": ("Gemma3ForCausalLM", dict(num_key_value_heads=2, head_dim=16, sliding_window=5,
+                                                 layer_types=["sliding_attention", "full_attention"],
+                                                 final_logit_softcapping=3.0, tie_word_embeddings=False)),
     # Llama 3.2: tied embeddings, a 500000 base and the llama3 rope scaling
     "llama3": ("LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0,
                                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -106,7 +120,7 @@ def test_parity_and_round_trip(variant, tmp_path):
     assert m.qkv_bias == (class_name == "Qwen2ForCausalLM") and not m.fused_qkv
     assert m.tie_embeddings == kwargs.get("tie_word_embeddings", False)
     assert m.rope_scaling == kwargs.get("rope_scaling", {}).get("rope_type", "none")
-    assert m.qk_norm == (class_name == "Qwen3ForCausalLM")
+    assert m.qk_norm == (class_name in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"))
     got = _maxlm_logits(config, params, tokens)
     _check_close(f"{variant} parity", got, want)
 
@@ -156,7 +170,7 @@ def _check_packed(name, config, params, hf_model):
     assert worst < HF_TOL
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("variant", ["llama_gqa", "qwen2", "qwen3", "mistral", "gemma3"])
 def test_packed_sequences(variant, tmp_path):
     class_name, kwargs = VARIANTS[variant]
     hf_model = build_hf(class_name, seed=1, **kwargs)
@@ -164,26 +178,40 @@ def test_packed_sequences(variant, tmp_path):
     _check_packed(variant, config, params, hf_model)
 
 
-def test_mistral_window_through_the_pallas_kernel(tmp_path):
-    """The sliding window in maxlm's flash kernel (interpreted here): Mistral's logits against transformers,
-    packed documents included, and the loss gradient equal to the XLA path's."""
+def _check_pallas(variant: str, tmp_path) -> None:
+    """`variant` through maxlm's flash kernel (interpreted here): its logits against transformers, packed
+    documents included, and the loss gradient equal to the XLA path's."""
     from maxlm import config as config_lib
 
-    class_name, kwargs = VARIANTS["mistral"]
+    class_name, kwargs = VARIANTS[variant]
     hf_model = build_hf(class_name, seed=1, **kwargs)
     config, params = from_hf(_save(hf_model, tmp_path / "src"))
     pallas = config_lib.override(config, **{"model.attention_impl": "pallas"})
-    _check_close("mistral pallas", _maxlm_logits(pallas, params, _tokens()), hf_logits(hf_model, _tokens()))
-    _check_packed("mistral pallas", pallas, params, hf_model)
+    _check_close(f"{variant} pallas", _maxlm_logits(pallas, params, _tokens()), hf_logits(hf_model, _tokens()))
+    _check_packed(f"{variant} pallas", pallas, params, hf_model)
     tokens, positions, segment_ids, _ = _packed_batch()
 
     def loss(p, cfg):
         logits = model_lib.apply(cfg, p, tokens, positions=positions, segment_ids=segment_ids)
         return (logits * (segment_ids > 0)[..., None]).sum() / 100.0
 
-    want, got = jax.grad(loss)(params, config), jax.grad(loss)(params, pallas)
+    def grad(cfg):  # jitted: one compilation instead of op-by-op dispatch, about half the time
+        return jax.jit(jax.grad(lambda p: loss(p, cfg)))(params)
+
+    want, got = grad(config), grad(pallas)
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
     assert diff < 1e-4, diff
+
+
+def test_mistral_window_through_the_pallas_kernel(tmp_path):
+    """The sliding window in maxlm's flash kernel: Mistral, every layer local."""
+    _check_pallas("mistral", tmp_path)
+
+
+def test_gemma3_local_and_global_layers_through_the_pallas_kernel(tmp_path):
+    """Gemma 3's interleave in maxlm's flash kernel: a static window per compiled branch, `lax.cond` choosing
+    the local or the global one per scanned layer, and query_pre_attn_scalar as the kernel's logit scale."""
+    _check_pallas("gemma3", tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -420,3 +448,89 @@ def test_load_memory_script_on_eight_devices():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["files"] > 1 and {r["loader"] for r in result["rows"]} >= {"maxlm float32 host", "maxlm bf16 sharded"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gemma 3: the config forms found on the Hub, refusals, and attention soft-capping
+
+
+def test_gemma3_hub_config_forms_and_refusals(tmp_path):
+    """The Hub's older config.json form of Gemma 3 (sliding_window_pattern, rope_theta, rope_local_base_freq,
+    rope_scaling) reads as the same model as transformers 5's (layer_types, per-layer-type rope_parameters),
+    and transformers reads it so too; what maxlm cannot run as transformers does is one HFError line."""
+    class_name, kwargs = VARIANTS["gemma3"]
+    src = _save(build_hf(class_name, **kwargs), tmp_path / "src")
+    config, params = from_hf(src)
+    m = config.model
+    assert (m.sliding_window, m.global_every, m.local_rope_theta, m.rope_theta) == (5, 3, 1e4, 1e6)
+    assert (m.rope_scaling, m.rope_factor, m.query_pre_attn_scalar) == ("linear", 2.0, 20.0)
+    with open(os.path.join(src, "config.json")) as f:
+        v5 = json.load(f)
+    assert "layer_types" in v5 and "full_attention" in v5["rope_parameters"]
+
+    def write(**changes):
+        cfg = {k: v for k, v in v5.items() if k not in ("layer_types", "rope_parameters")}
+        cfg.update(sliding_window_pattern=3, rope_theta=1e6, rope_local_base_freq=1e4,
+                   rope_scaling={"rope_type": "linear", "factor": 2.0})
+        cfg.update(changes)
+        with open(os.path.join(src, "config.json"), "w") as f:
+            json.dump(cfg, f)
+
+    write()
+    assert from_hf(src)[0].model.to_dict() == m.to_dict()
+    hf_config = transformers.AutoConfig.from_pretrained(src)
+    assert hf_config.layer_types == kwargs["layer_types"] and hf_config.rope_parameters == v5["rope_parameters"]
+
+    refusals = [
+        (dict(architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3"), "Gemma3ForConditionalGeneration"),
+        (dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2"), "unsupported Gemma variant"),
+        (dict(use_bidirectional_attention=True), "bidirectional"),
+        (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+        (dict(hidden_activation="gelu"), "hidden_activation"),
+        (dict(layer_types=["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"]),
+         "pattern"),
+        (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                               "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+              rope_scaling=None), "sliding-window layers"),
+    ]
+    for changes, fragment in refusals:
+        write(**changes)
+        with pytest.raises(ValueError, match=fragment) as err:
+            from_hf(src)
+        assert "\n" not in str(err.value), changes
+
+    from maxlm import config as config_lib
+
+    with pytest.raises(ValueError, match="export as gemma3"):
+        to_hf(config, params, str(tmp_path / "x"), architecture="llama")
+    with pytest.raises(ValueError, match="attn_logit_softcap"):
+        to_hf(config_lib.override(config, **{"model.attn_logit_softcap": 50.0}), params, str(tmp_path / "y"))
+
+
+def test_attention_softcap_matches_transformers_gemma2():
+    """maxlm's attention logit soft-capping (the XLA reference) against transformers' Gemma 2 eager attention,
+    whose model applies attn_logit_softcapping: a custom logit scale, the cap, a causal sliding window, GQA."""
+    from types import SimpleNamespace
+
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from maxlm.model import attention
+
+    b, t, n, kv, h, window, scale, cap = 2, 9, 4, 2, 8, 4, 0.3, 2.0
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.normal(0, 1.5, (b, t, heads, h)).astype(np.float32) for heads in (n, kv, kv))
+    rows, cols = np.arange(t)[:, None], np.arange(t)[None, :]
+    mask = np.where((cols <= rows) & (rows - cols < window), 0.0, -np.inf).astype(np.float32)
+    module = SimpleNamespace(head_dim=h, num_key_value_groups=n // kv, training=False)
+    as_torch = lambda x: torch.from_numpy(x).transpose(1, 2)  # [B,T,N,H] -> [B,N,T,H]
+    seg = np.ones((b, t), np.int32)
+
+    def maxlm_attention(**kw):
+        return np.asarray(attention.attend(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, window=window,
+                                           scale=scale, **kw))
+
+    with torch.no_grad():
+        want, _ = eager_attention_forward(module, as_torch(q), as_torch(k), as_torch(v),
+                                          torch.from_numpy(mask)[None, None], scaling=scale, softcap=cap)
+    _check_close("attention softcap", maxlm_attention(softcap=cap), want.numpy())
+    assert _max_diff(maxlm_attention(), want.numpy()) > 1e-2  # the cap matters at these logits

@@ -58,8 +58,12 @@ def _compare(*, backend, causal, n, k, t=64, s=None, h=64, segments=False, block
     f32 = lambda x: x.astype(jnp.float32)
     out, vjp = jax.vjp(flash, q, kk, v)
     want, ref_vjp = jax.vjp(ref, f32(q), f32(kk), f32(v))
-    got = (out, *vjp(do))
-    expected = (want, *ref_vjp(f32(do)))
+    _check_against_reference((out, *vjp(do)), (want, *ref_vjp(f32(do))), dtype)
+
+
+def _check_against_reference(got, expected, dtype) -> None:
+    """(out, dq, dk, dv) of a kernel against the float32 reference's, within the dtype's tolerance."""
+    f32 = lambda x: x.astype(jnp.float32)
     for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
         assert a.dtype == dtype and a.shape == e.shape, name
         err = float(jnp.max(jnp.abs(f32(a) - e)))
@@ -152,6 +156,38 @@ def test_window_tile_skipping_is_exact(window, offset):
     visited = sum(int(blocks.kv_ranges(i, bq, bk, s // bk, causal=True, masked_everywhere=False, q_offset=offset)[1])
                   - int(blocks.window_kv_start(i, bq, bk, window, offset)) for i in range(t // bq))
     assert visited == int(tiles.any(axis=(2, 3)).sum())  # no tile outside the window is visited
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_window_chosen_per_layer_under_cond_in_a_scan(backend):
+    """Gemma 3's local and global layers (Gemma Team 2025, "Gemma 3 Technical Report") as the decoder runs
+    them: a `lax.scan` over layers in which a traced flag picks, by `lax.cond`, the kernel compiled with the
+    window or the one without, at a logit scale of its own (query_pre_attn_scalar^-0.5). Output and
+    gradients equal the reference given each layer's window statically."""
+    b, t, n, k, h, window, scale = 1, 48, 2, 1, 32, 12, 0.2
+    local = np.array([True, False])
+    q, kk, v, do = (jnp.stack(x) for x in zip(*(_inputs(b, t, t, n, k, h, jnp.float32, seed=i) for i in range(2))))
+    seg = _packed_segments(b, t, [t // 3, t - 5])
+
+    def kernel(w):
+        return lambda q, kk, v: flash_attention(q, kk, v, causal=True, segment_ids=seg, block_sizes=SMALL,
+                                                backend=backend, sm_scale=scale, window=w)
+
+    def scanned(q, kk, v):
+        def layer(carry, xs):
+            is_local, *qkv = xs
+            return carry, jax.lax.cond(is_local, kernel(window), kernel(0), *qkv)
+        return jax.lax.scan(layer, None, (jnp.asarray(local), q, kk, v))[1]
+
+    def ref(q, kk, v):
+        return jnp.stack([mha_reference(q[i], kk[i], v[i], q_segment_ids=seg, kv_segment_ids=seg, causal=True,
+                                        sm_scale=scale, window=window if local[i] else 0) for i in range(2)])
+
+    out, vjp = jax.vjp(scanned, q, kk, v)
+    want, ref_vjp = jax.vjp(ref, q, kk, v)
+    _check_against_reference((out, *vjp(do)), (want, *ref_vjp(do)), jnp.float32)
+    assert float(jnp.max(jnp.abs(want[0] - mha_reference(q[0], kk[0], v[0], q_segment_ids=seg, kv_segment_ids=seg,
+                                                           sm_scale=scale)))) > 1e-2  # the window matters
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])

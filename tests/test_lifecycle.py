@@ -1,4 +1,5 @@
-"""The life cycle from each open-weight family's Hugging Face folder (issue 22): SFT (full and LoRA) with the
+"""The life cycle from each open-weight family's Hugging Face folder (issue 22: Qwen3, Llama 3, Qwen2.5,
+Mistral, Gemma 3): SFT (full and LoRA) with the
 model's own chat template -> reward model -> PPO -> evaluation -> export, on tiny random-initialised models
 built here with a byte-level BPE `tokenizer.json` and a chat template in the family's style. The oracles are
 transformers: the exported folder loads with the Auto classes and reproduces the PPO actor's logits and
@@ -37,6 +38,9 @@ FAMILIES = {
         "original_max_position_embeddings": 64})),
     "qwen2": ("Qwen2ForCausalLM", "qwen3", {}),
     "mistral": ("MistralForCausalLM", "mistral", dict(sliding_window=48, head_dim=8)),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3", dict(head_dim=8, sliding_window=16, query_pre_attn_scalar=8,
+                                                     layer_types=["sliding_attention", "full_attention"],
+                                                     rope_local_base_freq=10000.0, tie_word_embeddings=True)),
 }
 FAST = {"qwen3"}
 
@@ -45,7 +49,8 @@ def _base(family: str, folders: dict, path) -> str:
     class_name, style, kwargs = FAMILIES[family]
     vocab = tokenizer_lib.load(folders[style]).vocab_size
     torch.manual_seed(0)
-    cfg_class = getattr(transformers, class_name.replace("ForCausalLM", "Config"))
+    cfg_class = transformers.Gemma3TextConfig if family == "gemma3" else getattr(
+        transformers, class_name.replace("ForCausalLM", "Config"))
     model = getattr(transformers, class_name)(cfg_class(**{
         "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, **kwargs}))

@@ -189,8 +189,26 @@ def test_merge_casts_the_delta_to_the_base_dtype():
 # (4) gradients through merge and the model -------------------------------------------------------------------
 
 
-def test_adapter_gradient_is_the_chain_rule():
-    cfg = _cfg()
+# Gemma 3's switches (Gemma Team 2025): its extra norms are not adapter targets, its projections are.
+GEMMA3 = {"model.qk_norm": True, "model.norm_zero_centered": True, "model.post_norms": True,
+          "model.mlp_activation": "gelu_tanh", "model.scale_embeddings": True, "model.head_dim": 12,
+          "model.query_pre_attn_scalar": 16.0, "model.sliding_window": 4, "model.global_every": 2,
+          "model.local_rope_theta": 1e4, "model.rope_theta": 1e6, "model.tie_embeddings": True}
+
+
+def test_gemma3_merge_matches_numpy_and_a_fresh_adapter_is_the_base():
+    cfg = _cfg(**GEMMA3)
+    base = _base(cfg)
+    assert "attn_post_norm" in base["layers"] and "mlp_post_norm" in base["layers"]
+    _check_merge_against_numpy(cfg, base, ("k", "o", "q", "v", "down", "gate", "up"))
+    merged = lora.merge(cfg, base, lora.init(cfg, jax.random.key(1)))
+    fwd = jax.jit(lambda p: model.apply(cfg, p, _tokens(cfg)))
+    np.testing.assert_array_equal(fwd(merged), fwd(base))
+
+
+@pytest.mark.parametrize("extra", [{}, GEMMA3], ids=["llama", "gemma3"])
+def test_adapter_gradient_is_the_chain_rule(extra):
+    cfg = _cfg(**extra)
     base = _base(cfg)
     adapters = _random_adapters(cfg, seed=4)
     tokens = _tokens(cfg)

@@ -138,6 +138,28 @@ def test_sliding_window_decoding_matches_hugging_face_mistral(tmp_path):
     assert batched == [expected, hf_greedy(hf_model, longer, 20)]
 
 
+def test_gemma3_decoding_matches_hugging_face(tmp_path):
+    """Gemma 3 (Gemma Team 2025) read by `from_hf`: local layers with a 6-token window and their own RoPE base
+    between global ones, through the KV cache -- prefill and one-token steps, left-padded batch rows included
+    -- against transformers' generate (its hybrid sliding/full cache), token for token; and the cached
+    logits equal to a full forward pass of each row."""
+    from maxlm.interop.hf import from_hf
+    from tests.helpers import build_hf
+
+    hf_model = build_hf("Gemma3ForCausalLM", seed=3, num_hidden_layers=3, num_key_value_heads=2, head_dim=16,
+                        sliding_window=6, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        query_pre_attn_scalar=24, vocab_size=VOCAB, bos_token_id=1, eos_token_id=None,
+                        pad_token_id=0)
+    hf_model.save_pretrained(str(tmp_path), safe_serialization=True)
+    config, params = from_hf(str(tmp_path))
+    assert (config.model.sliding_window, config.model.global_every) == (6, 2)
+    expected = hf_greedy(hf_model, PROMPT, 20)
+    longer = PROMPT + [7, 8, 9, 10, 11]
+    batched = sample.generate(config, params, [PROMPT, longer], max_new_tokens=20, greedy=True)
+    assert batched == [expected, hf_greedy(hf_model, longer, 20)]
+    _check_cache_against_full_forward(config, params)
+
+
 def test_batch_of_different_lengths_equals_each_alone(hf):
     _, config, params = hf
     rng = np.random.default_rng(0)
@@ -152,10 +174,16 @@ def test_batch_of_different_lengths_equals_each_alone(hf):
 
 
 def test_kv_cache_matches_full_forward(random_model):
-    config, params = random_model
+    _check_cache_against_full_forward(*random_model)
+
+
+def _check_cache_against_full_forward(config, params):
+    """Two left-padded prompts prefilled, then four one-token steps: every logit equals an uncached forward
+    pass of the row from position 0."""
+    vocab = config.model.vocab_size
     rng = np.random.default_rng(1)
-    prompts = [rng.integers(0, VOCAB, 5).tolist(), rng.integers(0, VOCAB, 9).tolist()]
-    steps = rng.integers(0, VOCAB, (2, 4))
+    prompts = [rng.integers(0, vocab, 5).tolist(), rng.integers(0, vocab, 9).tolist()]
+    steps = rng.integers(0, vocab, (2, 4))
     padded = 12
     decode = jax.jit(lambda tok, cache, pos, seg: model.decode(config, params, tok, cache, positions=pos,
                                                                  segment_ids=seg))

@@ -10,12 +10,22 @@ safetensors with `model.safetensors.index.json`):
   before RoPE -> `layers/attn/{q,k}_norm/scale`; an explicit `head_dim`),
 * `MistralForCausalLM` (Llama's tensors; its `sliding_window` -> `model.sliding_window`, null: none),
 * the InternLM2 layout (`InternLM2ForCausalLM`, the remote-code model of internlm/internlm2-*): one fused
-  `wqkv` projection, `wo`, `feed_forward.w1/w3/w2`, `tok_embeddings`, `output`.
+  `wqkv` projection, `wo`, `feed_forward.w1/w3/w2`, `tok_embeddings`, `output`,
+* `Gemma3ForCausalLM` (Gemma 3 text, model_type `gemma3_text`; Gemma Team 2025, "Gemma 3 Technical Report"):
+  Llama's projections plus QK-norm, a norm after attention and after the MLP too (four per layer), RMSNorms
+  computing norm(x) * (1 + weight) with the zero-centred weights copied as they are (`model.norm_zero_centered`,
+  so both directions are bit-exact), a GeGLU MLP (`hidden_activation` gelu_pytorch_tanh), embeddings times
+  sqrt(hidden_size), logits scaled by `query_pre_attn_scalar`^-0.5, `final_logit_softcapping`, tied embeddings
+  by default, and local sliding-window layers between global ones: `layer_types` (or the older
+  `sliding_window_pattern`) -> `model.global_every`, `sliding_window`, the global layers' `rope_theta` /
+  `rope_scaling` and the local ones' `rope_local_base_freq` (-> `model.local_rope_theta`), or transformers 5's
+  per-layer-type `rope_parameters`. Its `attn_logit_softcapping` must be null: transformers' Gemma 3 ignores
+  it. The multimodal `Gemma3ForConditionalGeneration`, Gemma 1 and Gemma 2 are HFErrors.
 
 Rotary scaling: none (`rope_type` "default"), `linear` (position interpolation), `dynamic` (dynamic NTK),
 `yarn` and `llama3`; anything else (longrope, ...) is an HFError, as is every other architecture. Both the legacy
-config keys (`rope_theta`, `rope_scaling`) and transformers 5's `rope_parameters` are read; `to_hf` writes
-the legacy keys, which transformers 4.x and 5.x both read.
+config keys (`rope_theta`, `rope_scaling`; Gemma 3's `rope_local_base_freq`) and transformers 5's
+`rope_parameters` are read; `to_hf` writes the legacy keys, which transformers 4.x and 5.x both read.
 
 Weight layout. A torch `nn.Linear(in, out)` stores its weight as [out, in] and computes y = x W^T; maxlm
 stores every matrix input-first with the head axes split out, so the einsums in `maxlm/model/decoder.py` read
@@ -27,6 +37,7 @@ directly (L = layers, leading axis of every `layers/...` leaf, stacked from HF's
     layers/attn/k, v            [L, D, K, H] self_attn.{k,v}_proj.weight       [K*H, D]     view [K,H,D] -> (D,K,H)
     layers/attn/{q,k,v}_bias    [L, N|K, H]  self_attn.{q,k,v}_proj.bias       [N*H | K*H]  view [N|K, H]
     layers/attn/o               [L, N, H, D] self_attn.o_proj.weight           [D, N*H]     view [D,N,H] -> (N,H,D)
+    layers/attn/{q,k}_norm/scale [L, H]      self_attn.{q,k}_norm.weight       [H]          identity
     layers/attn_norm/scale      [L, D]       input_layernorm.weight            [D]          identity
     layers/mlp/gate, up         [L, D, F]    mlp.{gate,up}_proj.weight         [F, D]       transpose
     layers/mlp/down             [L, F, D]    mlp.down_proj.weight              [D, F]       transpose
@@ -34,11 +45,20 @@ directly (L = layers, leading axis of every `layers/...` leaf, stacked from HF's
     final_norm/scale            [D]          model.norm.weight                 [D]          identity
     lm_head (absent when tied)  [D, V]       lm_head.weight                    [V, D]       transpose
 
+Gemma 3 names every leaf as Llama does but for its four norms per layer, where Gemma's
+`post_attention_layernorm` is the norm on the attention output, not the pre-MLP one:
+
+    layers/attn_norm/scale      [L, D]       input_layernorm.weight            [D]          identity
+    layers/attn_post_norm/scale [L, D]       post_attention_layernorm.weight   [D]          identity
+    layers/mlp_norm/scale       [L, D]       pre_feedforward_layernorm.weight  [D]          identity
+    layers/mlp_post_norm/scale  [L, D]       post_feedforward_layernorm.weight [D]          identity
+
 Query head n uses kv head n // G (G = N // K) in both codebases (HF `repeat_kv`), so no head permutation
 is needed; the rotary embedding is the same "rotate half" layout, so q/k need no interleave either.
 
-In the code this table lives once, in two parts that both directions use: `_HF_NAMES` (each layout's
-tensor name for every maxlm leaf) and `_hf_layout` (every leaf's HF shape, view and axis order).
+In the code these tables live once, in two parts that both directions use: `_HF_NAMES` (each layout's
+tensor name for every maxlm leaf: the Llama, InternLM2 and Gemma 3 columns) and `_hf_layout` (every leaf's HF
+shape, view and axis order).
 
 InternLM2 names: tok_embeddings (embedding), attention.wqkv, attention.wo (o), attention_norm,
 feed_forward.w1 (gate), w3 (up), w2 (down), ffn_norm, model.norm, output (lm_head). Its fused projection
@@ -51,9 +71,10 @@ maxlm's `fused_qkv=True` keeps exactly that grouping, input-first: `layers/attn/
 float32) and float32 numpy parameters in exactly the tree `maxlm.model.init` builds (every leaf of
 `maxlm.model.abstract_params` is read from its HF tensor(s), and the shapes are checked). `to_hf` writes
 config.json + model.safetensors with the safetensors numpy API; torch is never imported by this module.
-It picks Mistral when `sliding_window`, the InternLM2 layout when `fused_qkv`, Qwen3 when `qk_norm`, Qwen2
-when `qkv_bias`, else Llama, unless `architecture`
-says otherwise (the fused and split q/k/v layouts are converted into each other as needed). An InternLM2
+It picks Gemma 3 when `post_norms` or `norm_zero_centered`, Mistral when `sliding_window`, the InternLM2 layout
+when `fused_qkv`, Qwen3 when `qk_norm`, Qwen2 when `qkv_bias`, else Llama, unless `architecture` says otherwise
+(the fused and split q/k/v layouts are converted into each other as needed; a switch the target cannot carry,
+such as a Gemma norm in a Llama export, is an HFError naming the model keys). An InternLM2
 export has no remote code files (auto_map), so `AutoModelForCausalLM` loads it only after you add
 InternLM2's modeling files; Llama and Qwen2 exports load directly. A `rope_scaling="ntk"` model (static
 NTK-aware base scaling, which HF has no rope type for) is exported exactly as rope_theta * factor^(H / (H - 2))
@@ -86,8 +107,13 @@ _ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
     "internlm2": "InternLM2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 _BY_CLASS = {v.lower(): k for k, v in _ARCHITECTURES.items()}
+# config.json's model_type where it is not maxlm's architecture name (Gemma3ForCausalLM is the text-only model
+# "gemma3_text"; "gemma3" is the multimodal Gemma3ForConditionalGeneration).
+_MODEL_TYPES = {"gemma3": "gemma3_text"}
+_BY_MODEL_TYPE = {_MODEL_TYPES.get(k, k): k for k in _ARCHITECTURES}
 
 
 INDEX = "model.safetensors.index.json"  # a sharded checkpoint's tensor -> file map
@@ -101,37 +127,45 @@ class HFError(UserError):
 # The mapping, one table for names and one for shapes, used by both from_hf and to_hf
 
 
-# maxlm leaf -> its HF tensor in (the Llama / Qwen2 layout, the InternLM2 layout), None where that layout has
-# no such tensor. Names of `layers/...` leaves are per layer, under "model.layers.{i}." (see `_hf_names`).
-# `layers/attn/o_bias` is not a maxlm leaf (maxlm has no output-projection bias): it is only checked to be
-# zero on reading, and written as zeros where the layout's bias flag puts a bias on o as well.
-_HF_NAMES: dict[str, tuple[str | None, str | None]] = {
-    "embedding":              ("model.embed_tokens.weight",       "model.tok_embeddings.weight"),
-    "layers/attn/q":          ("self_attn.q_proj.weight",         None),
-    "layers/attn/k":          ("self_attn.k_proj.weight",         None),
-    "layers/attn/v":          ("self_attn.v_proj.weight",         None),
-    "layers/attn/q_bias":     ("self_attn.q_proj.bias",           None),
-    "layers/attn/k_bias":     ("self_attn.k_proj.bias",           None),
-    "layers/attn/v_bias":     ("self_attn.v_proj.bias",           None),
-    "layers/attn/wqkv":       (None,                              "attention.wqkv.weight"),
-    "layers/attn/bqkv":       (None,                              "attention.wqkv.bias"),
-    "layers/attn/o":          ("self_attn.o_proj.weight",         "attention.wo.weight"),
-    "layers/attn/o_bias":     ("self_attn.o_proj.bias",           "attention.wo.bias"),
-    "layers/attn/q_norm/scale": ("self_attn.q_norm.weight",       None),
-    "layers/attn/k_norm/scale": ("self_attn.k_norm.weight",       None),
-    "layers/attn_norm/scale": ("input_layernorm.weight",          "attention_norm.weight"),
-    "layers/mlp/gate":        ("mlp.gate_proj.weight",            "feed_forward.w1.weight"),
-    "layers/mlp/up":          ("mlp.up_proj.weight",              "feed_forward.w3.weight"),
-    "layers/mlp/down":        ("mlp.down_proj.weight",            "feed_forward.w2.weight"),
-    "layers/mlp_norm/scale":  ("post_attention_layernorm.weight", "ffn_norm.weight"),
-    "final_norm/scale":       ("model.norm.weight",               "model.norm.weight"),
-    "lm_head":                ("lm_head.weight",                  "output.weight"),
+# The tensor-name layouts, the columns of `_HF_NAMES`; an architecture not named in `_LAYOUT_OF` uses Llama's.
+_LAYOUTS = ("llama", "internlm2", "gemma3")
+_LAYOUT_OF = {"internlm2": "internlm2", "gemma3": "gemma3"}
+
+# maxlm leaf -> its HF tensor in (the Llama / Qwen2 / Qwen3 / Mistral layout, the InternLM2 layout, the Gemma 3
+# layout), None where that layout has no such tensor. Names of `layers/...` leaves are per layer, under
+# "model.layers.{i}." (see `_hf_names`). `layers/attn/o_bias` is not a maxlm leaf (maxlm has no output-projection
+# bias): it is only checked to be zero on reading, and written as zeros where the layout's bias flag puts a bias
+# on o as well. Gemma's `post_attention_layernorm` is the norm on the attention output (maxlm's attn_post_norm),
+# not the pre-MLP norm that Llama's of the same name is.
+_HF_NAMES: dict[str, tuple[str | None, str | None, str | None]] = {
+    "embedding": ("model.embed_tokens.weight", "model.tok_embeddings.weight", "model.embed_tokens.weight"),
+    "layers/attn/q": ("self_attn.q_proj.weight", None, "self_attn.q_proj.weight"),
+    "layers/attn/k": ("self_attn.k_proj.weight", None, "self_attn.k_proj.weight"),
+    "layers/attn/v": ("self_attn.v_proj.weight", None, "self_attn.v_proj.weight"),
+    "layers/attn/q_bias": ("self_attn.q_proj.bias", None, "self_attn.q_proj.bias"),
+    "layers/attn/k_bias": ("self_attn.k_proj.bias", None, "self_attn.k_proj.bias"),
+    "layers/attn/v_bias": ("self_attn.v_proj.bias", None, "self_attn.v_proj.bias"),
+    "layers/attn/wqkv": (None, "attention.wqkv.weight", None),
+    "layers/attn/bqkv": (None, "attention.wqkv.bias", None),
+    "layers/attn/o": ("self_attn.o_proj.weight", "attention.wo.weight", "self_attn.o_proj.weight"),
+    "layers/attn/o_bias": ("self_attn.o_proj.bias", "attention.wo.bias", "self_attn.o_proj.bias"),
+    "layers/attn/q_norm/scale": ("self_attn.q_norm.weight", None, "self_attn.q_norm.weight"),
+    "layers/attn/k_norm/scale": ("self_attn.k_norm.weight", None, "self_attn.k_norm.weight"),
+    "layers/attn_norm/scale": ("input_layernorm.weight", "attention_norm.weight", "input_layernorm.weight"),
+    "layers/attn_post_norm/scale": (None, None, "post_attention_layernorm.weight"),
+    "layers/mlp/gate": ("mlp.gate_proj.weight", "feed_forward.w1.weight", "mlp.gate_proj.weight"),
+    "layers/mlp/up": ("mlp.up_proj.weight", "feed_forward.w3.weight", "mlp.up_proj.weight"),
+    "layers/mlp/down": ("mlp.down_proj.weight", "feed_forward.w2.weight", "mlp.down_proj.weight"),
+    "layers/mlp_norm/scale": ("post_attention_layernorm.weight", "ffn_norm.weight", "pre_feedforward_layernorm.weight"),
+    "layers/mlp_post_norm/scale": (None, None, "post_feedforward_layernorm.weight"),
+    "final_norm/scale": ("model.norm.weight", "model.norm.weight", "model.norm.weight"),
+    "lm_head": ("lm_head.weight", "output.weight", "lm_head.weight"),
 }
 
 
 def _hf_names(arch: str) -> dict[str, str]:
     """maxlm leaf -> HF tensor name in `arch`'s layout; per-layer names are templates with "{i}" for the layer."""
-    column = 1 if arch == "internlm2" else 0
+    column = _LAYOUTS.index(_LAYOUT_OF.get(arch, "llama"))
     return {leaf: ("model.layers.{i}." + names[column] if leaf.startswith("layers/") else names[column])
             for leaf, names in _HF_NAMES.items() if names[column] is not None}
 
@@ -164,10 +198,12 @@ def _hf_layout(m: ml_collections.ConfigDict) -> dict[str, _Layout]:
         "layers/attn/q_norm/scale": ((h,),          (h,),            (0,)),
         "layers/attn/k_norm/scale": ((h,),          (h,),            (0,)),
         "layers/attn_norm/scale": ((d,),            (d,),            (0,)),
+        "layers/attn_post_norm/scale": ((d,),       (d,),            (0,)),
         "layers/mlp/gate":        ((f, d),          (f, d),          (1, 0)),
         "layers/mlp/up":          ((f, d),          (f, d),          (1, 0)),
         "layers/mlp/down":        ((d, f),          (d, f),          (1, 0)),
         "layers/mlp_norm/scale":  ((d,),            (d,),            (0,)),
+        "layers/mlp_post_norm/scale": ((d,),        (d,),            (0,)),
         "final_norm/scale":       ((d,),            (d,),            (0,)),
         "lm_head":                ((vocab, d),      (vocab, d),      (1, 0)),
     }
@@ -270,8 +306,12 @@ def _architecture(hf: dict) -> str:
         if name.lower() in _BY_CLASS:
             return _BY_CLASS[name.lower()]
     model_type = str(hf.get("model_type", "")).lower()
-    if not names and model_type in _ARCHITECTURES:
-        return model_type
+    if not names and model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type]
+    if model_type.startswith("gemma") or any(name.lower().startswith("gemma") for name in names):
+        raise HFError(f"unsupported Gemma variant {names or model_type!r}: maxlm.convert reads the text-only "
+                      "Gemma3ForCausalLM (model_type gemma3_text), not Gemma 1 / 2 or the multimodal "
+                      "Gemma3ForConditionalGeneration")
     raise HFError(f"unsupported architecture {names or model_type!r}: maxlm.convert reads "
                   f"{sorted(_ARCHITECTURES.values())}")
 
@@ -327,6 +367,70 @@ def _rope_from_hf(hf: dict) -> dict[str, Any]:
     return out
 
 
+_GEMMA3_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gemma3_from_hf(hf: dict, n_layers: int) -> dict[str, Any]:
+    """The model.* fields of a Gemma3ForCausalLM config.json (Gemma Team 2025, "Gemma 3 Technical Report"):
+    the Gemma switches, the local/global layers and the two RoPE bases, with Gemma3TextConfig's defaults.
+
+    Layers: `layer_types`, or the older `sliding_window_pattern` P (layer i global when (i + 1) % P == 0,
+    default 6), which must be one repeating pattern -> model.global_every. RoPE: transformers 5's per-layer-type
+    `rope_parameters` {"full_attention": .., "sliding_attention": ..} or the legacy `rope_theta` (global),
+    `rope_local_base_freq` (local) and `rope_scaling` (global layers only); the local layers must be unscaled.
+    """
+    if hf.get("use_bidirectional_attention"):
+        raise HFError("use_bidirectional_attention=True is not supported: maxlm's decoder is causal")
+    if hf.get("attn_logit_softcapping") is not None:
+        raise HFError(f"attn_logit_softcapping={hf['attn_logit_softcapping']} in a Gemma 3 config: transformers' "
+                      "Gemma3ForCausalLM ignores it (Gemma 3 has QK-norm instead), so which attention the weights "
+                      "expect is unclear; set it to null to read the model as transformers runs it")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise HFError(f"unsupported Gemma 3 hidden_activation {act!r}: maxlm's GeGLU is gelu_pytorch_tanh")
+    types = hf.get("layer_types")
+    if types is None:
+        pattern = int(hf.get("sliding_window_pattern") or 6)
+        types = [_GEMMA3_LAYER_TYPES[(i + 1) % pattern == 0] for i in range(n_layers)]
+    if len(types) != n_layers or not set(types) <= set(_GEMMA3_LAYER_TYPES):
+        raise HFError(f"layer_types must be {n_layers} of {list(_GEMMA3_LAYER_TYPES)}, got {types}")
+    local = [t == "sliding_attention" for t in types]
+    every = local.index(False) + 1 if any(local) and not all(local) else 0
+    if any(local) and local != [not (every and (i + 1) % every == 0) for i in range(n_layers)]:
+        raise HFError(f"layer_types {types} do not repeat one pattern of local layers then a global one, which is "
+                      "what maxlm's model.global_every expresses")
+    window = int(hf.get("sliding_window", 4096) or 0) if any(local) else 0
+    if any(local) and not window:
+        raise HFError("layer_types has sliding_attention layers but sliding_window is null")
+
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        full, sliding = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:
+        full, sliding = {}, {}
+    if hf.get("rope_scaling"):  # what Gemma3TextConfig does with a legacy rope_scaling: the global layers' scaling
+        full.update(hf["rope_scaling"])
+    if sliding.get("rope_type", "default") != "default":
+        raise HFError(f"scaled RoPE in the sliding-window layers is not supported: {sliding}")
+    theta = full.get("rope_theta") or hf.get("rope_theta") or 1_000_000.0
+    local_theta = sliding.get("rope_theta") or hf.get("rope_local_base_freq") or 10_000.0
+    rope = _rope_from_hf({"rope_theta": theta, "rope_scaling": full or None,
+                          "max_position_embeddings": hf.get("max_position_embeddings") or 131_072})
+    return {
+        **rope,
+        "model.qk_norm": True,
+        "model.sliding_window": window,
+        "model.global_every": every,
+        "model.local_rope_theta": float(local_theta) if any(local) else 0.0,
+        "model.norm_zero_centered": True,
+        "model.post_norms": True,
+        "model.mlp_activation": "gelu_tanh",
+        "model.scale_embeddings": True,
+        "model.query_pre_attn_scalar": float(hf.get("query_pre_attn_scalar") or 256),
+        "model.final_logit_softcap": float(hf.get("final_logit_softcapping") or 0.0),
+    }
+
+
 def _require_zero(tensors: dict, key: str, why: str) -> None:
     if key in tensors and np.any(np.asarray(tensors[key], np.float32) != 0):
         raise HFError(f"{key} is non-zero but maxlm has no {why}")
@@ -337,7 +441,7 @@ _REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", 
 
 def from_hf(path: str, *, dtype: Any = np.float32, shardings: Any = None
             ) -> tuple[ml_collections.ConfigDict, dict]:
-    """Read a HF Llama / Qwen2 / Qwen3 / Mistral / InternLM2 checkpoint -> (full maxlm config, params).
+    """Read a HF Llama / Qwen2 / Qwen3 / Mistral / InternLM2 / Gemma 3 (text) checkpoint -> (full maxlm config, params).
 
     Tensors are read lazily, one at a time (`_LazyTensors`), converted to `dtype` (float32 by default; the
     config's `model.param_dtype` says which) and written into the parameter tree, so the host's peak memory is
@@ -360,7 +464,7 @@ def from_hf(path: str, *, dtype: Any = np.float32, shardings: Any = None
         raise HFError(f"{config_path} lacks {', '.join(missing)}")
     arch = _architecture(hf)
     act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
+    if arch != "gemma3" and act not in ("silu", "swish"):
         raise HFError(f"unsupported hidden_act {act!r}: maxlm's MLP is SwiGLU (silu)")
     if hf.get("mlp_bias"):
         raise HFError("mlp_bias=True is not supported: maxlm's MLP has no biases")
@@ -376,8 +480,9 @@ def from_hf(path: str, *, dtype: Any = np.float32, shardings: Any = None
     d = int(hf["hidden_size"])
     n = int(hf["num_attention_heads"])
     kv = int(hf.get("num_key_value_heads") or n)
-    h = int(hf.get("head_dim") or d // n) if arch != "internlm2" else d // n
-    rope = _rope_from_hf(hf)
+    h = int(hf.get("head_dim") or (256 if arch == "gemma3" else d // n)) if arch != "internlm2" else d // n
+    gemma = _gemma3_from_hf(hf, n_layers) if arch == "gemma3" else {}
+    rope = {} if gemma else _rope_from_hf(hf)
 
     tensors = _LazyTensors(files)
     names = _hf_names(arch)
@@ -385,7 +490,7 @@ def from_hf(path: str, *, dtype: Any = np.float32, shardings: Any = None
     qkv_bias = names["layers/attn/bqkv" if fused else "layers/attn/q_bias"].format(i=0) in tensors
     qk_norm = arch == "qwen3"
     window = int(hf.get("sliding_window") or 0) if arch == "mistral" else 0
-    tie = bool(hf.get("tie_word_embeddings", names["lm_head"] not in tensors))
+    tie = bool(hf.get("tie_word_embeddings", arch == "gemma3" or names["lm_head"] not in tensors))
     if not tie and names["lm_head"] not in tensors:
         raise HFError(f"{path}: tie_word_embeddings is false but there is no {names['lm_head']}")
 
@@ -407,6 +512,7 @@ def from_hf(path: str, *, dtype: Any = np.float32, shardings: Any = None
         "model.init_std": float(hf.get("initializer_range", 0.02)),
         "model.param_dtype": dtype.name,
         "model.compute_dtype": "float32",
+        **gemma,
     })
     config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
     config_lib.validate(config)
@@ -482,6 +588,8 @@ def _check_tree(config: ml_collections.ConfigDict, params: dict, where: str) -> 
 
 def _normalize_arch(architecture: str | None, m: ml_collections.ConfigDict) -> str:
     if architecture is None:
+        if m.post_norms or m.norm_zero_centered:
+            return "gemma3"
         if m.sliding_window:
             return "mistral"
         return "internlm2" if m.fused_qkv else "qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else "llama"
@@ -492,6 +600,29 @@ def _normalize_arch(architecture: str | None, m: ml_collections.ConfigDict) -> s
         return _BY_CLASS[key]
     raise HFError(f"unsupported architecture {architecture!r}; choose one of "
                   f"{sorted(_ARCHITECTURES)} or {sorted(_ARCHITECTURES.values())}")
+
+
+def _gemma_only(m: ml_collections.ConfigDict) -> list[str]:
+    """The model switches set in `m` that only the Gemma 3 layout carries."""
+    h = config_lib.head_dim(m)
+    return [f"model.{key}" for key, on in (
+        ("norm_zero_centered", m.norm_zero_centered), ("post_norms", m.post_norms),
+        ("mlp_activation", m.mlp_activation != "silu"), ("scale_embeddings", m.scale_embeddings),
+        ("query_pre_attn_scalar", m.query_pre_attn_scalar not in (0, h)), ("global_every", m.global_every),
+        ("local_rope_theta", m.local_rope_theta), ("final_logit_softcap", m.final_logit_softcap)) if on]
+
+
+def _gemma_needs(m: ml_collections.ConfigDict) -> list[str]:
+    """The model switches Gemma 3 always has that `m` lacks."""
+    return [f"model.{key}" for key, on in (
+        ("norm_zero_centered", m.norm_zero_centered), ("post_norms", m.post_norms),
+        ("mlp_activation=gelu_tanh", m.mlp_activation == "gelu_tanh"), ("scale_embeddings", m.scale_embeddings),
+        ("qk_norm", m.qk_norm)) if not on]
+
+
+def _number(x: float) -> int | float:
+    """An integral float as an int (Gemma3TextConfig types query_pre_attn_scalar as int)."""
+    return int(x) if float(x).is_integer() else float(x)
 
 
 def _fuse_qkv(a: dict, n_layers: int, d: int, kv: int, g: int, h: int) -> dict:
@@ -516,7 +647,8 @@ def _split_qkv(a: dict, n_layers: int, d: int, n: int, g: int, h: int) -> dict:
 
 def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architecture: str | None = None, *,
           dtype: Any = None, max_shard_size: int | str = "5GB") -> None:
-    """Write `path`/config.json + the weights for Llama, Qwen2, Qwen3, Mistral or the InternLM2 layout.
+    """Write `path`/config.json + the weights for Llama, Qwen2, Qwen3, Mistral, Gemma 3 (text)
+    or the InternLM2 layout.
 
     `dtype`: the weights' dtype on disk (default: the parameters' own; "bfloat16" is what open checkpoints
     ship). Weights over `max_shard_size` (transformers' default, 5GB) are split into shards with an index,
@@ -546,12 +678,25 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
         theta = theta * m.rope_factor ** (h / (h - 2))  # exactly what maxlm.attention.rope computes
     elif m.rope_scaling not in ("none", "linear"):
         raise HFError(f"unsupported rope_scaling {m.rope_scaling!r}")
-    if m.qk_norm != (arch == "qwen3"):
+    if arch == "gemma3" and _gemma_needs(m):
+        raise HFError(f"Gemma3ForCausalLM needs {', '.join(_gemma_needs(m))}, which this model lacks")
+    if m.attn_logit_softcap:
+        raise HFError(f"model.attn_logit_softcap={m.attn_logit_softcap}: no architecture maxlm exports soft-caps "
+                      "attention logits (transformers' Gemma3ForCausalLM ignores attn_logit_softcapping)")
+    if arch != "gemma3" and _gemma_only(m):
+        raise HFError(f"{_ARCHITECTURES[arch]} has no {', '.join(_gemma_only(m))} (set in this model); export as "
+                      "gemma3")
+    if arch != "gemma3" and m.qk_norm != (arch == "qwen3"):
         raise HFError(f"{_ARCHITECTURES[arch]} {'has no' if m.qk_norm else 'needs'} QK-norm, and this model "
                       f"{'has' if m.qk_norm else 'has none'} (model.qk_norm={m.qk_norm}); export as "
                       f"{'qwen3' if m.qk_norm else 'llama or qwen2'}")
-    if m.sliding_window and arch != "mistral":
-        raise HFError(f"model.sliding_window={m.sliding_window}: only the mistral architecture carries one here")
+    if m.sliding_window and arch not in ("mistral", "gemma3"):
+        raise HFError(f"model.sliding_window={m.sliding_window}: only the mistral and gemma3 architectures carry "
+                      "one here")
+    local = model_lib.local_layers(m)
+    if arch == "gemma3" and any(local) and not m.local_rope_theta and m.rope_scaling not in ("none", "ntk"):
+        raise HFError(f"Gemma3ForCausalLM's sliding-window layers have unscaled RoPE, but this model's use "
+                      f"rope_scaling={m.rope_scaling!r} (model.local_rope_theta=0); set model.local_rope_theta")
     if arch == "mistral" and (m.qkv_bias or m.qk_norm or m.fused_qkv):
         raise HFError("MistralForCausalLM has no q/k/v biases, QK-norm or fused wqkv")
     if arch == "internlm2" and h * n != d:
@@ -589,7 +734,7 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
     dtype_name = np.dtype(dtype).name
     hf: dict[str, Any] = {
         "architectures": [_ARCHITECTURES[arch]],
-        "model_type": arch,
+        "model_type": _MODEL_TYPES.get(arch, arch),
         "vocab_size": m.vocab_size,
         "hidden_size": d,
         "intermediate_size": m.mlp_dim,
@@ -617,6 +762,18 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
             hf.update(sliding_window=m.sliding_window or None)
         if arch in ("qwen2", "qwen3"):
             hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=n_layers)
+        if arch == "gemma3":
+            del hf["hidden_act"]
+            # sliding_window_pattern: the same layers for transformers releases that predate layer_types. Without
+            # local layers, sliding_window is max_pos: transformers builds the sliding mask even then (unused).
+            pattern = m.global_every if m.global_every and not all(local) else n_layers + 1 if all(local) else 1
+            hf.update(hidden_activation="gelu_pytorch_tanh", attention_bias=has_bias,
+                      query_pre_attn_scalar=_number(m.query_pre_attn_scalar or h),
+                      sliding_window=m.sliding_window or max_pos, sliding_window_pattern=pattern,
+                      layer_types=["sliding_attention" if x else "full_attention" for x in local],
+                      rope_local_base_freq=float(m.local_rope_theta or theta),
+                      attn_logit_softcapping=None, final_logit_softcapping=float(m.final_logit_softcap) or None,
+                      use_bidirectional_attention=False)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)

@@ -40,79 +40,106 @@ from kernels import reference
 class AttentionImpl:
     """A registered attention implementation: `fn(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal)`
     with `attend`'s shapes and semantics; `backend` the one JAX backend it runs on (None: every backend),
-    `hardware` how `config.validate` names that requirement."""
+    `hardware` how `config.validate` names that requirement. The flags say which of `attend`'s optional
+    keywords `fn` also takes; `attend` passes each only when it is in use, and config.validate checks them."""
     fn: Callable[..., jax.Array]
     backend: str | None = None
     hardware: str = ""
-    windowed: bool = False  # takes `window=` (a sliding window, Mistral's); config.validate checks it
+    windowed: bool = False  # takes `window=` (a sliding window, Mistral's)
+    scaled: bool = False  # takes `scale=` (the logit scale, when it is not H^-0.5: Gemma's query_pre_attn_scalar)
+    softcapped: bool = False  # takes `softcap=` (c * tanh(logits / c) before the mask: Gemma 2)
 
 
 # model.attention_impl -> implementation, in registration order (the order config errors list them).
 ATTENTION_IMPLS: dict[str, AttentionImpl] = {}
 
 
-def register_attention(name: str, *, backend: str | None = None, hardware: str = "", windowed: bool = False):
+def register_attention(name: str, *, backend: str | None = None, hardware: str = "", windowed: bool = False,
+                       scaled: bool = False, softcapped: bool = False):
     """Decorator registering an attention implementation as `model.attention_impl=name`; `windowed` ones
-    also take a keyword `window` (> 0: each query sees only its last `window` slots)."""
+    also take a keyword `window` (> 0: each query sees only its last `window` slots), `scaled` ones a keyword
+    `scale` (the logit scale), `softcapped` ones a keyword `softcap` (> 0: logits soft-capped at it)."""
     def register(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-        ATTENTION_IMPLS[name] = AttentionImpl(fn, backend, hardware, windowed)
+        ATTENTION_IMPLS[name] = AttentionImpl(fn, backend, hardware, windowed, scaled, softcapped)
         return fn
     return register
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
-           q_offset: jax.Array | int = 0, causal: bool = True, impl: str = "xla", window: int = 0) -> jax.Array:
-    """q [B,T,N,H], k/v [B,S,K,H], segment ids [B,T] / [B,S] -> [B,T,N,H] in q's dtype. `window` > 0: a
-    sliding window (Mistral; Beltagy et al. 2020) of that many slots, the query's own included."""
+           q_offset: jax.Array | int = 0, causal: bool = True, impl: str = "xla", window: int = 0,
+           local: jax.Array | None = None, scale: float | None = None, softcap: float = 0.0) -> jax.Array:
+    """q [B,T,N,H], k/v [B,S,K,H], segment ids [B,T] / [B,S] -> [B,T,N,H] in q's dtype.
+
+    `window` > 0: a sliding window (Mistral; Beltagy et al. 2020) of that many slots, the query's own
+    included. `local`, a traced boolean scalar, applies that window only where it is True: Gemma's
+    interleave of local and global layers inside one layer scan (Gemma Team 2025, "Gemma 3 Technical
+    Report"). Both programs are compiled and `lax.cond` runs one, so every windowed implementation -- the
+    Pallas kernels with their static window included -- serves mixed layers, skipping tiles in local ones.
+    `scale`: the logit scale (None: H^-0.5). `softcap` > 0: logits become softcap * tanh(logits / softcap)
+    before masking (Gemma 2's attention soft-capping).
+    """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}")
     entry = ATTENTION_IMPLS[impl]
-    if not window:
-        return entry.fn(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal)
-    if not entry.windowed:
+    options: dict[str, Any] = {}
+    for key, value, supported in (("scale", scale, entry.scaled), ("softcap", softcap or None, entry.softcapped)):
+        if value is not None:
+            if not supported:
+                raise ValueError(f"attention impl {impl!r} does not take {key}=")
+            options[key] = value
+    if window and not entry.windowed:
         raise ValueError(f"attention impl {impl!r} has no sliding window")
-    return entry.fn(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, window=window)
+
+    def run(window: int) -> jax.Array:
+        extra = {**options, "window": window} if window else options
+        return entry.fn(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, **extra)
+
+    if window and local is not None:
+        return jax.lax.cond(local, lambda: run(window), lambda: run(0))
+    return run(window)
 
 
 def _self_attention(q: jax.Array, k: jax.Array, q_offset: jax.Array | int) -> bool:
     return isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
 
 
-def _reference(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, window: int = 0) -> jax.Array:
+def _reference(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, window: int = 0, scale: float | None = None,
+               softcap: float = 0.0) -> jax.Array:
     return reference.mha_reference(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal,
-                                   q_offset=q_offset, window=window)
+                                   q_offset=q_offset, window=window, sm_scale=scale, softcap=softcap)
 
 
-def _flash(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, window: int = 0) -> jax.Array:
+def _flash(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, window: int = 0, scale: float | None = None
+           ) -> jax.Array:
     return kernels.flash_attention(q, k, v, causal=causal, segment_ids=(q_seg, kv_seg), q_offset=q_offset,
-                                   window=window)
+                                   window=window, sm_scale=scale)
 
 
-@register_attention("xla", windowed=True)
-def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, window=0):
+@register_attention("xla", windowed=True, scaled=True, softcapped=True)
+def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, window=0, scale=None, softcap=0.0):
     """The plain-jnp reference; per device (keys/values gathered) when the sequence is sharded."""
-    local = functools.partial(_reference, window=window)
+    local = functools.partial(_reference, window=window, scale=scale, softcap=softcap)
     if _self_attention(q, k, q_offset) and _sequence_shards() > 1:
         return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, local=local)
     return local(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal)
 
 
-@register_attention("cudnn", backend="gpu", hardware="an NVIDIA GPU", windowed=True)
-def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, window=0):
+@register_attention("cudnn", backend="gpu", hardware="an NVIDIA GPU", windowed=True, scaled=True)
+def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, window=0, scale=None):
     """`jax.nn.dot_product_attention`'s cuDNN fused kernel, given the reference's mask."""
     mask = reference.attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset, window=window)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
 
 
-@register_attention("pallas", windowed=True)
-def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, window=0):
+@register_attention("pallas", windowed=True, scaled=True)
+def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, window=0, scale=None):
     """maxlm's flash kernel for self-attention (training, scoring, prefill), per device under a mesh; with a
     sliding window the key tiles outside it are skipped. Cached decoding (queries at an offset into a longer
     cache) is memory-bound and served by the reference."""
     if _self_attention(q, k, q_offset):
         return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
-                           local=functools.partial(_flash, window=window))
-    return _reference(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal, window=window)
+                           local=functools.partial(_flash, window=window, scale=scale))
+    return _reference(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal, window=window, scale=scale)
 
 
 def _specs():
@@ -288,11 +315,18 @@ def head_dim(m: Any) -> int:
     return m.head_dim or m.d_model // m.num_heads
 
 
-def rope_config(m: Any) -> dict[str, Any]:
+def rope_config(m: Any, *, local: bool = False) -> dict[str, Any]:
     """`rope`'s keyword arguments from a model config section: `theta`, `scaling` and every other
-    `model.rope_<name>` as `<name>`; `original_max_len` 0 means `max_seq_len`."""
+    `model.rope_<name>` as `<name>`; `original_max_len` 0 means `max_seq_len`.
+
+    `local`: those of the sliding-window layers. With `model.local_rope_theta` set they use plain RoPE of that
+    base (Gemma 3's local layers: base 10k, no scaling, while the global layers have 1M and the model's
+    scaling; Gemma Team 2025, "Gemma 3 Technical Report", section 2); otherwise the same as every layer.
+    (Not a `rope_*` key: it is no variant's parameter.)"""
     kwargs = {key[len("rope_"):]: m[key] for key in m if key.startswith("rope_")}
     kwargs["original_max_len"] = kwargs["original_max_len"] or m.max_seq_len
+    if local and m.local_rope_theta:
+        kwargs.update(theta=m.local_rope_theta, scaling="none")
     return kwargs
 
 

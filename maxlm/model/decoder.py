@@ -1,10 +1,20 @@
-"""A LLaMA / InternLM2-family decoder in Flax Linen, used functionally.
+"""A LLaMA / InternLM2 / Gemma 3-family decoder in Flax Linen, used functionally.
 
 Legend (gemma's): B batch, T query length, S key length, N query heads, K kv heads, G = N // K,
 H head dim, D model dim, F MLP dim, V vocab, L layers.
 
 Architecture (Touvron et al. 2023, LLaMA; Cai et al. 2024, InternLM2): token embedding -> L x [pre-RMSNorm
 -> rotary GQA attention -> residual -> pre-RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> vocab projection.
+
+Gemma 3 (Gemma Team 2025, "Gemma 3 Technical Report") is the same skeleton with model config switches, each
+off by default so that the other models keep their parameter tree and logits: embeddings times sqrt(D)
+(`scale_embeddings`), RMSNorms that multiply by (1 + scale) with zero-centred scales (`norm_zero_centered`),
+a second RMSNorm on the attention and MLP outputs before each residual add (`post_norms`), QK-norm, a GeGLU
+MLP (`mlp_activation="gelu_tanh"`), logits scaled by query_pre_attn_scalar^-0.5, and local sliding-window
+layers interleaved with global ones (`sliding_window`, `global_every`), each kind with its own RoPE base
+(`local_rope_theta` for the local ones). Whether a layer is local is a per-layer boolean scanned alongside
+the stacked parameters (`local_layers`), so the scan and the parameter tree stay as they are. Gemma 2's
+attention and final logit soft-capping are switches too.
 
 Why Linen: `init` returns a plain nested dict of arrays, which is exactly what Orbax saves, what the
 Hugging Face converter maps name by name, what LoRA wraps and what the sharding rules annotate -- one tree
@@ -15,11 +25,13 @@ Layers are always an `nn.scan` over a stacked parameter tree with a leading 'lay
 fully unrolls that scan, so the compiled program is straight-line code while the parameter tree -- and so
 the checkpoint layout -- stays identical whichever of scan / unroll / remat is chosen.
 
-The KV cache is an explicit pytree (`init_cache`), threaded in and out of `__call__`.
+The KV cache is an explicit pytree (`init_cache`), threaded in and out of `__call__`. Every layer, a local one
+too, caches all of its slots; a local layer's window is a mask over them.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -50,25 +62,51 @@ def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 as Hugging Face Llama does."""
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 as Hugging Face Llama does.
+
+    `zero_centered` (Gemma): the output is norm(x) * (1 + scale), scales initialised to 0 -- the parameter
+    Gemma checkpoints store, kept as is so that conversion copies it bit for bit -- and the product is taken
+    in float32 before the cast back, as Hugging Face's Gemma3RMSNorm does (Llama casts first)."""
 
     eps: float
     param_dtype: Any
+    zero_centered: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.zero_centered else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.zero_centered:
+            return (x32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
         return (scale.astype(jnp.float32) * x32.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+def _norm(cfg: ml_collections.ConfigDict, name: str) -> RMSNorm:
+    return RMSNorm(cfg.norm_eps, _dtype(cfg.param_dtype), cfg.norm_zero_centered, name=name)
+
+
+def local_layers(m: ml_collections.ConfigDict) -> tuple[bool, ...]:
+    """Per layer, whether it attends within `model.sliding_window` (a local layer): none without a window;
+    with one, every layer but each `global_every`-th (layer i global when (i + 1) % global_every == 0, Gemma
+    3's 5 local : 1 global; Hugging Face's `layer_types` from `sliding_window_pattern`)."""
+    every = m.global_every
+    return tuple(bool(m.sliding_window) and not (every and (i + 1) % every == 0) for i in range(m.num_layers))
+
+
+def _mixed_layers(m: ml_collections.ConfigDict) -> bool:
+    """Whether local and global layers alternate, so that each layer's kind is a traced scan input."""
+    return len(set(local_layers(m))) > 1
 
 
 class Attention(nn.Module):
     cfg: ml_collections.ConfigDict
 
     @nn.compact
-    def __call__(self, x: jax.Array, aux: dict, layer_cache: Cache | None):
+    def __call__(self, x: jax.Array, aux: dict, layer_cache: Cache | None, local: jax.Array | None):
+        """`local`: this layer's kind as a traced boolean when local and global layers mix (`_mixed_layers`),
+        else None (every layer is the same kind, known statically)."""
         cfg = self.cfg
         n, k_heads, h, d = cfg.num_heads, cfg.num_kv_heads, head_dim(cfg), cfg.d_model
         g = n // k_heads
@@ -99,14 +137,23 @@ class Attention(nn.Module):
 
             q, k, v = proj("q", n, "heads"), proj("k", k_heads, "kv_heads"), proj("v", k_heads, "kv_heads")
         if cfg.qk_norm:  # Qwen3 / Gemma 3: each head's query and key RMS-normalised over H, before RoPE
-            q = RMSNorm(cfg.norm_eps, pdt, name="q_norm")(q)
-            k = RMSNorm(cfg.norm_eps, pdt, name="k_norm")(k)
+            q = _norm(cfg, "q_norm")(q)
+            k = _norm(cfg, "k_norm")(k)
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = _constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
-        rope = attention.rope_config(cfg)  # every model.rope_* key, so a variant's own keys reach it
-        q = attention.rope(q, aux["positions"], **rope)
-        k = attention.rope(k, aux["positions"], **rope)
+        # Every model.rope_* key, so a variant's own keys reach it; local layers may have a base of their own.
+        static_local = local_layers(cfg)[0] if local is None else False
+        rope = attention.rope_config(cfg, local=static_local)
+        local_rope = attention.rope_config(cfg, local=True)
+
+        def rotate(x: jax.Array) -> jax.Array:
+            rotated = attention.rope(x, aux["positions"], **rope)
+            if local is None or local_rope == rope:
+                return rotated
+            return jnp.where(local, attention.rope(x, aux["positions"], **local_rope), rotated)
+
+        q, k = rotate(q), rotate(k)
 
         new_cache = None
         q_offset = 0
@@ -117,15 +164,24 @@ class Attention(nn.Module):
             new_cache = {"k": k, "v": v}
             q_offset = idx
             k, v = k.astype(dt), v.astype(dt)
+        window = cfg.sliding_window if local is not None or static_local else 0
         out = attention.attend(q, k, v, q_segment_ids=aux["segment_ids"], kv_segment_ids=aux["kv_segment_ids"],
-                               q_offset=q_offset, impl=cfg.attention_impl, window=cfg.sliding_window)
+                               q_offset=q_offset, impl=cfg.attention_impl, window=window, local=local,
+                               scale=cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None,
+                               softcap=cfg.attn_logit_softcap)
         out = checkpoint_name(out, "attention_out")
         wo = self.param("o", nn.with_logical_partitioning(winit, ("heads", "head_dim", "embed")), (n, h, d), pdt)
         return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), new_cache
 
 
+# model.mlp_activation -> the gate's nonlinearity: SwiGLU's silu, or GeGLU's tanh-approximated GELU (Gemma;
+# Hugging Face's "gelu_pytorch_tanh").
+MLP_ACTIVATIONS: dict[str, Any] = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
 class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020): down(silu(x gate) * (x up))."""
+    """A gated MLP (Shazeer 2020, "GLU Variants Improve Transformer"): down(act(x gate) * (x up)), SwiGLU with
+    act = silu, GeGLU with act = gelu (`model.mlp_activation`)."""
 
     cfg: ml_collections.ConfigDict
 
@@ -138,24 +194,29 @@ class MLP(nn.Module):
         gate = self.param("gate", nn.with_logical_partitioning(winit, ("embed", "mlp")), shape_in, pdt)
         up = self.param("up", nn.with_logical_partitioning(winit, ("embed", "mlp")), shape_in, pdt)
         down = self.param("down", nn.with_logical_partitioning(winit, ("mlp", "embed")), shape_in[::-1], pdt)
-        hidden = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, gate.astype(dt))) * jnp.einsum("BTD,DF->BTF", x, up.astype(dt))
+        act = MLP_ACTIVATIONS[cfg.mlp_activation]
+        hidden = act(jnp.einsum("BTD,DF->BTF", x, gate.astype(dt))) * jnp.einsum("BTD,DF->BTF", x, up.astype(dt))
         hidden = _constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
         return jnp.einsum("BTF,FD->BTD", hidden, down.astype(dt))
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer. Signature fits `nn.scan`: (carry, broadcast aux, per-layer cache)."""
+    """One pre-norm decoder layer (with `post_norms`, Gemma's sandwich: a norm on each branch's output too).
+    Signature fits `nn.scan`: (carry, broadcast aux, per-layer cache, per-layer local flag)."""
 
     cfg: ml_collections.ConfigDict
 
     @nn.compact
-    def __call__(self, x: jax.Array, aux: dict, layer_cache: Cache | None):
+    def __call__(self, x: jax.Array, aux: dict, layer_cache: Cache | None, local: jax.Array | None):
         cfg = self.cfg
-        pdt = _dtype(cfg.param_dtype)
-        attn_out, new_cache = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, pdt, name="attn_norm")(x),
-                                                          aux, layer_cache)
+        attn_out, new_cache = Attention(cfg, name="attn")(_norm(cfg, "attn_norm")(x), aux, layer_cache, local)
+        if cfg.post_norms:
+            attn_out = _norm(cfg, "attn_post_norm")(attn_out)
         x = x + attn_out
-        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, pdt, name="mlp_norm")(x))
+        mlp_out = MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x))
+        if cfg.post_norms:
+            mlp_out = _norm(cfg, "mlp_post_norm")(mlp_out)
+        x = x + mlp_out
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, new_cache
 
@@ -192,6 +253,8 @@ class Decoder(nn.Module):
         embedding = self.param("embedding", nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), pdt)
         x = jnp.take(embedding, tokens, axis=0).astype(dt)
+        if cfg.scale_embeddings:  # Gemma: the scale is rounded to the compute dtype first, as Hugging Face does
+            x = x * jnp.asarray(cfg.d_model ** 0.5, dt)
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
         aux = {"positions": positions, "segment_ids": segment_ids, "kv_segment_ids": segment_ids}
@@ -205,12 +268,13 @@ class Decoder(nn.Module):
         if cfg.remat_policy != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+                         in_axes=(nn.broadcast, 0, 0), length=cfg.num_layers,
                          unroll=1 if cfg.scan_layers else cfg.num_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_layer_caches = layers(cfg, name="layers")(x, aux, layer_caches)
+        local = jnp.asarray(local_layers(cfg)) if _mixed_layers(cfg) else None
+        x, new_layer_caches = layers(cfg, name="layers")(x, aux, layer_caches, local)
 
-        x = RMSNorm(cfg.norm_eps, pdt, name="final_norm")(x)
+        x = _norm(cfg, "final_norm")(x)
         if hidden_only:
             return x, None
         if cfg.tie_embeddings:
@@ -219,6 +283,8 @@ class Decoder(nn.Module):
             head = self.param("lm_head", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")),
                               (cfg.d_model, cfg.vocab_size), pdt)
             logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt), preferred_element_type=jnp.float32)
+        if cfg.final_logit_softcap:  # Gemma 2: c * tanh(logits / c), in float32
+            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
         logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
         new_cache = None
