@@ -57,3 +57,21 @@ def reward_run(hf_base, tmp_path_factory):
     done = subprocess.run([sys.executable, "-m", "maxlm.reward", "--config=configs/reward_tiny.py",
                            f"--workdir={work}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
     return work, done
+
+
+@pytest.fixture(scope="session")
+def chat_folders(tmp_path_factory):
+    """A Hugging Face tokenizer folder per chat-template style of `tests.helpers.CHAT_STYLES` (Qwen3, Llama 3,
+    Gemma 3, Mistral): a small byte-level BPE with the style's markers and its Jinja chat template."""
+    import json
+    import random
+
+    from tests.helpers import CHAT_STYLES, write_chat_tokenizer
+
+    rng = random.Random(0)
+    words = ["What is 2 + 3?", "北京今天天气怎么样？", "emoji 🙂👍 ok", "def f(x):\n    return x * 2\n",
+             "Use <b>tags</b> & \"quotes\"", "naïve café", "Tabs\tand\u3000spaces", "42", "sort the letters"]
+    lines = [" ".join(rng.choice(words) for _ in range(3)) for _ in range(600)]
+    lines += [json.dumps({"name": "get_weather", "parameters": {"city": "上海"}}, ensure_ascii=False)] * 20
+    return {style: write_chat_tokenizer(tmp_path_factory.mktemp(f"chat_{style}"), style, lines)
+            for style in CHAT_STYLES}

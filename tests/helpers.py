@@ -126,6 +126,133 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
 
 
+# ----------------------------------------------------------------------------- Hugging Face tokenizers, chat
+
+# The pre-tokenizer split of Llama 3's tokenizer.json (a published spec): contractions, letters with one
+# leading non-letter, digits in threes, punctuation runs, newlines, and whitespace kept before a word.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Chat templates in the styles of four families' published formats (written here; `{% generation %}` marks
+# what the model must produce, so transformers' assistant mask is an oracle for maxlm's, which ignores it).
+CHAT_QWEN3 = """{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}# Tools
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}
+{%- for m in messages %}
+{%- if m.role == 'user' or (m.role == 'system' and not loop.first) %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% elif m.role == 'assistant' %}<|im_start|>assistant
+{% generation %}{% if loop.index0 > ns.last_user %}<think>
+
+</think>
+
+{% endif %}{{ m.content }}{% if m.tool_calls %}{% for call in m.tool_calls %}
+<tool_call>
+{{ call.function | tojson }}
+</tool_call>{% endfor %}{% endif %}<|im_end|>{% endgeneration %}
+{% elif m.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+CHAT_LLAMA3 = """{{- bos_token }}
+{%- if messages[0].role == 'system' %}{% set system = messages[0].content | trim %}{% set rest = messages[1:] %}
+{%- else %}{% set system = '' %}{% set rest = messages %}{% endif %}
+<|start_header_id|>system<|end_header_id|>
+
+{% if tools %}Environment: ipython
+{% for t in tools %}{{ t | tojson(indent=4) }}
+
+{% endfor %}{% endif %}{{ system }}<|eot_id|>
+{%- for m in rest %}
+{%- if m.role == 'assistant' %}<|start_header_id|>assistant<|end_header_id|>
+
+{% generation %}{% if m.tool_calls %}{% for c in m.tool_calls %}{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{% endfor %}{% else %}{{ m.content | trim }}{% endif %}<|eot_id|>{% endgeneration %}
+{%- elif m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>
+
+{{ m.content | trim }}<|eot_id|>
+{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>
+
+{{ m.content | trim }}<|eot_id|>
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>
+
+{% endif %}"""
+
+CHAT_GEMMA3 = """{{ bos_token }}
+{%- if messages[0].role == 'system' %}{% set prefix = messages[0].content + '\n\n' %}{% set rest = messages[1:] %}
+{%- else %}{% set prefix = '' %}{% set rest = messages %}{% endif %}
+{%- for m in rest %}
+{%- set role = 'model' if m.role == 'assistant' else 'user' %}
+<start_of_turn>{{ role }}
+{% if m.role == 'assistant' %}{% generation %}{{ m.content | trim }}<end_of_turn>{% endgeneration %}
+{% else %}{{ prefix if loop.first else '' }}{% if m.role == 'tool' %}Tool result: {% endif %}{{ m.content | trim }}<end_of_turn>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<start_of_turn>model
+{% endif %}"""
+
+CHAT_MISTRAL = """{{ bos_token }}
+{%- set system = messages[0].content if messages[0].role == 'system' else '' %}
+{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}
+{%- for m in messages %}
+{%- if m.role == 'user' %}[INST] {% if loop.index0 == ns.last_user and system %}{{ system }}
+
+{% endif %}{{ m.content }}[/INST]
+{%- elif m.role == 'tool' %}[TOOL_RESULTS] {{ m.content }}[/TOOL_RESULTS]
+{%- elif m.role == 'assistant' %}{% generation %}{% if m.tool_calls %}[TOOL_CALLS] {{ m.tool_calls | map(attribute='function') | list | tojson }}{% else %} {{ m.content }}{% endif %}</s>{% endgeneration %}
+{%- endif %}
+{%- endfor %}"""
+
+CHAT_STYLES = {  # name -> (template, bos, eos, special tokens)
+    "qwen3": (CHAT_QWEN3, None, "<|im_end|>", ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>"]),
+    "llama3": (CHAT_LLAMA3, "<|begin_of_text|>", "<|eot_id|>",
+               ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    "gemma3": (CHAT_GEMMA3, "<bos>", "<eos>", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]),
+    "mistral": (CHAT_MISTRAL, "<s>", "</s>", ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
+                                           "[/TOOL_RESULTS]"]),
+}
+CHAT_STOPS = {"qwen3": "<|im_end|>", "llama3": "<|eot_id|>", "gemma3": "<end_of_turn>", "mistral": "</s>"}
+
+
+def write_chat_tokenizer(folder, style: str, lines: list[str]) -> str:
+    """`folder` as a Hugging Face tokenizer folder in `style` (a key of CHAT_STYLES): a byte-level BPE (600
+    tokens, Llama 3's split) trained on `lines`, the style's markers as special added tokens, and a
+    tokenizer_config.json with the chat template and the bos / eos tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    template, bos, eos, specials = CHAT_STYLES[style]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "eos_token": eos,
+           "bos_token": bos, "clean_up_tokenization_spaces": False}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, ensure_ascii=False)
+    return str(folder)
+
+
 # ------------------------------------------------------------------------------------------------- text
 
 GOOD_EN = (

@@ -287,6 +287,22 @@ MUTATIONS = [
     Mutation("attention-softcap-dropped", "kernels/reference.py",
              "logits = softcap * jnp.tanh(logits / softcap)", "logits = logits",
              [G3 + "test_attention_softcap_matches_transformers_gemma2"]),
+    # ---- a model's own chat template, exports, lazy import (issue 22) ----
+    Mutation("chat-hf-span-starts-in-the-prompt", "maxlm/data/chat_hf.py",
+             "start = len(prompt) if full.startswith(prompt)", "start = len(prompt) - 1 if full.startswith(prompt)",
+             ["tests/test_chat_hf.py::test_ids_and_mask_equal_apply_chat_template"]),
+    Mutation("chat-hf-end-marker-untrained", "maxlm/data/chat_hf.py",
+             "out.append((start, end + len(self.stop)))", "out.append((start, end))",
+             ["tests/test_chat_hf.py::test_ids_and_mask_equal_apply_chat_template"]),
+    Mutation("to-jinja-separator-dropped", "maxlm/data/chat.py",
+             "literal(template.end + template.separator)", "literal(template.end)",
+             ["tests/test_chat.py::test_to_jinja_renders_what_maxlm_trains_on"]),
+    Mutation("export-shard-over-its-limit", "maxlm/interop/hf.py",
+             "if current and size + x.nbytes > max_shard_bytes:", "if current and size > max_shard_bytes:",
+             [G3 + "test_sharded_bf16_export_loads_everywhere"]),
+    Mutation("lazy-import-dtype-ignored", "maxlm/interop/hf.py",
+             "out = np.empty(like.shape, dtype)", "out = np.empty(like.shape, np.float32)",
+             [G3 + "test_lazy_import_onto_shardings"]),
 ]
 
 

@@ -19,102 +19,9 @@ from maxlm import tokenizer as tokenizer_lib
 from maxlm.data import chat, chat_hf
 from maxlm.data import sft as sft_data
 from maxlm.errors import InputError
+from tests.helpers import CHAT_STOPS, CHAT_STYLES
 
 transformers = pytest.importorskip("transformers")
-
-QWEN = """{%- if tools %}<|im_start|>system
-{% if messages[0].role == 'system' %}{{ messages[0].content }}
-
-{% endif %}# Tools
-<tools>
-{% for tool in tools %}{{ tool | tojson }}
-{% endfor %}</tools><|im_end|>
-{% elif messages[0].role == 'system' %}<|im_start|>system
-{{ messages[0].content }}<|im_end|>
-{% endif %}
-{%- set ns = namespace(last_user=-1) %}
-{%- for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}
-{%- for m in messages %}
-{%- if m.role == 'user' or (m.role == 'system' and not loop.first) %}<|im_start|>{{ m.role }}
-{{ m.content }}<|im_end|>
-{% elif m.role == 'assistant' %}<|im_start|>assistant
-{% generation %}{% if loop.index0 > ns.last_user %}<think>
-
-</think>
-
-{% endif %}{{ m.content }}{% if m.tool_calls %}{% for call in m.tool_calls %}
-<tool_call>
-{{ call.function | tojson }}
-</tool_call>{% endfor %}{% endif %}<|im_end|>{% endgeneration %}
-{% elif m.role == 'tool' %}<|im_start|>user
-<tool_response>
-{{ m.content }}
-</tool_response><|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"""
-
-LLAMA3 = """{{- bos_token }}
-{%- if messages[0].role == 'system' %}{% set system = messages[0].content | trim %}{% set rest = messages[1:] %}
-{%- else %}{% set system = '' %}{% set rest = messages %}{% endif %}
-<|start_header_id|>system<|end_header_id|>
-
-{% if tools %}Environment: ipython
-{% for t in tools %}{{ t | tojson(indent=4) }}
-
-{% endfor %}{% endif %}{{ system }}<|eot_id|>
-{%- for m in rest %}
-{%- if m.role == 'assistant' %}<|start_header_id|>assistant<|end_header_id|>
-
-{% generation %}{% if m.tool_calls %}{% for c in m.tool_calls %}{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{% endfor %}{% else %}{{ m.content | trim }}{% endif %}<|eot_id|>{% endgeneration %}
-{%- elif m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>
-
-{{ m.content | trim }}<|eot_id|>
-{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>
-
-{{ m.content | trim }}<|eot_id|>
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>
-
-{% endif %}"""
-
-GEMMA3 = """{{ bos_token }}
-{%- if messages[0].role == 'system' %}{% set prefix = messages[0].content + '\n\n' %}{% set rest = messages[1:] %}
-{%- else %}{% set prefix = '' %}{% set rest = messages %}{% endif %}
-{%- for m in rest %}
-{%- set role = 'model' if m.role == 'assistant' else 'user' %}
-<start_of_turn>{{ role }}
-{% if m.role == 'assistant' %}{% generation %}{{ m.content | trim }}<end_of_turn>{% endgeneration %}
-{% else %}{{ prefix if loop.first else '' }}{% if m.role == 'tool' %}Tool result: {% endif %}{{ m.content | trim }}<end_of_turn>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<start_of_turn>model
-{% endif %}"""
-
-MISTRAL = """{{ bos_token }}
-{%- set system = messages[0].content if messages[0].role == 'system' else '' %}
-{%- set ns = namespace(last_user=-1) %}
-{%- for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}
-{%- for m in messages %}
-{%- if m.role == 'user' %}[INST] {% if loop.index0 == ns.last_user and system %}{{ system }}
-
-{% endif %}{{ m.content }}[/INST]
-{%- elif m.role == 'tool' %}[TOOL_RESULTS] {{ m.content }}[/TOOL_RESULTS]
-{%- elif m.role == 'assistant' %}{% generation %}{% if m.tool_calls %}[TOOL_CALLS] {{ m.tool_calls | map(attribute='function') | list | tojson }}{% else %} {{ m.content }}{% endif %}</s>{% endgeneration %}
-{%- endif %}
-{%- endfor %}"""
-
-STYLES = {  # name -> (template, bos, eos, special tokens)
-    "qwen3": (QWEN, None, "<|im_end|>", ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>"]),
-    "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>",
-               ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
-    "gemma3": (GEMMA3, "<bos>", "<eos>", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]),
-    "mistral": (MISTRAL, "<s>", "</s>", ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
-                                           "[/TOOL_RESULTS]"]),
-}
-STOPS = {"qwen3": "<|im_end|>", "llama3": "<|eot_id|>", "gemma3": "<end_of_turn>", "mistral": "</s>"}
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city (摄氏度).",
@@ -146,38 +53,6 @@ def _conversations(n: int = 24, seed: int = 0) -> list[tuple[list[dict], list | 
     return out
 
 
-def _lines(seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(TEXTS) for _ in range(3)) for _ in range(600)] + [json.dumps(TOOLS[0])] * 20
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """One byte-level BPE (600 tokens, Llama 3's split) per style, its markers as special added tokens, and a
-    tokenizer_config.json holding the chat template and the bos / eos tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from tests.test_tokenizer_hf import LLAMA3_SPLIT
-
-    out = {}
-    for name, (template, bos, eos, specials) in STYLES.items():
-        folder = tmp_path_factory.mktemp(f"chat_{name}")
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator(_lines(), trainers.BpeTrainer(
-            vocab_size=600, special_tokens=specials, show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        tok.save(str(folder / "tokenizer.json"))
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "eos_token": eos,
-               "bos_token": bos, "clean_up_tokenization_spaces": False}
-        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False))
-        out[name] = str(folder)
-    return out
-
-
 def _auto(folder):
     return transformers.AutoTokenizer.from_pretrained(folder)
 
@@ -186,12 +61,12 @@ def _ids(result) -> list[int]:
     return list(result["input_ids"] if hasattr(result, "keys") else result)
 
 
-@pytest.mark.parametrize("style", sorted(STYLES))
-def test_ids_and_mask_equal_apply_chat_template(style, folders):
-    auto = _auto(folders[style])
-    tok = tokenizer_lib.load(folders[style])
+@pytest.mark.parametrize("style", sorted(CHAT_STYLES))
+def test_ids_and_mask_equal_apply_chat_template(style, chat_folders):
+    auto = _auto(chat_folders[style])
+    tok = tokenizer_lib.load(chat_folders[style])
     template = chat.load_template("hf", tok.path)
-    assert isinstance(template, chat_hf.HFTemplate) and template.stop == STOPS[style]
+    assert isinstance(template, chat_hf.HFTemplate) and template.stop == CHAT_STOPS[style]
     trained_convs = 0
     for messages, tools in _conversations():
         chat.check_messages(template, messages)
@@ -209,9 +84,9 @@ def test_ids_and_mask_equal_apply_chat_template(style, folders):
     assert trained_convs == 24
 
 
-def test_every_trained_token_is_assistant_text(folders):
+def test_every_trained_token_is_assistant_text(chat_folders):
     """The mask read as text: exactly each assistant reply (after its generation prompt) and its end marker."""
-    tok = tokenizer_lib.load(folders["llama3"])
+    tok = tokenizer_lib.load(chat_folders["llama3"])
     template = chat.load_template("hf", tok.path)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "  Hello there  "}, {"role": "user", "content": "2+2?"},
@@ -221,10 +96,10 @@ def test_every_trained_token_is_assistant_text(folders):
     assert "".join(pieces).replace("Ġ", " ") == "Hello there<|eot_id|>4<|eot_id|>"
 
 
-def test_truncation_renders_again_and_keeps_system(folders):
-    tok = tokenizer_lib.load(folders["qwen3"])
+def test_truncation_renders_again_and_keeps_system(chat_folders):
+    tok = tokenizer_lib.load(chat_folders["qwen3"])
     template = chat.load_template("hf", tok.path)
-    auto = _auto(folders["qwen3"])
+    auto = _auto(chat_folders["qwen3"])
     messages = [{"role": "system", "content": "You are terse."}]
     for k in range(6):
         messages += [{"role": "user", "content": f"Question {k}: " + TEXTS[k]},
@@ -240,12 +115,12 @@ def test_truncation_renders_again_and_keeps_system(folders):
         chat.truncate_left(template, tok, messages, 20)
 
 
-def test_a_folder_without_a_template_or_tokenizer_json_is_one_line(folders, tmp_path, shared_tok_path):
+def test_a_folder_without_a_template_or_tokenizer_json_is_one_line(chat_folders, tmp_path, shared_tok_path):
     import shutil
 
     plain = tmp_path / "plain"
     plain.mkdir()
-    shutil.copy(f"{folders['llama3']}/tokenizer.json", plain / "tokenizer.json")
+    shutil.copy(f"{chat_folders['llama3']}/tokenizer.json", plain / "tokenizer.json")
     (plain / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>"}))
     with pytest.raises(InputError, match="no chat template"):
         chat.load_template("hf", str(plain / "tokenizer.json"))
@@ -265,7 +140,7 @@ def test_a_folder_without_a_template_or_tokenizer_json_is_one_line(folders, tmp_
                                   [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])[1]).any()
 
 
-def test_sft_with_the_models_own_template_and_its_export(folders, tmp_path):
+def test_sft_with_the_models_own_template_and_its_export(chat_folders, tmp_path):
     """`sft.template=hf` from a Llama-3-style folder: the run trains on apply_chat_template's ids, keeps the
     template beside its tokenizer (so evaluation renders prompts the same way), and its export's AutoTokenizer
     renders the same ids."""
@@ -281,13 +156,13 @@ def test_sft_with_the_models_own_template_and_its_export(folders, tmp_path):
     from tests.helpers import ROOT
 
     base = tmp_path / "base"
-    vocab = tokenizer_lib.load(folders["llama3"]).vocab_size
+    vocab = tokenizer_lib.load(chat_folders["llama3"]).vocab_size
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                  tie_word_embeddings=True)).save_pretrained(str(base))
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{folders['llama3']}/{name}", base / name)
+        shutil.copy(f"{chat_folders['llama3']}/{name}", base / name)
     work = str(tmp_path / "sft")
     config = C.override(C.load_config_file(f"{ROOT}/configs/sft_tiny.py"), **{
         "sft.base": str(base), "sft.template": "hf", "sft.tasks": ("format",), "sft.task_train_size": 16,

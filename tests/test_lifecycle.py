@@ -24,8 +24,7 @@ from maxlm.evaluation import harness
 from maxlm.interop import hf, pretrained
 from maxlm.model import decoder as model_lib
 from maxlm.posttrain import ppo, reward, sft
-from tests.helpers import HF_TOL, ROOT, hf_logits
-from tests.test_chat_hf import folders  # noqa: F401  (the tokenizer folders of every template style)
+from tests.helpers import HF_TOL, ROOT, build_hf, hf_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -48,13 +47,8 @@ FAST = {"qwen3"}
 def _base(family: str, folders: dict, path) -> str:
     class_name, style, kwargs = FAMILIES[family]
     vocab = tokenizer_lib.load(folders[style]).vocab_size
-    torch.manual_seed(0)
-    cfg_class = transformers.Gemma3TextConfig if family == "gemma3" else getattr(
-        transformers, class_name.replace("ForCausalLM", "Config"))
-    model = getattr(transformers, class_name)(cfg_class(**{
-        "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, **kwargs}))
-    model.save_pretrained(str(path))
+    build_hf(class_name, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_key_value_heads=2,
+             **kwargs).save_pretrained(str(path))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(folders[style], name), path / name)
     return str(path)
@@ -68,8 +62,8 @@ def _config(name: str, **overrides):
 
 
 @pytest.mark.parametrize("family", [f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
-def test_sft_lora_reward_ppo_evaluate_export(family, folders, tmp_path):  # noqa: F811
-    base = _base(family, folders, tmp_path / "base")
+def test_sft_lora_reward_ppo_evaluate_export(family, chat_folders, tmp_path):
+    base = _base(family, chat_folders, tmp_path / "base")
     steps = {"train.num_steps": 2, "checkpoint.every_steps": 2}
 
     full, lora = str(tmp_path / "sft"), str(tmp_path / "lora")

@@ -17,11 +17,8 @@ import sysconfig
 import pytest
 
 from maxlm import tokenizer as tokenizer_lib
+from tests.helpers import LLAMA3_SPLIT
 
-# The pre-tokenizer split of Llama 3's tokenizer.json (a published spec): contractions, letters with one
-# leading non-letter, digits in threes, punctuation runs, newlines, and whitespace kept before a word.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
 
