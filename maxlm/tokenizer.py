@@ -41,7 +41,7 @@ import ml_collections
 import sentencepiece as spm
 
 from maxlm import data
-from maxlm.data import records
+from maxlm.data import chat_hf, records
 from maxlm.errors import ConfigError, InputError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -150,7 +150,7 @@ class HFTokenizer:
         except Exception as e:  # noqa: BLE001 -- the Rust loader raises a bare Exception
             raise InputError(f"{path} is not a Hugging Face tokenizer.json ({' '.join(str(e).split())[:200]})") from None
         config = _read_config(os.path.join(os.path.dirname(os.path.abspath(path)), HF_CONFIG))
-        special = _special_tokens(config)
+        special = chat_hf.special_tokens(config)
         self._ids = {name: (self._tok.token_to_id(token) if token else None) for name, token in special.items()}
         for name, token in special.items():
             if token and self._ids[name] is None:
@@ -247,15 +247,6 @@ class HFTokenizer:
 def _read_config(config_path: str) -> dict:
     """A tokenizer_config.json as a dict ({} when there is none)."""
     return records.read_json_object(config_path) if os.path.exists(config_path) else {}
-
-
-def _special_tokens(cfg: dict) -> dict[str, str | None]:
-    """{"bos", "eos", "pad", "unk"} -> token text from a tokenizer_config.json (string or AddedToken dict)."""
-    out = {}
-    for name in ("bos", "eos", "pad", "unk"):
-        value = cfg.get(f"{name}_token")
-        out[name] = value.get("content") if isinstance(value, dict) else value
-    return out
 
 
 def text_prefix(tok: Tokenizer | HFTokenizer) -> list[int]:

@@ -108,14 +108,13 @@ def _config(folder: str) -> dict:
     return records.read_json_object(path) if os.path.isfile(path) else {}
 
 
-def _special_tokens(folder: str) -> dict[str, str]:
-    """bos_token, eos_token, unk_token, pad_token as text (the variables transformers passes the template)."""
+def special_tokens(cfg: dict) -> dict[str, str | None]:
+    """{"bos", "eos", "pad", "unk"} -> token text from a tokenizer_config.json (string or AddedToken dict); the
+    one reading of those fields, for the tokenizer and for a chat template's variables."""
     out = {}
-    for key, value in _config(folder).items():
-        if key.endswith("_token") and key.split("_")[0] in ("bos", "eos", "unk", "pad"):
-            value = value.get("content") if isinstance(value, dict) else value
-            if isinstance(value, str):
-                out[key] = value
+    for name in ("bos", "eos", "pad", "unk"):
+        value = cfg.get(f"{name}_token")
+        out[name] = value.get("content") if isinstance(value, dict) else value
     return out
 
 
@@ -143,7 +142,9 @@ class HFTemplate:
     @classmethod
     def from_folder(cls, folder: str) -> "HFTemplate":
         source = _template_source(folder)
-        variables = tuple(sorted(_special_tokens(folder).items()))
+        # bos_token, eos_token, ... as text: the variables transformers passes the template
+        variables = tuple(sorted((f"{name}_token", text) for name, text in special_tokens(_config(folder)).items()
+                                 if isinstance(text, str)))
         probe = cls(source, variables, "", folder)
         text = probe.text(_PROBE)
         after = text[text.rindex("pong") + len("pong"):]
