@@ -41,6 +41,9 @@ setup(
         ],
         # Reading zstd-compressed jsonl in `python -m maxlm.curate` (gzip needs nothing extra).
         "zstd": ["zstandard>=0.22"],
+        # libtpu, the TPU compiler: `python -m maxlm.aot` and the `tpu`-marked tests compile for TPU slices on a CPU
+        # (jax.experimental.topologies). ~680 MB; JAX then probes for a TPU at start-up unless JAX_PLATFORMS=cpu.
+        "tpu": ["jax[tpu]>=0.10.0,<0.12"],
         # lm-evaluation-harness as a client: `python -m maxlm.lm_eval --model maxlm ...` (maxlm/lm_eval.py); no torch.
         "lm_eval": ["lm_eval>=0.4.13,<0.5"],
         # ... plus its `--model hf` (torch, transformers, accelerate, peft), to score an export the same way.

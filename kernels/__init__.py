@@ -5,7 +5,8 @@ lowerings, interpreted on CPU); `reference` is the plain-jnp semantics every imp
 against.
 """
 
-from kernels.flash_attention import BlockSizes, default_backend, flash_attention
+from kernels.flash_attention import BlockSizes, compile_target, default_backend, flash_attention
 from kernels.reference import MASK_VALUE, attention_mask, mha_reference
 
-__all__ = ["MASK_VALUE", "BlockSizes", "attention_mask", "default_backend", "flash_attention", "mha_reference"]
+__all__ = ["MASK_VALUE", "BlockSizes", "attention_mask", "compile_target", "default_backend", "flash_attention",
+           "mha_reference"]

@@ -18,8 +18,11 @@ whole number of tiles, the padded keys are masked as padding, and the padded que
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -63,9 +66,31 @@ class _Static:
     interpret: bool
 
 
+# The platform kernels are compiled for when it is not the one this process runs on: ahead-of-time compilation
+# for a TPU topology from a CPU host (`maxlm.aot`) lowers the Mosaic kernels, not the interpreter.
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernels_target", default=None)
+
+
+@contextlib.contextmanager
+def compile_target(platform: str) -> Iterator[None]:
+    """Within this context, `flash_attention` defaults to `platform`'s kernels ("tpu" or "gpu"), compiled,
+    never interpreted -- whatever `jax.default_backend()` is. For lowering to devices this host does not
+    have (a TPU topology from `jax.experimental.topologies`)."""
+    if platform not in BACKENDS:
+        raise ValueError(f"compile_target must be one of {BACKENDS}, got {platform!r}")
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
 def default_backend() -> str:
     """The kernel family for the default JAX platform: TPU on TPU, the GPU kernels elsewhere (on a
-    CPU they run interpreted)."""
+    CPU they run interpreted), unless a `compile_target` is in force."""
+    target = _TARGET.get()
+    if target is not None:
+        return target
     return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
@@ -112,7 +137,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = _TARGET.get() is None and jax.default_backend() == "cpu"
     if segment_ids is None:
         q_seg = kv_seg = None
     elif isinstance(segment_ids, (tuple, list)):

@@ -103,13 +103,27 @@ def _params(*semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, semantics, interpret, name):
+def _pairs(b: int, n: int, t: int, s: int, causal: bool, window: int) -> int:
+    """Query-key pairs the kernels compute (about: whole tiles on the diagonal count in full)."""
+    seen = min(window, s) if window else s
+    return b * n * t * seen // (2 if causal and not window else 1)
+
+
+def _cost(pairs: int, h: int, matmuls: int, *arrays) -> pl.CostEstimate:
+    """What a kernel costs, for XLA's scheduler and cost analysis (a custom call is otherwise free to it):
+    `matmuls` [T,S]x[S,H]-sized products per pair (2 FLOPs per multiply-add), one exp per pair, and the
+    bytes of the arrays it reads and writes once."""
+    return pl.CostEstimate(flops=2 * matmuls * pairs * h, transcendentals=pairs,
+                           bytes_accessed=sum(x.size * x.dtype.itemsize for x in arrays))
+
+
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes, semantics, interpret, name, cost=None):
     """pallas_call with the query offset as a scalar-prefetch operand: it lands in SMEM before the grid
     runs, so index maps (which choose the tiles to DMA) can read it as well as the kernel."""
     spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
                                         out_specs=out_specs, scratch_shapes=scratch_shapes)
     return pl.pallas_call(kernel, grid_spec=spec, out_shape=out_shape, compiler_params=_params(*semantics),
-                          interpret=interpret, name=name)
+                          interpret=interpret, name=name, cost_estimate=cost)
 
 
 def forward(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, sm_scale: float, block_q: int, block_k: int,
@@ -138,6 +152,7 @@ def forward(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, sm_scale: float, 
         scratch_shapes=[pltpu.VMEM((block_q, _LANES), jnp.float32), pltpu.VMEM((block_q, _LANES), jnp.float32),
                         pltpu.VMEM((block_q, h), jnp.float32)],
         semantics=("parallel", "parallel", "parallel", "arbitrary"), interpret=interpret, name="flash_fwd",
+        cost=_cost(_pairs(b, n, t, s, causal, window), h, 2, q, k, v, q),
     )(q_offset, *args)
     return _heads_major(out), lse[:, :, 0, :]
 
@@ -259,7 +274,7 @@ def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, 
         out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((block_k, h), jnp.float32), pltpu.VMEM((block_k, h), jnp.float32)],
         semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"), interpret=interpret,
-        name="flash_bwd_dkdv",
+        name="flash_bwd_dkdv", cost=_cost(_pairs(b, n, t, s, causal, window), h, 4, q, k, v, do, k, v),
     )(q_offset, *args)
 
     # dQ: grid (batch, query head, query tile, key tile); the key tiles accumulate.
@@ -280,5 +295,6 @@ def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, 
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((block_q, h), jnp.float32)],
         semantics=("parallel", "parallel", "parallel", "arbitrary"), interpret=interpret, name="flash_bwd_dq",
+        cost=_cost(_pairs(b, n, t, s, causal, window), h, 3, q, k, v, do, q),
     )(q_offset, *args)
     return _heads_major(dq), _heads_major(dk), _heads_major(dv)

@@ -2,14 +2,19 @@
 most of a tiny run's start-up, so tests that only need *a* tokenizer share this one), and a small
 random-weight Hugging Face model using that tokenizer (a base for fine-tuning tests)."""
 
+import os
 import shutil
 import subprocess
 import sys
 
-import pytest
+# With the `tpu` extra installed, JAX would look for a TPU in every test process (and its subprocesses); the
+# suite runs on the CPU, and the `tpu` tests compile for TPU topologies without a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from maxlm import tokenizer
-from tests.helpers import ROOT, small_config, write_corpus
+import pytest  # noqa: E402
+
+from maxlm import tokenizer  # noqa: E402
+from tests.helpers import ROOT, small_config, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")

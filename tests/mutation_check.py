@@ -303,6 +303,19 @@ MUTATIONS = [
     Mutation("lazy-import-dtype-ignored", "maxlm/interop/hf.py",
              "out = np.empty(like.shape, dtype)", "out = np.empty(like.shape, np.float32)",
              [G3 + "test_lazy_import_onto_shardings"]),
+    # ---- ahead-of-time compilation for TPU (maxlm/training/aot.py, kernels/flash_tpu.py) ----
+    Mutation("all-reduce-ring-bytes-halved", "maxlm/training/aot.py",
+             '(n - 1) / n * (2 if op == "all-reduce" else 1)', "(n - 1) / n",
+             ["tests/test_aot.py::test_collectives_from_hlo"]),
+    Mutation("layer-extrapolation-off-by-one", "maxlm/training/aot.py",
+             "accum * (a + (layers - 1) * (b - a))", "accum * (a + layers * (b - a))",
+             ["tests/test_tpu_compile.py::test_layer_extrapolation_matches_the_unrolled_program"]),
+    Mutation("accumulation-not-counted", "maxlm/training/aot.py",
+             "accum * (a + (layers - 1) * (b - a))", "(a + (layers - 1) * (b - a))",
+             ["tests/test_tpu_compile.py::test_layer_extrapolation_matches_the_unrolled_program"]),
+    Mutation("flash-cost-forward-undercounted", "kernels/flash_tpu.py",
+             "h, 2, q, k, v, q)", "h, 1, q, k, v, q)",
+             ["tests/test_tpu_compile.py::test_flash_forward_backward_compile"]),
 ]
 
 
