@@ -250,6 +250,7 @@ def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, 
     g = n // kv_heads
     has_seg = q_seg is not None
     qh, kh, vh, doh = (_heads_major(x) for x in (q, k, v, do))
+    pairs = _pairs(b, n, t, s, causal, window)
     lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]
     qi = functools.partial(_q_index, block_q=block_q, block_k=block_k, causal=causal, num_q_blocks=t // block_q,
                            window=window)
@@ -274,7 +275,7 @@ def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, 
         out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((block_k, h), jnp.float32), pltpu.VMEM((block_k, h), jnp.float32)],
         semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"), interpret=interpret,
-        name="flash_bwd_dkdv", cost=_cost(_pairs(b, n, t, s, causal, window), h, 4, q, k, v, do, k, v),
+        name="flash_bwd_dkdv", cost=_cost(pairs, h, 4, q, k, v, do, k, v),
     )(q_offset, *args)
 
     # dQ: grid (batch, query head, query tile, key tile); the key tiles accumulate.
@@ -295,6 +296,6 @@ def backward(q, k, v, q_seg, kv_seg, q_offset, lse, delta, do, *, causal: bool, 
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((block_q, h), jnp.float32)],
         semantics=("parallel", "parallel", "parallel", "arbitrary"), interpret=interpret, name="flash_bwd_dq",
-        cost=_cost(_pairs(b, n, t, s, causal, window), h, 3, q, k, v, do, q),
+        cost=_cost(pairs, h, 3, q, k, v, do, q),
     )(q_offset, *args)
     return _heads_major(dq), _heads_major(dk), _heads_major(dv)

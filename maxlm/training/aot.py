@@ -249,9 +249,14 @@ def analyse(compiled: Any, num_devices: int) -> Analysis:
 # The programs
 
 
+def mesh_sizes(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """{mesh axis: size} of the config's mesh on `num_devices` devices."""
+    return dict(zip(config_lib.MESH_AXES, sharding.mesh_shape(config, num_devices)))
+
+
 def batch_degree(config: ml_collections.ConfigDict, num_devices: int) -> int:
     """How many ways the batch is split: the product of the mesh axes 'activation_batch' maps to."""
-    sizes = dict(zip(config_lib.MESH_AXES, sharding.mesh_shape(config, num_devices)))
+    sizes = mesh_sizes(config, num_devices)
     target = dict(sharding.rules(config)).get("activation_batch")
     names = target if isinstance(target, tuple) else (target,)
     return math.prod(sizes[a] for a in names if a is not None)
@@ -373,11 +378,10 @@ class Report:
 
     @property
     def estimate_16b(self) -> float:
-        """16 bytes per parameter over the parameter-sharding degree (train); the bf16 weights plus the KV
-        cache over the same degree (decode)."""
-        sizes = dict(zip(config_lib.MESH_AXES, sharding.mesh_shape(self.config, len(self.topology.devices))))
+        """`sharding.estimate_16b_per_param` per chip (for a decode step only a scale: it holds no optimizer)."""
+        sizes = mesh_sizes(self.config, len(self.topology.devices))
         degree = sizes["fsdp"] * sizes["tensor"] / self.topology.devices_per_chip
-        return 16 * config_lib.num_params(self.config) / degree
+        return sharding.estimate_16b_per_param(self.config, degree)
 
     def analytic_flops(self) -> float:
         """Model FLOPs per step per chip: `config.flops_per_token` x tokens (train); 2 x matmul parameters +
@@ -410,7 +414,7 @@ def _gib(x: float) -> str:
 def describe(report: Report) -> list[str]:
     """The human-readable table (the last line of `python -m maxlm.aot` is the JSON)."""
     t, c, m = report.topology, report.config, report.memory
-    per, sizes = t.devices_per_chip, dict(zip(config_lib.MESH_AXES, sharding.mesh_shape(report.config, len(t.devices))))
+    per, sizes = t.devices_per_chip, mesh_sizes(report.config, len(t.devices))
     mesh = " ".join(f"{k}={v}" for k, v in sizes.items())
     lines = [f"maxlm.aot: {report.step} step of {config_lib.num_params(c) / 1e9:.3g}B params on {t.name} = TPU "
              f"{t.chip.generation} {t.shape} ({t.chips} chips, {len(t.devices)} devices); mesh {mesh}, "
@@ -514,7 +518,7 @@ def check(config: ml_collections.ConfigDict, step: str, num_devices: int) -> Non
 
 
 def run(config: ml_collections.ConfigDict, topology: Topology, step: str = "train", per_chip_batch: int = 0,
-        search: bool = True, log: Callable[[str], None] = print) -> Report:
+        log: Callable[[str], None] = print) -> Report:
     """Compile `step` for the topology and report. With `per_chip_batch` the micro-batch is pinned; without it
     the configured one is tried first and, for training when it does not fit, the largest power-of-two
     micro-batch predicted to fit (memory is linear in it: one more compile at 1 sequence per rank gives the
@@ -528,7 +532,7 @@ def run(config: ml_collections.ConfigDict, topology: Topology, step: str = "trai
     seconds = time.perf_counter() - start
     mb = micro_batch(config, n) if step == "train" else config.data.batch_size // batch_degree(config, n)
     hbm = topology.hbm_per_device
-    if memory.total > hbm and search and not per_chip_batch and step == "train" and mb > 1:
+    if memory.total > hbm and not per_chip_batch and step == "train" and mb > 1:
         log(f"the configured micro-batch ({mb} per rank) needs {memory.total * topology.devices_per_chip / GiB:.1f} "
             f"GiB per chip; looking for the largest that fits")
         small = with_per_chip_batch(config, step, 1, n)
@@ -563,7 +567,7 @@ def advice(report: Report) -> tuple[str, str]:
     state = (m.arguments) * per
     reason = (f"needs {report.per_chip / GiB:.1f} GiB per chip, {t.chip.generation} has {hbm / GiB:.0f} GiB "
               f"(arguments {state / GiB:.1f} GiB, temporaries {m.temporaries * per / GiB:.1f} GiB)")
-    sizes = dict(zip(config_lib.MESH_AXES, sharding.mesh_shape(c, len(t.devices))))
+    sizes = mesh_sizes(c, len(t.devices))
     tips = []
     if state > 0.8 * hbm:
         if sizes["fsdp"] * sizes["tensor"] < len(t.devices):

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from maxlm import config as config_lib
 from maxlm.config import MESH_AXES, ConfigError
 from maxlm.model import decoder as model
 
@@ -85,6 +86,13 @@ def zero_shardings(config: ml_collections.ConfigDict, mesh: Mesh, logical: Any =
     stage = config.mesh.zero_stage
     whole = full if stage == 3 else param_shardings(config, mesh, replicate_over=("fsdp",), logical=logical)
     return whole, (full if stage >= 2 else whole)
+
+
+def estimate_16b_per_param(config: ml_collections.ConfigDict, degree: float) -> float:
+    """The practitioners' per-device estimate of training state: 16 bytes per parameter (weights, gradients and
+    AdamW's two moments, the ZeRO paper's mixed-precision count) over the parameter-sharding degree
+    fsdp x tensor. No activations."""
+    return 16 * config_lib.num_params(config) / degree
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -221,7 +221,7 @@ class Trainer:
         for name, tree in self.abstract_state.get("frozen", {}).items():
             report[f"frozen_{name}"] = sharding.bytes_per_device(tree)
         degree = self.mesh.shape["fsdp"] * self.mesh.shape["tensor"]
-        report["estimate_16B_per_param"] = 16 * config_lib.num_params(self.config) / degree
+        report["estimate_16B_per_param"] = sharding.estimate_16b_per_param(self.config, degree)
         if self._compiled is not None:
             analysis = self._compiled.memory_analysis()
             if analysis is not None:
