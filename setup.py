@@ -33,6 +33,7 @@ setup(
         "test": [
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",
+            "filelock>=3.12",  # one run of a shared subprocess check across xdist workers (tests/helpers.py)
             "torch==2.13.0",
             "transformers>=4.56,<6",
             "zstandard>=0.22",  # .zst curation input

@@ -26,6 +26,26 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly 
 """The vocabulary of `write_corpus` (English and Chinese words)."""
 
 
+def once_per_session(name: str, compute):
+    """`compute()`'s JSON result, computed by the first pytest-xdist worker that asks and read by the others
+    (a subprocess check that several parametrized tests share would otherwise run once per worker)."""
+    import tempfile
+
+    import filelock
+
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID", f"pid{os.getpid()}")
+    path = os.path.join(tempfile.gettempdir(), f"maxlm-tests-{run}-{name}.json")
+    with filelock.FileLock(path + ".lock"):
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        result = compute()
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(path + ".tmp", path)
+        return result
+
+
 def write_corpus(path, n_docs=300, seed=0) -> None:
     """Write a small pretraining jsonl corpus to `path`: `n_docs` documents with learnable structure (each a
     counted walk through `WORDS`, so a tiny model's loss can fall well below ln(V)), then one malformed line

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 ARGS = ["--config=configs/tiny.py", "--config.train.num_steps=20", "--config.train.log_every=1",
@@ -102,6 +104,7 @@ def test_two_processes_run_ppo_like_one(hf_base, reward_run, tmp_path):
                 assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
 
 
+@pytest.mark.slow  # 110 s; the PPO test above runs the reward model's forward on two hosts by default
 def test_two_processes_train_a_reward_model_like_one(hf_base, tmp_path):
     """maxlm.reward on the built-in pairs: each host reads its rows of every pair batch; same losses and the
     same held-out accuracy as one process."""

@@ -1,14 +1,13 @@
 """Sharded train steps equal the single-device step (8 forced CPU devices, in a subprocess), and ZeRO
 stages hold the per-device bytes they promise."""
 
-import functools
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, once_per_session
 
 # (data, fsdp, tensor, sequence)[:attention impl[:zero stage[:lora]]]
 MESHES = ["8,1,1,1", "1,8,1,1", "2,2,2,1", "1,2,2,2", "2,1,1,4", "1,1,1,8"]
@@ -17,8 +16,12 @@ PALLAS = ["2,2,2,1:pallas", "2,1,1,4:pallas", "1,1,1,8:pallas:3:yarn"]  # the la
 ZERO = ["1,4,2,1:xla:1", "1,4,2,1:xla:2", "1,4,2,1:xla:3"]
 
 
-@functools.cache
 def _results(group: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    return once_per_session("sharded-" + "-".join(group).replace(",", "_").replace(":", "_"),
+                            lambda: _run_group(group))
+
+
+def _run_group(group: tuple[str, ...]) -> dict[str, dict[str, float]]:
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_step_check.py"), *group],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
