@@ -26,6 +26,7 @@ from absl import flags
 
 from maxlm import cli
 from maxlm import config as config_lib
+from maxlm.inference.roofline import copy_bandwidth, decode_tokens_per_s, kv_bytes_per_token
 from maxlm.model import decoder as model
 from maxlm.model import sampler
 
@@ -45,21 +46,6 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Bytes read + written per second by a device copy of an `nbytes` float32 array (the best of 5)."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a * 1.0001)
-    copy(x).block_until_ready()
-    best = min(_time(lambda: copy(x).block_until_ready()) for _ in range(5))
-    return 2 * nbytes / best
-
-
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main(argv: list[str]) -> None:
     f = flags.FLAGS
     config = f.config
@@ -68,12 +54,12 @@ def main(argv: list[str]) -> None:
     params = jax.tree.map(lambda p: p.astype(dtype), jax.jit(lambda key: model.init(config, key))(jax.random.key(0)))
     weight_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))
     m = config.model
-    kv_bytes_per_token = 2 * m.num_layers * m.num_kv_heads * model.head_dim(m) * dtype.itemsize
+    kv_per_token = kv_bytes_per_token(config)
     on_cpu = jax.devices()[0].platform == "cpu"
     bandwidth = copy_bandwidth(1 << 28 if on_cpu else 1 << 30)
     rng = np.random.default_rng(0)
     print(f"{config_lib.describe(config)}\n{jax.devices()[0].device_kind}: weights {weight_bytes / 2**20:.0f} MiB in "
-          f"{dtype.name}, KV cache {kv_bytes_per_token / 1024:.1f} KiB/token, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+          f"{dtype.name}, KV cache {kv_per_token / 1024:.1f} KiB/token, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     rows = []
     for b in (int(x) for x in f.batch_sizes):
         prompts = rng.integers(1, m.vocab_size, (b, f.prompt_len)).tolist()
@@ -83,8 +69,7 @@ def main(argv: list[str]) -> None:
         decode_s = max(full - prefill, 1e-9)
         tokens = b * (f.new_tokens - 1)
         mean_context = f.prompt_len + f.new_tokens / 2
-        step_bytes = weight_bytes + b * mean_context * kv_bytes_per_token
-        roofline = b * bandwidth / step_bytes
+        roofline = decode_tokens_per_s(weight_bytes, kv_per_token, b, mean_context, bandwidth)
         rows.append({"batch": b, "tokens_per_s": tokens / decode_s, "ms_per_step": 1e3 * decode_s / (f.new_tokens - 1),
                      "prefill_s": prefill, "roofline_tokens_per_s": roofline,
                      "fraction_of_roofline": tokens / decode_s / roofline})

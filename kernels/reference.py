@@ -6,7 +6,9 @@ G = N // K query heads per kv head, H head dim.
 Masking follows packed-sequence training (T5 / MaxText "segment ids"): a query attends to a key only if
 both carry the same non-zero segment id and, when causal, the key's slot is not after the query's. Segment
 id 0 marks padding. During cached decoding the queries sit at slots `q_offset .. q_offset + T - 1` of a
-cache of S slots, so causality compares slot indices, not positions (positions drive RoPE only).
+cache of S slots, so causality compares slot indices, not positions (positions drive RoPE only). `q_offset`
+is one slot for the whole batch (a left-padded batch) or one per row [B] (a slot cache, where every row is
+a different request at its own length).
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *, causal: bool,
                    q_offset: jax.Array | int = 0, window: int = 0) -> jax.Array:
     """Boolean [B, T, S]: True where query t may attend to key s. `window` > 0 (Mistral's sliding window,
-    causal only) also requires the key to be one of the query's last `window` slots, itself included."""
+    causal only) also requires the key to be one of the query's last `window` slots, itself included.
+    `q_offset`: a scalar, or one offset per row [B]."""
     mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
     if causal:
         t = q_segment_ids.shape[1]
         s = kv_segment_ids.shape[1]
-        q_slot = jnp.arange(t)[:, None] + q_offset
-        kv_slot = jnp.arange(s)[None, :]
-        mask = mask & (kv_slot <= q_slot)[None]
+        offset = jnp.asarray(q_offset)
+        offset = offset[:, None, None] if offset.ndim == 1 else offset  # [B,1,1] or a scalar
+        q_slot = jnp.arange(t)[None, :, None] + offset
+        kv_slot = jnp.arange(s)[None, None, :]
+        mask = mask & (kv_slot <= q_slot)
         if window:
-            mask = mask & (q_slot - kv_slot < window)[None]
+            mask = mask & (q_slot - kv_slot < window)
     elif window:
         raise ValueError("a sliding window needs causal attention")
     return mask

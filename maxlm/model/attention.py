@@ -115,13 +115,41 @@ def _flash(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, window: int = 0, s
                                    window=window, sm_scale=scale)
 
 
+def _one_query(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, window: int = 0, scale: float | None = None,
+               softcap: float = 0.0) -> jax.Array:
+    """The reference's attention for one query token per row (a decode step), as products and sums over the
+    cache instead of `mha_reference`'s batched matmuls.
+
+    With T = 1 those matmuls are matrix-vector products that XLA:CPU runs after transposing the whole cache
+    to [B,K,S,H]. That is a copy of K and V per layer and step, more than half of a decode step's time. As
+    a multiply-and-reduce, XLA fuses the reads of the cache into the reduction, so each key and value is
+    read once. The mask and the float32 softmax are the reference's own.
+    """
+    b, _, n, h = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, kv_heads, n // kv_heads, h).astype(jnp.float32)
+    logits = jnp.sum(qg[:, None] * k[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B,S,K,G]
+    logits = logits * (scale if scale is not None else h ** -0.5)
+    if softcap:
+        logits = softcap * jnp.tanh(logits / softcap)
+    mask = reference.attention_mask(q_seg, kv_seg, causal=causal, q_offset=q_offset, window=window)[:, 0]
+    logits = jnp.where(mask[:, :, None, None], logits, reference.MASK_VALUE)
+    probs = jnp.where(mask[:, :, None, None], jax.nn.softmax(logits, axis=1), 0.0)
+    out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B,K,G,H]
+    return out.reshape(b, 1, n, h).astype(q.dtype)
+
+
 @register_attention("xla", windowed=True, scaled=True, softcapped=True)
 def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, window=0, scale=None, softcap=0.0):
-    """The plain-jnp reference; per device (keys/values gathered) when the sequence is sharded."""
-    local = functools.partial(_reference, window=window, scale=scale, softcap=softcap)
+    """The plain-jnp reference; per device (keys/values gathered) when the sequence is sharded; as products
+    and sums for one query token against a longer cache (`_one_query`: a decode step)."""
+    options = dict(window=window, scale=scale, softcap=softcap)
     if _self_attention(q, k, q_offset) and _sequence_shards() > 1:
-        return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, local=local)
-    return local(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal)
+        return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
+                           local=functools.partial(_reference, **options))
+    if q.shape[1] == 1 and k.shape[1] > 1:
+        return _one_query(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal, **options)
+    return _reference(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal=causal, **options)
 
 
 @register_attention("cudnn", backend="gpu", hardware="an NVIDIA GPU", windowed=True, scaled=True)

@@ -100,12 +100,31 @@ def _mixed_layers(m: ml_collections.ConfigDict) -> bool:
     return len(set(local_layers(m))) > 1
 
 
+def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    """Write `new` [B,T,...] into `buffer` [B,S,...] at slots index .. index + T - 1 along axis 1; with
+    `layer`, into layer `layer` of a stacked buffer [L,B,S,...].
+
+    A scalar index is one slot for every row (a left-padded batch: `maxlm.model.sampler`); an index [B]
+    gives each row its own (a slot cache, where each row is a different request at its own length:
+    `maxlm.inference.engine`). The caller guarantees index + T <= S: slots past the end are dropped. Writing into the whole stacked cache (rather than into a
+    layer's slice that the layer scan then re-stacks) is what lets XLA update the cache in place: a decode
+    step then touches the new token's slots only, not a copy of the cache."""
+    if layer is None:
+        return write_slots(buffer[None], new, index, jnp.zeros((), jnp.int32))[0]
+    b, t = new.shape[:2]
+    # A scatter for the shared index too: XLA:CPU copied the whole cache around a dynamic_update_slice here.
+    slots = jnp.broadcast_to(index, (b,))[:, None] + jnp.arange(t)[None, :]
+    return buffer.at[layer, jnp.arange(b)[:, None], slots].set(new.astype(buffer.dtype), mode="drop")
+
+
 class Attention(nn.Module):
     cfg: ml_collections.ConfigDict
+    attend_len: int = 0  # > 0: read only the cache's first attend_len slots (see `decode`)
 
     @nn.compact
-    def __call__(self, x: jax.Array, aux: dict, layer_cache: Cache | None, local: jax.Array | None):
-        """`local`: this layer's kind as a traced boolean when local and global layers mix (`_mixed_layers`),
+    def __call__(self, x: jax.Array, aux: dict, cache: Cache | None, layer: jax.Array, local: jax.Array | None):
+        """`cache`: the whole stacked k/v cache [L,B,S,K,H] (or None), of which this is layer `layer` (traced).
+        `local`: this layer's kind as a traced boolean when local and global layers mix (`_mixed_layers`),
         else None (every layer is the same kind, known statically)."""
         cfg = self.cfg
         n, k_heads, h, d = cfg.num_heads, cfg.num_kv_heads, head_dim(cfg), cfg.d_model
@@ -157,15 +176,18 @@ class Attention(nn.Module):
 
         new_cache = None
         q_offset = 0
-        if layer_cache is not None:
+        if cache is not None:
             idx = aux["cache_index"]
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, idx, 0, 0))
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, idx, 0, 0))
-            new_cache = {"k": k, "v": v}
+            new_cache = {name: write_slots(cache[name], new.astype(cache[name].dtype), idx, layer)
+                         for name, new in (("k", k), ("v", v))}
             q_offset = idx
-            k, v = k.astype(dt), v.astype(dt)
+            k, v = (jax.lax.dynamic_index_in_dim(new_cache[name], layer, keepdims=False).astype(dt)
+                    for name in ("k", "v"))
+            if self.attend_len:
+                k, v = k[:, :self.attend_len], v[:, :self.attend_len]
         window = cfg.sliding_window if local is not None or static_local else 0
-        out = attention.attend(q, k, v, q_segment_ids=aux["segment_ids"], kv_segment_ids=aux["kv_segment_ids"],
+        kv_segment_ids = aux["kv_segment_ids"][:, :k.shape[1]]
+        out = attention.attend(q, k, v, q_segment_ids=aux["segment_ids"], kv_segment_ids=kv_segment_ids,
                                q_offset=q_offset, impl=cfg.attention_impl, window=window, local=local,
                                scale=cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None,
                                softcap=cfg.attn_logit_softcap)
@@ -202,14 +224,18 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """One pre-norm decoder layer (with `post_norms`, Gemma's sandwich: a norm on each branch's output too).
-    Signature fits `nn.scan`: (carry, broadcast aux, per-layer cache, per-layer local flag)."""
+    Signature fits `nn.scan`: (carry = (activations, the whole k/v cache or None), broadcast aux, per-layer
+    inputs {"index": this layer's number, "local": its kind when kinds mix}) -> (carry, None)."""
 
     cfg: ml_collections.ConfigDict
+    attend_len: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, aux: dict, layer_cache: Cache | None, local: jax.Array | None):
+    def __call__(self, carry: tuple, aux: dict, layer: dict):
         cfg = self.cfg
-        attn_out, new_cache = Attention(cfg, name="attn")(_norm(cfg, "attn_norm")(x), aux, layer_cache, local)
+        x, cache = carry
+        attn_out, new_cache = Attention(cfg, self.attend_len, name="attn")(_norm(cfg, "attn_norm")(x), aux, cache, layer["index"],
+                                                         layer.get("local"))
         if cfg.post_norms:
             attn_out = _norm(cfg, "attn_post_norm")(attn_out)
         x = x + attn_out
@@ -218,7 +244,7 @@ class Block(nn.Module):
             mlp_out = _norm(cfg, "mlp_post_norm")(mlp_out)
         x = x + mlp_out
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        return x, new_cache
+        return (x, new_cache), None
 
 
 _REMAT_POLICIES = {
@@ -231,6 +257,7 @@ _REMAT_POLICIES = {
 
 class Decoder(nn.Module):
     cfg: ml_collections.ConfigDict
+    attend_len: int = 0  # > 0: attention reads only the cache's first attend_len slots (see `decode`)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -241,7 +268,8 @@ class Decoder(nn.Module):
         needing) the LM head -- the trunk that reward and value heads read.
 
         positions default to 0..T-1 (RoPE); segment_ids default to all ones (one document per row; 0 marks
-        padding). With a cache, the T new tokens are written at slots cache["index"] .. + T - 1.
+        padding). With a cache, the T new tokens are written at slots cache["index"] .. + T - 1 (the index is
+        a scalar for the whole batch, or one per row [B]: see `write_slots`).
         """
         cfg = self.cfg
         dt, pdt = _dtype(cfg.compute_dtype), _dtype(cfg.param_dtype)
@@ -258,21 +286,23 @@ class Decoder(nn.Module):
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
         aux = {"positions": positions, "segment_ids": segment_ids, "kv_segment_ids": segment_ids}
-        layer_caches = None
+        kv = None
         if cache is not None:
-            kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, cache["index"]))
+            kv_segment_ids = write_slots(cache["segment_ids"], segment_ids, cache["index"])
             aux.update(kv_segment_ids=kv_segment_ids, cache_index=cache["index"])
-            layer_caches = {"k": cache["k"], "v": cache["v"]}
+            kv = {"k": cache["k"], "v": cache["v"]}
 
         block = Block
         if cfg.remat_policy != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, 0, 0), length=cfg.num_layers,
+                         in_axes=(nn.broadcast, 0), length=cfg.num_layers,
                          unroll=1 if cfg.scan_layers else cfg.num_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        local = jnp.asarray(local_layers(cfg)) if _mixed_layers(cfg) else None
-        x, new_layer_caches = layers(cfg, name="layers")(x, aux, layer_caches, local)
+        per_layer = {"index": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
+        if _mixed_layers(cfg):
+            per_layer["local"] = jnp.asarray(local_layers(cfg))
+        (x, kv), _ = layers(cfg, self.attend_len, name="layers")((x, kv), aux, per_layer)
 
         x = _norm(cfg, "final_norm")(x)
         if hidden_only:
@@ -289,7 +319,7 @@ class Decoder(nn.Module):
 
         new_cache = None
         if cache is not None:
-            new_cache = {**new_layer_caches, "segment_ids": aux["kv_segment_ids"], "index": cache["index"] + t}
+            new_cache = {**kv, "segment_ids": aux["kv_segment_ids"], "index": cache["index"] + t}
         return logits.astype(jnp.float32), new_cache
 
 
@@ -333,20 +363,28 @@ def hidden(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *
     return x
 
 
-def init_cache(config: ml_collections.ConfigDict, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache: k/v [L,B,S,K,H], the segment id of every slot [B,S] (0 = empty), next slot index."""
+def init_cache(config: ml_collections.ConfigDict, batch: int, max_len: int, dtype: Any = None, *,
+               per_row: bool = False) -> Cache:
+    """An empty KV cache: k/v [L,B,S,K,H], the segment id of every slot [B,S] (0 = empty), the next slot
+    index: a scalar shared by all rows, or with `per_row` one per row [B] (a slot cache for continuous
+    batching, where rows hold unrelated requests of different lengths)."""
     cfg = model_config(config)
     dtype = dtype or _dtype(cfg.compute_dtype)
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, head_dim(cfg))
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+            "index": jnp.zeros((batch,) if per_row else (), jnp.int32)}
 
 
 def decode(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, cache: Cache, *,
-           positions: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, Cache]:
+           positions: jax.Array, segment_ids: jax.Array, attend_len: int = 0) -> tuple[jax.Array, Cache]:
     """Run T new tokens through the model against a cache (prefill when T > 1, one decode step when T = 1).
 
     Precondition: cache["index"] + T <= the cache length. Inside jit the index is a traced value, so this
     cannot be checked here; `maxlm.sample` sizes its cache to prompt + new tokens and checks that up front.
+    `attend_len` > 0 (static) makes attention read only the first attend_len slots of the cache, which must
+    hold every key the new tokens see (their own slots included): a decode step of short sequences in a long
+    cache then costs their length, not the cache's (`maxlm.inference.engine` buckets it).
     """
-    return Decoder(model_config(config)).apply({"params": params}, tokens, positions, segment_ids, cache)
+    return Decoder(model_config(config), attend_len).apply({"params": params}, tokens, positions, segment_ids,
+                                                           cache)

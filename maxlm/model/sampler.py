@@ -62,11 +62,14 @@ def process_logits(logits: jax.Array, seen: jax.Array | None = None, *, temperat
     """Hugging Face's sampling pipeline on logits [B,V] -> float32 logits [B,V], removed tokens at -inf.
 
     seen: bool [B,V], True for tokens already in the row's prompt or output (for the repetition penalty).
-    Order: repetition penalty, temperature, top-k, top-p. The hyper-parameters may be Python numbers or
-    traced scalars; `top_k <= 0` and `top_p >= 1` disable their filter, penalty 1 and temperature 1 are
-    exact identities. Drawing from `jax.random.categorical` on the result samples the filtered distribution.
+    Order: repetition penalty, temperature, top-k, top-p. The hyper-parameters may be Python numbers,
+    traced scalars, or one value per row [B] (a continuous batch mixes requests with their own settings);
+    `top_k <= 0` and `top_p >= 1` disable their filter, penalty 1 and temperature 1 are exact identities.
+    Drawing from `jax.random.categorical` on the result samples the filtered distribution.
     """
     logits = logits.astype(jnp.float32)
+    per_row = lambda x: x[..., None] if isinstance(x, jax.Array) and x.ndim == 1 else x  # noqa: E731
+    temperature, top_k, top_p, repetition_penalty = map(per_row, (temperature, top_k, top_p, repetition_penalty))
     if seen is not None and not (isinstance(repetition_penalty, (int, float)) and repetition_penalty == 1.0):
         penalty = jnp.asarray(repetition_penalty, jnp.float32)
         penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
@@ -82,7 +85,8 @@ def process_logits(logits: jax.Array, seen: jax.Array | None = None, *, temperat
     desc = -jnp.sort(-logits, axis=-1)  # [B,V], largest first
     if use_top_k:
         k = jnp.asarray(top_k, jnp.int32)
-        kth = jnp.take(desc, jnp.clip(k, 1, vocab) - 1, axis=-1)[..., None]  # the k-th largest value
+        index = jnp.broadcast_to(jnp.clip(k, 1, vocab) - 1, (*desc.shape[:-1], 1))
+        kth = jnp.take_along_axis(desc, index, axis=-1)  # the k-th largest value
         keep = (k <= 0) | (logits >= kth)
         logits = jnp.where(keep, logits, -jnp.inf)
         desc = jnp.where((k <= 0) | (desc >= kth), desc, -jnp.inf)  # still sorted: top-k keeps a prefix
