@@ -39,7 +39,11 @@ setup(
             "zstandard>=0.22",  # .zst curation input
             "datasketch>=1.6,<3",  # the peer in experiments/bench_dedup.py
             "import-linter>=2.1,<3",  # the layering contracts in .importlinter (tests/test_imports.py); brings grimp
+            "fastapi>=0.110,<1", "uvicorn>=0.29,<1",  # the server (maxlm.serve), as the serve extra
+            "openai>=1.40,<4", "httpx>=0.27,<1",  # the official OpenAI client against it (tests/test_serve.py)
         ],
+        # `python -m maxlm.serve`: the OpenAI-compatible HTTP server over the generation engine.
+        "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1"],
         # Reading zstd-compressed jsonl in `python -m maxlm.curate` (gzip needs nothing extra).
         "zstd": ["zstandard>=0.22"],
         # libtpu, the TPU compiler: `python -m maxlm.aot` and the `tpu`-marked tests compile for TPU slices on a CPU

@@ -1,17 +1,16 @@
-"""`python -m maxlm.sample`: sample from a run's newest checkpoint (the sampler is
-maxlm/model/sampler.py)."""
+"""`python -m maxlm.sample`: sample from a run's newest checkpoint, through the generation engine
+(maxlm/inference/engine.py; every prompt is one request of its continuous batch)."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-import jax
-
 from maxlm import cli
 from maxlm import tokenizer
+from maxlm.inference.engine import Engine, SamplingParams
 from maxlm.interop import pretrained
-from maxlm.model.sampler import SampleError, check_request, generate
+from maxlm.model.sampler import SampleError, check_request, generate  # noqa: F401  (maxlm.sample.generate)
 
 
 def _define_flags() -> None:
@@ -29,7 +28,9 @@ def _define_flags() -> None:
     flags.DEFINE_float("repetition_penalty", 1.1, "CTRL repetition penalty on tokens already in the text; "
                        "1 disables.")
     flags.DEFINE_bool("greedy", False, "Argmax decoding (ignores temperature, top_k, top_p).")
-    flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
+    flags.DEFINE_integer("seed", 0, "Random seed for sampling (prompt i uses seed + i).")
+    flags.DEFINE_bool("print_completion_only", False, "Print only each continuation's text, one per prompt "
+                      "(nothing else on stdout).")
 
 
 def main(argv: list[str]) -> None:
@@ -57,19 +58,27 @@ def main(argv: list[str]) -> None:
     encoded = [list(tok.encode(p)) for p in FLAGS.prompt]
     prompts = [bos + ids for ids in encoded]
     eos = tok.eos_id if tok.eos_id is not None and tok.eos_id >= 0 else None
-    pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
-    sample_args = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                       top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty, greedy=FLAGS.greedy,
-                       eos_id=eos)
-    check_request(config, prompts, **sample_args)
+    if FLAGS.max_new_tokens < 1:
+        raise SampleError(f"max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}")
+    if not FLAGS.greedy and not FLAGS.temperature > 0:
+        raise SampleError(f"temperature must be > 0 (use --greedy for argmax), got {FLAGS.temperature}")
+    engine = Engine(config, params, slots=min(len(prompts), 32), eos_id=eos, detokenize=tok.decode)
+    settings = [SamplingParams(max_tokens=FLAGS.max_new_tokens, temperature=0.0 if FLAGS.greedy else FLAGS.temperature,
+                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty,
+                               seed=FLAGS.seed + i) for i in range(len(prompts))]
+    for prompt, setting in zip(prompts, settings):
+        engine.check(prompt, setting)
     print(f"step {step} of {workdir}; {len(prompts)} prompt(s)", file=sys.stderr, flush=True)
-    outputs = generate(config, params, prompts, rng=jax.random.key(FLAGS.seed), pad_id=pad, **sample_args)
-    for text, ids, new in zip(FLAGS.prompt, encoded, outputs):
+    done = engine.generate(prompts, settings)
+    for text, ids, req in zip(FLAGS.prompt, encoded, done):
+        if FLAGS.print_completion_only:
+            print(req.text, flush=True)
+            continue
         print(f"=== prompt: {text!r}")
-        stopped = ", stopped at eos" if len(new) < FLAGS.max_new_tokens else ""
-        print(f"--- prompt + completion ({len(new)} new tokens{stopped}):")
+        stopped = ", stopped at eos" if req.finish_reason == "stop" else ""
+        print(f"--- prompt + completion ({len(req.tokens)} new tokens{stopped}):")
         # Decoding prompt and completion together keeps SentencePiece's word-boundary spaces right.
-        print(tok.decode(ids + new), flush=True)
+        print(tok.decode(ids + req.tokens), flush=True)
 
 
 def _run() -> None:

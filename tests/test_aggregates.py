@@ -133,7 +133,7 @@ def test_task_accuracy_and_per_language_accuracy_pool_items(monkeypatch, shared_
         assert len(prompts) == len(items) and kw["greedy"]
         return [tok.encode(r) for r in replies]
 
-    monkeypatch.setattr(evaluate.sample, "generate", generate)
+    monkeypatch.setattr(evaluate.engine_lib, "generate", generate)
     result = evaluate.task_accuracy(config, None, tok, "add", n=12)
     assert [r["correct"] for r in result["items"]] == right and result["n"] == 12
     assert result["accuracy"] == sum(right) / 12

@@ -48,15 +48,17 @@ def _prompts(n, seed=0, low=1, high=40):
     return [rng.integers(1, VOCAB, int(rng.integers(low, high))).tolist() for _ in range(n)]
 
 
-def test_greedy_with_refills_and_chunks_equals_the_static_sampler(tiny):
+@pytest.mark.parametrize("schedule", [dict(prefill_rows=2), dict(prefill_rows=4, refill_at=2, prefill_block=2)])
+def test_greedy_with_refills_and_chunks_equals_the_static_sampler(tiny, schedule):
     """10 ragged requests through 3 slots (so slots are refilled mid-run), prompts in up to 3 chunks of 16,
-    mixed per-request settings (repetition penalty on some): each reply equals `sampler.generate` on that
-    prompt alone."""
+    mixed per-request settings (repetition penalty on some), under two schedules (refill as soon as a slot
+    frees, one decode step per prefill; or wait for two and interleave two): each reply equals
+    `sampler.generate` on that prompt alone."""
     config, params = tiny
     prompts = _prompts(10)
     lengths = [3, 17, 1, 30, 8, 12, 25, 5, 40, 2]
     penalties = [1.0, 1.3] * 5
-    engine = Engine(config, params, slots=3, chunk=16, block=4, prefill_rows=2)
+    engine = Engine(config, params, slots=3, chunk=16, block=4, **schedule)
     done = engine.generate(prompts, [SamplingParams(max_tokens=n, temperature=0, repetition_penalty=r)
                                      for n, r in zip(lengths, penalties)])
     assert engine.steps["prefill"] >= 6 and max(len(p) for p in prompts) > 32

@@ -67,13 +67,12 @@ def test_exact_match_over_scripted_continuations(monkeypatch):
     replies = {q: reply for q, _, reply, _ in SCRIPT}
     seen = []
 
-    def generate(config, params, prompts, *, max_new_tokens, greedy, eos_id, pad_id):
+    def generate(config, params, prompts, *, max_new_tokens, greedy, eos_id):
         assert greedy and eos_id == tok.eos_id and all(p[0] == tok.bos_id for p in prompts)
         seen.extend(tok.decode(p) for p in prompts)
         return [tok.encode(replies[tok.decode(p).rsplit("Question: ", 1)[1].split("\n")[0]]) for p in prompts]
 
-    monkeypatch.setattr(gen.sample, "generate", generate)
-    monkeypatch.setattr(gen, "GENERATE_BATCH", 3)  # three sampler calls, the last one short
+    monkeypatch.setattr(gen.engine_lib, "generate", generate)
     shot = {"question": "What is 1 + 1?", "answer": "#### 2"}
     rows = [{"question": q, "answer": a} for q, a, _, _ in SCRIPT]
     result = gen.score(C.default_config(), None, tok, rows, [shot])

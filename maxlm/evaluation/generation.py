@@ -3,7 +3,7 @@
 Rows are jsonl `{"question", "answer"}` where the answer may carry its worked solution and end in
 "#### <final answer>" as GSM8K's do (Cobbe et al. 2021). The prompt is k solved examples from a `train`
 file (or the first rows) as "Question: ...\\nAnswer: ...\\n\\n", then the question and "Answer:" -- the
-format of lm-evaluation-harness's gsm8k task. The model continues greedily with the KV-cache sampler; the
+format of lm-evaluation-harness's gsm8k task. The model continues greedily through the generation engine; the
 continuation is cut where it starts a new "Question:" or a blank line, and the final answer is extracted:
 the number after "####" when there is one, else the last number in the text (commas and a trailing period
 dropped). Exact match compares the extracted strings.
@@ -20,11 +20,11 @@ import ml_collections
 
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.errors import InputError
+from maxlm.inference import engine as engine_lib
 from maxlm.model import sampler as sample
 
 _HASHES = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-GENERATE_BATCH = 16
 
 
 def extract_answer(text: str) -> str:
@@ -89,11 +89,8 @@ def score(config: ml_collections.ConfigDict, params: dict, tok: Any, rows: Seque
         raise sample.SampleError(f"the longest {len(shots)}-shot prompt fills model.max_seq_len="
                                  f"{config.model.max_seq_len}: use fewer shots")
     max_new_tokens = min(max_new_tokens, room)
-    outputs: list[str] = []
-    for start in range(0, len(prompts), GENERATE_BATCH):
-        outs = sample.generate(config, params, prompts[start:start + GENERATE_BATCH], max_new_tokens=max_new_tokens,
-                               greedy=True, eos_id=tok.eos_id, pad_id=tok.pad_id)
-        outputs += [tok.decode(o) for o in outs]
+    outs = engine_lib.generate(config, params, prompts, max_new_tokens=max_new_tokens, greedy=True, eos_id=tok.eos_id)
+    outputs = [tok.decode(o) for o in outs]
     items = []
     for row, out, gold in zip(rows, outputs, golds):
         pred = extract_answer(cut(out))

@@ -43,6 +43,7 @@ from maxlm.evaluation import generation as generation_eval
 from maxlm.evaluation import multiple_choice
 from maxlm.evaluation import passkey
 from maxlm.evaluation.multiple_choice import DataError
+from maxlm.inference import engine as engine_lib
 from maxlm.interop import pretrained
 from maxlm.model import sampler as sample
 from maxlm.model.scoring import SCORE_BATCH, _continuation_logprob_fn, loglikelihoods, sliding_windows, perplexity  # noqa: F401
@@ -68,11 +69,9 @@ def task_accuracy(config: ml_collections.ConfigDict, params: dict, tok: tokenize
     items = tasks.make_items(task, split, n, seed=config.sft.task_seed)
     prompts = [chat.render_prompt(template, tok, tasks.messages(item, config.sft.system_prompt, with_answer=False))
                for item in items]
-    responses: list[str] = []
-    for start in range(0, len(prompts), GENERATE_BATCH):
-        outs = sample.generate(config, params, prompts[start:start + GENERATE_BATCH], max_new_tokens=MAX_NEW_TOKENS,
-                               greedy=True, eos_id=stop_id(template, tok), pad_id=tok.pad_id)
-        responses += [tok.decode(o) for o in outs]
+    outs = engine_lib.generate(config, params, prompts, max_new_tokens=MAX_NEW_TOKENS, greedy=True,
+                               eos_id=stop_id(template, tok))
+    responses = [tok.decode(o) for o in outs]
     rows = [{"key": it.key, "lang": it.lang, "prompt": it.prompt, "answer": it.answer, "response": r,
              "correct": tasks.check(it, r)} for it, r in zip(items, responses)]
     by_lang = {}
@@ -300,8 +299,7 @@ def _unscoreable(counts: dict[str, int]) -> str:
 @eval_task("passkey", "needle in a haystack")
 def _passkey(FLAGS, m: Model) -> None:
     def generate(prompts: list[list[int]]) -> list[str]:
-        outs = sample.generate(m.config, m.params, prompts, max_new_tokens=8, greedy=True, eos_id=m.tok.eos_id,
-                               pad_id=m.tok.pad_id)
+        outs = engine_lib.generate(m.config, m.params, prompts, max_new_tokens=8, greedy=True, eos_id=m.tok.eos_id)
         return [m.tok.decode(o) for o in outs]
 
     try:

@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
 from maxlm.model import decoder as model
@@ -117,6 +118,21 @@ class Request:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+
+def _host(tree: Any) -> Any:
+    """Device arrays as numpy on this process: gathered from every process where a mesh spans several (each
+    process runs the same host loop, so each needs every slot's tokens)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
+def bucket_pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def _key_data(seed: int) -> np.ndarray:
@@ -218,7 +234,7 @@ def _prefill_fn(static: _Static, state: dict, params: dict, release: jax.Array, 
 def _decode_fn(static: _Static, state: dict, params: dict, release: jax.Array, max_steps: jax.Array,
                refill: jax.Array, *, top_n: int, attend_len: int):
     """Up to `max_steps` (<= block) decode steps for every active slot, in one while loop. The loop ends
-    early when a slot finishes and `refill` says requests are waiting. Returns the state and per-step
+    early once `refill` slots have finished (0: never; the host asks for as many as it can refill). Returns the state and per-step
     outputs [slots, block] (-1 where a slot emitted nothing) with the number of steps run. Attention reads
     the first `attend_len` cache slots only: a multiple of the chunk that covers every active row for the
     whole block (the host computes it from the rows' lengths)."""
@@ -230,12 +246,12 @@ def _decode_fn(static: _Static, state: dict, params: dict, release: jax.Array, m
            "top_logprobs": jnp.zeros((b, block, top_n), jnp.float32)}
     slot_params = {k: state[k] for k in ("max_tokens", "stop_ids", "temperature", "greedy", "top_k", "top_p",
                                          "penalty", "key")}
-    carry = dict(step=jnp.zeros((), jnp.int32), any_done=jnp.zeros((), bool), out=out,
+    carry = dict(step=jnp.zeros((), jnp.int32), n_done=jnp.zeros((), jnp.int32), out=out,
                  active=state["active"] & ~release,
                  **{k: state[k] for k in ("cache", "token", "count", "seen")})
 
     def cond(s):
-        return (s["step"] < max_steps) & jnp.any(s["active"]) & ~(refill & s["any_done"])
+        return (s["step"] < max_steps) & jnp.any(s["active"]) & ((refill == 0) | (s["n_done"] < refill))
 
     def body(s):
         active, cache = s["active"], s["cache"]
@@ -256,7 +272,7 @@ def _decode_fn(static: _Static, state: dict, params: dict, release: jax.Array, m
              "top_ids": o["top_ids"].at[:, step].set(top[0]),
              "top_logprobs": o["top_logprobs"].at[:, step].set(top[1])}
         new_cache["index"] = jnp.where(active, cache["index"] + 1, cache["index"])
-        return dict(step=step + 1, any_done=s["any_done"] | jnp.any(done), out=o, active=active & ~done,
+        return dict(step=step + 1, n_done=s["n_done"] + jnp.sum(done), out=o, active=active & ~done,
                     cache=new_cache, token=jnp.where(active, token, s["token"]), count=count,
                     seen=s["seen"].at[rows, token].max(active))
 
@@ -266,6 +282,15 @@ def _decode_fn(static: _Static, state: dict, params: dict, release: jax.Array, m
     return new, final["out"], final["step"]
 
 
+def _prompt_logprobs_fn(cfg: ml_collections.FrozenConfigDict, params: dict, tokens: jax.Array, *, top_n: int):
+    """tokens [1, L] -> log p(token_i | tokens_<i) for i >= 1 [1, L-1], and the top-n (ids, log-probs) there."""
+    logprobs = jax.nn.log_softmax(model.apply(cfg, params, tokens[:, :-1]).astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(logprobs, max(top_n, 1))
+    return picked, top_ids[..., :top_n], top_lp[..., :top_n]
+
+
+_prompt_logprobs = jax.jit(_prompt_logprobs_fn, static_argnums=0, static_argnames="top_n")
 _prefill = jax.jit(_prefill_fn, static_argnums=0, donate_argnums=1, static_argnames=("top_n", "kv_len"))
 _decode = jax.jit(_decode_fn, static_argnums=0, donate_argnums=1, static_argnames=("top_n", "attend_len"))
 
@@ -281,12 +306,14 @@ class Engine:
 
     def __init__(self, config: ml_collections.ConfigDict, params: dict, *, slots: int = 32,
                  max_len: int | None = None, chunk: int = 256, block: int = 16, prefill_rows: int = 8,
+                 refill_at: int = 1, prefill_block: int = 1,
                  eos_id: int | None = None, detokenize: Callable[[list[int]], str] | None = None,
                  top_logprobs: int = 5, mesh: Mesh | None = None):
         m = model.model_config(config)
         max_len = max_len or m.max_seq_len
         for name, value, low in (("slots", slots, 1), ("max_len", max_len, 2), ("chunk", chunk, 1),
-                                 ("block", block, 1), ("prefill_rows", prefill_rows, 1),
+                                 ("block", block, 1), ("prefill_rows", prefill_rows, 1), ("refill_at", refill_at, 1),
+                                 ("prefill_block", prefill_block, 1),
                                  ("top_logprobs", top_logprobs, 0)):
             if value < low:
                 raise SampleError(f"engine {name} must be >= {low}, got {value}")
@@ -298,6 +325,7 @@ class Engine:
         self.slots, self.max_len, self.block, self.eos_id = slots, max_len, block, eos_id
         self.chunk = min(bucket_length(chunk), bucket_length(max_len))
         self.prefill_rows = min(prefill_rows, slots)
+        self.refill_at, self.prefill_block = min(refill_at, slots), min(prefill_block, block)
         self.detokenize, self.top_logprobs = detokenize, top_logprobs
         # Whole chunks start at multiples of `chunk`, so a cache rounded up to one never clips a chunk.
         self.cache_len = -(-max_len // self.chunk) * self.chunk
@@ -306,9 +334,9 @@ class Engine:
         decode_m = ml_collections.ConfigDict(m.to_dict())
         decode_m.attention_impl = "xla"
         self._decode_cfg = ml_collections.FrozenConfigDict(decode_m)
-        dtype = jnp.dtype(m.compute_dtype)
-        self.params = self._place(jax.tree.map(lambda p: jnp.asarray(p, dtype), params), params=True)
-        self.state = self._place(self._empty_state(), params=False)
+        self.update_params(params)
+        # Built on the host and placed shard by shard: a mesh may span processes.
+        self.state = self._place(jax.tree.map(np.asarray, self._empty_state()), params=False)
         self._static = _Static(self._cfg, self._decode_cfg, slots, self.cache_len, block)
         self.waiting: list[Request] = []
         self.prefilling: list[Request] = []
@@ -398,6 +426,25 @@ class Engine:
         if params.logprobs is not None and not 0 <= params.logprobs <= self.top_logprobs:
             raise SampleError(f"logprobs must be in [0, {self.top_logprobs}], got {params.logprobs}")
 
+    def update_params(self, params: dict) -> None:
+        """Generate with new weights from now on (an RL actor after its updates); same shapes, so no recompile."""
+        dtype = jnp.dtype(self._cfg.compute_dtype)
+        self.params = self._place(jax.tree.map(lambda p: jnp.asarray(p, dtype), params), params=True)
+
+    def prompt_logprobs(self, prompt: Sequence[int], top_n: int = 0) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """Each prompt token's log-prob given the tokens before it (from the second token on) and the `top_n`
+        most likely tokens there: the OpenAI API's `echo` with `logprobs`, which lm-evaluation-harness's
+        log-likelihood requests read. One forward pass over the prompt padded to a bucket (causal attention:
+        padding after a token never changes it); thread-safe, so a server calls it beside the engine thread."""
+        n = len(prompt)
+        if n < 2:
+            return [], []
+        tokens = np.zeros((1, min(bucket_length(n), self.max_len) + 1), np.int32)
+        tokens[0, :n] = prompt
+        picked, ids, lps = _host(self._run(_prompt_logprobs, self._cfg, self.params, tokens, top_n=top_n))
+        tops = [[(int(i), float(v)) for i, v in zip(ids[0, t], lps[0, t])] for t in range(n - 1)]
+        return [float(x) for x in picked[0, :n - 1]], tops
+
     def _stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
         eos = () if params.ignore_eos or self.eos_id is None else (self.eos_id,)
         return tuple(dict.fromkeys(eos + tuple(int(t) for t in params.stop_token_ids)))
@@ -478,7 +525,7 @@ class Engine:
         pieces = [r.prompt[r.prefilled:r.prefilled + self.chunk] for r in batch]
         width = bucket_length(max(len(p) for p in pieces))
         width = min(width, self.chunk)
-        rows_n = 1 if len(batch) == 1 else self.prefill_rows  # two batch shapes: few compiled programs
+        rows_n = min(bucket_pow2(len(batch)), self.prefill_rows)  # 1, 2, 4, ...: few compiled programs
         tokens = np.zeros((rows_n, width), np.int32)
         rows = np.full((rows_n,), self.slots, np.int32)  # out of range: padding rows are dropped
         starts = np.zeros((rows_n,), np.int32)
@@ -495,7 +542,7 @@ class Engine:
         self.state, out = self._run(_prefill, self._static, self.state, self.params, self._take_release(), rows, tokens,
                                     starts, lengths, final, request, top_n=top_n,
                                     kv_len=-(-int((starts + width).max()) // self.chunk) * self.chunk)
-        out = jax.device_get(out)
+        out = _host(out)
         self.steps["prefill"] += 1
         self.steps["prefill_s"] += time.perf_counter() - start
         now = time.perf_counter()
@@ -510,9 +557,10 @@ class Engine:
                               out["top_logprobs"][i])], finished=bool(out["finished"][i]))
 
     def _decode_step(self) -> None:
-        refill = bool(self.waiting) and not self.free
-        # While requests wait for prefill, keep blocks short so that new requests join the batch soon.
-        max_steps = 1 if self.prefilling or (self.waiting and self.free) else self.block
+        # End the block once enough slots free for the waiting requests (up to `refill_at` of them, so that
+        # their prefill runs as one batch); while prompts are mid-prefill, interleave short blocks with it.
+        refill = max(1, min(len(self.waiting), self.refill_at) - len(self.free)) if self.waiting else 0
+        max_steps = self.prefill_block if self.prefilling or (self.waiting and self.free) else self.block
         top_n = self.top_logprobs if any(r.params.logprobs for r in self.running.values()) else 0
         # Covers every active row's next max_steps tokens. Inactive rows' queries have segment id 0 and see
         # nothing, so their masked writes to the last slot need not be inside it.
@@ -520,9 +568,9 @@ class Engine:
         attend_len = min(-(-longest // self.chunk) * self.chunk, self.cache_len)
         start = time.perf_counter()
         self.state, out, steps = self._run(_decode, self._static, self.state, self.params, self._take_release(),
-                                           np.int32(max_steps), np.bool_(refill), top_n=top_n,
+                                           np.int32(max_steps), np.int32(refill), top_n=top_n,
                                            attend_len=attend_len)
-        out, steps = jax.device_get((out, steps))
+        out, steps = _host((out, steps))
         self.steps["decode_s"] += time.perf_counter() - start
         self.steps["decode_blocks"] += 1
         self.steps["decode_steps"] += int(steps)
@@ -607,8 +655,37 @@ class Engine:
                     return
             self.step()
 
+    def abort(self, reason: str = "error") -> None:
+        """Finish every queued and running request with `reason` (the engine thread failed: nobody waits forever)."""
+        with self._lock:
+            pending = self.waiting + self.prefilling + list(self.running.values())
+            self.waiting, self.prefilling, self.running = [], [], {}
+            self._stopping = True
+        for req in pending:
+            if not req.done:
+                self._finish(req, reason)
+
     def shutdown(self) -> None:
         """Refuse new requests, let the queued ones finish, then end `serve_forever`."""
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
+
+
+def generate(config: ml_collections.ConfigDict, params: dict, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, eos_id: int | None = None, seed: int = 0, slots: int = 32
+             ) -> list[list[int]]:
+    """`model.sampler.generate`'s contract through the engine: each prompt's new tokens (at most
+    `max_new_tokens`, cut before `eos_id`), greedy or sampled (prompt i with seed + i). The cache holds
+    the longest prompt plus `max_new_tokens`, rounded to a length bucket, not the model's whole context."""
+    if not prompts:
+        raise SampleError("no prompts given")
+    m = model.model_config(config)
+    longest = max(len(p) for p in prompts)
+    max_len = min(max(bucket_length(longest + max_new_tokens), 2), m.max_seq_len)
+    engine = Engine(config, params, slots=min(slots, bucket_length(len(prompts))), max_len=max_len, eos_id=eos_id)
+    settings = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_k=top_k,
+                               top_p=top_p, repetition_penalty=repetition_penalty, seed=seed + i)
+                for i in range(len(prompts))]
+    return [r.tokens for r in engine.generate(prompts, settings)]

@@ -14,7 +14,7 @@ come at iteration boundaries, so a resumed run repeats exactly the iterations an
 `ppo.iterations` and `ppo.eval_every` count iterations.
 
 One iteration (every array op inside is jitted):
-  1. sample `rollout_batch` train prompts and a response to each with the KV-cache sampler (temperature 1:
+  1. sample `rollout_batch` train prompts and a response to each through the generation engine (temperature 1:
      the policy's own distribution, so the rollout's log-probabilities are the behaviour policy's);
   2. score: actor and reference log-probabilities and critic values of every response token, and the reward
      model's score of the whole exchange under its domain's system prompt (COOL RLHF's conditional reward);
@@ -49,6 +49,7 @@ from maxlm import cli, data
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.errors import UserError
+from maxlm.inference.engine import Engine, SamplingParams
 from maxlm.interop import pretrained
 from maxlm.model import decoder as model, sampler as sample, trees
 from maxlm.posttrain import environments, graph, reward, rl
@@ -67,6 +68,7 @@ class PPOError(UserError):
 
 # The trained tree: the actor (a language model) and the critic (a value head), as `maxlm.model.trees` names them.
 LAYOUT = {"actor": "lm", "critic": "value"}
+ROLLOUT_SLOTS = 64  # the engine's batch for rollouts: up to this many replies decode together
 
 
 def abstract_params(config: ml_collections.ConfigDict) -> dict:
@@ -276,6 +278,31 @@ class RolloutFeed(trainer_lib.Feed):
         self._collected_at = time.perf_counter()
         self.score_fn = jax.jit(functools.partial(_score, config))
         self.advantage_fn = jax.jit(functools.partial(_advantages, config))
+        self.engine: Engine | None = None
+
+    def _rollouts(self, actor: dict, prompts: list[list[int]], iteration: int) -> np.ndarray:
+        """One temperature-`ppo.temperature` reply per prompt -> [B, max_new_tokens], the stop token kept and
+        padding after it. Through the continuous-batching engine (a slot frees when its reply stops), which
+        keeps its compiled programs and takes the actor's new weights each iteration; request i draws with
+        a seed from (train.seed, iteration, i), so a resumed run samples the same replies. On a mesh the engine
+        decodes sharded like the trainer (across processes too: every process runs the same schedule)."""
+        config, p, tok, env = self.config, self.config.ppo, self.tok, self.env
+        if self.engine is None:
+            leaf = jax.tree.leaves(actor)[0]
+            mesh = getattr(leaf.sharding, "mesh", None) if isinstance(leaf, jax.Array) else None
+            self.engine = Engine(config, actor, slots=min(p.rollout_batch, ROLLOUT_SLOTS),
+                                 max_len=self.prompt_len + p.max_new_tokens, eos_id=env.stop_id,
+                                 mesh=mesh if mesh is not None and mesh.size > 1 else None)
+        else:
+            self.engine.update_params(actor)
+        seeds = np.random.default_rng((config.train.seed, iteration, 2)).integers(2 ** 31, size=len(prompts))
+        done = self.engine.generate(prompts, [SamplingParams(max_tokens=p.max_new_tokens, temperature=p.temperature,
+                                                             seed=int(s)) for s in seeds])
+        out = np.full((len(prompts), p.max_new_tokens), tok.pad_id, np.int32)
+        for i, req in enumerate(done):
+            row = req.tokens + ([env.stop_id] if req.finish_reason == "stop" else [])
+            out[i, :len(row)] = row
+        return out
 
     @property
     def boundary(self) -> bool:
@@ -311,11 +338,7 @@ class RolloutFeed(trainer_lib.Feed):
         actor, critic, frozen = state["params"]["actor"], state["params"]["critic"], state["frozen"]
         t0 = time.perf_counter()
         prompts = env.sample_prompts(iteration, p.rollout_batch)
-        tokens, positions, segments = sample.left_pad([pr.policy_ids for pr in prompts], self.prompt_len, tok.pad_id)
-        responses = np.asarray(sample.sample_padded(
-            config, actor, tokens, positions, segments,
-            rng=jax.random.fold_in(jax.random.key(config.train.seed), iteration), max_new_tokens=p.max_new_tokens,
-            temperature=p.temperature, eos_id=env.stop_id, pad_id=tok.pad_id))
+        responses = self._rollouts(actor, [pr.policy_ids for pr in prompts], iteration)
         batch, mask, response_lists = _layout([pr.policy_ids for pr in prompts], responses, self.prompt_len,
                                               tok.pad_id, env.stop_id)
         t1 = time.perf_counter()
