@@ -93,6 +93,12 @@ def run_static(config, params, prompts, lengths) -> dict[str, Any]:
     for ps, ls in batches:  # compile every (padded length, max_new_tokens) program first
         call(ps, max(ls))
         call(ps, 1)
+    return timed_batches(call, batches)
+
+
+def timed_batches(call, batches) -> dict[str, Any]:
+    """A static path over its batches, one after another: each batch decodes to its longest reply (timed),
+    and its time to first token is the batches before it plus its own prefill (a 1-token call, timed apart)."""
     outputs, ttft, wall = [], [], 0.0
     for ps, ls in batches:
         t = time.perf_counter()
@@ -127,20 +133,8 @@ def run_hf(config, params, prompts, lengths) -> dict[str, Any]:
         return out[:, width:].tolist()
 
     call(prompts[:2], 2)  # warm-up
-    outputs, ttft, wall = [], [], 0.0
-    for i in range(0, len(prompts), b):
-        ps, ls = prompts[i:i + b], lengths[i:i + b]
-        t = time.perf_counter()
-        out = call(ps, max(ls))
-        elapsed = time.perf_counter() - t
-        t = time.perf_counter()
-        call(ps, 1)
-        prefill = time.perf_counter() - t
-        ttft += [wall + prefill] * len(ps)
-        wall += elapsed
-        outputs += [o[:n] for o, n in zip(out, ls)]
-    return {"outputs": outputs, "wall_s": wall, "ttft_s": ttft, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    batches = [(prompts[i:i + b], lengths[i:i + b]) for i in range(0, len(prompts), b)]
+    return timed_batches(call, batches) | {"torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str]) -> None:

@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROPE = "tests/test_rope_scaling.py::"
 AGG = "tests/test_aggregates.py::"
 G3 = "tests/test_convert.py::"
+ENGINE = "tests/test_engine.py::"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +317,27 @@ MUTATIONS = [
     Mutation("flash-cost-forward-undercounted", "kernels/flash_tpu.py",
              "h, 2, q, k, v, q)", "h, 1, q, k, v, q)",
              ["tests/test_tpu_compile.py::test_flash_forward_backward_compile"]),
+    # ---- the generation engine and the server (maxlm/inference/) ----
+    Mutation("engine-decode-position-off-by-one", "maxlm/inference/engine.py",
+             "positions=index[:, None], segment_ids", "positions=index[:, None] + 1, segment_ids",
+             [ENGINE + "test_greedy_with_refills_and_chunks_equals_the_static_sampler"]),
+    Mutation("engine-logprobs-after-sampling-processors", "maxlm/inference/engine.py",
+             "logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)",
+             "logprobs = jax.nn.log_softmax(processed.astype(jnp.float32), axis=-1)",
+             [ENGINE + "test_logprobs_are_the_full_forward_pass_log_softmax"]),
+    Mutation("engine-stop-token-kept-in-reply", "maxlm/inference/engine.py",
+             """            if token in stop_ids:
+                reason, stop_reason = "stop", token
+                break
+            req.tokens.append(token)""",
+             """            req.tokens.append(token)
+            if token in stop_ids:
+                reason, stop_reason = "stop", token
+                break""",
+             [ENGINE + "test_stop_ids_eos_and_stop_strings"]),
+    Mutation("server-echo-logprobs-shifted", "maxlm/inference/server.py",
+             "[None] + lps, [None] + (tops", "lps + [None], [None] + (tops",
+             ["tests/test_serve.py::test_echoed_prompt_logprobs_are_the_scorers_as_lm_eval_reads_them"]),
 ]
 
 

@@ -118,6 +118,8 @@ def test_seeded_samples_repeat_and_n_gives_n_choices_with_usage(inproc):
     body = {"prompt": ["the", "a dog"], "max_tokens": 8, "temperature": 1.0, "top_k": 20, "seed": 7, "n": 3,
             "logprobs": 2}
     first, again = (client.post("/v1/completions", json=body).json() for _ in range(2))
+    default = client.post("/v1/completions", json={"prompt": "the", "max_tokens": None, "ignore_eos": True}).json()
+    assert default["usage"]["completion_tokens"] == 16  # the API's default
     assert [c["index"] for c in first["choices"]] == list(range(6))
     assert [c["text"] for c in first["choices"]] == [c["text"] for c in again["choices"]]
     tokens = sum(len(c["logprobs"]["tokens"]) for c in first["choices"])

@@ -154,7 +154,8 @@ class _Static:
 # The two compiled programs: module functions of a hashable `_Static`, so engines of one shape share them
 
 def _sample(logits: jax.Array, seen: jax.Array, slot: dict, count: jax.Array, top_n: int):
-    """Per-row sampling: logits [R,V] -> (token [R], its log-prob [R], top-n (ids, log-probs) [R,n])."""
+    """Per-row sampling: logits [R,V] -> (token [R], its log-prob [R], top-n (ids, log-probs) [R,n]).
+    top_n -1: no request wants log-probs, so none are computed (zeros come back)."""
     filtered = (slot["top_k"] > 0) | (slot["top_p"] < 1.0)
 
     def process(top_k, top_p):
@@ -164,15 +165,29 @@ def _sample(logits: jax.Array, seen: jax.Array, slot: dict, count: jax.Array, to
     # The filters sort the vocabulary: skip that when no row asks for one.
     processed = jax.lax.cond(jnp.any(filtered), lambda: process(slot["top_k"], slot["top_p"]),
                              lambda: process(0, 1.0))
-    keys = jax.vmap(lambda k, c: jax.random.fold_in(jax.random.wrap_key_data(k), c))(slot["key"], count)
-    drawn = jax.vmap(jax.random.categorical)(keys, processed)
-    token = jnp.where(slot["greedy"], jnp.argmax(processed, axis=-1), drawn).astype(jnp.int32)
+    greedy = jnp.argmax(processed, axis=-1)
+
+    def draw():
+        # Inverse-CDF sampling: one uniform per row against the cumulated probabilities. The same
+        # distribution as the Gumbel-max `jax.random.categorical`, which draws a random number per vocabulary
+        # entry: per-row keys made that the costliest part of a decode step here (7.1 vs 6.3 ms at 64 rows).
+        keys = jax.vmap(lambda k, c: jax.random.fold_in(jax.random.wrap_key_data(k), c))(slot["key"], count)
+        cdf = jnp.cumsum(jax.nn.softmax(processed.astype(jnp.float32), axis=-1), axis=-1)
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, 1e-7, 1.0))(keys) * cdf[:, -1]
+        drawn = jnp.minimum(jnp.sum(cdf < u[:, None], axis=-1), processed.shape[-1] - 1)
+        return jnp.where(slot["greedy"], greedy, drawn)
+
+    # Skip the draw when every row takes the argmax.
+    token = jax.lax.cond(jnp.all(slot["greedy"]), lambda: greedy, draw).astype(jnp.int32)
+    r = token.shape[0]
+    if top_n < 0:
+        return token, jnp.zeros((r,), jnp.float32), (jnp.zeros((r, 0), jnp.int32), jnp.zeros((r, 0)))
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
     if top_n:
         top_lp, top_ids = jax.lax.top_k(logprobs, top_n)
     else:
-        top_lp, top_ids = jnp.zeros((token.shape[0], 0)), jnp.zeros((token.shape[0], 0), jnp.int32)
+        top_lp, top_ids = jnp.zeros((r, 0)), jnp.zeros((r, 0), jnp.int32)
     return token, chosen, (top_ids, top_lp)
 
 
@@ -242,8 +257,8 @@ def _decode_fn(static: _Static, state: dict, params: dict, release: jax.Array, m
     b, block, last_slot = static.slots, static.block, static.cache_len - 1
     rows = jnp.arange(b)
     out = {"token": jnp.full((b, block), -1, jnp.int32), "logprob": jnp.zeros((b, block), jnp.float32),
-           "top_ids": jnp.zeros((b, block, top_n), jnp.int32),
-           "top_logprobs": jnp.zeros((b, block, top_n), jnp.float32)}
+           "top_ids": jnp.zeros((b, block, max(top_n, 0)), jnp.int32),
+           "top_logprobs": jnp.zeros((b, block, max(top_n, 0)), jnp.float32)}
     slot_params = {k: state[k] for k in ("max_tokens", "stop_ids", "temperature", "greedy", "top_k", "top_p",
                                          "penalty", "key")}
     carry = dict(step=jnp.zeros((), jnp.int32), n_done=jnp.zeros((), jnp.int32), out=out,
@@ -520,6 +535,11 @@ class Engine:
                 "top_k": param(lambda r: p(r).top_k, np.int32), "top_p": param(lambda r: p(r).top_p, np.float32),
                 "penalty": param(lambda r: p(r).repetition_penalty, np.float32), "key": keys}
 
+    def _top_n(self, requests) -> int:
+        """The programs' static log-prob width: -1 none, 0 the sampled token's, else the engine's top n."""
+        asked = [r.params.logprobs for r in requests if r.params.logprobs is not None]
+        return -1 if not asked else (self.top_logprobs if any(asked) else 0)
+
     def _prefill_step(self) -> None:
         batch = self.prefilling[:self.prefill_rows]
         pieces = [r.prompt[r.prefilled:r.prefilled + self.chunk] for r in batch]
@@ -537,7 +557,7 @@ class Engine:
             final[i] = req.prefilled + len(piece) == len(req.prompt)
         request = self._request_arrays([r if final[i] else None for i, r in enumerate(batch)]
                                        + [None] * (rows_n - len(batch)))
-        top_n = self.top_logprobs if any(r.params.logprobs for r in batch) else 0
+        top_n = self._top_n(batch)
         start = time.perf_counter()
         self.state, out = self._run(_prefill, self._static, self.state, self.params, self._take_release(), rows, tokens,
                                     starts, lengths, final, request, top_n=top_n,
@@ -561,7 +581,7 @@ class Engine:
         # their prefill runs as one batch); while prompts are mid-prefill, interleave short blocks with it.
         refill = max(1, min(len(self.waiting), self.refill_at) - len(self.free)) if self.waiting else 0
         max_steps = self.prefill_block if self.prefilling or (self.waiting and self.free) else self.block
-        top_n = self.top_logprobs if any(r.params.logprobs for r in self.running.values()) else 0
+        top_n = self._top_n(self.running.values())
         # Covers every active row's next max_steps tokens. Inactive rows' queries have segment id 0 and see
         # nothing, so their masked writes to the last slot need not be inside it.
         longest = max(len(r.prompt) + len(r.tokens) for r in self.running.values()) + max_steps

@@ -329,7 +329,7 @@ def build_app(served: Served) -> FastAPI:
             raise APIError(400, f"logprobs must be in [0, {served.engine.top_logprobs}]", "logprobs")
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens=0 only makes sense with echo (scoring the prompt)", "max_tokens")
-        params = _params(served, body, max(body.max_tokens, 1), body.logprobs)
+        params = _params(served, body, max(16 if body.max_tokens is None else body.max_tokens, 1), body.logprobs)
         if body.stream and body.echo:
             raise APIError(400, "echo is not supported with stream", "echo")
         jobs = [(p, q) for p in prompts for q in _each_seed(params, body.n)]

@@ -290,7 +290,9 @@ class RolloutFeed(trainer_lib.Feed):
         if self.engine is None:
             leaf = jax.tree.leaves(actor)[0]
             mesh = getattr(leaf.sharding, "mesh", None) if isinstance(leaf, jax.Array) else None
-            self.engine = Engine(config, actor, slots=min(p.rollout_batch, ROLLOUT_SLOTS),
+            # Every prompt arrives at once: prefill them in one call and decode each wave in one block.
+            slots = min(p.rollout_batch, ROLLOUT_SLOTS)
+            self.engine = Engine(config, actor, slots=slots, prefill_rows=slots, block=p.max_new_tokens,
                                  max_len=self.prompt_len + p.max_new_tokens, eos_id=env.stop_id,
                                  mesh=mesh if mesh is not None and mesh.size > 1 else None)
         else:
