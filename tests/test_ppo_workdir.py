@@ -65,7 +65,8 @@ def test_sigterm_part_way_then_rerun_logs_the_uninterrupted_iterations(hf_base, 
     for i in full:
         for key in ("reward_mean", "kl", "kl_coef", "true_score"):
             assert resumed[i][key] == pytest.approx(full[i][key], abs=1e-6), (i, key)
-    assert full[4]["kl"] > 1e-3 and full[4]["grad_norm"] > 0  # the actor moved: not a comparison of constants
+    # The actor moved: not a comparison of constants (the sampled KL estimate may come out either sign).
+    assert abs(full[4]["kl"]) > 1e-3 and full[4]["grad_norm"] > 0
 
 
 def test_bad_steps_reload_the_last_iteration(hf_base, tmp_path):
