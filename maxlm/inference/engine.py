@@ -517,7 +517,7 @@ class Engine:
 
     def _request_arrays(self, batch: list[Request | None]) -> dict:
         def param(fn, dtype):
-            return np.asarray([fn(r) if r is not None else fn(None) for r in batch], dtype)
+            return np.asarray([fn(r) for r in batch], dtype)
 
         stop = np.full((len(batch), MAX_STOP_IDS), -1, np.int32)
         keys = np.zeros((len(batch), 2), np.uint32)

@@ -126,7 +126,7 @@ class Served:
 
 def _stops(body: _Body, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4 + len(extra):
+    if len(stop) > 4:
         raise APIError(400, f"at most 4 stop sequences, got {len(stop)}", "stop")
     return tuple(s for s in stop + list(extra) if s)
 
@@ -359,7 +359,7 @@ def build_app(served: Served) -> FastAPI:
                 head = served.tok.decode(prompt)
                 text = head + text
             if body.logprobs is not None:
-                tops = [t for t in req.top_logprobs] if body.logprobs else [None] * len(req.tokens)
+                tops = req.top_logprobs if body.logprobs else [None] * len(req.tokens)
                 logprobs = _completion_logprobs(served, req.tokens, req.logprobs, tops,
                                                 len(served.tok.decode(prompt)) if body.echo else 0)
                 if body.echo:
@@ -440,8 +440,7 @@ def _end_of_turn(served: Served) -> tuple[tuple[int, ...], tuple[str, ...]]:
 
 def _prompt_part(served: Served, prompt: list[int], scored: tuple[list, list], n: int) -> dict:
     lps, tops = scored
-    out = _completion_logprobs(served, prompt, [None] + lps, [None] + (tops if n else [None] * len(lps)), 0)
-    return out
+    return _completion_logprobs(served, prompt, [None] + lps, [None] + (tops if n else [None] * len(lps)), 0)
 
 
 def _echo_only(served: Served, body: CompletionBody, prompts: list[list[int]], scored: dict) -> dict:
