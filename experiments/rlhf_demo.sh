@@ -26,15 +26,7 @@ mkdir -p "$W"
 SFT_STEPS=${SFT_STEPS:-1200}
 PARTIAL=${PARTIAL:-400}
 PPO_ITERATIONS=${PPO_ITERATIONS:-300}
-
-if [ ! -d "$W/base/checkpoints" ]; then
-  echo "== pretraining the tiny base ($W/base)" >&2
-  $PY -m maxlm.train --config=configs/tiny.py --workdir="$W/base" >&2
-fi
-echo "== partial SFT on sort ($W/sft, $SFT_STEPS steps)" >&2
-$PY -m maxlm.sft --config=configs/sft_tiny.py --workdir="$W/sft" --config.sft.base="$W/base" \
-    "--config.sft.tasks=('sort',)" --config.train.num_steps="$SFT_STEPS" --config.train.eval_every=100000 \
-    --config.sft.eval_items=0 --config.checkpoint.every_steps="$PARTIAL" --config.checkpoint.keep_period="$PARTIAL" >&2
+SFT_STEPS=$SFT_STEPS PARTIAL=$PARTIAL bash experiments/partial_sft.sh "$W"
 
 for kind in conditional unconditional; do
   cond=True; [ $kind = unconditional ] && cond=False

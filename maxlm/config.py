@@ -243,7 +243,7 @@ def default_config() -> ml_collections.ConfigDict:
     p.policy = ""  # the SFT model: actor and frozen reference (maxlm workdir or Hugging Face folder)
     p.policy_step = -1
     p.reward_model = ""  # a maxlm.reward workdir (frozen); used when reward_fn == "model"
-    p.reward_fn = "model"  # an environment of maxlm.environments.ENVIRONMENTS: model | shortest_path (maxlm/posttrain/graph.py)
+    p.reward_fn = "model"  # an environment of maxlm.environments.ENVIRONMENTS: model | checker | shortest_path (graph.py)
     p.reward_domain = "correct"  # system prompt the reward model is queried with (PREFERENCE_DOMAINS; "" none)
     p.critic_init = "reward"  # reward (InternLM2's choice) | policy (a zero value head on the SFT trunk)
     p.tasks = ("sort",)  # built-in tasks whose train prompts are sampled and held-out items are scored
@@ -269,6 +269,41 @@ def default_config() -> ml_collections.ConfigDict:
     p.eval_items = 200
     p.graph_nodes = 21  # shortest_path: nodes of the random directed graph (maxlm/posttrain/graph.py)
     p.graph_seed = 0
+
+    # Critic-free RL (python -m maxlm.grpo): GRPO, Dr. GRPO, RLOO, DAPO. The settings it shares with PPO (policy,
+    # environment, ppo.rollout_batch replies per iteration, reply length, epochs, evaluation) are ppo.*'s.
+    c.grpo = g = ml_collections.ConfigDict()
+    g.group_size = 8  # replies per prompt (G): ppo.rollout_batch / G prompts per iteration
+    g.advantage = "grpo"  # grpo | dr_grpo | rloo (maxlm.posttrain.critic_free.ADVANTAGE_ESTIMATORS)
+    g.loss_agg = "seq_mean_token_mean"  # | token_mean (DAPO) | seq_mean_token_sum (Dr. GRPO)
+    g.clip_low = 0.2  # the ratio's lower bound 1 - clip_low
+    g.clip_high = 0.2  # the upper bound 1 + clip_high (DAPO's clip-higher: 0.28)
+    g.kl_coef = 0.04  # x the per-token KL estimate to the reference in the loss (DeepSeekMath's 0.04; DAPO 0)
+    g.kl_estimator = "k3"  # k1 | k2 | k3
+    g.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal, draw more to fill the batch
+    g.max_sampling_rounds = 4  # draws per iteration at most, with dynamic sampling
+    g.overlong_buffer = 0  # DAPO's soft overlong penalty over the last this-many tokens of ppo.max_new_tokens
+    g.overlong_coef = 1.0  # its scale (the penalty goes linearly from 0 to -overlong_coef)
+
+    # Preference optimisation without a reward model (python -m maxlm.dpo): DPO and its relatives.
+    c.dpo = d = ml_collections.ConfigDict()
+    d.base = ""  # the SFT policy: the start and the reference (maxlm workdir or Hugging Face folder)
+    d.base_step = -1
+    d.loss = "dpo"  # dpo | cdpo | ipo | simpo (maxlm.posttrain.dpo.LOSSES)
+    d.beta = 0.1  # the KL weight of the RLHF objective DPO solves (SimPO: the reward scale, its paper's 2.0)
+    d.label_smoothing = 0.0  # cdpo (and simpo): the probability that a pair's label is wrong
+    d.simpo_gamma = 0.5  # simpo: the target margin between length-averaged rewards
+    d.nll_coef = 0.0  # RPO: + this x the chosen reply's mean token NLL (Pang et al. 2024; TRL's rpo_alpha)
+    d.reference = "cached"  # cached: its log-probs computed once before training | frozen: in the step
+    d.pairs_per_row = 4  # pairs packed into one row of data.seq_len (1: one pair per row)
+    d.data_path = ""  # glob of {"prompt", "chosen", "rejected"[, "system"]} jsonl; empty: built-in pairs
+    d.tasks = ("sort",)  # built-in: tasks whose pairs are drawn and whose held-out items are scored
+    d.builtin_pairs = True  # built-in: the synthetic `correct` pairs (the right answer vs a plausible mistake)
+    d.train_size = 4000  # built-in: items per task for the synthetic train pairs
+    d.eval_size = 200  # held-out pairs per task
+    d.policy_samples = 0  # on-policy pairs: sample this many replies of the start policy to `sampled_items`
+    d.sampled_items = 2000  # prompts per task; each wrong reply is rejected against a right one
+    d.eval_items = 500  # held-out items per task for the true score (greedy exact match) and the KL
 
     c.mesh = me = ml_collections.ConfigDict()
     me.data = -1  # -1: all devices not used by the other axes

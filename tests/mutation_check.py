@@ -44,6 +44,25 @@ class Mutation:
 
 
 MUTATIONS = [
+    # ---- DPO and critic-free RL (maxlm/posttrain/dpo.py, critic_free.py, grpo.py) ----
+    Mutation("ipo-not-length-averaged", "maxlm/posttrain/dpo.py",
+             "h = (x.chosen - x.ref_chosen) / x.chosen_len - (x.rejected - x.ref_rejected) / x.rejected_len",
+             "h = (x.chosen - x.ref_chosen) - (x.rejected - x.ref_rejected)",
+             ["tests/test_dpo.py::test_each_loss_matches_its_formula"]),
+    Mutation("dpo-empty-pair-slots-counted", "maxlm/posttrain/dpo.py",
+             "real = counts[:, 0::2] > 0", "real = counts[:, 0::2] >= 0",
+             ["tests/test_dpo.py::test_packed_step_matches_unpadded_conversations_and_the_cache"]),
+    Mutation("grpo-clip-bounds-swapped", "maxlm/posttrain/grpo.py",
+             'batch["advantages"], g.clip_low,\n                                         g.clip_high)',
+             'batch["advantages"], g.clip_high,\n                                         g.clip_low)',
+             ["tests/test_grpo.py::test_loss_matches_numpy_on_ragged_replies"]),
+    Mutation("rloo-without-leave-one-out-scale", "maxlm/posttrain/critic_free.py",
+             "return (centered * (group_size / (group_size - 1))).reshape(-1)", "return centered.reshape(-1)",
+             ["tests/test_critic_free.py"]),
+    Mutation("seq-mean-counts-empty-rows", "maxlm/posttrain/critic_free.py",
+             "return jnp.sum(row_means), jnp.sum(nonempty).astype(jnp.float32)",
+             "return jnp.sum(row_means), jnp.float32(nonempty.shape[0])",
+             ["tests/test_critic_free.py", "tests/test_grpo.py::test_loss_matches_numpy_on_ragged_replies"]),
     # ---- RLHF / PPO (maxlm/posttrain/rl.py, maxlm/posttrain/ppo.py) ----
     Mutation("ppo-kl-sign", "maxlm/posttrain/ppo.py",
              'rl.kl_penalized_rewards(scores, stats["logprobs"], stats["ref_logprobs"], mask, kl_coef)',

@@ -46,10 +46,12 @@ DOMAINS = {
 
 
 def render_pair(template: chat.Template, tok: Any, prompt: str | list[dict], chosen: str, rejected: str,
-                system: str = "") -> tuple[np.ndarray, np.ndarray]:
+                system: str = "", with_weights: bool = False) -> tuple:
     """Token ids of both conversations (system, prompt, reply), each ending with the assistant's end marker.
 
-    `prompt` is a user message or a list of earlier messages (multi-turn). Raises `chat.MessageError`.
+    `prompt` is a user message or a list of earlier messages (multi-turn). With `with_weights`, each side
+    is (ids, weights): the template's training weights, 1 on the reply's tokens and its end marker (what DPO
+    scores). Raises `chat.MessageError`.
     """
     history = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     head = ([{"role": "system", "content": system}] if system else []) + history
@@ -58,20 +60,27 @@ def render_pair(template: chat.Template, tok: Any, prompt: str | list[dict], cho
     for reply in (chosen, rejected):
         messages = head + [{"role": "assistant", "content": reply}]
         chat.check_messages(template, messages)
-        ids, _ = chat.render(template, tok, messages)
+        ids, weights = chat.render(template, tok, messages)
         ids = list(ids)
+        n = len(ids)
         if len(stop) == 1 and stop[0] in ids:  # end at the marker, as a sampled reply does (no separator)
-            ids = ids[:len(ids) - ids[::-1].index(stop[0])]
-        out.append(np.asarray(ids, np.int32))
+            n = len(ids) - ids[::-1].index(stop[0])
+        ids = np.asarray(ids[:n], np.int32)
+        out.append((ids, np.asarray(weights[:n], np.float32)) if with_weights else ids)
     return out[0], out[1]
 
 
 class Pairs:
-    """Rendered preference pairs plus the per-reason count of the records that were skipped."""
+    """Rendered preference pairs plus the per-reason count of the records that were skipped.
 
-    def __init__(self, template: chat.Template, tok: Any, max_tokens: int):
+    `max_tokens` bounds what one batch row holds: the longer side (the reward model reads each side in its own
+    row) or, `with_weights` (DPO's view: both sides in one row, n - 1 input positions each), both together.
+    """
+
+    def __init__(self, template: chat.Template, tok: Any, max_tokens: int, with_weights: bool = False):
         self.template, self.tok, self.max_tokens = template, tok, max_tokens
-        self.items: list[tuple[np.ndarray, np.ndarray]] = []
+        self.with_weights = with_weights  # items are ((ids, weights), (ids, weights)): DPO's view
+        self.items: list[tuple] = []
         self.domains: list[str] = []
         self.skipped: collections.Counter = collections.Counter()
 
@@ -93,11 +102,12 @@ class Pairs:
             self.skipped["identical"] += 1
             return False
         try:
-            pair = render_pair(self.template, self.tok, prompt, chosen, rejected, system)
+            pair = render_pair(self.template, self.tok, prompt, chosen, rejected, system, self.with_weights)
         except chat.MessageError as e:
             self.skipped[e.reason if e.reason in PAIR_SKIP_REASONS else "bad_message"] += 1
             return False
-        if max(len(pair[0]), len(pair[1])) > self.max_tokens:
+        size = sum(len(ids) - 1 for ids, _ in pair) if self.with_weights else max(len(pair[0]), len(pair[1]))
+        if size > self.max_tokens:
             self.skipped["too_long"] += 1
             return False
         self.items.append(pair)

@@ -1,8 +1,8 @@
 """RL environments: where PPO's prompts come from and how responses are judged by a hidden rule.
 
 An environment gives `train_items` / `eval_items`, `prompt(item)` (the token ids the policy and the reward
-model see), `sample_prompts(iteration, n)` (deterministic in the iteration: a resumed run draws the same
-prompts), `true_score(prompt, response)` (the hidden checker), `held_out_score(config, actor)` and
+model see), `sample_prompts(iteration, n, salt=0)` (deterministic in the iteration and the salt -- a later
+draw of the same iteration, as GRPO's dynamic sampling makes -- so a resumed run draws the same prompts), `true_score(prompt, response)` (the hidden checker), `held_out_score(config, actor)` and
 `stop_id`; a programmatic one also `reward(prompt, response)`, used when `ppo.reward_fn` names it instead
 of "model". Each registers itself under its `ppo.reward_fn` name beside its code.
 """
@@ -42,6 +42,11 @@ def make(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> Any
     return ENVIRONMENTS[config.ppo.reward_fn](config, tok)
 
 
+def seed_sequence(seed: int, iteration: int, salt: int = 0) -> tuple[int, ...]:
+    """The entropy of an iteration's draw: (seed, iteration), and the salt of a later draw when it has one."""
+    return (seed, iteration) + ((salt,) if salt else ())
+
+
 @dataclasses.dataclass
 class Prompt:
     policy_ids: list[int]  # what the policy sees
@@ -71,8 +76,8 @@ class TaskEnvironment:
         return Prompt(chat.render_prompt(self.template, self.tok, policy),
                       chat.render_prompt(self.template, self.tok, judge), item)
 
-    def sample_prompts(self, iteration: int, n: int) -> list[Prompt]:
-        rng = np.random.default_rng((self.config.train.seed, iteration))
+    def sample_prompts(self, iteration: int, n: int, salt: int = 0) -> list[Prompt]:
+        rng = np.random.default_rng(seed_sequence(self.config.train.seed, iteration, salt))
         return [self.prompt(self.train_items[i]) for i in rng.choice(len(self.train_items), n, replace=False)]
 
     def true_score(self, prompt: Prompt, response: list[int]) -> float:
@@ -84,3 +89,12 @@ class TaskEnvironment:
     def held_out_score(self, config: ml_collections.ConfigDict, actor: dict) -> float:
         results = [evaluate.task_accuracy(config, actor, self.tok, t, n=config.ppo.eval_items) for t in config.ppo.tasks]
         return float(np.mean([r["accuracy"] for r in results]))
+
+
+@register("checker")
+class CheckerEnvironment(TaskEnvironment):
+    """The built-in tasks rewarded by their exact-match checker, 1 or 0: RL with a verifiable reward (the
+    DeepSeekMath / DAPO setting), no reward model to exploit."""
+
+    def reward(self, prompt: Prompt, response: list[int]) -> float:
+        return self.true_score(prompt, response)

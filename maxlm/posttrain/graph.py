@@ -201,8 +201,8 @@ class Environment:
         ids = tokenizer_lib.text_prefix(self.tok) + self.tok.encode(NODE_NAMES[item])
         return environments.Prompt(ids, ids, item)
 
-    def sample_prompts(self, iteration: int, n: int) -> list[Any]:
-        rng = np.random.default_rng((self.config.train.seed, iteration))
+    def sample_prompts(self, iteration: int, n: int, salt: int = 0) -> list[Any]:
+        rng = np.random.default_rng(environments.seed_sequence(self.config.train.seed, iteration, salt))
         return [self.prompt(self.train_items[i]) for i in rng.choice(len(self.train_items), n, replace=True)]
 
     def response_text(self, response: Sequence[int]) -> str:

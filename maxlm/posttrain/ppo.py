@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -215,15 +215,16 @@ def _reward_inputs(prompts: list[Prompt], responses: list[list[int]], length: in
 # The loop
 
 
-def load_models(config: ml_collections.ConfigDict, workdir: str):
-    """(run config, tokenizer, policy params, reward-model params or None)."""
+def load_models(config: ml_collections.ConfigDict, workdir: str, critic: bool = True):
+    """(run config, tokenizer, policy params, reward-model params or None); `critic` False for the
+    critic-free methods (`maxlm.grpo`), which share PPO's section and loading."""
     p = config.ppo
     config_lib.validate(config)
     environments.validate(config)
-    config_lib.require_single_stage(config, "maxlm.ppo")
+    config_lib.require_single_stage(config, "maxlm.ppo" if critic else "maxlm.grpo")
     if config.lora.rank:
-        raise config_lib.ConfigError("lora.rank", "PPO trains every parameter of actor and critic (LoRA is for "
-                                                  "maxlm.sft); set 0")
+        raise config_lib.ConfigError("lora.rank", "RL trains every parameter of the policy (LoRA is for "
+                                                  "maxlm.sft and maxlm.dpo); set 0")
     if p.rollout_batch % config.data.batch_size:
         raise config_lib.ConfigError("ppo.rollout_batch", f"must be a multiple of data.batch_size="
                                      f"{config.data.batch_size} (the minibatch)")
@@ -240,7 +241,7 @@ def load_models(config: ml_collections.ConfigDict, workdir: str):
                 rm_config.model[k] != policy_config.model[k] for k in pretrained.SHAPE_KEYS):
             raise PPOError(f"the reward model at {p.reward_model} and the policy at {p.policy} differ in tokenizer "
                            "or architecture; this PPO runs both with one model config")
-    elif p.critic_init == "reward":
+    elif critic and p.critic_init == "reward":
         raise config_lib.ConfigError("ppo.critic_init", "must be policy when there is no reward model")
     run_config = pretrained.with_base_model(config, policy_config, policy_config.model.vocab_size)
     with run_config.unlocked():
@@ -280,11 +281,11 @@ class RolloutFeed(trainer_lib.Feed):
         self.advantage_fn = jax.jit(functools.partial(_advantages, config))
         self.engine: Engine | None = None
 
-    def _rollouts(self, actor: dict, prompts: list[list[int]], iteration: int) -> np.ndarray:
+    def _rollouts(self, actor: dict, prompts: list[list[int]], iteration: int, salt: int = 0) -> np.ndarray:
         """One temperature-`ppo.temperature` reply per prompt -> [B, max_new_tokens], the stop token kept and
         padding after it. Through the continuous-batching engine (a slot frees when its reply stops), which
         keeps its compiled programs and takes the actor's new weights each iteration; request i draws with
-        a seed from (train.seed, iteration, i), so a resumed run samples the same replies. On a mesh the engine
+        a seed from (train.seed, iteration, salt, i), so a resumed run samples the same replies. On a mesh the engine
         decodes sharded like the trainer (across processes too: every process runs the same schedule)."""
         config, p, tok, env = self.config, self.config.ppo, self.tok, self.env
         if self.engine is None:
@@ -297,7 +298,8 @@ class RolloutFeed(trainer_lib.Feed):
                                  mesh=mesh if mesh is not None and mesh.size > 1 else None)
         else:
             self.engine.update_params(actor)
-        seeds = np.random.default_rng((config.train.seed, iteration, 2)).integers(2 ** 31, size=len(prompts))
+        entropy = (config.train.seed, iteration, 2) + ((salt,) if salt else ())
+        seeds = np.random.default_rng(entropy).integers(2 ** 31, size=len(prompts))
         done = self.engine.generate(prompts, [SamplingParams(max_tokens=p.max_new_tokens, temperature=p.temperature,
                                                              seed=int(s)) for s in seeds])
         out = np.full((len(prompts), p.max_new_tokens), tok.pad_id, np.int32)
@@ -305,6 +307,15 @@ class RolloutFeed(trainer_lib.Feed):
             row = req.tokens + ([env.stop_id] if req.finish_reason == "stop" else [])
             out[i, :len(row)] = row
         return out
+
+    def _enqueue(self, rollout: dict[str, np.ndarray], iteration: int) -> None:
+        """`ppo.epochs` passes over the iteration's rollouts, each in a fresh order, as minibatches of
+        `data.batch_size` rows."""
+        order_rng = np.random.default_rng((self.config.train.seed, iteration, 1))
+        size, n = self.config.data.batch_size, self.config.ppo.rollout_batch
+        for _ in range(self.config.ppo.epochs):
+            order = order_rng.permutation(n)
+            self.queue += [{k: v[order[m:m + size]] for k, v in rollout.items()} for m in range(0, n, size)]
 
     @property
     def boundary(self) -> bool:
@@ -334,7 +345,7 @@ class RolloutFeed(trainer_lib.Feed):
         return minibatch
 
     def _collect(self, state: train.State) -> None:
-        config, env, tok, p = self.config, self.env, self.tok, self.config.ppo
+        env, tok, p = self.env, self.tok, self.config.ppo
         self.iteration += 1
         iteration = self.iteration
         actor, critic, frozen = state["params"]["actor"], state["params"]["critic"], state["frozen"]
@@ -359,12 +370,7 @@ class RolloutFeed(trainer_lib.Feed):
         rollout = {k: batch[k] for k in ("inputs", "positions", "segment_ids", "responses", "mask")}
         rollout.update(old_logprobs=np.asarray(stats["logprobs"]), old_values=np.asarray(stats["values"]),
                        advantages=np.asarray(extra["advantages"]), returns=np.asarray(extra["returns"]))
-        order_rng = np.random.default_rng((config.train.seed, iteration, 1))
-        size = config.data.batch_size
-        for _ in range(p.epochs):
-            order = order_rng.permutation(p.rollout_batch)
-            self.queue += [{k: v[order[m:m + size]] for k, v in rollout.items()}
-                           for m in range(0, p.rollout_batch, size)]
+        self._enqueue(rollout, iteration)
         kl = float(jnp.mean(extra["kl"]))
         self.records.append(dict(
             iteration=iteration, reward_mean=float(jnp.mean(scores)), kl=kl, kl_coef=self.kl_coef,
@@ -386,6 +392,32 @@ class RolloutFeed(trainer_lib.Feed):
         return out
 
 
+def rollout_lengths(config: ml_collections.ConfigDict, env: Any) -> tuple[int, int]:
+    """(prompt length, reward-model input length): fixed shapes, so each program compiles once -- the longest
+    prompt of either split, in either view."""
+    p = config.ppo
+    views = [env.prompt(item) for item in env.train_items + env.eval_items]
+    longest = max(len(v.policy_ids) for v in views)
+    if longest + p.max_new_tokens > config.model.max_seq_len:
+        raise PPOError(f"prompts of up to {longest} tokens + ppo.max_new_tokens={p.max_new_tokens} exceed "
+                       f"model.max_seq_len={config.model.max_seq_len}")
+    prompt_len = min(sample.bucket_length(longest), config.model.max_seq_len - p.max_new_tokens)
+    return prompt_len, max(len(v.reward_ids) for v in views) + p.max_new_tokens
+
+
+def held_out_fn(config: ml_collections.ConfigDict, env: Any, policy: str, stage: str
+                ) -> Callable[[train.State], dict[str, float]]:
+    """The loop's evaluation: the environment's held-out true score of the policy (at `policy` in the
+    trained tree, "" for the tree itself)."""
+    def held_out(state: train.State) -> dict[str, float]:
+        params = state["params"][policy] if policy else state["params"]
+        score = env.held_out_score(config, jax.device_get(params))
+        if int(state["step"]) == 0:
+            log_line(f"held-out true score before {stage}: {score:.3f}")
+        return {"eval_true_score": score}
+    return held_out
+
+
 @workdir_lib.holding
 def run_ppo(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, float]]:
     """PPO to `ppo.iterations` (resuming from the workdir's newest checkpoint); returns the metric records."""
@@ -400,25 +432,12 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, f
     params = {"actor": policy, "critic": critic}
     del policy, critic
 
-    # Fixed shapes (one compiled program per stage): the longest prompt of either split, in either view.
-    views = [env.prompt(item) for item in env.train_items + env.eval_items]
-    longest = max(len(v.policy_ids) for v in views)
-    if longest + p.max_new_tokens > config.model.max_seq_len:
-        raise PPOError(f"prompts of up to {longest} tokens + ppo.max_new_tokens={p.max_new_tokens} exceed "
-                       f"model.max_seq_len={config.model.max_seq_len}")
-    prompt_len = min(sample.bucket_length(longest), config.model.max_seq_len - p.max_new_tokens)
-    rm_len = max(len(v.reward_ids) for v in views) + p.max_new_tokens
-    del views
+    prompt_len, rm_len = rollout_lengths(config, env)
     feed = RolloutFeed(config, env, tok, prompt_len, rm_len, pretraining_batches(config, tok) if p.ptx_coef > 0 else None)
 
-    def held_out(state: train.State) -> dict[str, float]:
-        score = env.held_out_score(config, jax.device_get(state["params"]["actor"]))
-        if int(state["step"]) == 0:
-            log_line(f"held-out true score before PPO: {score:.3f}")
-        return {"eval_true_score": score}
-
     return trainer_lib.run(
-        config, workdir, trainer, feed, frozen=frozen, evaluate=held_out, eval_at_start=True,
+        config, workdir, trainer, feed, frozen=frozen, evaluate=held_out_fn(config, env, "actor", "PPO"),
+        eval_at_start=True,
         init_state=lambda: trainer.init_state(jax.random.key(config.train.seed), params=params, frozen=frozen),
         plot=("ppo.png", ("reward_mean", "true_score", "eval_true_score", "kl"), ""),
         progress_keys=("reward_mean", "true_score", "eval_true_score", "kl", "kl_coef", "response_length"))

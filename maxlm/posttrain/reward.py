@@ -87,12 +87,14 @@ def load(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDi
 
 
 def sampled_pairs(config: ml_collections.ConfigDict, params: dict, tok: Any, template: chat.Template,
-                  items: list, samples: int, seed: int = 0) -> list[dict]:
+                  items: list, samples: int, seed: int = 0, system: str | None = None) -> list[dict]:
     """`correct`-domain pairs from the policy's own replies, judged by the hidden checker -- InstructGPT's
     comparisons of model outputs, with the checker as the labeller. Each item's prompt is sampled `samples`
     times at temperature 1; every distinct wrong reply is rejected against a right one (a sampled right
     reply when there is one, else the reference answer). The reward model so sees the mistakes the policy
-    actually makes, which PPO would otherwise find unjudged and exploit."""
+    actually makes, which PPO would otherwise find unjudged and exploit. The records carry `system` (default:
+    the `correct` domain's prompt for a conditional reward model, else none); the policy is always prompted
+    under `sft.system_prompt`."""
     stop = evaluate.stop_id(template, tok)
     prompts = [chat.render_prompt(template, tok, tasks.messages(item, config.sft.system_prompt, with_answer=False))
                for item in items for _ in range(samples)]
@@ -103,7 +105,8 @@ def sampled_pairs(config: ml_collections.ConfigDict, params: dict, tok: Any, tem
                                rng=jax.random.key(seed * 1_000_003 + start), temperature=1.0, eos_id=stop,
                                pad_id=tok.pad_id)
         replies += [tok.decode(o).strip() for o in outs]
-    system = preference.DOMAINS["correct"] if config.reward.conditional else ""
+    if system is None:
+        system = preference.DOMAINS["correct"] if config.reward.conditional else ""
     records = []
     for i, item in enumerate(items):
         mine = replies[i * samples:(i + 1) * samples]

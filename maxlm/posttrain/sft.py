@@ -80,7 +80,7 @@ def load_conversations(config: ml_collections.ConfigDict, tok, template: chat.Te
 
 def build(config: ml_collections.ConfigDict, workdir: str, section: str = "sft"):
     """(run config, tokenizer, template, base params) for fine-tuning `config.<section>.base` in `workdir`
-    (`section` is "sft", or "reward" for a reward model)."""
+    (`section` is "sft", "reward" for a reward model, "dpo" for preference optimisation)."""
     config_lib.validate(config)
     config_lib.require_single_stage(config, f"maxlm.{section}")
     base_path = config[section].base
