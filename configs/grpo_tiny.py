@@ -4,6 +4,8 @@
 The RL settings shared with PPO come from configs/ppo_tiny.py (64 replies per iteration, 16 tokens, 4 epochs of
 minibatches of 16, Adam b2 0.999, the held-out evaluation); here 8 prompts x 8 replies, DeepSeekMath's GRPO
 (group-normalised advantages, per-sequence token means, clip 0.2, k3 KL to the reference with weight 0.04).
+Measured (experiments/grpo_demo.sh, 2 CPU cores shared with other runs, 2026-12-05): held-out exact match
+0.454 -> 0.566 / 0.596 / 0.654 / 0.672 / 0.666 / 0.698 at iterations 50 .. 300, KL 1.93, 1048 s.
 """
 
 import os

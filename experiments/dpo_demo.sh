@@ -9,6 +9,8 @@
 # Reuses whatever WORKDIR already has (the same WORKDIR as rlhf_demo.sh shares its base and SFT runs).
 # Prints, as its last line, one JSON object: true_score_before, true_score_after, kl, accuracy (the implicit
 # reward's pairwise accuracy on held-out pairs), steps and dpo_seconds.
+# Measured on 2 CPU cores (2026-12-05, configs/dpo_tiny.py: on-policy pairs + RPO's NLL term, 300 steps):
+# held-out 0.454 -> 0.788, KL 2.06 (seed 0); 0.454 -> 0.770, KL 2.18, 462 s (seed 1, --config.train.seed=1).
 set -euo pipefail
 W=${1:?usage: bash experiments/dpo_demo.sh WORKDIR [maxlm.dpo flags]}
 shift

@@ -9,6 +9,7 @@
 # RUN=name to keep several variants side by side). Prints, as its last line, one JSON object:
 # true_score_before, true_score_after, kl (per reply, to the SFT reference, on the last iteration's
 # rollouts), reward_mean_last, iterations, seconds.
+# Measured on 2 CPU cores shared with other runs (2026-12-05): held-out 0.454 -> 0.698, KL 1.93, 1048 s.
 set -euo pipefail
 W=${1:?usage: bash experiments/grpo_demo.sh WORKDIR [maxlm.grpo flags]}
 shift

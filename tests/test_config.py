@@ -257,9 +257,9 @@ def test_rl_environments_are_validated_from_their_registry():
     """`ppo.reward_fn` names an environment registered beside its code (maxlm.environments, maxlm.graph)."""
     from maxlm.posttrain import environments, ppo  # noqa: F401  (ppo imports every built-in environment)
 
-    assert list(environments.ENVIRONMENTS)[:2] == ["model", "shortest_path"]
+    assert list(environments.ENVIRONMENTS)[:3] == ["model", "checker", "shortest_path"]
     config = C.override(C.default_config(), **{"ppo.reward_fn": "chess"})
-    with pytest.raises(C.ConfigError, match=r"ppo\.reward_fn.*'model', 'shortest_path'"):
+    with pytest.raises(C.ConfigError, match=r"ppo\.reward_fn.*'model', 'checker', 'shortest_path'"):
         environments.validate(config)
     environments.register("chess")(object)
     try:
