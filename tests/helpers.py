@@ -311,3 +311,25 @@ def build_tiny_tfds(data_dir: str, texts: list[str]) -> None:
 
     tfds.disable_progress_bar()
     MaxlmTinyText(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+# ------------------------------------------------------------------------- ragged RL batches (test_rl, test_critic_free)
+
+
+def ragged_mask(lengths, t, dtype=np.float32):
+    """[len(lengths), t]: row b is 1 on its first lengths[b] entries (a contiguous prefix), 0 after."""
+    m = np.zeros((len(lengths), t), dtype)
+    for b, n in enumerate(lengths):
+        m[b, :n] = 1
+    return m
+
+
+def normal_f32(seed, shape, scale=1.0):
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
+
+
+def with_junk(x, mask, seed=99, junk=1e6):
+    """x with every masked-out entry replaced by a large random value of either sign."""
+    values = np.random.default_rng(seed).uniform(0.5 * junk, junk, size=x.shape) * np.sign(
+        np.random.default_rng(seed + 1).normal(size=x.shape))
+    return np.where(mask > 0, x, values).astype(np.float32)

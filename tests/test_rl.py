@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from maxlm.posttrain import rl
+from tests import helpers
 
 T = 7
 LENGTHS = (7, 3, 0, 5, 1)
@@ -21,21 +22,15 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _mask(dtype=np.float32):
-    m = np.zeros((B, T), dtype)
-    for b, n in enumerate(LENGTHS):
-        m[b, :n] = 1
-    return m
+    return helpers.ragged_mask(LENGTHS, T, dtype)
 
 
 def _rand(seed, shape=(B, T), scale=1.0):
-    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
+    return helpers.normal_f32(seed, shape, scale)
 
 
 def _junk(x, mask, seed=99):
-    """x with every masked-out entry replaced by a large random value."""
-    junk = np.random.default_rng(seed).uniform(0.5 * JUNK, JUNK, size=x.shape) * np.sign(
-        np.random.default_rng(seed + 1).normal(size=x.shape))
-    return np.where(mask > 0, x, junk).astype(np.float32)
+    return helpers.with_junk(x, mask, seed, JUNK)
 
 
 # ---- numpy oracles (loops, float64) ----
