@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # DPO from nothing, on CPU, with no reward model: tiny base -> the RLHF demo's partial SFT policy on sort
-# (experiments/partial_sft.sh; held-out exact match ~0.45) -> DPO on the built-in `correct` pairs (the right
-# answer vs a plausible mistake) -> held-out exact match again, and the policy's KL to the SFT reference on
-# its own sampled replies (the same figure as PPO's kl).
+# (experiments/partial_sft.sh; held-out exact match ~0.45) -> DPO (configs/dpo_tiny.py) on the policy's own
+# sampled replies, a wrong one rejected against a right one by the task checker -> held-out exact match again,
+# and the policy's KL to the SFT reference on its own sampled replies (the same figure as PPO's kl).
 #
 #   bash experiments/dpo_demo.sh WORKDIR [extra maxlm.dpo flags, e.g. --config.dpo.loss=ipo]
 #

@@ -42,6 +42,11 @@ def sides(pairs: preference.Pairs) -> list[tuple[Side, Side]]:
     return [((c, cw, None), (r, rw, None)) for (c, cw), (r, rw) in pairs.items]
 
 
+def has_reference(pairs: list[tuple[Side, Side]]) -> bool:
+    """Whether the pairs carry the reference's log-probs (`attach_reference`)."""
+    return pairs[0][0][2] is not None
+
+
 def pack(pairs: list[tuple[Side, Side]], seq_len: int, rows: int, pairs_per_row: int, pad_id: int = 0,
          with_reference: bool = False) -> tuple[Batch, list[tuple[int, int, int]]]:
     """Pairs, in order, into `rows` rows of `seq_len` positions (each pair must fit one row: `pair_size`).
@@ -115,7 +120,15 @@ class PackedPairIterator(EpochIterator):
         super().__init__(pairs, seq_len=seq_len, batch_size=batch_size, seed=seed, pad_id=pad_id,
                          host_id=host_id, num_hosts=num_hosts)
         self.pairs_per_row = pairs_per_row
-        self.with_reference = pairs[0][0][2] is not None
+        self.with_reference = has_reference(pairs)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """The epoch's shuffle of the pairs (kept for the current and the next epoch only)."""
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = np.random.default_rng((self.seed, epoch)).permutation(len(self.items))
+        return self._orders[epoch]
 
     def _upcoming(self) -> list[tuple[Side, Side]]:
         """Enough pairs from the cursor on to fill a batch (crossing into the next epoch's order if need be)."""
@@ -123,7 +136,7 @@ class PackedPairIterator(EpochIterator):
         while len(out) < self.batch_size * self.pairs_per_row:
             if cursor == len(self.items):
                 epoch, cursor = epoch + 1, 0
-            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.items))
+            order = self._order(epoch)
             take = order[cursor:cursor + self.batch_size * self.pairs_per_row - len(out)]
             out += [self.items[i] for i in take]
             cursor += len(take)
@@ -145,8 +158,7 @@ def eval_batches(pairs: list[tuple[Side, Side]], *, seq_len: int, batch_size: in
     """Every pair once, in order, as full global batches (the last one padded: rows without slots weigh 0)."""
     out, done = [], 0
     while done < len(pairs):
-        batch, placements = pack(pairs[done:], seq_len, batch_size, pairs_per_row, pad_id,
-                                 pairs[0][0][2] is not None)
+        batch, placements = pack(pairs[done:], seq_len, batch_size, pairs_per_row, pad_id, has_reference(pairs))
         out.append(batch)
         done += len(placements)
     return out

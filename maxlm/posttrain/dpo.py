@@ -111,23 +111,27 @@ def _smoothed(logits: Array, smoothing: float) -> Array:
     return -(1.0 - smoothing) * jax.nn.log_sigmoid(logits) - smoothing * jax.nn.log_sigmoid(-logits)
 
 
+def _implicit_rewards(x: PairLogps, d: ml_collections.ConfigDict) -> tuple[Array, Array]:
+    """DPO's implicit rewards of the chosen and the rejected reply: beta x (log pi - log pi_ref)."""
+    return d.beta * (x.chosen - x.ref_chosen), d.beta * (x.rejected - x.ref_rejected)
+
+
 @register("dpo")
 def dpo(x: PairLogps, d: ml_collections.ConfigDict) -> tuple[Array, Array, Array]:
-    chosen, rejected = d.beta * (x.chosen - x.ref_chosen), d.beta * (x.rejected - x.ref_rejected)
+    chosen, rejected = _implicit_rewards(x, d)
     return _smoothed(chosen - rejected, 0.0), chosen, rejected
 
 
 @register("cdpo")
 def cdpo(x: PairLogps, d: ml_collections.ConfigDict) -> tuple[Array, Array, Array]:
-    chosen, rejected = d.beta * (x.chosen - x.ref_chosen), d.beta * (x.rejected - x.ref_rejected)
+    chosen, rejected = _implicit_rewards(x, d)
     return _smoothed(chosen - rejected, d.label_smoothing), chosen, rejected
 
 
 @register("ipo")
 def ipo(x: PairLogps, d: ml_collections.ConfigDict) -> tuple[Array, Array, Array]:
     h = (x.chosen - x.ref_chosen) / x.chosen_len - (x.rejected - x.ref_rejected) / x.rejected_len
-    return jnp.square(h - 1.0 / (2.0 * d.beta)), d.beta * (x.chosen - x.ref_chosen), d.beta * (x.rejected -
-                                                                                               x.ref_rejected)
+    return (jnp.square(h - 1.0 / (2.0 * d.beta)), *_implicit_rewards(x, d))
 
 
 @register("simpo", uses_reference=False)

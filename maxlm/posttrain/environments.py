@@ -2,7 +2,8 @@
 
 An environment gives `train_items` / `eval_items`, `prompt(item)` (the token ids the policy and the reward
 model see), `sample_prompts(iteration, n, salt=0)` (deterministic in the iteration and the salt -- a later
-draw of the same iteration, as GRPO's dynamic sampling makes -- so a resumed run draws the same prompts), `true_score(prompt, response)` (the hidden checker), `held_out_score(config, actor)` and
+draw of the same iteration, as GRPO's dynamic sampling makes -- so a resumed run draws the same prompts),
+`true_score(prompt, response)` (the hidden checker), `held_out_score(config, actor)` and
 `stop_id`; a programmatic one also `reward(prompt, response)`, used when `ppo.reward_fn` names it instead
 of "model". Each registers itself under its `ppo.reward_fn` name beside its code.
 """
@@ -42,9 +43,10 @@ def make(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> Any
     return ENVIRONMENTS[config.ppo.reward_fn](config, tok)
 
 
-def seed_sequence(seed: int, iteration: int, salt: int = 0) -> tuple[int, ...]:
-    """The entropy of an iteration's draw: (seed, iteration), and the salt of a later draw when it has one."""
-    return (seed, iteration) + ((salt,) if salt else ())
+def seed_sequence(seed: int, iteration: int, *stream: int, salt: int = 0) -> tuple[int, ...]:
+    """The entropy of an iteration's draw: (seed, iteration, the stream's tag if any), and the salt of a later
+    draw of the same iteration when it has one (a first draw keeps the entropy it had before salts existed)."""
+    return (seed, iteration, *stream) + ((salt,) if salt else ())
 
 
 @dataclasses.dataclass
@@ -77,7 +79,7 @@ class TaskEnvironment:
                       chat.render_prompt(self.template, self.tok, judge), item)
 
     def sample_prompts(self, iteration: int, n: int, salt: int = 0) -> list[Prompt]:
-        rng = np.random.default_rng(seed_sequence(self.config.train.seed, iteration, salt))
+        rng = np.random.default_rng(seed_sequence(self.config.train.seed, iteration, salt=salt))
         return [self.prompt(self.train_items[i]) for i in rng.choice(len(self.train_items), n, replace=False)]
 
     def true_score(self, prompt: Prompt, response: list[int]) -> float:

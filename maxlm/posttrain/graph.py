@@ -202,7 +202,7 @@ class Environment:
         return environments.Prompt(ids, ids, item)
 
     def sample_prompts(self, iteration: int, n: int, salt: int = 0) -> list[Any]:
-        rng = np.random.default_rng(environments.seed_sequence(self.config.train.seed, iteration, salt))
+        rng = np.random.default_rng(environments.seed_sequence(self.config.train.seed, iteration, salt=salt))
         return [self.prompt(self.train_items[i]) for i in rng.choice(len(self.train_items), n, replace=True)]
 
     def response_text(self, response: Sequence[int]) -> str:

@@ -144,13 +144,8 @@ class GroupFeed(ppo.RolloutFeed):
         if rm is not None:
             batch.update(ppo._reward_inputs(rows, lists, self.rm_len, tok.pad_id))
         stats = jax.device_get(self.score_fn(actor, frozen["reference"], rm, batch))
-        stopped = np.asarray([env.stop_id in r for r in lists])
-        if rm is not None:
-            rewards = np.asarray(stats["scores"], np.float64)
-            if p.penalize_no_stop:
-                rewards = np.where(stopped, rewards, p.no_stop_score)
-        else:
-            rewards = np.asarray([env.reward(pr, r) for pr, r in zip(rows, lists)], np.float64)
+        scores, stopped = self._scores(rows, lists, stats.get("scores"))
+        rewards = np.asarray(scores, np.float64)
         if g.overlong_buffer:
             rewards = rewards + g.overlong_coef * np.asarray(cf.overlong_penalty(
                 jnp.asarray(mask.sum(1)), p.max_new_tokens, g.overlong_buffer))

@@ -298,7 +298,7 @@ class RolloutFeed(trainer_lib.Feed):
                                  mesh=mesh if mesh is not None and mesh.size > 1 else None)
         else:
             self.engine.update_params(actor)
-        entropy = (config.train.seed, iteration, 2) + ((salt,) if salt else ())
+        entropy = environments.seed_sequence(config.train.seed, iteration, 2, salt=salt)
         seeds = np.random.default_rng(entropy).integers(2 ** 31, size=len(prompts))
         done = self.engine.generate(prompts, [SamplingParams(max_tokens=p.max_new_tokens, temperature=p.temperature,
                                                              seed=int(s)) for s in seeds])
@@ -307,6 +307,20 @@ class RolloutFeed(trainer_lib.Feed):
             row = req.tokens + ([env.stop_id] if req.finish_reason == "stop" else [])
             out[i, :len(row)] = row
         return out
+
+    def _scores(self, prompts: list[Prompt], responses: list[list[int]], rm_scores: Any
+                ) -> tuple[jax.Array, np.ndarray]:
+        """Each reply's sequence reward, float32 -- the reward model's score (`rm_scores`), or the environment's
+        program when there is no reward model (None) -- and whether the reply emitted the stop token."""
+        env, p = self.env, self.config.ppo
+        stopped = np.asarray([env.stop_id in r for r in responses])
+        if rm_scores is None:
+            return jnp.asarray([env.reward(pr, r) for pr, r in zip(prompts, responses)], jnp.float32), stopped
+        if p.penalize_no_stop:
+            # A reply cut off at max_new_tokens ends on a token the reward model never scored in training:
+            # give it a fixed low score instead of an out-of-distribution one ("N implementation details").
+            rm_scores = jnp.where(jnp.asarray(stopped), rm_scores, jnp.float32(p.no_stop_score))
+        return rm_scores, stopped
 
     def _enqueue(self, rollout: dict[str, np.ndarray], iteration: int) -> None:
         """`ppo.epochs` passes over the iteration's rollouts, each in a fresh order, as minibatches of
@@ -359,13 +373,7 @@ class RolloutFeed(trainer_lib.Feed):
         if rm is not None:
             batch.update(_reward_inputs(prompts, response_lists, self.rm_len, tok.pad_id))
         stats = self.score_fn(actor, frozen["reference"], critic, rm, batch)
-        scores = stats["scores"] if rm is not None else jnp.asarray(
-            [env.reward(pr, r) for pr, r in zip(prompts, response_lists)], jnp.float32)
-        stopped = np.asarray([env.stop_id in r for r in response_lists])
-        if rm is not None and p.penalize_no_stop:
-            # A reply cut off at max_new_tokens ends on a token the reward model never scored in training:
-            # give it a fixed low score instead of an out-of-distribution one ("N implementation details").
-            scores = jnp.where(jnp.asarray(stopped), scores, jnp.float32(p.no_stop_score))
+        scores, stopped = self._scores(prompts, response_lists, stats.get("scores"))
         extra = self.advantage_fn(scores, stats, jnp.asarray(mask), jnp.float32(self.kl_coef))
         rollout = {k: batch[k] for k in ("inputs", "positions", "segment_ids", "responses", "mask")}
         rollout.update(old_logprobs=np.asarray(stats["logprobs"]), old_values=np.asarray(stats["values"]),
