@@ -235,6 +235,12 @@ def default_config() -> ml_collections.ConfigDict:
     # policy's own outputs). Empty: the reward model's base. It must share the base's tokenizer.
     r.sample_policy = ""
     r.sample_policy_step = -1
+    # Continued training (InternLM2's online RLHF, maxlm/posttrain/online.py): start from this reward model's
+    # parameters instead of a zero head on `base`, and add the comparisons in `extra_data` (a glob of the same
+    # jsonl) to the training split whole -- the new comparisons of the current policy's replies.
+    r.init_from = ""
+    r.init_step = -1
+    r.extra_data = ""
 
     # PPO (python -m maxlm.ppo): InstructGPT's RLHF stage. Defaults follow trlX's PPOConfig unless noted.
     # One iteration samples `rollout_batch` prompts, scores them, then runs `epochs` passes of minibatch
@@ -242,6 +248,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.ppo = p = ml_collections.ConfigDict()
     p.policy = ""  # the SFT model: actor and frozen reference (maxlm workdir or Hugging Face folder)
     p.policy_step = -1
+    # The frozen reference of the KL term, when it is not `policy`: online RLHF's later rounds start from the
+    # previous round's actor but keep the SFT policy as the reference.
+    p.reference = ""
+    p.reference_step = -1
     p.reward_model = ""  # a maxlm.reward workdir (frozen); used when reward_fn == "model"
     p.reward_fn = "model"  # an environment of maxlm.environments.ENVIRONMENTS: model | checker | shortest_path (graph.py)
     p.reward_domain = "correct"  # system prompt the reward model is queried with (PREFERENCE_DOMAINS; "" none)
@@ -284,6 +294,21 @@ def default_config() -> ml_collections.ConfigDict:
     g.max_sampling_rounds = 4  # draws per iteration at most, with dynamic sampling
     g.overlong_buffer = 0  # DAPO's soft overlong penalty over the last this-many tokens of ppo.max_new_tokens
     g.overlong_coef = 1.0  # its scale (the penalty goes linearly from 0 to -overlong_coef)
+
+    # Online RLHF's judge (python -m maxlm.online, InternLM2 section 4.3): sample the current policy, label
+    # comparisons of its replies with the task checker (the stand-in for human labellers), measure how well the
+    # current reward model agrees, and write the new comparisons for the reward model's continued training.
+    c.online = o = ml_collections.ConfigDict()
+    o.policy = ""  # the current policy (a PPO workdir: its actor; or any policy workdir)
+    o.policy_step = -1
+    o.reward_model = ""  # the reward model PPO used in this round (a maxlm.reward workdir)
+    o.round = 1  # picks this round's fresh train prompts and sampling seed
+    o.tasks = ("sort",)  # built-in tasks whose prompts are sampled and whose checker labels the replies
+    o.item_offset = 12000  # train prompts before this one are the earlier stages' (SFT, reward model, PPO)
+    o.train_items = 1000  # fresh train prompts per task sampled for new comparisons
+    o.eval_items = 500  # held-out prompts per task for the reward model's accuracy on the policy's replies
+    o.samples = 4  # replies sampled per prompt (temperature 1)
+    o.hack_repeat = 4  # fast path: each comparison the reward model gets wrong is written this many times
 
     # Preference optimisation without a reward model (python -m maxlm.dpo): DPO and its relatives.
     c.dpo = d = ml_collections.ConfigDict()

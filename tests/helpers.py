@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from maxlm import config as C
+from maxlm.model import decoder as model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 """The repository root (the working directory for `python -m maxlm...` subprocesses)."""
@@ -333,3 +334,19 @@ def with_junk(x, mask, seed=99, junk=1e6):
     values = np.random.default_rng(seed).uniform(0.5 * junk, junk, size=x.shape) * np.sign(
         np.random.default_rng(seed + 1).normal(size=x.shape))
     return np.where(mask > 0, x, values).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ reward models
+
+
+def pair_margins_by_hand(config, params, pairs):
+    """r_chosen - r_rejected of each rendered pair (chosen ids, rejected ids) of a reward model: the head applied
+    by numpy to the hidden state of each sequence's last token, from one right-padded batch (causal: padding
+    after a token never changes it)."""
+    seqs = [s for pair in pairs for s in pair]
+    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+    h = np.asarray(jax.jit(lambda p, x: model.hidden(config, p, x))(params["decoder"], tokens), np.float64)
+    r = h[np.arange(len(seqs)), [len(s) - 1 for s in seqs]] @ np.asarray(params["head"], np.float64)
+    return r[0::2] - r[1::2]

@@ -216,6 +216,17 @@ MUTATIONS = [
     Mutation("minhash-jaccard-same-side", "maxlm/curation/dedup.py",
              "== np.asarray(signatures[p[:, 1]])", "== np.asarray(signatures[p[:, 0]])",
              ["tests/test_dedup.py::test_estimated_jaccard_is_the_fraction_of_equal_entries"]),
+    # ---- online RLHF's judge (maxlm/posttrain/online.py) ----
+    Mutation("online-gap-counts-right-ranked-replies", "maxlm/posttrain/online.py",
+             "elif margin_of.get((item.prompt, reply), 1.0) <= 0:", "elif margin_of.get((item.prompt, reply), 1.0) > 0:",
+             ["tests/test_online.py::test_judge_measures_match_a_count_by_hand"]),
+    Mutation("online-repeats-the-right-ranked-pairs", "maxlm/posttrain/online.py",
+             'copies = o.hack_repeat if record["margin"] <= 0 else 1',
+             'copies = o.hack_repeat if record["margin"] > 0 else 1',
+             ["tests/test_online.py::test_judge_cli_writes_each_hack_repeat_times"]),
+    Mutation("online-rounds-overlap", "maxlm/posttrain/online.py",
+             "start = o.item_offset + (o.round - 1) * o.train_items", "start = o.item_offset + o.round - 1",
+             ["tests/test_online.py::test_rounds_draw_fresh_train_prompts"]),
     # ---- reward model and evaluation ----
     Mutation("rm-accuracy-counts-ties", "maxlm/posttrain/reward.py",
              '"accuracy": jnp.sum((margin > 0) * weight)', '"accuracy": jnp.sum((margin >= 0) * weight)',

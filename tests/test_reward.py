@@ -18,7 +18,7 @@ from maxlm.data import chat, tasks
 from maxlm.data import preference
 from maxlm.model import decoder as model
 from maxlm.posttrain import reward
-from tests.helpers import ROOT, random_params, tiny_model_config
+from tests.helpers import ROOT, pair_margins_by_hand, random_params, tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -103,18 +103,6 @@ def test_malformed_pair_records_are_counted(tok, tmp_path):
                                               {"role": "user", "content": "hi"}])))
 
 
-def _margins(config, params, pairs):
-    """r_chosen - r_rejected per pair: the head applied by numpy to the hidden state of each sequence's last
-    token, from one right-padded batch (causal: padding after a token never changes it)."""
-    seqs = [s for pair in pairs for s in pair]
-    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = s
-    h = np.asarray(jax.jit(lambda p, x: model.hidden(config, p, x))(params["decoder"], tokens), np.float64)
-    r = h[np.arange(len(seqs)), [len(s) - 1 for s in seqs]] @ np.asarray(params["head"], np.float64)
-    return r[0::2] - r[1::2]
-
-
 def _pair_metrics(margins):
     """Held-out pairwise metrics by definition: a pair is right when the chosen reply scores strictly higher."""
     return {"accuracy": float(np.mean(margins > 0)), "margin": float(np.mean(margins)),
@@ -136,7 +124,7 @@ def test_reward_cli_end_to_end(reward_run, hf_base, tmp_path):
 
     # Every held-out number against the final model's margins r_chosen - r_rejected, computed here per pair.
     held_out = reward.load_pairs(config, run_tok, chat.load_template(config.sft.template), "eval")
-    margins, domains = _margins(config, params, held_out.items), np.array(held_out.domains)
+    margins, domains = pair_margins_by_hand(config, params, held_out.items), np.array(held_out.domains)
     assert np.abs(margins).min() > 1e-7  # no pair near a tie: each sign is certain
     assert {k: v for k, v in result.items() if k != "by_domain"} == pytest.approx(_pair_metrics(margins),
                                                                                    rel=1e-4, abs=1e-8)

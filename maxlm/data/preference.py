@@ -127,9 +127,10 @@ class Pairs:
         return f"{len(self.items)} pairs; skipped: {skipped}"
 
 
-def load_jsonl(pattern: str, pairs: Pairs) -> Pairs:
-    """Add every line of the files matching `pattern` (sorted, so the order is deterministic)."""
-    return sft_data.load_jsonl(pattern, pairs, what="reward.data_path")
+def load_jsonl(pattern: str, pairs: Pairs, what: str = "reward.data_path") -> Pairs:
+    """Add every line of the files matching `pattern` (sorted, so the order is deterministic); `what` names
+    the setting in the error when nothing matches."""
+    return sft_data.load_jsonl(pattern, pairs, what=what)
 
 
 def shorter_reply(item: tasks.Item, rng: random.Random) -> str:

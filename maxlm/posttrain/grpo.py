@@ -211,7 +211,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
              f"{g.group_size} replies per prompt; advantage {g.advantage}; loss {g.loss_agg}; clip "
              f"[{1 - g.clip_low:g}, {1 + g.clip_high:g}]; KL {g.kl_coef} x {g.kl_estimator}"
              + ("; dynamic sampling" if g.dynamic_sampling else ""))
-    frozen = trainer.place_frozen({"reference": policy, **({"reward_model": rm} if rm is not None else {})})
+    frozen = trainer.place_frozen({"reference": ppo.load_reference(config, policy),
+                                   **({"reward_model": rm} if rm is not None else {})})
     feed = GroupFeed(config, env, tok, *ppo.rollout_lengths(config, env))
     return trainer_lib.run(
         config, workdir, trainer, feed, frozen=frozen, evaluate=ppo.held_out_fn(config, env, "", "GRPO"),

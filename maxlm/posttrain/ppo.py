@@ -246,6 +246,8 @@ def load_models(config: ml_collections.ConfigDict, workdir: str, critic: bool = 
     run_config = pretrained.with_base_model(config, policy_config, policy_config.model.vocab_size)
     with run_config.unlocked():
         run_config.ppo.policy = os.path.abspath(p.policy)
+        if p.reference:
+            run_config.ppo.reference = os.path.abspath(p.reference)
         if p.reward_model:
             run_config.ppo.reward_model = os.path.abspath(p.reward_model)
         # One step counter: optimizer updates. A log line per iteration; evaluation every ppo.eval_every.
@@ -259,6 +261,18 @@ def load_models(config: ml_collections.ConfigDict, workdir: str, critic: bool = 
     if not os.path.exists(target):
         tokenizer_lib.copy_model(tok_path, target)
     return run_config, tok, policy, rm
+
+
+def load_reference(config: ml_collections.ConfigDict, policy: dict) -> dict:
+    """The KL term's frozen reference: `ppo.reference` when set (online RLHF's later rounds: the SFT policy,
+    while the actor starts from the last round's), else the starting policy itself."""
+    p = config.ppo
+    if not p.reference:
+        return policy
+    _, reference, _ = pretrained.load_base(p.reference, p.reference_step, key="ppo.reference")
+    if jax.tree.map(np.shape, reference) != jax.tree.map(np.shape, policy):
+        raise PPOError(f"ppo.reference={p.reference} and ppo.policy={p.policy} differ in architecture")
+    return reference
 
 
 class RolloutFeed(trainer_lib.Feed):
@@ -435,7 +449,8 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, f
     trainer = train.Trainer(config, objective=OBJECTIVE)
     log_line(f"maxlm.ppo: {config_lib.describe(config)}; policy {p.policy}; reward {p.reward_model or p.reward_fn}; "
              f"critic from {p.critic_init}")
-    frozen = trainer.place_frozen({"reference": policy, **({"reward_model": rm} if rm is not None else {})})
+    frozen = trainer.place_frozen({"reference": load_reference(config, policy),
+                                   **({"reward_model": rm} if rm is not None else {})})
     critic = rm if p.critic_init == "reward" else jax.device_get(reward.from_lm(policy))
     params = {"actor": policy, "critic": critic}
     del policy, critic

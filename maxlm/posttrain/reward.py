@@ -49,21 +49,25 @@ from maxlm.evaluation import harness as evaluate
 from maxlm.model import sampler as sample
 
 
-def pair_loss(params: dict, config: ml_collections.ConfigDict, batch: train.Batch, frozen: Any = None
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(sum over pairs of -log sigmoid(r_chosen - r_rejected), {"weight": pairs, "accuracy", "margin"} sums).
-
-    Padding rows (no `last` token: eval batches filled up to the batch size) have weight 0. Chosen and
-    rejected go through the model as one [2B, T] batch.
-    """
+def pair_margins(params: dict, config: ml_collections.ConfigDict, batch: train.Batch) -> jax.Array:
+    """r_chosen - r_rejected [B] for a `preference.pair_batch`; chosen and rejected go through the model as
+    one [2B, T] batch."""
     tokens = jnp.concatenate([batch["chosen_inputs"], batch["rejected_inputs"]])
     segments = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]])
     last = jnp.concatenate([batch["chosen_last"], batch["rejected_last"]])
     positions = jnp.concatenate([batch["positions"], batch["positions"]])
-    r = scores(config, params, tokens, positions, segments, last)
-    r_chosen, r_rejected = jnp.split(r, 2)
+    r_chosen, r_rejected = jnp.split(scores(config, params, tokens, positions, segments, last), 2)
+    return r_chosen - r_rejected
+
+
+def pair_loss(params: dict, config: ml_collections.ConfigDict, batch: train.Batch, frozen: Any = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(sum over pairs of -log sigmoid(r_chosen - r_rejected), {"weight": pairs, "accuracy", "margin"} sums).
+
+    Padding rows (no `last` token: eval batches filled up to the batch size) have weight 0.
+    """
+    margin = pair_margins(params, config, batch)
     weight = jnp.sum(batch["chosen_last"], axis=-1)
-    margin = r_chosen - r_rejected
     return (jnp.sum(jax.nn.softplus(-margin) * weight),
             {"weight": jnp.sum(weight), "accuracy": jnp.sum((margin > 0) * weight), "margin": jnp.sum(margin * weight)})
 
@@ -86,15 +90,10 @@ def load(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDi
     return config, jax.device_get(params), tokenizer_lib.load(tokenizer_lib.workdir_tokenizer(workdir))
 
 
-def sampled_pairs(config: ml_collections.ConfigDict, params: dict, tok: Any, template: chat.Template,
-                  items: list, samples: int, seed: int = 0, system: str | None = None) -> list[dict]:
-    """`correct`-domain pairs from the policy's own replies, judged by the hidden checker -- InstructGPT's
-    comparisons of model outputs, with the checker as the labeller. Each item's prompt is sampled `samples`
-    times at temperature 1; every distinct wrong reply is rejected against a right one (a sampled right
-    reply when there is one, else the reference answer). The reward model so sees the mistakes the policy
-    actually makes, which PPO would otherwise find unjudged and exploit. The records carry `system` (default:
-    the `correct` domain's prompt for a conditional reward model, else none); the policy is always prompted
-    under `sft.system_prompt`."""
+def sample_replies(config: ml_collections.ConfigDict, params: dict, tok: Any, template: chat.Template,
+                   items: list, samples: int, seed: int = 0) -> list[list[str]]:
+    """`samples` replies of the policy (`params`, prompted under `sft.system_prompt`) to each item, sampled at
+    temperature 1 and decoded: one list per item."""
     stop = evaluate.stop_id(template, tok)
     prompts = [chat.render_prompt(template, tok, tasks.messages(item, config.sft.system_prompt, with_answer=False))
                for item in items for _ in range(samples)]
@@ -105,17 +104,33 @@ def sampled_pairs(config: ml_collections.ConfigDict, params: dict, tok: Any, tem
                                rng=jax.random.key(seed * 1_000_003 + start), temperature=1.0, eos_id=stop,
                                pad_id=tok.pad_id)
         replies += [tok.decode(o).strip() for o in outs]
-    if system is None:
-        system = preference.DOMAINS["correct"] if config.reward.conditional else ""
-    records = []
-    for i, item in enumerate(items):
-        mine = replies[i * samples:(i + 1) * samples]
+    return [replies[i * samples:(i + 1) * samples] for i in range(len(items))]
+
+
+def checker_pairs(items: list, replies: list[list[str]], system: str) -> list[dict]:
+    """`correct`-domain comparisons of each item's replies, labelled by the hidden checker: every distinct
+    wrong reply is rejected against a right one (the first sampled right reply when there is one, else the
+    reference answer). The records carry `system`."""
+    out = []
+    for item, mine in zip(items, replies):
         right = [r for r in mine if tasks.check(item, r)]
         wrong = sorted({r for r in mine if r and not tasks.check(item, r)})
         for rejected in wrong:
-            records.append({"prompt": item.prompt, "chosen": right[0] if right else item.answer, "rejected": rejected,
-                            "system": system, "domain": "correct", "task": item.task})
-    return records
+            out.append({"prompt": item.prompt, "chosen": right[0] if right else item.answer, "rejected": rejected,
+                        "system": system, "domain": "correct", "task": item.task})
+    return out
+
+
+def sampled_pairs(config: ml_collections.ConfigDict, params: dict, tok: Any, template: chat.Template,
+                  items: list, samples: int, seed: int = 0, system: str | None = None) -> list[dict]:
+    """`correct`-domain pairs from the policy's own replies, judged by the hidden checker -- InstructGPT's
+    comparisons of model outputs, with the checker as the labeller (`sample_replies`, then `checker_pairs`).
+    The reward model so sees the mistakes the policy actually makes, which PPO would otherwise find unjudged
+    and exploit. The records carry `system` (default: the `correct` domain's prompt for a conditional reward
+    model, else none); the policy is always prompted under `sft.system_prompt`."""
+    if system is None:
+        system = preference.DOMAINS["correct"] if config.reward.conditional else ""
+    return checker_pairs(items, sample_replies(config, params, tok, template, items, samples, seed), system)
 
 
 def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Template, split: str,
@@ -161,6 +176,23 @@ def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Templ
     return pairs
 
 
+def add_extra(config: ml_collections.ConfigDict, pairs: preference.Pairs) -> preference.Pairs:
+    """`pairs` + every comparison in the files of `reward.extra_data` (training only: online RLHF's new
+    comparisons of the current policy's replies)."""
+    pattern = config.reward.extra_data
+    if not pattern:
+        return pairs
+    extra = preference.Pairs(pairs.template, pairs.tok, config.data.seq_len)
+    extra = preference.load_jsonl(pattern, extra, what="reward.extra_data")
+    if not extra.items:
+        reasons = records.reason_counts(extra.skipped) or "the files are empty"
+        raise InputError(f"every preference pair in reward.extra_data={pattern} was skipped ({reasons})")
+    pairs.items += extra.items
+    pairs.domains += extra.domains
+    log_line(f"reward.extra_data: {extra.summary()}")
+    return pairs
+
+
 def pair_batches(config: ml_collections.ConfigDict, pairs: preference.Pairs, pad_id: int,
                  indices: list[int] | None = None) -> list[dict[str, np.ndarray]]:
     """All of `pairs` (or those at `indices`) as full global batches, the last one padded with weight-0 rows."""
@@ -192,6 +224,22 @@ def _local(trainer: train.Trainer, batch: dict[str, np.ndarray]) -> train.Batch:
     return trainer.device_batch({k: v[first:first + rows] for k, v in batch.items()})
 
 
+def initial_params(config: ml_collections.ConfigDict, lm_params: dict) -> dict:
+    """The base's trunk with a zero head, or, with `reward.init_from`, that reward model's parameters
+    (continued training; it must have the base's architecture)."""
+    r = config.reward
+    if not r.init_from:
+        return from_lm(lm_params)
+    rm_config, params, _ = load(r.init_from, None if r.init_step < 0 else r.init_step)
+    shapes = jax.tree.map(lambda x: x.shape, params)
+    if any(rm_config.model[k] != config.model[k] for k in pretrained.SHAPE_KEYS) or shapes != jax.tree.map(
+            lambda x: x.shape, from_lm(lm_params)):
+        raise pretrained.BaseModelError(f"reward.init_from={r.init_from} and reward.base={r.base} differ in "
+                                        "architecture")
+    log_line(f"continuing the reward model at {r.init_from} (step {r.init_step if r.init_step >= 0 else 'newest'})")
+    return params
+
+
 @workdir_lib.holding
 def train_reward(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, float]]:
     """Train (or resume) the reward model to `train.num_steps`; returns the metrics records logged."""
@@ -200,7 +248,7 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
                                                   "set 0")
     config, tok, template, lm_params = sft.build(config, workdir, section="reward")
     log_line(f"maxlm.reward: {config_lib.describe(config)}; base {config.reward.base}; template {template.name}")
-    train_pairs = load_pairs(config, tok, template, "train", params=lm_params)
+    train_pairs = add_extra(config, load_pairs(config, tok, template, "train", params=lm_params))
     log_line(f"preference data: {train_pairs.summary()}")
     held_out = load_pairs(config, tok, template, "eval")
     iterator = preference.PairIterator(train_pairs, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
@@ -211,7 +259,7 @@ def train_reward(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
     if config.train.eval_every and len(held_out):
         eval_batches = [_local(trainer, b) for b in pair_batches(config, held_out, tok.pad_id)
                         [:config.train.eval_batches]]
-    params = from_lm(lm_params)
+    params = initial_params(config, lm_params)
 
     def finish(state: train.State) -> None:
         if not len(held_out):
