@@ -14,6 +14,10 @@
 # Prints, as its last line, one JSON object: true_score_single_round, true_score_online (held-out exact match
 # after the last iteration), kl_single_round, kl_online, rm_policy_accuracy / rm_true_gap /
 # sampled_true_score / true_score (lists, one per round), seconds_online.
+# Measured on 2 CPU cores shared with other runs (2026-12-06, seed 0): single round 0.436 -> 0.638 (KL 2.04);
+# online, rounds 1..3: held-out 0.600 / 0.576 / 0.660 (KL 2.15 at the end), the RM's accuracy on the policy's
+# own replies 0.583 / 0.605 / 0.761, RM-vs-true gap 0.220 / 0.233 / 0.110; 1217 s for the three rounds. Online
+# ends 2.2 points above single round (the issue asked for 3; one seed).
 set -euo pipefail
 W=${1:?usage: bash experiments/online_rlhf_demo.sh WORKDIR}
 cd "$(dirname "$0")/.."

@@ -26,15 +26,17 @@ from maxlm.errors import ConfigError  # noqa: F401  (raised here; its home is th
 from maxlm.model import attention
 from maxlm.model.attention import head_dim  # noqa: F401  (also this module's name for it)
 from maxlm.model.decoder import MLP_ACTIVATIONS  # noqa: F401
+from maxlm.model.moe import MOE_IMPLS
 from maxlm.model.lora import TARGETS as LORA_TARGETS  # noqa: F401
 
 # Logical axis -> mesh axes. The model only ever names logical axes (see model.py); this table is the
 # single place that decides how they map onto the device mesh (MaxText's `logical_axis_rules`).
-# Mesh axes: data (pure data parallel), fsdp (ZeRO-3 parameter sharding + data), tensor (Megatron heads /
+# Mesh axes: data (pure data parallel), fsdp (ZeRO-3 parameter sharding + data), expert (a mixture of experts'
+# experts split over devices, which split the batch too -- GShard's expert parallelism), tensor (Megatron heads /
 # MLP), sequence (context parallel). An axis absent from the mesh or of size 1 simply has no effect.
 DEFAULT_RULES = (
     # activations
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp", "expert")),
     ("activation_length", "sequence"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
@@ -51,9 +53,11 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("exp", "expert"),  # mixture of experts: the expert weights' E axis ...
+    ("activation_exp", "expert"),  # ... and the tokens dispatched to them ([E, C, D]: an all-to-all away)
 )
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
 # Allowed values kept here are those with no registry of their own. Registries beside their implementation:
 # model.attention_impl (attention.ATTENTION_IMPLS), model.rope_scaling (attention.ROPE_VARIANTS),
 # model.mlp_activation (decoder.MLP_ACTIVATIONS),
@@ -107,6 +111,11 @@ def default_config() -> ml_collections.ConfigDict:
     # initialised, at 0) zero-centred, exactly as Gemma checkpoints hold them
     m.post_norms = False  # Gemma 2/3: an RMSNorm on the attention and the MLP outputs too, before each residual add
     m.mlp_activation = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma); decoder.MLP_ACTIVATIONS
+    # Mixture of experts (maxlm/model/moe.py; Mixtral, Qwen3-MoE) in place of every layer's MLP; 0: dense.
+    m.num_experts = 0  # E
+    m.experts_per_token = 2  # k: the router's top-k
+    m.expert_mlp_dim = 0  # each expert's F (Qwen3-MoE's moe_intermediate_size); 0: mlp_dim
+    m.router_renormalize = True  # top-k weights rescaled to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
     m.scale_embeddings = False  # Gemma: input embeddings times sqrt(d_model), rounded to the compute dtype
     m.query_pre_attn_scalar = 0.0  # Gemma: attention logits scaled by this^-0.5 instead of head_dim^-0.5; 0: head_dim
     m.attn_logit_softcap = 0.0  # Gemma 2: attention logits -> c * tanh(logits / c) (attention_impl=xla); 0: off
@@ -119,6 +128,10 @@ def default_config() -> ml_collections.ConfigDict:
     m.attention_impl = "xla"  # xla | cudnn | pallas (attention.ATTENTION_IMPLS)
     m.remat_policy = "none"
     m.scan_layers = True
+    m.moe_impl = "dropless"  # dropless (grouped matmuls, ragged_dot) | capacity (GShard: fixed [E, C] buffers)
+    m.capacity_factor = 1.25  # capacity: each expert takes ceil(factor * B*T*k / E) assignments, drops the rest
+    m.router_aux_coef = 0.01  # load-balancing loss weight (Switch Transformer 0.01; Mixtral 0.02; Qwen3-MoE 0.001)
+    m.router_z_coef = 0.0  # router z-loss weight (ST-MoE: 0.001)
 
     c.tokenizer = t = ml_collections.ConfigDict()
     t.path = ""  # a SentencePiece .model; empty: train one on the data source, cached in the workdir
@@ -333,6 +346,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = me = ml_collections.ConfigDict()
     me.data = -1  # -1: all devices not used by the other axes
     me.fsdp = 1
+    me.expert = 1  # a mixture of experts' experts over this many devices (model.num_experts divisible by it)
     me.tensor = 1
     me.sequence = 1
     # ZeRO degree over the fsdp axis (Rajbhandari et al. 2020; InternEvo's zero1/2/3): 1 shards the
@@ -348,7 +362,8 @@ def default_config() -> ml_collections.ConfigDict:
 # The model keys that say how to run the weights rather than what they are: a fine-tuning run takes these
 # from its own config and every other key of `model` -- `shape_keys()` -- from its base model
 # (`pretrained.with_base_model`). A new model key is a shape key unless it is named here.
-MODEL_RUN_KEYS = ("compute_dtype", "attention_impl", "remat_policy", "scan_layers")
+MODEL_RUN_KEYS = ("compute_dtype", "attention_impl", "remat_policy", "scan_layers", "moe_impl", "capacity_factor",
+                  "router_aux_coef", "router_z_coef")
 
 
 def shape_keys() -> tuple[str, ...]:
@@ -410,6 +425,15 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
     _check(not m.local_rope_theta or m.sliding_window, "model.local_rope_theta",
            "is the RoPE base of the sliding-window layers: set model.sliding_window > 0 too")
     _check(m.mlp_activation in MLP_ACTIVATIONS, "model.mlp_activation", f"must be one of {tuple(MLP_ACTIVATIONS)}")
+    _check(m.num_experts >= 0, "model.num_experts", "must be >= 0 (0: a dense MLP)")
+    if m.num_experts:
+        _check(0 < m.experts_per_token <= m.num_experts, "model.experts_per_token",
+               f"must be in 1..num_experts={m.num_experts}, got {m.experts_per_token}")
+        _check(m.moe_impl in MOE_IMPLS, "model.moe_impl", f"must be one of {MOE_IMPLS}")
+        _check(m.capacity_factor > 0, "model.capacity_factor", "must be positive")
+    _check(m.expert_mlp_dim >= 0, "model.expert_mlp_dim", "must be >= 0 (0: mlp_dim)")
+    for key in ("router_aux_coef", "router_z_coef"):
+        _check(m[key] >= 0, f"model.{key}", "must be >= 0")
     _check(m.query_pre_attn_scalar >= 0, "model.query_pre_attn_scalar", "must be >= 0 (0: head_dim)")
     _check(not m.query_pre_attn_scalar or impl.scaled, "model.query_pre_attn_scalar",
            f"attention_impl={m.attention_impl!r} takes no logit scale; use one of "
@@ -515,6 +539,8 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
     _check(m.attention_impl != "pallas" or c.mesh.tensor in (1, -1) or m.num_kv_heads % c.mesh.tensor == 0,
            "mesh.tensor", f"attention_impl=pallas runs per device on whole kv heads: num_kv_heads="
            f"{m.num_kv_heads} must be divisible by mesh.tensor={c.mesh.tensor}")
+    _check(not m.num_experts or c.mesh.expert in (1, -1) or m.num_experts % c.mesh.expert == 0, "mesh.expert",
+           f"model.num_experts={m.num_experts} is not divisible by mesh.expert={c.mesh.expert}")
     _check(d.seq_len % max(c.mesh.sequence, 1) == 0, "mesh.sequence",
            f"data.seq_len={d.seq_len} is not divisible by mesh.sequence={c.mesh.sequence}")
     logical = [r[0] for r in c.mesh.rules]
@@ -728,8 +754,9 @@ def override(c: ml_collections.ConfigDict, **dotted: Any) -> ml_collections.Conf
     return c
 
 
-def num_params(c: ml_collections.ConfigDict) -> int:
-    """Parameter count computed from shapes alone (used for MFU and memory estimates)."""
+def num_params(c: ml_collections.ConfigDict, active: bool = False) -> int:
+    """Parameter count computed from shapes alone (used for MFU and memory estimates); `active`: those one
+    token uses (a mixture of experts' k of E experts, and its router)."""
     m = c.model
     h = head_dim(m)
     attn = m.d_model * h * (m.num_heads * 2 + m.num_kv_heads * 2)
@@ -738,6 +765,9 @@ def num_params(c: ml_collections.ConfigDict) -> int:
     if m.qk_norm:
         attn += 2 * h
     mlp = 3 * m.d_model * m.mlp_dim
+    if m.num_experts:
+        mlp = (m.experts_per_token if active else m.num_experts) * 3 * m.d_model * (m.expert_mlp_dim or m.mlp_dim)
+        mlp += m.d_model * m.num_experts
     per_layer = attn + mlp + (4 if m.post_norms else 2) * m.d_model
     emb = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
     return m.num_layers * per_layer + emb + m.d_model
@@ -747,11 +777,11 @@ def flops_per_token(c: ml_collections.ConfigDict, seq_len: int) -> float:
     """Training FLOPs per token: 6 * (non-embedding-lookup params) + causal attention (PaLM appendix B).
 
     The input embedding lookup is a gather, not a matmul, so it is excluded; the output projection is a
-    matmul and counted. Attention scores and the weighted sum cost 2 * 2 * T * N * H per token forward
+    matmul and counted. A mixture of experts counts the parameters a token uses (`active`). Attention scores and the weighted sum cost 2 * 2 * T * N * H per token forward
     for full attention; causal masking halves the useful work, and backward is twice forward (x3).
     """
     m = c.model
-    matmul_params = num_params(c) - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
+    matmul_params = num_params(c, active=True) - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
     attn = 3 * 2 * 2 * m.num_layers * seq_len * m.num_heads * head_dim(m) / 2
     return 6.0 * matmul_params + attn
 
@@ -762,8 +792,12 @@ def lr_decay_steps(c: ml_collections.ConfigDict) -> int:
 
 def describe(c: ml_collections.ConfigDict) -> str:
     m = c.model
+    experts = ""
+    if m.num_experts:
+        experts = (f" E={m.num_experts} k={m.experts_per_token} F_expert={m.expert_mlp_dim or m.mlp_dim} "
+                   f"({num_params(c, active=True) / 1e6:.1f}M active, {m.moe_impl})")
     return (f"{num_params(c) / 1e6:.1f}M params: L={m.num_layers} D={m.d_model} N={m.num_heads} "
-            f"K={m.num_kv_heads} H={head_dim(m)} F={m.mlp_dim} V={m.vocab_size}; "
+            f"K={m.num_kv_heads} H={head_dim(m)} F={m.mlp_dim} V={m.vocab_size}{experts}; "
             f"T={c.data.seq_len} B={c.data.batch_size} ({c.data.seq_len * c.data.batch_size} tokens/step); "
             f"ln(V)={math.log(m.vocab_size):.2f}")
 

@@ -2,9 +2,10 @@
 
     python tests/sharded_step_check.py 2,2,2,1 1,1,1,8:pallas 1,8,1,1:xla:1 1,2,2,2:xla:3:lora ...
 
-Each argument is a mesh `data,fsdp,tensor,sequence`, optionally followed by `:impl` (attention on the
+Each argument is a mesh `data,fsdp,tensor,sequence[,expert]`, optionally followed by `:impl` (attention on the
 mesh; default xla), `:zero_stage` (default 3) and `:lora` (train rank-4 LoRA adapters on a frozen random
-base, on both sides; the adapters are compared) or `:yarn` (YaRN-scaled RoPE on both sides). The single-device step always uses XLA attention (the
+base, on both sides; the adapters are compared), `:yarn` (YaRN-scaled RoPE on both sides), or `:moe` /
+`:moe_capacity` (4 experts, top-2, dropless / GShard capacity with room for every token, on both sides). The single-device step always uses XLA attention (the
 oracle). Prints one `RESULT` line per mesh: both losses, the largest parameter difference, and the
 per-device bytes of parameters and optimizer state (from the arrays' shards) and gradients. Run as a
 subprocess by tests/test_sharding.py, because the device count must be fixed before jax starts.
@@ -26,6 +27,8 @@ from maxlm.training.pretrain import Trainer  # noqa: E402
 BASE = {"model.vocab_size": 128, "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4,
         "model.num_kv_heads": 2, "model.mlp_dim": 128, "model.compute_dtype": "float32", "model.max_seq_len": 64,
         "data.seq_len": 32, "data.batch_size": 8, "optim.warmup_steps": 0, "optim.peak_lr": 1e-3}
+
+MOE = {"model.num_experts": 4, "model.experts_per_token": 2, "model.expert_mlp_dim": 64, "model.router_z_coef": 1e-3}
 
 
 def _batch() -> dict:
@@ -60,12 +63,13 @@ def main(specs: list[str]) -> None:
         shape, impl, zero, mode = (spec.split(":") + ["xla", "3", ""][spec.count(":"):])[:4]
         extra = {"lora": {"lora.rank": 4}, "": {},
                  # a long-context stage: YaRN x4 past an original length of 8 (configs/longctx_tiny.py's recipe)
-                 "yarn": {"model.rope_scaling": "yarn", "model.rope_factor": 4.0, "model.rope_original_max_len": 8}}[mode]
+                 "yarn": {"model.rope_scaling": "yarn", "model.rope_factor": 4.0, "model.rope_original_max_len": 8},
+                 "moe": MOE, "moe_capacity": {**MOE, "model.moe_impl": "capacity", "model.capacity_factor": 2.0}}[mode]
         if mode not in singles:
             single = C.validate(C.override(C.default_config(), **BASE, **extra, **{"mesh.data": 1}))
             singles[mode] = run(single, jax.devices()[:1])[:2]
         loss1, p1 = singles[mode]
-        sizes = dict(zip(("data", "fsdp", "tensor", "sequence"), map(int, shape.split(","))))
+        sizes = dict(zip(("data", "fsdp", "tensor", "sequence", "expert"), map(int, shape.split(","))))
         cfg = C.validate(C.override(C.default_config(), **BASE, **extra, **{f"mesh.{k}": v for k, v in sizes.items()},
                                     **{"model.attention_impl": impl, "mesh.zero_stage": int(zero)}))
         loss8, p8, memory = run(cfg, jax.devices())

@@ -215,7 +215,7 @@ def test_shape_keys_are_the_model_section_but_the_run_keys():
                 "norm_eps", "tie_embeddings", "fused_qkv", "qkv_bias", "qk_norm", "sliding_window", "init_std",
                 "param_dtype", "global_every", "local_rope_theta", "norm_zero_centered", "post_norms",
                 "mlp_activation", "scale_embeddings", "query_pre_attn_scalar", "attn_logit_softcap",
-                "final_logit_softcap"}
+                "final_logit_softcap", "num_experts", "experts_per_token", "expert_mlp_dim", "router_renormalize"}
     assert set(C.shape_keys()) == expected and len(C.shape_keys()) == len(expected)
     assert tuple(pretrained.SHAPE_KEYS) == C.shape_keys()
     model_keys = set(C.default_config().model)

@@ -52,6 +52,11 @@ VARIANTS = {
     "gemma3_softcap": ("Gemma3ForCausalLM", dict(num_key_value_heads=2, head_dim=16, sliding_window=5,
                                                  layer_types=["sliding_attention", "full_attention"],
                                                  final_logit_softcapping=3.0, tie_word_embeddings=False)),
+    # Mixtral: 4 experts, top-2 renormalised, experts' hidden size intermediate_size (160)
+    "mixtral": ("MixtralForCausalLM", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    # Qwen3-MoE: QK-norm, 4 experts of moe_intermediate_size 48, top-2 without renormalisation (norm_topk_prob)
+    "qwen3_moe": ("Qwen3MoeForCausalLM", dict(num_key_value_heads=2, head_dim=24, num_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False)),
     # Llama 3.2: tied embeddings, a 500000 base and the llama3 rope scaling
     "llama3": ("LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0,
                                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -120,7 +125,8 @@ def test_parity_and_round_trip(variant, tmp_path):
     assert m.qkv_bias == (class_name == "Qwen2ForCausalLM") and not m.fused_qkv
     assert m.tie_embeddings == kwargs.get("tie_word_embeddings", False)
     assert m.rope_scaling == kwargs.get("rope_scaling", {}).get("rope_type", "none")
-    assert m.qk_norm == (class_name in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"))
+    assert m.qk_norm == (class_name in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"))
+    assert m.num_experts == kwargs.get("num_local_experts", kwargs.get("num_experts", 0))
     got = _maxlm_logits(config, params, tokens)
     _check_close(f"{variant} parity", got, want)
 
@@ -170,7 +176,7 @@ def _check_packed(name, config, params, hf_model):
     assert worst < HF_TOL
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "qwen2", "qwen3", "mistral", "gemma3"])
+@pytest.mark.parametrize("variant", ["llama_gqa", "qwen2", "qwen3", "mistral", "gemma3", "mixtral"])
 def test_packed_sequences(variant, tmp_path):
     class_name, kwargs = VARIANTS[variant]
     hf_model = build_hf(class_name, seed=1, **kwargs)

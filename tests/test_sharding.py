@@ -14,6 +14,9 @@ MESHES = ["8,1,1,1", "1,8,1,1", "2,2,2,1", "1,2,2,2", "2,1,1,4", "1,1,1,8"]
 LORA = ["1,2,2,2:xla:3:lora", "2,2,2,1:xla:1:lora"]  # adapters sharded by the base weights' logical axes
 PALLAS = ["2,2,2,1:pallas", "2,1,1,4:pallas", "1,1,1,8:pallas:3:yarn"]  # the last: a long-context stage
 ZERO = ["1,4,2,1:xla:1", "1,4,2,1:xla:2", "1,4,2,1:xla:3"]
+# (data, fsdp, tensor, sequence, expert): a mixture of experts over expert x data (dropless), and GShard's
+# capacity dispatch over expert x fsdp x tensor
+MOE = ["2,1,1,1,4:xla:3:moe", "1,2,2,1,2:xla:3:moe_capacity"]
 
 
 def _results(group: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -34,14 +37,23 @@ def _run_group(group: tuple[str, ...]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _check_step(r):
+def _check_step(r, param_tol=1e-5):
     assert abs(r["loss1"] - r["loss8"]) <= 1e-5 * abs(r["loss1"])
-    assert r["param_diff"] <= 1e-5
+    assert r["param_diff"] <= param_tol
 
 
 @pytest.mark.parametrize("spec", MESHES + LORA)
 def test_sharded_step_matches_single_device(spec):
     _check_step(_results(tuple(MESHES + LORA))[spec])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", MOE)
+def test_mixture_of_experts_step_matches_single_device(spec):
+    """The parameters after one step within 1e-4 (a tenth of the first AdamW step, lr 1e-3): that step is
+    ~lr x g / |g|, so entries whose gradient is ~1e-8 (MoE has more: experts see few tokens) move by a
+    visible fraction of lr under reduction-order noise; the dense meshes stay under 1e-5."""
+    _check_step(_results(tuple(MOE))[spec], param_tol=1e-4)
 
 
 @pytest.mark.parametrize("spec", PALLAS)

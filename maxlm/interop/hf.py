@@ -11,6 +11,12 @@ safetensors with `model.safetensors.index.json`):
 * `MistralForCausalLM` (Llama's tensors; its `sliding_window` -> `model.sliding_window`, null: none),
 * the InternLM2 layout (`InternLM2ForCausalLM`, the remote-code model of internlm/internlm2-*): one fused
   `wqkv` projection, `wo`, `feed_forward.w1/w3/w2`, `tok_embeddings`, `output`,
+* `MixtralForCausalLM` and `Qwen3MoeForCausalLM` (mixtures of experts, `maxlm/model/moe.py`): Mistral's /
+  Qwen3's attention, and in every layer a router `gate.weight` [E, D] and E SwiGLU experts stored one tensor
+  per expert (`experts.{j}.w1/w3/w2` for Mixtral, `experts.{j}.gate_proj/up_proj/down_proj` for Qwen3-MoE),
+  stacked into `layers/moe/{gate,up,down}` [L, E, ...] and `layers/moe/router` [L, D, E]. Mixtral always
+  renormalises the top-k weights; Qwen3-MoE when `norm_topk_prob`. Qwen3-MoE's dense layers
+  (`mlp_only_layers`, `decoder_sparse_step` > 1) and Qwen2-MoE's shared experts are HFErrors.
 * `Gemma3ForCausalLM` (Gemma 3 text, model_type `gemma3_text`; Gemma Team 2025, "Gemma 3 Technical Report"):
   Llama's projections plus QK-norm, a norm after attention and after the MLP too (four per layer), RMSNorms
   computing norm(x) * (1 + weight) with the zero-centred weights copied as they are (`model.norm_zero_centered`,
@@ -71,7 +77,8 @@ maxlm's `fused_qkv=True` keeps exactly that grouping, input-first: `layers/attn/
 float32) and float32 numpy parameters in exactly the tree `maxlm.model.init` builds (every leaf of
 `maxlm.model.abstract_params` is read from its HF tensor(s), and the shapes are checked). `to_hf` writes
 config.json + model.safetensors with the safetensors numpy API; torch is never imported by this module.
-It picks Gemma 3 when `post_norms` or `norm_zero_centered`, Mistral when `sliding_window`, the InternLM2 layout
+It picks Qwen3-MoE for a mixture of experts with `qk_norm` and Mixtral for one without, Gemma 3 when
+`post_norms` or `norm_zero_centered`, Mistral when `sliding_window`, the InternLM2 layout
 when `fused_qkv`, Qwen3 when `qk_norm`, Qwen2 when `qkv_bias`, else Llama, unless `architecture` says otherwise
 (the fused and split q/k/v layouts are converted into each other as needed; a switch the target cannot carry,
 such as a Gemma norm in a Llama export, is an HFError naming the model keys). An InternLM2
@@ -108,7 +115,10 @@ _ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "internlm2": "InternLM2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
+_MOE = ("mixtral", "qwen3_moe")
 _BY_CLASS = {v.lower(): k for k, v in _ARCHITECTURES.items()}
 # config.json's model_type where it is not maxlm's architecture name (Gemma3ForCausalLM is the text-only model
 # "gemma3_text"; "gemma3" is the multimodal Gemma3ForConditionalGeneration).
@@ -163,18 +173,34 @@ _HF_NAMES: dict[str, tuple[str | None, str | None, str | None]] = {
 }
 
 
+# The mixture-of-experts leaves (in place of layers/mlp/*): the router, and per expert j its three matrices.
+_MOE_NAMES: dict[str, dict[str, str]] = {
+    "mixtral": {"layers/moe/router": "block_sparse_moe.gate.weight",
+                "layers/moe/gate": "block_sparse_moe.experts.{j}.w1.weight",
+                "layers/moe/up": "block_sparse_moe.experts.{j}.w3.weight",
+                "layers/moe/down": "block_sparse_moe.experts.{j}.w2.weight"},
+    "qwen3_moe": {"layers/moe/router": "mlp.gate.weight",
+                  "layers/moe/gate": "mlp.experts.{j}.gate_proj.weight",
+                  "layers/moe/up": "mlp.experts.{j}.up_proj.weight",
+                  "layers/moe/down": "mlp.experts.{j}.down_proj.weight"},
+}
+
+
 def _hf_names(arch: str) -> dict[str, str]:
-    """maxlm leaf -> HF tensor name in `arch`'s layout; per-layer names are templates with "{i}" for the layer."""
+    """maxlm leaf -> HF tensor name in `arch`'s layout; per-layer names are templates with "{i}" for the layer
+    (and "{j}" for the expert)."""
     column = _LAYOUTS.index(_LAYOUT_OF.get(arch, "llama"))
-    return {leaf: ("model.layers.{i}." + names[column] if leaf.startswith("layers/") else names[column])
-            for leaf, names in _HF_NAMES.items() if names[column] is not None}
+    names = {leaf: names[column] for leaf, names in _HF_NAMES.items() if names[column] is not None}
+    if arch in _MOE:
+        names = {k: v for k, v in names.items() if not k.startswith("layers/mlp/")} | _MOE_NAMES[arch]
+    return {leaf: ("model.layers.{i}." + name if leaf.startswith("layers/") else name) for leaf, name in names.items()}
 
 
 _Layout = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 def _hf_layout(m: ml_collections.ConfigDict) -> dict[str, _Layout]:
-    """maxlm leaf -> (HF shape, view, axes), for one layer of a `layers/...` leaf.
+    """maxlm leaf -> (HF shape, view, axes), for one layer of a `layers/...` leaf (one expert of an expert leaf).
 
     maxlm = hf.reshape(view).transpose(axes) and hf = maxlm.transpose(argsort(axes)).reshape(HF shape): the
     "mapping" column of the module docstring's table. Same for every layout (a layout lacking a leaf never
@@ -182,6 +208,7 @@ def _hf_layout(m: ml_collections.ConfigDict) -> dict[str, _Layout]:
     """
     n, kv, h, d = m.num_heads, m.num_kv_heads, config_lib.head_dim(m), m.d_model
     f, vocab = m.mlp_dim, m.vocab_size
+    e, fe = m.num_experts, m.expert_mlp_dim or m.mlp_dim
     s = n // kv + 2  # InternLM2's wqkv group per kv head: its G query heads, one key head, one value head
     return {
         "embedding":              ((vocab, d),      (vocab, d),      (0, 1)),
@@ -202,6 +229,10 @@ def _hf_layout(m: ml_collections.ConfigDict) -> dict[str, _Layout]:
         "layers/mlp/gate":        ((f, d),          (f, d),          (1, 0)),
         "layers/mlp/up":          ((f, d),          (f, d),          (1, 0)),
         "layers/mlp/down":        ((d, f),          (d, f),          (1, 0)),
+        "layers/moe/router":      ((e, d),          (e, d),          (1, 0)),
+        "layers/moe/gate":        ((fe, d),         (fe, d),         (1, 0)),  # per expert
+        "layers/moe/up":          ((fe, d),         (fe, d),         (1, 0)),
+        "layers/moe/down":        ((d, fe),         (d, fe),         (1, 0)),
         "layers/mlp_norm/scale":  ((d,),            (d,),            (0,)),
         "layers/mlp_post_norm/scale": ((d,),        (d,),            (0,)),
         "final_norm/scale":       ((d,),            (d,),            (0,)),
@@ -436,12 +467,31 @@ def _require_zero(tensors: dict, key: str, why: str) -> None:
         raise HFError(f"{key} is non-zero but maxlm has no {why}")
 
 
+def _moe_from_hf(hf: dict, arch: str) -> dict[str, Any]:
+    """The model.* mixture-of-experts fields of a Mixtral / Qwen3-MoE config.json."""
+    experts, k = hf.get("num_local_experts") or hf.get("num_experts"), hf.get("num_experts_per_tok")
+    if not experts or not k:
+        raise HFError(f"{_ARCHITECTURES[arch]} config.json lacks num_local_experts / num_experts_per_tok")
+    out = {"model.num_experts": int(experts), "model.experts_per_token": int(k),
+           "model.router_aux_coef": float(hf.get("router_aux_loss_coef") or 0.0), "model.router_renormalize": True}
+    if arch == "qwen3_moe":
+        if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step") or 1) != 1:
+            raise HFError("Qwen3-MoE dense layers (mlp_only_layers, decoder_sparse_step > 1) are not supported: "
+                          "every maxlm mixture-of-experts layer is sparse")
+        if hf.get("moe_intermediate_size") is None:
+            raise HFError("Qwen3MoeForCausalLM config.json lacks moe_intermediate_size")
+        out.update({"model.router_renormalize": bool(hf.get("norm_topk_prob", False)),
+                    "model.expert_mlp_dim": int(hf["moe_intermediate_size"])})
+    return out
+
+
 _REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
 def from_hf(path: str, *, dtype: Any = np.float32, shardings: Any = None
             ) -> tuple[ml_collections.ConfigDict, dict]:
-    """Read a HF Llama / Qwen2 / Qwen3 / Mistral / InternLM2 / Gemma 3 (text) checkpoint -> (full maxlm config, params).
+    """Read a HF Llama / Qwen2 / Qwen3 / Mistral / Mixtral / Qwen3-MoE / InternLM2 / Gemma 3 (text) checkpoint ->
+    (full maxlm config, params).
 
     Tensors are read lazily, one at a time (`_LazyTensors`), converted to `dtype` (float32 by default; the
     config's `model.param_dtype` says which) and written into the parameter tree, so the host's peak memory is
@@ -468,7 +518,7 @@ def from_hf(path: str, *, dtype: Any = np.float32, shardings: Any = None
         raise HFError(f"unsupported hidden_act {act!r}: maxlm's MLP is SwiGLU (silu)")
     if hf.get("mlp_bias"):
         raise HFError("mlp_bias=True is not supported: maxlm's MLP has no biases")
-    if arch in ("qwen2", "qwen3"):
+    if arch in ("qwen2", "qwen3", "qwen3_moe"):
         layer_types = hf.get("layer_types")
         sliding = (any(t != "full_attention" for t in layer_types) if layer_types
                    else hf.get("use_sliding_window", False)
@@ -488,8 +538,8 @@ def from_hf(path: str, *, dtype: Any = np.float32, shardings: Any = None
     names = _hf_names(arch)
     fused = "layers/attn/wqkv" in names  # the InternLM2 layout
     qkv_bias = names["layers/attn/bqkv" if fused else "layers/attn/q_bias"].format(i=0) in tensors
-    qk_norm = arch == "qwen3"
-    window = int(hf.get("sliding_window") or 0) if arch == "mistral" else 0
+    qk_norm = arch in ("qwen3", "qwen3_moe")
+    window = int(hf.get("sliding_window") or 0) if arch in ("mistral", "mixtral") else 0
     tie = bool(hf.get("tie_word_embeddings", arch == "gemma3" or names["lm_head"] not in tensors))
     if not tie and names["lm_head"] not in tensors:
         raise HFError(f"{path}: tie_word_embeddings is false but there is no {names['lm_head']}")
@@ -513,6 +563,7 @@ def from_hf(path: str, *, dtype: Any = np.float32, shardings: Any = None
         "model.param_dtype": dtype.name,
         "model.compute_dtype": "float32",
         **gemma,
+        **(_moe_from_hf(hf, arch) if arch in _MOE else {}),
     })
     config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
     config_lib.validate(config)
@@ -544,7 +595,11 @@ def from_hf(path: str, *, dtype: Any = np.float32, shardings: Any = None
             return np.ascontiguousarray(get(names[leaf], leaf), dtype)
         out = np.empty(like.shape, dtype)  # filled layer by layer: no list of L arrays to stack
         for i in range(n_layers):
-            out[i] = get(names[leaf].format(i=i), leaf)
+            if "{j}" in names[leaf]:  # one tensor per expert
+                for j in range(like.shape[1]):
+                    out[i, j] = get(names[leaf].format(i=i, j=j), leaf)
+            else:
+                out[i] = get(names[leaf].format(i=i), leaf)
         return out
 
     # Every leaf `maxlm.model.init` builds for this config (q/k/v or wqkv, biases, lm_head unless tied), in
@@ -588,6 +643,8 @@ def _check_tree(config: ml_collections.ConfigDict, params: dict, where: str) -> 
 
 def _normalize_arch(architecture: str | None, m: ml_collections.ConfigDict) -> str:
     if architecture is None:
+        if m.num_experts:
+            return "qwen3_moe" if m.qk_norm else "mixtral"
         if m.post_norms or m.norm_zero_centered:
             return "gemma3"
         if m.sliding_window:
@@ -686,19 +743,26 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
     if arch != "gemma3" and _gemma_only(m):
         raise HFError(f"{_ARCHITECTURES[arch]} has no {', '.join(_gemma_only(m))} (set in this model); export as "
                       "gemma3")
-    if arch != "gemma3" and m.qk_norm != (arch == "qwen3"):
+    if bool(m.num_experts) != (arch in _MOE):
+        raise HFError(f"{_ARCHITECTURES[arch]} is {'a mixture of experts' if arch in _MOE else 'dense'} and this "
+                      f"model {'is not' if arch in _MOE else 'is'} (model.num_experts={m.num_experts}); export as "
+                      f"{'mixtral or qwen3_moe' if m.num_experts else 'a dense architecture'}")
+    if arch != "gemma3" and m.qk_norm != (arch in ("qwen3", "qwen3_moe")):
         raise HFError(f"{_ARCHITECTURES[arch]} {'has no' if m.qk_norm else 'needs'} QK-norm, and this model "
                       f"{'has' if m.qk_norm else 'has none'} (model.qk_norm={m.qk_norm}); export as "
-                      f"{'qwen3' if m.qk_norm else 'llama or qwen2'}")
-    if m.sliding_window and arch not in ("mistral", "gemma3"):
-        raise HFError(f"model.sliding_window={m.sliding_window}: only the mistral and gemma3 architectures carry "
-                      "one here")
+                      f"{('qwen3_moe' if m.num_experts else 'qwen3') if m.qk_norm else 'llama, qwen2 or mixtral'}")
+    if arch == "mixtral" and not m.router_renormalize:
+        raise HFError("MixtralForCausalLM always renormalises the top-k router weights; this model has "
+                      "model.router_renormalize=False (export as qwen3_moe: norm_topk_prob)")
+    if m.sliding_window and arch not in ("mistral", "mixtral", "gemma3"):
+        raise HFError(f"model.sliding_window={m.sliding_window}: only the mistral, mixtral and gemma3 architectures "
+                      "carry one here")
     local = model_lib.local_layers(m)
     if arch == "gemma3" and any(local) and not m.local_rope_theta and m.rope_scaling not in ("none", "ntk"):
         raise HFError(f"Gemma3ForCausalLM's sliding-window layers have unscaled RoPE, but this model's use "
                       f"rope_scaling={m.rope_scaling!r} (model.local_rope_theta=0); set model.local_rope_theta")
-    if arch == "mistral" and (m.qkv_bias or m.qk_norm or m.fused_qkv):
-        raise HFError("MistralForCausalLM has no q/k/v biases, QK-norm or fused wqkv")
+    if arch in ("mistral", "mixtral") and (m.qkv_bias or m.qk_norm or m.fused_qkv):
+        raise HFError(f"{_ARCHITECTURES[arch]} has no q/k/v biases, QK-norm or fused wqkv")
     if arch == "internlm2" and h * n != d:
         raise HFError(f"the InternLM2 layout needs head_dim * num_heads == d_model, got {h} * {n} != {d}")
 
@@ -724,7 +788,11 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
     def hf_tensors():  # (HF name, tensor in the export dtype), one at a time, in the tree's order
         for leaf_path, x in jax.tree_util.tree_leaves_with_path(p):
             leaf = _leaf_name(leaf_path)
-            if leaf.startswith("layers/"):
+            if leaf.startswith("layers/") and "{j}" in names[leaf]:  # one tensor per expert
+                for i in range(n_layers):
+                    for j in range(x.shape[1]):
+                        yield names[leaf].format(i=i, j=j), _to_hf_layout(x[i, j], layout[leaf])
+            elif leaf.startswith("layers/"):
                 for i in range(n_layers):
                     yield names[leaf].format(i=i), _to_hf_layout(x[i], layout[leaf])
             else:
@@ -756,12 +824,21 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
         hf.update(bias=has_bias, attn_implementation="eager")
     else:
         hf.update(head_dim=h, attention_dropout=0.0)
-        if arch in ("llama", "qwen3"):
+        if arch in ("llama", "qwen3", "qwen3_moe"):
             hf.update(attention_bias=has_bias, mlp_bias=False)
-        if arch == "mistral":
+        if arch in ("mistral", "mixtral"):
             hf.update(sliding_window=m.sliding_window or None)
-        if arch in ("qwen2", "qwen3"):
+        if arch in ("qwen2", "qwen3", "qwen3_moe"):
             hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=n_layers)
+        if arch in _MOE:
+            hf.update(num_experts_per_tok=m.experts_per_token, router_aux_loss_coef=float(m.router_aux_coef),
+                      output_router_logits=False)
+        if arch == "mixtral":  # its experts' hidden size is intermediate_size
+            hf.update(num_local_experts=m.num_experts, intermediate_size=m.expert_mlp_dim or m.mlp_dim,
+                      router_jitter_noise=0.0)
+        if arch == "qwen3_moe":
+            hf.update(num_experts=m.num_experts, moe_intermediate_size=m.expert_mlp_dim or m.mlp_dim,
+                      norm_topk_prob=bool(m.router_renormalize), decoder_sparse_step=1, mlp_only_layers=[])
         if arch == "gemma3":
             del hf["hidden_act"]
             # sliding_window_pattern: the same layers for transformers releases that predate layer_types. Without

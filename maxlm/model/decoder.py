@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.ad_checkpoint import checkpoint_name
 
-from maxlm.model import attention
+from maxlm.model import attention, moe
 from maxlm.model.attention import head_dim
 
 Cache = dict[str, jax.Array]
@@ -225,7 +225,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-norm decoder layer (with `post_norms`, Gemma's sandwich: a norm on each branch's output too).
     Signature fits `nn.scan`: (carry = (activations, the whole k/v cache or None), broadcast aux, per-layer
-    inputs {"index": this layer's number, "local": its kind when kinds mix}) -> (carry, None)."""
+    inputs {"index": this layer's number, "local": its kind when kinds mix}) -> (carry, the mixture of
+    experts' router stats, or None for a dense MLP)."""
 
     cfg: ml_collections.ConfigDict
     attend_len: int = 0
@@ -239,12 +240,17 @@ class Block(nn.Module):
         if cfg.post_norms:
             attn_out = _norm(cfg, "attn_post_norm")(attn_out)
         x = x + attn_out
-        mlp_out = MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x))
+        h = _norm(cfg, "mlp_norm")(x)
+        stats = None
+        if cfg.num_experts:
+            mlp_out, stats = moe.MoE(cfg, MLP_ACTIVATIONS[cfg.mlp_activation], name="moe")(h, aux["segment_ids"] > 0)
+        else:
+            mlp_out = MLP(cfg, name="mlp")(h)
         if cfg.post_norms:
             mlp_out = _norm(cfg, "mlp_post_norm")(mlp_out)
         x = x + mlp_out
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        return (x, new_cache), None
+        return (x, new_cache), stats
 
 
 _REMAT_POLICIES = {
@@ -302,7 +308,9 @@ class Decoder(nn.Module):
         per_layer = {"index": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
         if _mixed_layers(cfg):
             per_layer["local"] = jnp.asarray(local_layers(cfg))
-        (x, kv), _ = layers(cfg, self.attend_len, name="layers")((x, kv), aux, per_layer)
+        (x, kv), router_stats = layers(cfg, self.attend_len, name="layers")((x, kv), aux, per_layer)
+        if router_stats is not None:  # read by `apply_with_aux`; a no-op unless "intermediates" is mutable
+            self.sow("intermediates", "moe", moe.mean_over_layers(router_stats))
 
         x = _norm(cfg, "final_norm")(x)
         if hidden_only:
@@ -354,6 +362,17 @@ def apply(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *,
     """tokens [B,T] int -> float32 logits [B,T,V]. Stable public API."""
     logits, _ = Decoder(model_config(config)).apply({"params": params}, tokens, positions, segment_ids)
     return logits
+
+
+def apply_with_aux(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *,
+                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`apply`, and the mixture of experts' router stats averaged over layers (`maxlm.model.moe`:
+    load_balance, z_loss, dropped; {} for a dense model), which the training losses add."""
+    (logits, _), state = Decoder(model_config(config)).apply({"params": params}, tokens, positions, segment_ids,
+                                                            mutable=["intermediates"])
+    found = state.get("intermediates", {}).get("moe")
+    return logits, (found[0] if found else {})
 
 
 def hidden(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *,

@@ -39,26 +39,42 @@ from maxlm.training.trainer import Batch, BatchFeed, Feed, LossFn, Objective, St
 _restore = restore  # the name before the trainer had its own module
 
 
+def _cross_entropy(params: dict, config: ml_collections.ConfigDict, batch: Batch, base: dict | None
+                   ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(sum of weighted token cross-entropies, sum of weights, the mixture of experts' router stats or {})."""
+    if base is not None:
+        params = lora.merge(config, base, params)
+    logits, router = model.apply_with_aux(config, params, batch["inputs"], positions=batch["positions"],
+                                          segment_ids=batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    weights = batch["loss_weights"].astype(jnp.float32)
+    return jnp.sum(ce * weights), jnp.sum(weights), router
+
+
 def loss_fn(params: dict, config: ml_collections.ConfigDict, batch: Batch, base: dict | None = None
             ) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token cross-entropies, sum of weights) for one (micro-)batch.
 
     With a frozen `base`, `params` are LoRA adapters, merged into it for the forward pass.
     """
-    if base is not None:
-        params = lora.merge(config, base, params)
-    logits = model.apply(config, params, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    weights = batch["loss_weights"].astype(jnp.float32)
-    return jnp.sum(ce * weights), jnp.sum(weights)
+    ce, tokens, _ = _cross_entropy(params, config, batch, base)
+    return ce, tokens
 
 
 def lm_loss(params: dict, config: ml_collections.ConfigDict, batch: Batch, base: dict | None = None
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`loss_fn` in the `LossFn` shape: the weight is the number of target tokens."""
-    loss_sum, tokens = loss_fn(params, config, batch, base)
-    return loss_sum, {"weight": tokens}
+    """`loss_fn` in the `LossFn` shape: the weight is the number of target tokens.
+
+    A mixture of experts adds its router losses per token (`maxlm.model.moe`: router_aux_coef x load balance
+    + router_z_coef x z-loss, as Hugging Face's Mixtral adds its aux loss), so `loss` is the objective and
+    `cross_entropy` the language-modelling part; `moe_load_balance`, `moe_z_loss`, `moe_dropped` are logged."""
+    ce, tokens, router = _cross_entropy(params, config, batch, base)
+    metrics = {"weight": tokens}
+    if not router:
+        return ce, metrics
+    m = config.model
+    metrics.update({"cross_entropy": ce, **{f"moe_{k}": tokens * v for k, v in router.items()}})
+    return ce + tokens * (m.router_aux_coef * router["load_balance"] + m.router_z_coef * router["z_loss"]), metrics
 
 
 def lora_loss(adapters: dict, config: ml_collections.ConfigDict, batch: Batch, frozen: dict

@@ -1,7 +1,8 @@
 """The device mesh and the one mapping from logical axis names to mesh axes.
 
 Model code names logical axes only ('embed', 'heads', 'activation_batch', ...); `config.mesh.rules` (see
-maxlm/config.py) is the single table that maps them to the mesh axes `data`, `fsdp`, `tensor`, `sequence`.
+maxlm/config.py) is the single table that maps them to the mesh axes `data`, `fsdp`, `expert`, `tensor`,
+`sequence`.
 Parameter shardings, optimizer-state shardings and activation constraints are all derived from it, so
 changing the parallelism is a config change, never a model change (the MaxText / t5x design).
 
