@@ -26,7 +26,7 @@ from maxlm.errors import ConfigError  # noqa: F401  (raised here; its home is th
 from maxlm.model import attention
 from maxlm.model.attention import head_dim  # noqa: F401  (also this module's name for it)
 from maxlm.model.decoder import MLP_ACTIVATIONS  # noqa: F401
-from maxlm.model.moe import MOE_IMPLS
+from maxlm.model.moe import MOE_IMPLS, expert_dim
 from maxlm.model.lora import TARGETS as LORA_TARGETS  # noqa: F401
 
 # Logical axis -> mesh axes. The model only ever names logical axes (see model.py); this table is the
@@ -766,7 +766,7 @@ def num_params(c: ml_collections.ConfigDict, active: bool = False) -> int:
         attn += 2 * h
     mlp = 3 * m.d_model * m.mlp_dim
     if m.num_experts:
-        mlp = (m.experts_per_token if active else m.num_experts) * 3 * m.d_model * (m.expert_mlp_dim or m.mlp_dim)
+        mlp = (m.experts_per_token if active else m.num_experts) * 3 * m.d_model * expert_dim(m)
         mlp += m.d_model * m.num_experts
     per_layer = attn + mlp + (4 if m.post_norms else 2) * m.d_model
     emb = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
@@ -777,8 +777,8 @@ def flops_per_token(c: ml_collections.ConfigDict, seq_len: int) -> float:
     """Training FLOPs per token: 6 * (non-embedding-lookup params) + causal attention (PaLM appendix B).
 
     The input embedding lookup is a gather, not a matmul, so it is excluded; the output projection is a
-    matmul and counted. A mixture of experts counts the parameters a token uses (`active`). Attention scores and the weighted sum cost 2 * 2 * T * N * H per token forward
-    for full attention; causal masking halves the useful work, and backward is twice forward (x3).
+    matmul and counted. A mixture of experts counts the parameters a token uses (`active`). Attention scores
+    and the weighted sum cost 2 * 2 * T * N * H per token forward for full attention; causal masking halves the useful work, and backward is twice forward (x3).
     """
     m = c.model
     matmul_params = num_params(c, active=True) - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
@@ -794,7 +794,7 @@ def describe(c: ml_collections.ConfigDict) -> str:
     m = c.model
     experts = ""
     if m.num_experts:
-        experts = (f" E={m.num_experts} k={m.experts_per_token} F_expert={m.expert_mlp_dim or m.mlp_dim} "
+        experts = (f" E={m.num_experts} k={m.experts_per_token} F_expert={expert_dim(m)} "
                    f"({num_params(c, active=True) / 1e6:.1f}M active, {m.moe_impl})")
     return (f"{num_params(c) / 1e6:.1f}M params: L={m.num_layers} D={m.d_model} N={m.num_heads} "
             f"K={m.num_kv_heads} H={head_dim(m)} F={m.mlp_dim} V={m.vocab_size}{experts}; "

@@ -107,6 +107,7 @@ from maxlm import config as config_lib
 from maxlm.data import records
 from maxlm.errors import UserError
 from maxlm.model import decoder as model_lib
+from maxlm.model import moe
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -208,7 +209,7 @@ def _hf_layout(m: ml_collections.ConfigDict) -> dict[str, _Layout]:
     """
     n, kv, h, d = m.num_heads, m.num_kv_heads, config_lib.head_dim(m), m.d_model
     f, vocab = m.mlp_dim, m.vocab_size
-    e, fe = m.num_experts, m.expert_mlp_dim or m.mlp_dim
+    e, fe = m.num_experts, moe.expert_dim(m)
     s = n // kv + 2  # InternLM2's wqkv group per kv head: its G query heads, one key head, one value head
     return {
         "embedding":              ((vocab, d),      (vocab, d),      (0, 1)),
@@ -834,10 +835,10 @@ def to_hf(config: ml_collections.ConfigDict, params: dict, path: str, architectu
             hf.update(num_experts_per_tok=m.experts_per_token, router_aux_loss_coef=float(m.router_aux_coef),
                       output_router_logits=False)
         if arch == "mixtral":  # its experts' hidden size is intermediate_size
-            hf.update(num_local_experts=m.num_experts, intermediate_size=m.expert_mlp_dim or m.mlp_dim,
+            hf.update(num_local_experts=m.num_experts, intermediate_size=moe.expert_dim(m),
                       router_jitter_noise=0.0)
         if arch == "qwen3_moe":
-            hf.update(num_experts=m.num_experts, moe_intermediate_size=m.expert_mlp_dim or m.mlp_dim,
+            hf.update(num_experts=m.num_experts, moe_intermediate_size=moe.expert_dim(m),
                       norm_topk_prob=bool(m.router_renormalize), decoder_sparse_step=1, mlp_only_layers=[])
         if arch == "gemma3":
             del hf["hidden_act"]

@@ -94,6 +94,11 @@ def with_base_model(config: ml_collections.ConfigDict, base: ml_collections.Conf
     return config
 
 
+def same_shapes(a: Any, b: Any) -> bool:
+    """Whether two parameter trees have the same structure and leaf shapes (one architecture)."""
+    return jax.tree.map(np.shape, a) == jax.tree.map(np.shape, b)
+
+
 def resize_vocab(params: dict, vocab_size: int, seed: int = 0) -> dict:
     """Grow the embedding [V,D] (and an untied head [D,V]) to `vocab_size` rows (see module docstring)."""
     emb = np.asarray(params["embedding"])

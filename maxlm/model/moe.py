@@ -22,7 +22,7 @@ Two ways to compute the experts (`model.moe_impl`):
 The two auxiliary losses, per layer and averaged over layers (the Switch Transformer's per-layer form;
 Hugging Face's `load_balancing_loss_func` pools the layers' tokens first, which agrees for one layer):
 - load balance: E * sum_e f_e P_e, f_e = the assignments to expert e per token, P_e = the mean router
-  probability of e; at a uniform router it is k (its minimum for a balanced one). Weighted by
+  probability of e; with balanced assignments (every f_e = k/E) it is k, whatever the probabilities. Weighted by
   `model.router_aux_coef`.
 - router z-loss (Zoph et al. 2022, ST-MoE): the mean of logsumexp(logits)^2, which keeps logits small;
   `model.router_z_coef`.

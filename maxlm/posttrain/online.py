@@ -81,13 +81,8 @@ def round_items(config: ml_collections.ConfigDict) -> tuple[list[tasks.Item], li
 def rank_pairs(rm_config: ml_collections.ConfigDict, rm: dict, pairs: preference.Pairs, pad_id: int) -> np.ndarray:
     """The reward model's margin r_chosen - r_rejected of each rendered pair."""
     margins_fn = jax.jit(lambda params, batch: reward.pair_margins(params, rm_config, batch))
-    rows = rm_config.data.batch_size
-    out = []
-    for start in range(0, len(pairs), rows):
-        chunk = pairs.items[start:start + rows]
-        batch = preference.pair_batch(chunk, rm_config.data.seq_len, pad_id, rows=rows)
-        out.append(np.asarray(margins_fn(rm, batch))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    out = [np.asarray(margins_fn(rm, batch)) for batch in reward.pair_batches(rm_config, pairs, pad_id)]
+    return np.concatenate(out)[:len(pairs)] if out else np.zeros(0, np.float32)  # the last batch's padding off
 
 
 def judge_replies(rm_config: ml_collections.ConfigDict, rm: dict, tok: Any, template: chat.Template,

@@ -270,7 +270,7 @@ def load_reference(config: ml_collections.ConfigDict, policy: dict) -> dict:
     if not p.reference:
         return policy
     _, reference, _ = pretrained.load_base(p.reference, p.reference_step, key="ppo.reference")
-    if jax.tree.map(np.shape, reference) != jax.tree.map(np.shape, policy):
+    if not pretrained.same_shapes(reference, policy):
         raise PPOError(f"ppo.reference={p.reference} and ppo.policy={p.policy} differ in architecture")
     return reference
 

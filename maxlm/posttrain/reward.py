@@ -141,10 +141,7 @@ def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Templ
     r = config.reward
     pairs = preference.Pairs(template, tok, config.data.seq_len)
     if r.data_path:
-        everything = preference.load_jsonl(r.data_path, preference.Pairs(template, tok, config.data.seq_len))
-        if not everything.items:
-            reasons = records.reason_counts(everything.skipped) or "the files are empty"
-            raise InputError(f"every preference pair in reward.data_path={r.data_path} was skipped ({reasons})")
+        everything = _read_jsonl(config, template, tok, "data_path")
         keep = split_indices(len(everything), config.data.eval_fraction, split)
         pairs.items = [everything.items[i] for i in keep]
         pairs.domains = [everything.domains[i] for i in keep]
@@ -176,17 +173,22 @@ def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Templ
     return pairs
 
 
+def _read_jsonl(config: ml_collections.ConfigDict, template: chat.Template, tok: Any, key: str) -> preference.Pairs:
+    """Every pair in the files of `reward.<key>`; an InputError naming the key when none is usable."""
+    pattern = config.reward[key]
+    pairs = preference.load_jsonl(pattern, preference.Pairs(template, tok, config.data.seq_len), what=f"reward.{key}")
+    if not pairs.items:
+        reasons = records.reason_counts(pairs.skipped) or "the files are empty"
+        raise InputError(f"every preference pair in reward.{key}={pattern} was skipped ({reasons})")
+    return pairs
+
+
 def add_extra(config: ml_collections.ConfigDict, pairs: preference.Pairs) -> preference.Pairs:
     """`pairs` + every comparison in the files of `reward.extra_data` (training only: online RLHF's new
     comparisons of the current policy's replies)."""
-    pattern = config.reward.extra_data
-    if not pattern:
+    if not config.reward.extra_data:
         return pairs
-    extra = preference.Pairs(pairs.template, pairs.tok, config.data.seq_len)
-    extra = preference.load_jsonl(pattern, extra, what="reward.extra_data")
-    if not extra.items:
-        reasons = records.reason_counts(extra.skipped) or "the files are empty"
-        raise InputError(f"every preference pair in reward.extra_data={pattern} was skipped ({reasons})")
+    extra = _read_jsonl(config, pairs.template, pairs.tok, "extra_data")
     pairs.items += extra.items
     pairs.domains += extra.domains
     log_line(f"reward.extra_data: {extra.summary()}")
@@ -231,9 +233,8 @@ def initial_params(config: ml_collections.ConfigDict, lm_params: dict) -> dict:
     if not r.init_from:
         return from_lm(lm_params)
     rm_config, params, _ = load(r.init_from, None if r.init_step < 0 else r.init_step)
-    shapes = jax.tree.map(lambda x: x.shape, params)
-    if any(rm_config.model[k] != config.model[k] for k in pretrained.SHAPE_KEYS) or shapes != jax.tree.map(
-            lambda x: x.shape, from_lm(lm_params)):
+    if (any(rm_config.model[k] != config.model[k] for k in pretrained.SHAPE_KEYS)
+            or not pretrained.same_shapes(params, from_lm(lm_params))):
         raise pretrained.BaseModelError(f"reward.init_from={r.init_from} and reward.base={r.base} differ in "
                                         "architecture")
     log_line(f"continuing the reward model at {r.init_from} (step {r.init_step if r.init_step >= 0 else 'newest'})")
