@@ -27,11 +27,12 @@ from maxlm.model import attention
 from maxlm.model.attention import head_dim  # noqa: F401  (also this module's name for it)
 from maxlm.model.decoder import MLP_ACTIVATIONS  # noqa: F401
 from maxlm.model.moe import MOE_IMPLS, expert_dim
+from maxlm.model.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from maxlm.model.lora import TARGETS as LORA_TARGETS  # noqa: F401
 
 # Logical axis -> mesh axes. The model only ever names logical axes (see model.py); this table is the
 # single place that decides how they map onto the device mesh (MaxText's `logical_axis_rules`).
-# Mesh axes: data (pure data parallel), fsdp (ZeRO-3 parameter sharding + data), expert (a mixture of experts'
+# Mesh axes: pipeline (the layers split into stages: maxlm/model/pipeline.py), data (pure data parallel), fsdp (ZeRO-3 parameter sharding + data), expert (a mixture of experts'
 # experts split over devices, which split the batch too -- GShard's expert parallelism), tensor (Megatron heads /
 # MLP), sequence (context parallel). An axis absent from the mesh or of size 1 simply has no effect.
 DEFAULT_RULES = (
@@ -43,8 +44,9 @@ DEFAULT_RULES = (
     ("activation_kv_heads", "tensor"),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
+    ("activation_stage", "pipeline"),  # a pipeline's per-stage activations [P, b, T, D]
     # parameters
-    ("layers", None),
+    ("layers", "pipeline"),  # the stacked layers: stage s holds its block of them
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -57,7 +59,7 @@ DEFAULT_RULES = (
     ("activation_exp", "expert"),  # ... and the tokens dispatched to them ([E, C, D]: an all-to-all away)
 )
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
+MESH_AXES = ("pipeline", "data", "fsdp", "expert", "tensor", "sequence")
 # Allowed values kept here are those with no registry of their own. Registries beside their implementation:
 # model.attention_impl (attention.ATTENTION_IMPLS), model.rope_scaling (attention.ROPE_VARIANTS),
 # model.mlp_activation (decoder.MLP_ACTIVATIONS),
@@ -179,6 +181,9 @@ def default_config() -> ml_collections.ConfigDict:
     tr.eval_every = 0  # 0 disables
     tr.eval_batches = 4
     tr.seed = 0
+    # Pipeline micro-batches per step (per gradient-accumulation micro-batch) when mesh.pipeline > 1; 0: as many
+    # as stages. More shrink the bubble, (P-1)/(M+P-1) (maxlm/model/pipeline.py).
+    tr.microbatches = 0
     tr.num_samples = 3  # samples printed at the end of a run
     tr.sample_tokens = 96
     tr.peak_tflops = 0.0  # per device, for MFU; 0 means look it up from the device kind
@@ -349,6 +354,12 @@ def default_config() -> ml_collections.ConfigDict:
     me.expert = 1  # a mixture of experts' experts over this many devices (model.num_experts divisible by it)
     me.tensor = 1
     me.sequence = 1
+    # Pipeline parallelism (maxlm/model/pipeline.py): the layers in `pipeline` stages, train.microbatches
+    # micro-batches; gpipe (each stage one block of layers) | circular (each stage pipeline_repeats chunks, the
+    # micro-batches going round pipeline_repeats times: a bubble that many times smaller).
+    me.pipeline = 1
+    me.pipeline_schedule = "gpipe"
+    me.pipeline_repeats = 2  # circular only
     # ZeRO degree over the fsdp axis (Rajbhandari et al. 2020; InternEvo's zero1/2/3): 1 shards the
     # optimizer state, 2 also the gradients (reduce-scatter instead of all-reduce), 3 also the
     # parameters (fully sharded data parallel). Tensor-parallel sharding applies at every stage.
@@ -534,6 +545,23 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
         _check(s == -1 or s >= 1, f"mesh.{a}", f"must be >= 1 or -1, got {s}")
     _check(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis may be -1")
     _check(c.mesh.zero_stage in (1, 2, 3), "mesh.zero_stage", f"must be 1, 2 or 3, got {c.mesh.zero_stage}")
+    _check(c.mesh.pipeline >= 1, "mesh.pipeline", f"must be >= 1 (a fixed number of stages), got {c.mesh.pipeline}")
+    _check(c.mesh.pipeline_schedule in PIPELINE_SCHEDULES, "mesh.pipeline_schedule",
+           f"must be one of {PIPELINE_SCHEDULES}, got {c.mesh.pipeline_schedule!r}")
+    circular = c.mesh.pipeline_schedule == "circular"
+    _check(not circular or c.mesh.pipeline_repeats >= 2, "mesh.pipeline_repeats",
+           f"the circular schedule needs >= 2 repeats, got {c.mesh.pipeline_repeats}")
+    chunks = c.mesh.pipeline * (c.mesh.pipeline_repeats if circular else 1)
+    _check(m.num_layers % chunks == 0, "mesh.pipeline",
+           f"model.num_layers={m.num_layers} does not split into {c.mesh.pipeline} stages"
+           + (f" x {c.mesh.pipeline_repeats} repeats" if circular else ""))
+    micro = c.train.microbatches or c.mesh.pipeline
+    _check(c.train.microbatches >= 0, "train.microbatches", "must be >= 0 (0: as many as pipeline stages)")
+    _check(c.mesh.pipeline == 1 or (d.batch_size // o.grad_accum_steps) % micro == 0, "train.microbatches",
+           f"a step's {d.batch_size // o.grad_accum_steps} rows (data.batch_size / optim.grad_accum_steps) do not "
+           f"split into {micro} micro-batches")
+    _check(c.mesh.pipeline == 1 or not circular or micro >= c.mesh.pipeline, "train.microbatches",
+           f"the circular schedule needs at least as many micro-batches as stages ({c.mesh.pipeline}), got {micro}")
     _check(m.num_kv_heads % c.mesh.tensor == 0 or m.num_kv_heads == 1 or c.mesh.tensor == 1, "mesh.tensor",
            f"num_kv_heads={m.num_kv_heads} is not divisible by mesh.tensor={c.mesh.tensor}")
     _check(m.attention_impl != "pallas" or c.mesh.tensor in (1, -1) or m.num_kv_heads % c.mesh.tensor == 0,

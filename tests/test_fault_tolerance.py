@@ -134,7 +134,8 @@ def test_restore_across_meshes(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = re.findall(r"RESULT (\S+) step=(\d+) diff=(\S+) placed=(\S+)", proc.stdout)
-    assert [r[0] for r in results] == ["1dev", "data2xtensor2", "fsdp4xtensor2-zero1"]
+    assert [r[0] for r in results] == ["1dev", "data2xtensor2", "fsdp4xtensor2-zero1", "pipeline2xfsdp2xtensor2",
+                                       "pipeline2-to-1dev"]
     for _, step, diff, placed in results:
         assert step == "7" and float(diff) == 0.0 and placed == "True"
 

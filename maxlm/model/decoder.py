@@ -41,6 +41,7 @@ import ml_collections
 from jax.ad_checkpoint import checkpoint_name
 
 from maxlm.model import attention, moe
+from maxlm.model import pipeline as pipeline_lib
 from maxlm.model.attention import head_dim
 
 Cache = dict[str, jax.Array]
@@ -261,9 +262,28 @@ _REMAT_POLICIES = {
 }
 
 
+def _layer_stack(cfg: ml_collections.ConfigDict, length: int) -> type[nn.Module]:
+    """`length` Blocks as one `nn.scan` over parameters stacked on a leading 'layers' axis (remat per layer)."""
+    block = Block
+    if cfg.remat_policy != "none":
+        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast, 0),
+                   length=length, unroll=1 if cfg.scan_layers else length,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def _run_chunk(cfg: ml_collections.ConfigDict, params: dict, x: jax.Array, aux: dict, per_layer: dict):
+    """A pipeline stage's work: consecutive layers (params stacked [Lc, ...]) on x [b,T,D] ->
+    (x, their router stats or None)."""
+    length = per_layer["index"].shape[0]
+    (x, _), stats = _layer_stack(cfg, length)(cfg).apply({"params": params}, (x, None), aux, per_layer)
+    return x, stats
+
+
 class Decoder(nn.Module):
     cfg: ml_collections.ConfigDict
     attend_len: int = 0  # > 0: attention reads only the cache's first attend_len slots (see `decode`)
+    pipeline: pipeline_lib.Pipeline | None = None  # run the layers as a pipeline (`maxlm.model.pipeline`)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -298,17 +318,18 @@ class Decoder(nn.Module):
             aux.update(kv_segment_ids=kv_segment_ids, cache_index=cache["index"])
             kv = {"k": cache["k"], "v": cache["v"]}
 
-        block = Block
-        if cfg.remat_policy != "none":
-            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, 0), length=cfg.num_layers,
-                         unroll=1 if cfg.scan_layers else cfg.num_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
         per_layer = {"index": jnp.arange(cfg.num_layers, dtype=jnp.int32)}
         if _mixed_layers(cfg):
             per_layer["local"] = jnp.asarray(local_layers(cfg))
-        (x, kv), router_stats = layers(cfg, self.attend_len, name="layers")((x, kv), aux, per_layer)
+        if self.pipeline is not None and cache is None and not self.is_initializing():
+            # The same stacked parameters, run stage by stage (`maxlm.model.pipeline`); init and decoding
+            # always take the plain scan, so the parameter tree is one whatever the schedule.
+            run_chunk = functools.partial(_run_chunk, cfg)
+            x, router_stats = pipeline_lib.run(self.pipeline, run_chunk, self.variables["params"]["layers"], x,
+                                               aux, per_layer, unroll=not cfg.scan_layers)
+        else:
+            layers = _layer_stack(cfg, cfg.num_layers)(cfg, self.attend_len, name="layers")
+            (x, kv), router_stats = layers((x, kv), aux, per_layer)
         if router_stats is not None:  # read by `apply_with_aux`; a no-op unless "intermediates" is mutable
             self.sow("intermediates", "moe", moe.mean_over_layers(router_stats))
 
@@ -360,7 +381,8 @@ def logical_axes(config: ml_collections.ConfigDict) -> dict:
 def apply(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *,
           positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """tokens [B,T] int -> float32 logits [B,T,V]. Stable public API."""
-    logits, _ = Decoder(model_config(config)).apply({"params": params}, tokens, positions, segment_ids)
+    logits, _ = Decoder(model_config(config), pipeline=pipeline_lib.from_config(config)).apply(
+        {"params": params}, tokens, positions, segment_ids)
     return logits
 
 
@@ -369,8 +391,8 @@ def apply_with_aux(config: ml_collections.ConfigDict, params: dict, tokens: jax.
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`apply`, and the mixture of experts' router stats averaged over layers (`maxlm.model.moe`:
     load_balance, z_loss, dropped; {} for a dense model), which the training losses add."""
-    (logits, _), state = Decoder(model_config(config)).apply({"params": params}, tokens, positions, segment_ids,
-                                                            mutable=["intermediates"])
+    (logits, _), state = Decoder(model_config(config), pipeline=pipeline_lib.from_config(config)).apply(
+        {"params": params}, tokens, positions, segment_ids, mutable=["intermediates"])
     found = state.get("intermediates", {}).get("moe")
     return logits, (found[0] if found else {})
 
@@ -378,7 +400,8 @@ def apply_with_aux(config: ml_collections.ConfigDict, params: dict, tokens: jax.
 def hidden(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *,
            positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """tokens [B,T] -> final-norm hidden states [B,T,D] in the compute dtype (`params` may lack `lm_head`)."""
-    x, _ = Decoder(model_config(config)).apply({"params": params}, tokens, positions, segment_ids, None, True)
+    x, _ = Decoder(model_config(config), pipeline=pipeline_lib.from_config(config)).apply(
+        {"params": params}, tokens, positions, segment_ids, None, True)
     return x
 
 

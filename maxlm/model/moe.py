@@ -59,16 +59,32 @@ def route(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.
     return probs, weights, experts
 
 
-def aux_stats(logits: jax.Array, probs: jax.Array, experts: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """One layer's load-balance and z losses over the real tokens (`mask` [B,T], true for real ones)."""
+def stat_sums(logits: jax.Array, probs: jax.Array, experts: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """One layer's router statistics over the real tokens (`mask` [B,T], true for real ones) as sums, which add
+    up across micro-batches (a pipeline's) to the whole batch's: assignments and router probabilities per
+    expert [E], the z-loss numerator, the real tokens, and the assignments an expert kept (all, here: the
+    capacity path sets its own). `losses` turns them into the losses."""
     e = probs.shape[-1]
     m = mask.astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(m), 1.0)
-    assigned = jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32), axis=-2)  # [B,T,E]: 0..k per expert
-    f = jnp.einsum("BTE,BT->E", assigned, m) / n
-    p = jnp.einsum("BTE,BT->E", probs, m) / n
-    z = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * m) / n
-    return {"load_balance": e * jnp.sum(f * p), "z_loss": z}
+    assigned = jnp.einsum("BTE,BT->E", jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32), axis=-2), m)
+    return {"assigned": assigned, "prob": jnp.einsum("BTE,BT->E", probs, m),
+            "z": jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * m), "tokens": jnp.sum(m), "kept": jnp.sum(assigned)}
+
+
+def losses(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """`stat_sums` (of one layer; leading axes broadcast) -> load_balance = E sum_e f_e P_e, z_loss, dropped."""
+    n = jnp.maximum(sums["tokens"], 1.0)[..., None]
+    e = sums["assigned"].shape[-1]
+    f, p = sums["assigned"] / n, sums["prob"] / n
+    total = jnp.sum(sums["assigned"], axis=-1)
+    return {"load_balance": e * jnp.sum(f * p, axis=-1), "z_loss": sums["z"] / n[..., 0],
+            "dropped": (total - sums["kept"]) / jnp.maximum(total, 1.0)}
+
+
+def aux_stats(logits: jax.Array, probs: jax.Array, experts: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """One layer's load-balance and z losses over the real tokens (`mask` [B,T], true for real ones)."""
+    found = losses(stat_sums(logits, probs, experts, mask))
+    return {"load_balance": found["load_balance"], "z_loss": found["z_loss"]}
 
 
 def dropless(x: jax.Array, weights: jax.Array, experts: jax.Array, expert_fn: Callable[[jax.Array, jax.Array],
@@ -107,7 +123,8 @@ def dispatch_masks(weights: jax.Array, experts: jax.Array, num_experts: int, cap
 
 
 class MoE(nn.Module):
-    """The experts' layer in place of the dense MLP: x [B,T,D], mask [B,T] -> (y [B,T,D], per-layer stats)."""
+    """The experts' layer in place of the dense MLP: x [B,T,D], mask [B,T] -> (y [B,T,D], the layer's
+    `stat_sums`)."""
 
     cfg: ml_collections.ConfigDict
     activation: Callable[[jax.Array], jax.Array]
@@ -125,7 +142,7 @@ class MoE(nn.Module):
         b, t, _ = x.shape
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router.astype(jnp.float32))
         probs, weights, experts = route(logits, k, cfg.router_renormalize)
-        stats = aux_stats(logits, probs, experts, mask)
+        stats = stat_sums(logits, probs, experts, mask)
         act = self.activation
         if cfg.moe_impl == "dropless":
             def expert_fn(rows: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -134,7 +151,6 @@ class MoE(nn.Module):
                 return jax.lax.ragged_dot(hidden, down.astype(dt), sizes)
 
             y = dropless(x.reshape(b * t, d), weights.reshape(b * t, k), experts.reshape(b * t, k), expert_fn, e)
-            stats["dropped"] = jnp.zeros((), jnp.float32)
         else:
             cap = capacity(b * t * k, e, cfg.capacity_factor)
             dispatch, combine = dispatch_masks(weights.reshape(b * t, k), experts.reshape(b * t, k), e, cap)
@@ -148,10 +164,10 @@ class MoE(nn.Module):
             y = jnp.einsum("ECD,NEC->ND", out, combine.astype(dt))
             real = mask.reshape(-1).astype(jnp.float32)
             kept = jnp.sum(dispatch, axis=(1, 2)).astype(jnp.float32)  # [N]: 0..k assignments kept
-            stats["dropped"] = 1.0 - jnp.sum(kept * real) / jnp.maximum(k * jnp.sum(real), 1.0)
+            stats["kept"] = jnp.sum(kept * real)
         return y.reshape(b, t, d).astype(x.dtype), stats
 
 
-def mean_over_layers(stats: Any) -> dict[str, jax.Array]:
-    """Per-layer stats stacked by the layer scan ([L] leaves) -> their means."""
-    return {name: jnp.mean(value) for name, value in stats.items()}
+def mean_over_layers(sums: Any) -> dict[str, jax.Array]:
+    """Per-layer `stat_sums` stacked by the layer scan ([L] leading axes) -> each loss's mean over layers."""
+    return {name: jnp.mean(value) for name, value in losses(sums).items()}

@@ -50,6 +50,7 @@ from maxlm import cli
 from maxlm import config as config_lib
 from maxlm.errors import UserError
 from maxlm.model import decoder as model
+from maxlm.model import pipeline
 from maxlm.training import pretrain, sharding
 
 GiB = 1024 ** 3
@@ -339,13 +340,16 @@ def compile_program(step: str, config: ml_collections.ConfigDict, topology: Topo
 
 def per_layer_costs(step: str, config: ml_collections.ConfigDict, topology: Topology) -> Analysis:
     """FLOPs, HBM bytes and collectives of one whole step, extrapolated from 1- and 2-layer unrolled compiles
-    (XLA's analyses count a scanned layer once), times the gradient-accumulation steps."""
+    (XLA's analyses count a scanned layer once; with a pipeline, 1 and 2 layers per stage and repeat, the
+    pipeline's loop unrolled too), times the gradient-accumulation steps."""
     accum = config.optim.grad_accum_steps
     variant = lambda n: config_lib.override(config, **{
         "optim.grad_accum_steps": 1, "data.batch_size": config.data.batch_size // accum, "model.num_layers": n,
         "model.scan_layers": False})
-    one, two = (compile_program(step, variant(n), topology) for n in (1, 2))
-    layers = config.model.num_layers
+    # A pipeline needs whole chunks of layers: one layer per stage (and repeat), then two.
+    unit = config.mesh.pipeline * (config.mesh.pipeline_repeats if config.mesh.pipeline_schedule == "circular" else 1)
+    one, two = (compile_program(step, variant(n * unit), topology) for n in (1, 2))
+    layers = config.model.num_layers // unit
     scale = lambda a, b: accum * (a + (layers - 1) * (b - a))
     ops = {}
     for op in set(one.collectives) | set(two.collectives):
@@ -380,7 +384,7 @@ class Report:
     def estimate_16b(self) -> float:
         """`sharding.estimate_16b_per_param` per chip (for a decode step only a scale: it holds no optimizer)."""
         sizes = mesh_sizes(self.config, len(self.topology.devices))
-        degree = sizes["fsdp"] * sizes["tensor"] / self.topology.devices_per_chip
+        degree = sizes["fsdp"] * sizes["tensor"] * sizes["pipeline"] / self.topology.devices_per_chip
         return sharding.estimate_16b_per_param(self.config, degree)
 
     def analytic_flops(self) -> float:
@@ -425,6 +429,9 @@ def describe(report: Report) -> list[str]:
         accum, degree = c.optim.grad_accum_steps, batch_degree(c, len(t.devices))
         lines.append(f"batch: {c.data.batch_size} x {c.data.seq_len} tokens per step = {accum} micro-batch(es) of "
                      f"{c.data.batch_size // accum // degree} sequence(s) per data-parallel rank ({degree} ranks)")
+        pipe = pipeline.from_config(c)
+        if pipe is not None:
+            lines.append(pipe.for_batch(c.data.batch_size // accum).describe())
     else:
         lines.append(f"decode: {c.data.batch_size} sequences, one token each, against a {c.model.max_seq_len}-slot KV cache")
     rows = [("arguments (state, batch)", m.arguments), ("outputs", m.outputs), ("donated (aliased)", -m.aliased),
@@ -435,7 +442,8 @@ def describe(report: Report) -> list[str]:
     lines.append(f"  {'total':<38}{_gib(report.per_chip)}   of {hbm / GiB:.2f} GiB HBM "
                  f"({100 * report.per_chip / hbm:.0f}%) -> {'fits' if report.fits else 'DOES NOT FIT'}")
     est = report.estimate_16b
-    label = "16 B/param / (fsdp x tensor)" if report.step == "train" else "16 B/param / (fsdp x tensor), for scale"
+    label = "16 B/param / (fsdp x tensor x pipeline)"
+    label += "" if report.step == "train" else ", for scale"
     lines.append(f"  {label:<38}{_gib(est)}   (compiled total = {report.per_chip / est:.2f} x this)")
     if report.fits:
         roof = report.roofline()

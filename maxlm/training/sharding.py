@@ -1,8 +1,8 @@
 """The device mesh and the one mapping from logical axis names to mesh axes.
 
 Model code names logical axes only ('embed', 'heads', 'activation_batch', ...); `config.mesh.rules` (see
-maxlm/config.py) is the single table that maps them to the mesh axes `data`, `fsdp`, `expert`, `tensor`,
-`sequence`.
+maxlm/config.py) is the single table that maps them to the mesh axes `pipeline`, `data`, `fsdp`, `expert`,
+`tensor`, `sequence`.
 Parameter shardings, optimizer-state shardings and activation constraints are all derived from it, so
 changing the parallelism is a config change, never a model change (the MaxText / t5x design).
 
@@ -92,7 +92,7 @@ def zero_shardings(config: ml_collections.ConfigDict, mesh: Mesh, logical: Any =
 def estimate_16b_per_param(config: ml_collections.ConfigDict, degree: float) -> float:
     """The practitioners' per-device estimate of training state: 16 bytes per parameter (weights, gradients and
     AdamW's two moments, the ZeRO paper's mixed-precision count) over the parameter-sharding degree
-    fsdp x tensor. No activations."""
+    fsdp x tensor x pipeline. No activations."""
     return 16 * config_lib.num_params(config) / degree
 
 

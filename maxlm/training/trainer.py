@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 
 from maxlm import config as config_lib
 from maxlm import data
-from maxlm.model import lora, trees
+from maxlm.model import lora, pipeline, trees
 from maxlm.training import checkpoint as checkpoint_lib
 from maxlm.training import optim, sharding
 from maxlm.training import workdir as workdir_lib
@@ -211,7 +211,8 @@ class Trainer:
         compiled-memory analysis of the step (arguments, outputs, temporaries = activations and other
         scratch) once `compile` has run; beside the practitioners' estimate of 16 bytes per parameter
         (weights, gradients and AdamW's two moments, as in the ZeRO paper's mixed-precision count)
-        divided by the parameter-sharding degree fsdp x tensor."""
+        divided by the parameter-sharding degree fsdp x tensor x pipeline (the layers are split over the
+        pipeline's stages; the embeddings, a small share, are not)."""
         params = self.abstract_state["params"]
         grads = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
                              self.grad_shardings)
@@ -220,7 +221,7 @@ class Trainer:
                   "grads": sharding.bytes_per_device(grads)}
         for name, tree in self.abstract_state.get("frozen", {}).items():
             report[f"frozen_{name}"] = sharding.bytes_per_device(tree)
-        degree = self.mesh.shape["fsdp"] * self.mesh.shape["tensor"]
+        degree = self.mesh.shape["fsdp"] * self.mesh.shape["tensor"] * self.mesh.shape["pipeline"]
         report["estimate_16B_per_param"] = sharding.estimate_16b_per_param(self.config, degree)
         if self._compiled is not None:
             analysis = self._compiled.memory_analysis()
@@ -362,6 +363,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed
          plot: tuple[str, tuple[str, ...], str] | None, progress_keys: tuple[str, ...]) -> list[dict[str, float]]:
     primary = jax.process_index() == 0
     log_line(f"mesh {dict(trainer.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    pipe = pipeline.from_config(config)
+    if pipe is not None:
+        log_line(pipe.for_batch(config.data.batch_size // config.optim.grad_accum_steps).describe())
     ckpt = checkpoint_lib.Checkpointer(workdir, config, stage=trainer.objective.name,
                                        layout=trainer.objective.params, policy=trainer.objective.policy)
 
