@@ -28,6 +28,7 @@ from maxlm.model.attention import head_dim  # noqa: F401  (also this module's na
 from maxlm.model.decoder import MLP_ACTIVATIONS  # noqa: F401
 from maxlm.model.moe import MOE_IMPLS, expert_dim
 from maxlm.model.pipeline import SCHEDULES as PIPELINE_SCHEDULES
+from maxlm.model.ring_attention import ORDERS as RING_ORDERS, STRATEGIES as RING_STRATEGIES
 from maxlm.model.lora import TARGETS as LORA_TARGETS  # noqa: F401
 
 # Logical axis -> mesh axes. The model only ever names logical axes (see model.py); this table is the
@@ -358,6 +359,11 @@ def default_config() -> ml_collections.ConfigDict:
     # micro-batches; gpipe (each stage one block of layers) | circular (each stage pipeline_repeats chunks, the
     # micro-batches going round pipeline_repeats times: a bubble that many times smaller).
     me.pipeline = 1
+    # Sequence (context) parallelism: allgather (each device gathers the whole sequence's K/V) | ring (K/V
+    # blocks passed round the sequence axis: maxlm/model/ring_attention.py), tokens in the zigzag order that
+    # balances causal work over the devices, or contiguous.
+    me.sequence_strategy = "allgather"
+    me.sequence_order = "zigzag"
     me.pipeline_schedule = "gpipe"
     me.pipeline_repeats = 2  # circular only
     # ZeRO degree over the fsdp axis (Rajbhandari et al. 2020; InternEvo's zero1/2/3): 1 shards the
@@ -571,6 +577,16 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
            f"model.num_experts={m.num_experts} is not divisible by mesh.expert={c.mesh.expert}")
     _check(d.seq_len % max(c.mesh.sequence, 1) == 0, "mesh.sequence",
            f"data.seq_len={d.seq_len} is not divisible by mesh.sequence={c.mesh.sequence}")
+    _check(c.mesh.sequence_strategy in RING_STRATEGIES, "mesh.sequence_strategy",
+           f"must be one of {RING_STRATEGIES}, got {c.mesh.sequence_strategy!r}")
+    _check(c.mesh.sequence_order in RING_ORDERS, "mesh.sequence_order",
+           f"must be one of {RING_ORDERS}, got {c.mesh.sequence_order!r}")
+    ring = c.mesh.sequence_strategy == "ring"
+    _check(not ring or d.seq_len % (2 * max(c.mesh.sequence, 1)) == 0, "mesh.sequence",
+           f"ring attention holds two chunks per device: data.seq_len={d.seq_len} is not divisible by "
+           f"2 x mesh.sequence={c.mesh.sequence}")
+    _check(not ring or not m.attn_logit_softcap, "mesh.sequence_strategy",
+           "ring attention does not soft-cap logits (model.attn_logit_softcap): use allgather")
     logical = [r[0] for r in c.mesh.rules]
     _check(len(set(logical)) == len(logical), "mesh.rules", "a logical axis appears twice")
     for name, target in c.mesh.rules:

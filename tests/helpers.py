@@ -9,6 +9,9 @@ importing this module costs no more than maxlm itself.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import os
 
 import jax
@@ -350,3 +353,17 @@ def pair_margins_by_hand(config, params, pairs):
     h = np.asarray(jax.jit(lambda p, x: model.hidden(config, p, x))(params["decoder"], tokens), np.float64)
     r = h[np.arange(len(seqs)), [len(s) - 1 for s in seqs]] @ np.asarray(params["head"], np.float64)
     return r[0::2] - r[1::2]
+
+
+def parallel_results(group: tuple[str, ...]) -> dict[str, float]:
+    """{spec: largest relative difference of three losses} from tests/parallel_steps_check.py (8 forced CPU
+    devices against one; run once per session for the group)."""
+    def run():
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel_steps_check.py"), *group],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found = dict(re.findall(r"^RESULT (\S+) .* rel=(\S+)$", proc.stdout, re.M))
+        assert sorted(found) == sorted(group), proc.stdout
+        return {spec: float(rel) for spec, rel in found.items()}
+    name = "-".join(group).replace(",", "_").replace("=", "_").replace("/", "_").replace("@", "_")
+    return once_per_session("parallel-" + name, run)

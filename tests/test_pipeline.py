@@ -2,10 +2,7 @@
 logits, router statistics and gradients in one process -- and three train steps on 8 forced CPU devices
 against one device (tests/parallel_steps_check.py, in a subprocess)."""
 
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +12,7 @@ import pytest
 from maxlm import config as C
 from maxlm.model import decoder as model
 from maxlm.model import pipeline
-from tests.helpers import ROOT, once_per_session
+from tests.helpers import parallel_results
 
 SMALL = {"model.vocab_size": 64, "model.num_layers": 4, "model.d_model": 32, "model.num_heads": 4,
          "model.num_kv_heads": 2, "model.mlp_dim": 64, "model.max_seq_len": 32, "model.compute_dtype": "float32",
@@ -88,18 +85,6 @@ def test_bad_pipeline_configs_name_the_key(over, key):
 FAST = ["pipeline=4,train.microbatches=8"]
 SLOW = ["pipeline=2", "pipeline=2,pipeline_schedule=circular,train.microbatches=4,fsdp=2,tensor=2",
         "configs/moe_tiny.py@expert=4", "configs/moe_tiny.py@expert=2,fsdp=2,pipeline=2"]
-
-
-def parallel_results(group: tuple[str, ...]) -> dict[str, float]:
-    """{spec: largest relative loss difference} from tests/parallel_steps_check.py (once per session)."""
-    def run():
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel_steps_check.py"), *group],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        found = dict(re.findall(r"^RESULT (\S+) .* rel=(\S+)$", proc.stdout, re.M))
-        assert sorted(found) == sorted(group), proc.stdout
-        return {spec: float(rel) for spec, rel in found.items()}
-    return once_per_session("parallel-" + "-".join(group).replace(",", "_").replace("=", "_").replace("/", "_"), run)
 
 
 @pytest.mark.parametrize("spec", FAST)

@@ -9,7 +9,8 @@ packed-sequence segment ids (0 = padding), causal over cache slots.
 A Pallas kernel is a per-device program, so under a mesh it runs inside `shard_map`: each device gets
 its local batch rows, heads and query slice, as the logical-axis rules in the config shard them (the
 model never names a mesh axis). Sequence parallelism uses the same path for both impls: queries stay
-sharded, keys/values are all-gathered over the sequence axes (see `_per_device`).
+sharded, keys/values are all-gathered over the sequence axes (see `_per_device`); or, with
+`mesh.sequence_strategy=ring`, passed round them (`maxlm.model.ring_attention`).
 
 Both switches are registries kept here, beside their code, and `config.validate` checks
 `model.attention_impl` / `model.rope_scaling` against them: an attention implementation is a function
@@ -34,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 import kernels
 from kernels import reference
+from maxlm.model import ring_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +69,8 @@ def register_attention(name: str, *, backend: str | None = None, hardware: str =
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
            q_offset: jax.Array | int = 0, causal: bool = True, impl: str = "xla", window: int = 0,
-           local: jax.Array | None = None, scale: float | None = None, softcap: float = 0.0) -> jax.Array:
+           local: jax.Array | None = None, scale: float | None = None, softcap: float = 0.0,
+           ring: ring_attention.Ring | None = None) -> jax.Array:
     """q [B,T,N,H], k/v [B,S,K,H], segment ids [B,T] / [B,S] -> [B,T,N,H] in q's dtype.
 
     `window` > 0: a sliding window (Mistral; Beltagy et al. 2020) of that many slots, the query's own
@@ -76,7 +79,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array
     Report"). Both programs are compiled and `lax.cond` runs one, so every windowed implementation -- the
     Pallas kernels with their static window included -- serves mixed layers, skipping tiles in local ones.
     `scale`: the logit scale (None: H^-0.5). `softcap` > 0: logits become softcap * tanh(logits / softcap)
-    before masking (Gemma 2's attention soft-capping).
+    before masking (Gemma 2's attention soft-capping). `ring`: self-attention over a sharded sequence passes
+    K/V round the sequence axis instead of gathering them (`maxlm.model.ring_attention`), whichever `impl`.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}")
@@ -90,7 +94,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array
     if window and not entry.windowed:
         raise ValueError(f"attention impl {impl!r} has no sliding window")
 
+    use_ring = ring is not None and _self_attention(q, k, q_offset) and sequence_shards() > 1
+    if use_ring and softcap:
+        raise ValueError("ring attention does not soft-cap logits")
+
     def run(window: int) -> jax.Array:
+        if use_ring:
+            return _ring(q, k, v, q_segment_ids, kv_segment_ids, ring, causal=causal, window=window, scale=scale)
         extra = {**options, "window": window} if window else options
         return entry.fn(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, **extra)
 
@@ -144,7 +154,7 @@ def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, causal, win
     """The plain-jnp reference; per device (keys/values gathered) when the sequence is sharded; as products
     and sums for one query token against a longer cache (`_one_query`: a decode step)."""
     options = dict(window=window, scale=scale, softcap=softcap)
-    if _self_attention(q, k, q_offset) and _sequence_shards() > 1:
+    if _self_attention(q, k, q_offset) and sequence_shards() > 1:
         return _per_device(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
                            local=functools.partial(_reference, **options))
     if q.shape[1] == 1 and k.shape[1] > 1:
@@ -182,9 +192,24 @@ def _shards(mesh, entry) -> int:
     return math.prod(mesh.shape[a] for a in names if a is not None)
 
 
-def _sequence_shards() -> int:
+def sequence_shards() -> int:
+    """How many devices the sequence is split over (1 outside a mesh)."""
     mesh = jax.sharding.get_abstract_mesh()
     return 1 if mesh.empty else _shards(mesh, _specs()[0][1])
+
+
+
+def _ring(q, k, v, q_segment_ids, kv_segment_ids, ring, *, causal: bool, window: int, scale: float | None):
+    """`ring_attention.ring_attention` per device under `shard_map` (batch rows and heads split as `_per_device`
+    splits them; the sequence axes form the ring)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    q_spec, kv_spec, seg_spec = _specs()
+    axes, devices = q_spec[1], _shards(mesh, q_spec[1])
+    body = functools.partial(ring_attention.ring_attention, axis=axes, devices=devices, zigzag=ring.zigzag,
+                             causal=causal, scale=scale if scale is not None else q.shape[-1] ** -0.5,
+                             window=window)
+    return jax.shard_map(lambda *a: body(*a), mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
 
 
 def _per_device(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool,

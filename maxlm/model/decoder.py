@@ -38,10 +38,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from maxlm.model import attention, moe
 from maxlm.model import pipeline as pipeline_lib
+from maxlm.model import ring_attention
 from maxlm.model.attention import head_dim
 
 Cache = dict[str, jax.Array]
@@ -121,6 +123,7 @@ def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array, layer: jax.
 class Attention(nn.Module):
     cfg: ml_collections.ConfigDict
     attend_len: int = 0  # > 0: read only the cache's first attend_len slots (see `decode`)
+    ring: ring_attention.Ring | None = None  # ring attention over the sequence axis (`maxlm.model.ring_attention`)
 
     @nn.compact
     def __call__(self, x: jax.Array, aux: dict, cache: Cache | None, layer: jax.Array, local: jax.Array | None):
@@ -191,7 +194,7 @@ class Attention(nn.Module):
         out = attention.attend(q, k, v, q_segment_ids=aux["segment_ids"], kv_segment_ids=kv_segment_ids,
                                q_offset=q_offset, impl=cfg.attention_impl, window=window, local=local,
                                scale=cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None,
-                               softcap=cfg.attn_logit_softcap)
+                               softcap=cfg.attn_logit_softcap, ring=self.ring)
         out = checkpoint_name(out, "attention_out")
         wo = self.param("o", nn.with_logical_partitioning(winit, ("heads", "head_dim", "embed")), (n, h, d), pdt)
         return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), new_cache
@@ -231,12 +234,13 @@ class Block(nn.Module):
 
     cfg: ml_collections.ConfigDict
     attend_len: int = 0
+    ring: ring_attention.Ring | None = None
 
     @nn.compact
     def __call__(self, carry: tuple, aux: dict, layer: dict):
         cfg = self.cfg
         x, cache = carry
-        attn_out, new_cache = Attention(cfg, self.attend_len, name="attn")(_norm(cfg, "attn_norm")(x), aux, cache, layer["index"],
+        attn_out, new_cache = Attention(cfg, self.attend_len, self.ring, name="attn")(_norm(cfg, "attn_norm")(x), aux, cache, layer["index"],
                                                          layer.get("local"))
         if cfg.post_norms:
             attn_out = _norm(cfg, "attn_post_norm")(attn_out)
@@ -272,11 +276,12 @@ def _layer_stack(cfg: ml_collections.ConfigDict, length: int) -> type[nn.Module]
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
 
-def _run_chunk(cfg: ml_collections.ConfigDict, params: dict, x: jax.Array, aux: dict, per_layer: dict):
+def _run_chunk(cfg: ml_collections.ConfigDict, ring: ring_attention.Ring | None, params: dict, x: jax.Array,
+               aux: dict, per_layer: dict):
     """A pipeline stage's work: consecutive layers (params stacked [Lc, ...]) on x [b,T,D] ->
     (x, their router stats or None)."""
     length = per_layer["index"].shape[0]
-    (x, _), stats = _layer_stack(cfg, length)(cfg).apply({"params": params}, (x, None), aux, per_layer)
+    (x, _), stats = _layer_stack(cfg, length)(cfg, 0, ring).apply({"params": params}, (x, None), aux, per_layer)
     return x, stats
 
 
@@ -284,6 +289,7 @@ class Decoder(nn.Module):
     cfg: ml_collections.ConfigDict
     attend_len: int = 0  # > 0: attention reads only the cache's first attend_len slots (see `decode`)
     pipeline: pipeline_lib.Pipeline | None = None  # run the layers as a pipeline (`maxlm.model.pipeline`)
+    ring: ring_attention.Ring | None = None  # ring attention when the sequence is sharded
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -304,6 +310,12 @@ class Decoder(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
+        shards = attention.sequence_shards()
+        ring = self.ring if cache is None and shards > 1 else None
+        order = None
+        if ring is not None and ring.zigzag:  # the balanced token order of `ring_attention`, undone below
+            order = ring_attention.zigzag_permutation(t, shards)
+            tokens, positions, segment_ids = (a[:, order] for a in (tokens, positions, segment_ids))
         embedding = self.param("embedding", nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), pdt)
         x = jnp.take(embedding, tokens, axis=0).astype(dt)
@@ -324,14 +336,16 @@ class Decoder(nn.Module):
         if self.pipeline is not None and cache is None and not self.is_initializing():
             # The same stacked parameters, run stage by stage (`maxlm.model.pipeline`); init and decoding
             # always take the plain scan, so the parameter tree is one whatever the schedule.
-            run_chunk = functools.partial(_run_chunk, cfg)
+            run_chunk = functools.partial(_run_chunk, cfg, ring)
             x, router_stats = pipeline_lib.run(self.pipeline, run_chunk, self.variables["params"]["layers"], x,
                                                aux, per_layer, unroll=not cfg.scan_layers)
         else:
-            layers = _layer_stack(cfg, cfg.num_layers)(cfg, self.attend_len, name="layers")
+            layers = _layer_stack(cfg, cfg.num_layers)(cfg, self.attend_len, ring, name="layers")
             (x, kv), router_stats = layers((x, kv), aux, per_layer)
         if router_stats is not None:  # read by `apply_with_aux`; a no-op unless "intermediates" is mutable
             self.sow("intermediates", "moe", moe.mean_over_layers(router_stats))
+        if order is not None:
+            x = _constrain(x[:, np.argsort(order)], ("activation_batch", "activation_length", "activation_embed"))
 
         x = _norm(cfg, "final_norm")(x)
         if hidden_only:
@@ -381,7 +395,8 @@ def logical_axes(config: ml_collections.ConfigDict) -> dict:
 def apply(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *,
           positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """tokens [B,T] int -> float32 logits [B,T,V]. Stable public API."""
-    logits, _ = Decoder(model_config(config), pipeline=pipeline_lib.from_config(config)).apply(
+    logits, _ = Decoder(model_config(config), pipeline=pipeline_lib.from_config(config),
+                    ring=ring_attention.from_config(config)).apply(
         {"params": params}, tokens, positions, segment_ids)
     return logits
 
@@ -391,7 +406,8 @@ def apply_with_aux(config: ml_collections.ConfigDict, params: dict, tokens: jax.
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`apply`, and the mixture of experts' router stats averaged over layers (`maxlm.model.moe`:
     load_balance, z_loss, dropped; {} for a dense model), which the training losses add."""
-    (logits, _), state = Decoder(model_config(config), pipeline=pipeline_lib.from_config(config)).apply(
+    (logits, _), state = Decoder(model_config(config), pipeline=pipeline_lib.from_config(config),
+                    ring=ring_attention.from_config(config)).apply(
         {"params": params}, tokens, positions, segment_ids, mutable=["intermediates"])
     found = state.get("intermediates", {}).get("moe")
     return logits, (found[0] if found else {})
@@ -400,7 +416,8 @@ def apply_with_aux(config: ml_collections.ConfigDict, params: dict, tokens: jax.
 def hidden(config: ml_collections.ConfigDict, params: dict, tokens: jax.Array, *,
            positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """tokens [B,T] -> final-norm hidden states [B,T,D] in the compute dtype (`params` may lack `lm_head`)."""
-    x, _ = Decoder(model_config(config), pipeline=pipeline_lib.from_config(config)).apply(
+    x, _ = Decoder(model_config(config), pipeline=pipeline_lib.from_config(config),
+                    ring=ring_attention.from_config(config)).apply(
         {"params": params}, tokens, positions, segment_ids, None, True)
     return x
 
