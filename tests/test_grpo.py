@@ -26,13 +26,9 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
-def test_loss_matches_numpy_on_ragged_replies(agg):
-    config = C.override(tiny_model_config(64), **{
-        "grpo.loss_agg": agg, "grpo.clip_low": 0.1, "grpo.clip_high": 0.3, "grpo.kl_coef": 0.25,
-        "ppo.max_new_tokens": 6})
-    params = random_params(model.abstract_params(config), 0, std=0.2)
-    rng = np.random.default_rng(1)
+def _ragged_batch(rng):
+    """A left-padded GRPO minibatch of 4 prompts and replies of 6, 2, 4 and 0 tokens -> (batch, responses,
+    prompts, lengths, old log-probs, reference log-probs, per-reply advantages)."""
     prompts = [[1, 5, 9], [1, 7], [1, 4, 4, 8], [1, 3]]
     lengths = [6, 2, 4, 0]  # a full reply, short ones, and an empty one (weight 0 everywhere)
     responses = rng.integers(2, 64, (4, 6))
@@ -48,6 +44,16 @@ def test_loss_matches_numpy_on_ragged_replies(agg):
     adv_rows = np.asarray([1.5, -0.7, 0.4, 2.0], np.float32)
     batch.update(old_logprobs=np.where(mask > 0, old, 1e6), ref_logprobs=np.where(mask > 0, ref, -1e6),
                  advantages=(adv_rows[:, None] * mask).astype(np.float32))
+    return batch, responses, prompts, lengths, old, ref, adv_rows
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+def test_loss_matches_numpy_on_ragged_replies(agg):
+    config = C.override(tiny_model_config(64), **{
+        "grpo.loss_agg": agg, "grpo.clip_low": 0.1, "grpo.clip_high": 0.3, "grpo.kl_coef": 0.25,
+        "ppo.max_new_tokens": 6})
+    params = random_params(model.abstract_params(config), 0, std=0.2)
+    batch, responses, prompts, lengths, old, ref, adv_rows = _ragged_batch(np.random.default_rng(1))
     loss, sums = jax.jit(lambda p, b: grpo.grpo_loss(p, config, b))(params, batch)
 
     rows, clipped_any = [], 0
@@ -73,6 +79,29 @@ def test_loss_matches_numpy_on_ragged_replies(agg):
     np.testing.assert_allclose(float(loss), want, rtol=2e-4, atol=1e-5)
     assert float(sums["weight"]) == weight
     assert clipped_any and float(sums["policy_clipfrac"]) > 0
+
+
+def test_a_mixture_of_experts_policy_adds_its_router_losses_per_unit_of_weight():
+    """GRPO adds router_aux_coef x load balance + router_z_coef x z-loss per unit of its own weight (DPO per
+    pair and PPO per token, through the same `pretrain.router_loss`), as pretraining adds it per token: the
+    loss with the coefficients minus the loss without them is weight x (that sum), the router stats read
+    from a plain forward pass."""
+    config = C.override(tiny_model_config(64), **{
+        "ppo.max_new_tokens": 6, "model.num_experts": 4, "model.experts_per_token": 2,
+        "model.router_aux_coef": 0.5, "model.router_z_coef": 0.25})
+    params = random_params(model.abstract_params(config), 0, std=0.2)
+    batch = _ragged_batch(np.random.default_rng(1))[0]
+    loss, sums = grpo.grpo_loss(params, config, batch)
+    plain, _ = grpo.grpo_loss(params, C.override(config, **{"model.router_aux_coef": 0.0,
+                                                           "model.router_z_coef": 0.0}), batch)
+    _, router = model.apply_with_aux(config, params, jnp.asarray(batch["inputs"]),
+                                     positions=jnp.asarray(batch["positions"]),
+                                     segment_ids=jnp.asarray(batch["segment_ids"]))
+    want = float(sums["weight"]) * (0.5 * float(router["load_balance"]) + 0.25 * float(router["z_loss"]))
+    assert want > 0
+    np.testing.assert_allclose(float(loss) - float(plain), want, rtol=1e-4)
+    np.testing.assert_allclose(float(sums["moe_load_balance"]),
+                               float(sums["weight"]) * float(router["load_balance"]), rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -175,9 +175,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def token_logprobs(config: ml_collections.ConfigDict, params: dict, batch: dict) -> Array:
     """log pi(target) at every position of a packed pair batch [B, T]."""
-    logits = model.apply(config, params, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"])
-    return rl.logprobs_from_logits(logits, batch["targets"])
+    return token_logprobs_with_aux(config, params, batch)[0]
+
+
+def token_logprobs_with_aux(config: ml_collections.ConfigDict, params: dict, batch: dict
+                            ) -> tuple[Array, dict[str, Array]]:
+    """`token_logprobs`, and a mixture of experts' router stats ({} for a dense model)."""
+    logits, router = model.apply_with_aux(config, params, batch["inputs"], positions=batch["positions"],
+                                          segment_ids=batch["segment_ids"])
+    return rl.logprobs_from_logits(logits, batch["targets"]), router
 
 
 def slot_sums(values: Array, slots: Array, n_slots: int) -> tuple[Array, Array]:
@@ -196,7 +202,8 @@ def dpo_loss(params: dict, config: ml_collections.ConfigDict, batch: dict, froze
     base = frozen.get("base")
     policy = lora.merge(config, base, params) if base is not None else params
     n_slots = 2 * d.pairs_per_row
-    sums, counts = slot_sums(token_logprobs(config, policy, batch), batch["slots"], n_slots)
+    logprobs, router = token_logprobs_with_aux(config, policy, batch)
+    sums, counts = slot_sums(logprobs, batch["slots"], n_slots)
     ref_sums = jnp.zeros_like(sums)
     if LOSSES[d.loss].uses_reference:
         if "ref_logprobs" in batch:
@@ -213,8 +220,11 @@ def dpo_loss(params: dict, config: ml_collections.ConfigDict, batch: dict, froze
     real = counts[:, 0::2] > 0  # a pair slot the row does not fill has no chosen tokens
     total = lambda v: jnp.sum(jnp.where(real, v, 0.0))  # noqa: E731
     log_ratio = (x.chosen - x.ref_chosen + x.rejected - x.ref_rejected) / 2.0
-    return total(losses), {
-        "weight": jnp.sum(real).astype(jnp.float32), "accuracy": total((chosen_reward > rejected_reward) * 1.0),
+    pairs = jnp.sum(real).astype(jnp.float32)
+    extra, router_metrics = train.router_loss(config, router, pairs)  # a mixture of experts' router losses
+    return total(losses) + extra, {
+        **router_metrics,
+        "weight": pairs, "accuracy": total((chosen_reward > rejected_reward) * 1.0),
         "margin": total(chosen_reward - rejected_reward), "reward_chosen": total(chosen_reward),
         "reward_rejected": total(rejected_reward), "logps_chosen": total(x.chosen),
         "logps_rejected": total(x.rejected), "implicit_kl": total(log_ratio)}

@@ -86,15 +86,17 @@ def grpo_loss(params: dict, config: ml_collections.ConfigDict, batch: train.Batc
     g, p = config.grpo, config.ppo
     mask = batch["mask"]
     r = mask.shape[1]
-    logits = model.apply(config, params, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"])[:, -r:]
+    logits, router = model.apply_with_aux(config, params, batch["inputs"], positions=batch["positions"],
+                                          segment_ids=batch["segment_ids"])
+    logits = logits[:, -r:]
     logprobs = rl.logprobs_from_logits(logits, batch["responses"])
     pg, clipped = cf.clipped_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], g.clip_low,
                                          g.clip_high)
     kl = cf.kl_penalty(logprobs, batch["ref_logprobs"], g.kl_estimator)
     aggregate = lambda x: cf.aggregate_sums(g.loss_agg, x, mask, p.max_new_tokens)  # noqa: E731
     loss, weight = aggregate(pg + g.kl_coef * kl if g.kl_coef else pg)
-    return loss, {"weight": weight, "policy_loss": aggregate(pg)[0], "policy_clipfrac": aggregate(clipped)[0],
+    extra, router_metrics = train.router_loss(config, router, weight)  # a mixture of experts' router losses
+    return loss + extra, {**router_metrics, "weight": weight, "policy_loss": aggregate(pg)[0], "policy_clipfrac": aggregate(clipped)[0],
                   "kl_penalty": aggregate(kl)[0], "entropy": aggregate(rl.entropy_from_logits(logits))[0],
                   "approx_kl": aggregate(rl.approx_kl(logprobs, batch["old_logprobs"]))[0]}
 

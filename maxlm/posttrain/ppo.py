@@ -97,7 +97,8 @@ def ppo_loss(params: dict, config: ml_collections.ConfigDict, batch: train.Batch
     mask = batch["mask"]
     r = mask.shape[1]
     kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
-    logits = model.apply(config, params["actor"], batch["inputs"], **kw)[:, -r:]
+    logits, router = model.apply_with_aux(config, params["actor"], batch["inputs"], **kw)
+    logits = logits[:, -r:]
     values = reward.token_values(config, params["critic"], batch["inputs"], **kw)[:, -r:]
     logprobs = rl.logprobs_from_logits(logits, batch["responses"])
     pg, pg_clipped = rl.policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], p.clip_eps)
@@ -109,6 +110,9 @@ def ppo_loss(params: dict, config: ml_collections.ConfigDict, batch: train.Batch
     sums = {"weight": tokens, "policy_loss": total(pg), "value_loss": total(vf),
             "policy_clipfrac": total(pg_clipped), "value_clipfrac": total(vf_clipped), "entropy": total(entropy),
             "approx_kl": total(rl.approx_kl(logprobs, batch["old_logprobs"]))}
+    extra, router_metrics = train.router_loss(config, router, tokens)  # a mixture of experts' router losses
+    loss = loss + extra
+    sums.update(router_metrics)
     if p.ptx_coef > 0:
         ptx_sum, ptx_tokens = train.loss_fn(params["actor"], config, {
             "inputs": batch["ptx_inputs"], "targets": batch["ptx_targets"], "positions": batch["ptx_positions"],

@@ -72,9 +72,21 @@ def lm_loss(params: dict, config: ml_collections.ConfigDict, batch: Batch, base:
     metrics = {"weight": tokens}
     if not router:
         return ce, metrics
+    extra, router_metrics = router_loss(config, router, tokens)
+    metrics.update({"cross_entropy": ce, **router_metrics})
+    return ce + extra, metrics
+
+
+def router_loss(config: ml_collections.ConfigDict, router: dict[str, jax.Array], weight: jax.Array
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """A mixture of experts' router losses (`model.apply_with_aux`'s stats; {} for a dense model) as a sum
+    over `weight` units -- the objective's own denominator (tokens, pairs, replies), so the step's division
+    leaves router_aux_coef x load balance + router_z_coef x z-loss -- and their `moe_*` metric sums."""
+    if not router:
+        return jnp.zeros((), jnp.float32), {}
     m = config.model
-    metrics.update({"cross_entropy": ce, **{f"moe_{k}": tokens * v for k, v in router.items()}})
-    return ce + tokens * (m.router_aux_coef * router["load_balance"] + m.router_z_coef * router["z_loss"]), metrics
+    loss = weight * (m.router_aux_coef * router["load_balance"] + m.router_z_coef * router["z_loss"])
+    return loss, {f"moe_{k}": weight * v for k, v in router.items()}
 
 
 def lora_loss(adapters: dict, config: ml_collections.ConfigDict, batch: Batch, frozen: dict
