@@ -111,6 +111,13 @@ def batch_sharding(config: ml_collections.ConfigDict, mesh: Mesh) -> NamedShardi
     return logical_to_sharding(PartitionSpec("activation_batch", "activation_length"), mesh, config)
 
 
+def batch_degree(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
+    """How many ways the mesh splits the batch's rows: the product of the axes 'activation_batch' maps to."""
+    target = dict(rules(config)).get("activation_batch")
+    names = target if isinstance(target, tuple) else (target,)
+    return int(np.prod([mesh.shape[a] for a in names if a is not None]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -365,7 +365,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed
     log_line(f"mesh {dict(trainer.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
     pipe = pipeline.from_config(config)
     if pipe is not None:
-        log_line(pipe.for_batch(config.data.batch_size // config.optim.grad_accum_steps).describe())
+        rows = config.data.batch_size // config.optim.grad_accum_steps
+        pipe = pipe.for_batch(rows)
+        log_line(pipe.describe())
+        degree = sharding.batch_degree(config, trainer.mesh)
+        if (rows // pipe.microbatches) % degree:
+            log_line(f"warning: a pipeline micro-batch of {rows // pipe.microbatches} row(s) does not split over the "
+                     f"{degree} data-parallel ranks, so each stage's activations are re-laid out every iteration: "
+                     f"use fewer train.microbatches or a larger batch")
     ckpt = checkpoint_lib.Checkpointer(workdir, config, stage=trainer.objective.name,
                                        layout=trainer.objective.params, policy=trainer.objective.policy)
 
