@@ -9,13 +9,14 @@ importing this module costs no more than maxlm itself.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
-import os
 
 import jax
 import numpy as np
+import pytest
 
 from maxlm import config as C
 from maxlm.model import decoder as model
@@ -367,3 +368,13 @@ def parallel_results(group: tuple[str, ...]) -> dict[str, float]:
         return {spec: float(rel) for spec, rel in found.items()}
     name = "-".join(group).replace(",", "_").replace("=", "_").replace("/", "_").replace("@", "_")
     return once_per_session("parallel-" + name, run)
+
+
+def parallel_params(fast: list[str], slow: list[str]) -> list:
+    """pytest parameters for `parallel_rel`: the fast specs, then the slow ones marked slow."""
+    return [*fast, *(pytest.param(spec, marks=pytest.mark.slow) for spec in slow)]
+
+
+def parallel_rel(spec: str, fast: list[str], slow: list[str]) -> float:
+    """The relative loss difference of `spec`, run in one subprocess with the rest of its group."""
+    return parallel_results(tuple(fast if spec in fast else slow))[spec]

@@ -12,7 +12,7 @@ import pytest
 from maxlm import config as C
 from maxlm.model import decoder as model
 from maxlm.model import pipeline
-from tests.helpers import parallel_results
+from tests.helpers import parallel_params, parallel_rel
 
 SMALL = {"model.vocab_size": 64, "model.num_layers": 4, "model.d_model": 32, "model.num_heads": 4,
          "model.num_kv_heads": 2, "model.mlp_dim": 64, "model.max_seq_len": 32, "model.compute_dtype": "float32",
@@ -87,12 +87,6 @@ SLOW = ["pipeline=2", "pipeline=2,pipeline_schedule=circular,train.microbatches=
         "configs/moe_tiny.py@expert=4", "configs/moe_tiny.py@expert=2,fsdp=2,pipeline=2"]
 
 
-@pytest.mark.parametrize("spec", FAST)
-def test_pipelined_steps_equal_one_device(spec):
-    assert parallel_results(tuple(FAST))[spec] <= 1e-4
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("spec", SLOW)
+@pytest.mark.parametrize("spec", parallel_params(FAST, SLOW))
 def test_pipelined_and_expert_parallel_steps_equal_one_device(spec):
-    assert parallel_results(tuple(SLOW))[spec] <= 1e-4
+    assert parallel_rel(spec, FAST, SLOW) <= 1e-4

@@ -13,7 +13,7 @@ import pytest
 from kernels import reference
 from maxlm import config as C
 from maxlm.model import ring_attention
-from tests.helpers import ROOT, parallel_results
+from tests.helpers import ROOT, parallel_params, parallel_rel
 
 
 def test_ring_equals_the_reference_with_gradients():
@@ -76,12 +76,6 @@ SLOW = ["sequence=4,sequence_strategy=ring,sequence_order=contiguous",
         "pipeline=2,tensor=2,sequence=2,sequence_strategy=ring"]
 
 
-@pytest.mark.parametrize("spec", FAST)
+@pytest.mark.parametrize("spec", parallel_params(FAST, SLOW))
 def test_ring_steps_equal_one_device(spec):
-    assert parallel_results(tuple(FAST))[spec] <= 1e-4
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("spec", SLOW)
-def test_ring_contiguous_and_mixed_pipeline_tensor_ring_steps_equal_one_device(spec):
-    assert parallel_results(tuple(SLOW))[spec] <= 1e-4
+    assert parallel_rel(spec, FAST, SLOW) <= 1e-4

@@ -106,9 +106,27 @@ def _join(x):
     return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], 2 * x.shape[2], *x.shape[3:])
 
 
-def _logits(q, k, scale):
-    """q [b,c,K,G,H], k [b,c,K,H] -> float32 [b,K,G,c,c]."""
-    return jnp.einsum("BTKGH,BSKH->BKGTS", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+def _scores(q, k, q_seg, kv_seg, q_chunk, kv_chunk, c, causal, window, scale):
+    """One tile: q [b,c,K,G,H] against k [b,c,K,H] -> (float32 logits [b,K,G,c,c], its mask [b,c,c])."""
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    return logits, _tile_mask(q_seg, kv_seg, q_chunk, kv_chunk, c, causal, window)
+
+
+def _held(block, step, me, devices, zigzag):
+    """The K/V block this device holds at ring step `step` (device me - step's): (its two chunk ids, k, v and
+    segment ids split into the chunks)."""
+    k, v, seg = block
+    return chunk_ids((me - step) % devices, devices, zigzag), _split(k), _split(v), _split(seg)
+
+
+def _each_tile(q_chunks, kv_chunks, causal, update, state):
+    """`update(a, j, state) -> state` for each of the 2 x 2 tiles (query chunk a, key chunk j) that the causal
+    mask leaves something in; `lax.cond` skips the others' work."""
+    for a in range(2):
+        for j in range(2):
+            state = jax.lax.cond(tile_needed(q_chunks[a], kv_chunks[j], causal), functools.partial(update, a, j),
+                                 lambda st: st, state)
+    return state
 
 
 def _forward(q, k, v, q_seg, kv_seg, axis, devices, zigzag, causal, scale, window):
@@ -128,28 +146,21 @@ def _forward(q, k, v, q_seg, kv_seg, axis, devices, zigzag, causal, scale, windo
     def step(s, carry):
         block, m, l, acc = carry
         nxt = jax.lax.ppermute(block, axis, perm) if devices > 1 else block  # overlaps the tiles below
-        kb, vb, segb = block
-        owner = (me - s) % devices
-        kv_chunks = chunk_ids(owner, devices, zigzag)
-        ks, vs, kv_segs = _split(kb), _split(vb), _split(segb)
-        for a in range(2):
-            for j in range(2):
-                def tile(state, a=a, j=j):
-                    m_a, l_a, acc_a = state
-                    logits = _logits(qs[a], ks[j], scale)
-                    mask = _tile_mask(q_segs[a], kv_segs[j], q_chunks[a], kv_chunks[j], c, causal, window)
-                    logits = jnp.where(mask[:, None, None], logits, reference.MASK_VALUE)
-                    m_new = jnp.maximum(m_a, jnp.max(logits, axis=-1))
-                    p = jnp.where(mask[:, None, None], jnp.exp(logits - m_new[..., None]), 0.0)
-                    alpha = jnp.exp(m_a - m_new)
-                    pv = jnp.einsum("BKGTS,BSKH->BKGTH", p, vs[j].astype(jnp.float32))
-                    return m_new, alpha * l_a + jnp.sum(p, axis=-1), alpha[..., None] * acc_a + pv
+        kv_chunks, ks, vs, kv_segs = _held(block, s, me, devices, zigzag)
 
-                state = (m[a], l[a], acc[a])
-                m_a, l_a, acc_a = jax.lax.cond(tile_needed(q_chunks[a], kv_chunks[j], causal), tile,
-                                               lambda st: st, state)
-                m, l, acc = m.at[a].set(m_a), l.at[a].set(l_a), acc.at[a].set(acc_a)
-        return nxt, m, l, acc
+        def tile(a, j, state):
+            m, l, acc = state
+            logits, mask = _scores(qs[a], ks[j], q_segs[a], kv_segs[j], q_chunks[a], kv_chunks[j], c, causal,
+                                   window, scale)
+            logits = jnp.where(mask[:, None, None], logits, reference.MASK_VALUE)
+            m_new = jnp.maximum(m[a], jnp.max(logits, axis=-1))
+            p = jnp.where(mask[:, None, None], jnp.exp(logits - m_new[..., None]), 0.0)
+            alpha = jnp.exp(m[a] - m_new)
+            pv = jnp.einsum("BKGTS,BSKH->BKGTH", p, vs[j].astype(jnp.float32))
+            return (m.at[a].set(m_new), l.at[a].set(alpha * l[a] + jnp.sum(p, axis=-1)),
+                    acc.at[a].set(alpha[..., None] * acc[a] + pv))
+
+        return (nxt, *_each_tile(q_chunks, kv_chunks, causal, tile, (m, l, acc)))
 
     _, m, l, acc = jax.lax.fori_loop(0, devices, step, ((k, v, kv_seg), m, l, acc))
     out = acc / jnp.maximum(l, 1e-30)[..., None]  # a query with no key (padding) gives 0, as the reference
@@ -174,30 +185,21 @@ def _backward(res, d_out, axis, devices, zigzag, causal, scale, window):
     dq = jnp.zeros((2, b, c, kh, g, h), jnp.float32)
 
     def step(s, carry):
-        block, grads, dq = carry
-        kb, vb, segb = block
-        owner = (me - s) % devices
-        kv_chunks = chunk_ids(owner, devices, zigzag)
-        ks, vs, kv_segs = _split(kb), _split(vb), _split(segb)
-        dk, dv = grads
-        for a in range(2):
-            for j in range(2):
-                def tile(state, a=a, j=j):
-                    dq_a, dk_j, dv_j = state
-                    logits = _logits(qs[a], ks[j], scale)
-                    mask = _tile_mask(q_segs[a], kv_segs[j], q_chunks[a], kv_chunks[j], c, causal, window)
-                    p = jnp.where(mask[:, None, None], jnp.exp(logits - lse[a][..., None]), 0.0)
-                    dv_j = dv_j + jnp.einsum("BKGTS,BTKGH->BSKH", p, dos[a])
-                    dp = jnp.einsum("BTKGH,BSKH->BKGTS", dos[a], vs[j].astype(jnp.float32))
-                    ds = p * (dp - delta[a][..., None]) * scale
-                    dq_a = dq_a + jnp.einsum("BKGTS,BSKH->BTKGH", ds, ks[j].astype(jnp.float32))
-                    dk_j = dk_j + jnp.einsum("BKGTS,BTKGH->BSKH", ds, qs[a].astype(jnp.float32))
-                    return dq_a, dk_j, dv_j
+        block, (dk, dv), dq = carry
+        kv_chunks, ks, vs, kv_segs = _held(block, s, me, devices, zigzag)
 
-                state = (dq[a], dk[j], dv[j])
-                dq_a, dk_j, dv_j = jax.lax.cond(tile_needed(q_chunks[a], kv_chunks[j], causal), tile,
-                                                lambda st: st, state)
-                dq, dk, dv = dq.at[a].set(dq_a), dk.at[j].set(dk_j), dv.at[j].set(dv_j)
+        def tile(a, j, state):
+            dq, dk, dv = state
+            logits, mask = _scores(qs[a], ks[j], q_segs[a], kv_segs[j], q_chunks[a], kv_chunks[j], c, causal,
+                                   window, scale)
+            p = jnp.where(mask[:, None, None], jnp.exp(logits - lse[a][..., None]), 0.0)
+            dp = jnp.einsum("BTKGH,BSKH->BKGTS", dos[a], vs[j].astype(jnp.float32))
+            ds = p * (dp - delta[a][..., None]) * scale
+            return (dq.at[a].add(jnp.einsum("BKGTS,BSKH->BTKGH", ds, ks[j].astype(jnp.float32))),
+                    dk.at[j].add(jnp.einsum("BKGTS,BTKGH->BSKH", ds, qs[a].astype(jnp.float32))),
+                    dv.at[j].add(jnp.einsum("BKGTS,BTKGH->BSKH", p, dos[a])))
+
+        dq, dk, dv = _each_tile(q_chunks, kv_chunks, causal, tile, (dq, dk, dv))
         # The block moves on with its gradients; after P hops (the last one below) they are home.
         moved = jax.lax.ppermute((block, (dk, dv)), axis, perm) if devices > 1 else (block, (dk, dv))
         return moved[0], moved[1], dq
