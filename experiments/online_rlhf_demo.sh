@@ -3,11 +3,13 @@
 # nothing on CPU, on the RLHF demo's models (experiments/rlhf_demo.sh: the partial SFT policy on sort and the
 # conditional reward model; the same WORKDIR shares them and the single-round run W/ppo).
 #
-#   bash experiments/online_rlhf_demo.sh WORKDIR        (SEED=1 for a second seed: W/online_seed1, W/ppo_seed1)
+#   bash experiments/online_rlhf_demo.sh WORKDIR        (SEED=1 for a second seed: W/online_seed1, W/ppo_seed1;
+#                                                        NAME=x keeps a variant in W/x)
 #
 # Single round: PPO for 3 x ROUND_ITERATIONS iterations against the first reward model. Online: ROUNDS rounds of
 #   1. PPO, ROUND_ITERATIONS iterations against the current reward model, starting from the last round's policy
-#      (the KL term's reference stays the SFT policy);
+#      (the KL term's reference stays the SFT policy; its adaptive coefficient continues from the last round's
+#      unless KL_CARRY=0);
 #   2. the judge (python -m maxlm.online): the reward model's accuracy on the new policy's own replies and the
 #      RM-vs-true gap, then fresh comparisons of its replies labelled by the checker, each hack written 4x;
 #   3. the reward model continues (reward.init_from) on a replay of the built-in pairs + all new comparisons.
@@ -28,16 +30,24 @@ ROUNDS=${ROUNDS:-3}
 ROUND_ITERATIONS=${ROUND_ITERATIONS:-100}
 RM_STEPS=${RM_STEPS:-600}
 SEED=${SEED:-0}
+NAME=${NAME:-online}  # the online run's folder (W/NAME, W/NAME_seedN)
+# 1: each round's adaptive KL controller starts where the last round's stopped, as it would within one PPO run
+# (0: every round starts again at ppo.init_kl_coef).
+KL_CARRY=${KL_CARRY:-1}
 SUFFIX=""; [ "$SEED" = 0 ] || SUFFIX="_seed$SEED"
-O="$W/online$SUFFIX"
+O="$W/$NAME$SUFFIX"
 mkdir -p "$W"
 # The SFT policy, both reward models and (seed 0) the single-round PPO run, as the RLHF demo makes them.
 PPO_ITERATIONS=$((ROUNDS * ROUND_ITERATIONS)) SFT_STEPS=$SFT_STEPS PARTIAL=$PARTIAL \
     bash experiments/rlhf_demo.sh "$W" > "$W/rlhf_demo.json"
-ppo() {  # ppo WORKDIR ITERATIONS SEED POLICY REWARD_MODEL
+ppo() {  # ppo WORKDIR ITERATIONS SEED POLICY REWARD_MODEL [more maxlm.ppo flags]
   $PY -m maxlm.ppo --config=configs/ppo_tiny.py --workdir="$1" --config.ppo.iterations="$2" --config.train.seed="$3" \
       --config.ppo.policy="$4" --config.ppo.policy_step="$([ "$4" = "$W/sft" ] && echo "$PARTIAL" || echo -1)" \
-      --config.ppo.reference="$W/sft" --config.ppo.reference_step="$PARTIAL" --config.ppo.reward_model="$5" >&2
+      --config.ppo.reference="$W/sft" --config.ppo.reference_step="$PARTIAL" --config.ppo.reward_model="$5" \
+      "${@:6}" >&2
+}
+last_kl_coef() {  # the adaptive KL coefficient a PPO workdir's last iteration ended with
+  $PY -c 'import json, sys; print([json.loads(l) for l in open(sys.argv[1])][-1]["kl_coef"])' "$1/metrics.jsonl"
 }
 if [ "$SEED" != 0 ]; then
   echo "== single-round PPO, seed $SEED ($W/ppo$SUFFIX)" >&2
@@ -51,7 +61,9 @@ policy="$W/sft"
 for r in $(seq 1 "$ROUNDS"); do
   echo "== online round $r: PPO ($O/ppo$r) against $rm_now" >&2
   # Round 1 is the single-round run's first ROUND_ITERATIONS iterations; later rounds draw other prompts.
-  ppo "$O/ppo$r" "$ROUND_ITERATIONS" $((SEED + 1000 * (r - 1))) "$policy" "$rm_now"
+  kl=()
+  if [ "$KL_CARRY" = 1 ] && [ "$r" -gt 1 ]; then kl=("--config.ppo.init_kl_coef=$(last_kl_coef "$policy")"); fi
+  ppo "$O/ppo$r" "$ROUND_ITERATIONS" $((SEED + 1000 * (r - 1))) "$policy" "$rm_now" "${kl[@]}"
   echo "== online round $r: the judge ($O/judge$r)" >&2
   [ -s "$O/judge$r/online_eval.json" ] || $PY -m maxlm.online --config=configs/online_tiny.py --workdir="$O/judge$r" \
       --config.online.policy="$O/ppo$r" --config.online.reward_model="$rm_now" --config.online.round="$r" \
