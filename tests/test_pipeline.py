@@ -84,6 +84,7 @@ def test_bad_pipeline_configs_name_the_key(over, key):
 # 8 forced CPU devices: each mesh's three losses against one device's, 1e-4 relative (float32).
 FAST = ["pipeline=4,train.microbatches=8"]
 SLOW = ["pipeline=2", "pipeline=2,pipeline_schedule=circular,train.microbatches=4,fsdp=2,tensor=2",
+        "pipeline=2,fsdp=2,zero_stage=1,model.remat_policy=full",
         "configs/moe_tiny.py@expert=4", "configs/moe_tiny.py@expert=2,fsdp=2,pipeline=2"]
 
 
