@@ -263,11 +263,13 @@ def test_logical_axes_follow_the_base_weights(fused):
         assert a_mesh == (w_mesh[0], *w_mesh[1:1 + n_in], None), path
         assert b_mesh == (w_mesh[0], None, *w_mesh[1 + n_in:]), path
         assert a_spec[-1] is None and b_spec[1] is None
-    # concretely, e.g. q's A shards its D dim over fsdp and B its heads over tensor
+    # concretely, e.g. q's A shards its D dim over fsdp and B its heads over tensor (both their layers over the
+    # pipeline's stages, as the base's)
     if not fused:
-        assert tuple(nn.logical_to_mesh_axes(axes["layers"]["attn"]["q"]["a"], C.DEFAULT_RULES)) == (None, "fsdp", None)
+        assert tuple(nn.logical_to_mesh_axes(axes["layers"]["attn"]["q"]["a"], C.DEFAULT_RULES)) == (
+            "pipeline", "fsdp", None)
         assert tuple(nn.logical_to_mesh_axes(axes["layers"]["attn"]["q"]["b"], C.DEFAULT_RULES)) == (
-            None, None, "tensor", None)
+            "pipeline", None, "tensor", None)
 
 
 # (6) parameter counts ----------------------------------------------------------------------------------------
