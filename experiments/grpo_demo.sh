@@ -12,6 +12,7 @@
 # Measured on 2 CPU cores shared with other runs (2026-12-06; configs/grpo_tiny.py: GRPO advantages with DAPO's
 # token-mean loss, clip-higher and dynamic sampling): held-out 0.436 -> 0.814 (seed 0, KL 3.48, 1639 s) and
 # -> 0.782 (--config.train.seed=1, KL 0.91, 1325 s). Plain GRPO (2026-12-05): 0.454 -> 0.698, KL 1.93, 1048 s.
+# RLOO advantages with the same options (RUN=rloo ... --config.grpo.advantage=rloo): 0.436 -> 0.780, KL 2.32, 1461 s.
 set -euo pipefail
 W=${1:?usage: bash experiments/grpo_demo.sh WORKDIR [maxlm.grpo flags]}
 shift
