@@ -25,6 +25,12 @@ Layers are always an `nn.scan` over a stacked parameter tree with a leading 'lay
 fully unrolls that scan, so the compiled program is straight-line code while the parameter tree -- and so
 the checkpoint layout -- stays identical whichever of scan / unroll / remat is chosen.
 
+Two ways of running the same stack come from the full experiment config (`apply`, `apply_with_aux`, `hidden`
+read them; a bare model section has neither): a pipeline (`mesh.pipeline` > 1, `maxlm.model.pipeline`) runs the
+stacked layers stage by stage, and ring attention (`mesh.sequence_strategy=ring`,
+`maxlm.model.ring_attention`) puts the tokens in its zigzag order before the layers and back after them.
+Initialisation and cached decoding always take the plain scan.
+
 The KV cache is an explicit pytree (`init_cache`), threaded in and out of `__call__`. Every layer, a local one
 too, caches all of its slots; a local layer's window is a mask over them.
 """
