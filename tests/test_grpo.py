@@ -158,6 +158,7 @@ def _grpo(policy, work, iterations):
             "--config.checkpoint.every_steps=2", "--config.grpo.dynamic_sampling=True"]
 
 
+@pytest.mark.slow  # 82 s; the trainer's resume is covered by PPO's SIGTERM test and DPO's CLI run
 def test_grpo_cli_end_to_end_and_exact_resume(hf_base, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     done = subprocess.run(_grpo(hf_base, full, 3), cwd=ROOT, capture_output=True, text=True, timeout=600)

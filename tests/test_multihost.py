@@ -64,6 +64,7 @@ def test_two_processes_match_one(tmp_path):
     assert os.path.isdir(two / "checkpoints" / "20") and os.path.isdir(two / "checkpoints" / "24")
 
 
+@pytest.mark.slow  # 56 s; pretraining on two hosts stays in the default run
 def test_two_processes_fine_tune_like_one(hf_base, tmp_path):
     """maxlm.sft from a Hugging Face base on the built-in tasks: same losses, and the end-of-run held-out
     scoring (sampling with parameters gathered from both hosts) gives the same accuracies."""
@@ -81,6 +82,7 @@ def test_two_processes_fine_tune_like_one(hf_base, tmp_path):
     assert set(evals[0]) == {"format", "reverse", "sort", "add"} and evals[0] == evals[1]
 
 
+@pytest.mark.slow  # 116 s with its reward model
 def test_two_processes_run_ppo_like_one(hf_base, reward_run, tmp_path):
     """maxlm.ppo against a reward model: rollouts sampled on both hosts' devices, the same rewards, KL and
     held-out scores as one process."""
