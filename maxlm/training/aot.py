@@ -258,9 +258,7 @@ def mesh_sizes(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
 def batch_degree(config: ml_collections.ConfigDict, num_devices: int) -> int:
     """How many ways the batch is split: the product of the mesh axes 'activation_batch' maps to."""
     sizes = mesh_sizes(config, num_devices)
-    target = dict(sharding.rules(config)).get("activation_batch")
-    names = target if isinstance(target, tuple) else (target,)
-    return math.prod(sizes[a] for a in names if a is not None)
+    return math.prod(sizes[a] for a in sharding.batch_axes(config))
 
 
 def train_program(config: ml_collections.ConfigDict, devices: tuple) -> tuple[Callable, tuple]:
@@ -347,7 +345,8 @@ def per_layer_costs(step: str, config: ml_collections.ConfigDict, topology: Topo
         "optim.grad_accum_steps": 1, "data.batch_size": config.data.batch_size // accum, "model.num_layers": n,
         "model.scan_layers": False})
     # A pipeline needs whole chunks of layers: one layer per stage (and repeat), then two.
-    unit = config.mesh.pipeline * (config.mesh.pipeline_repeats if config.mesh.pipeline_schedule == "circular" else 1)
+    pipe = pipeline.from_config(config)
+    unit = pipe.stages * pipe.repeats if pipe is not None else 1
     one, two = (compile_program(step, variant(n * unit), topology) for n in (1, 2))
     layers = config.model.num_layers // unit
     scale = lambda a, b: accum * (a + (layers - 1) * (b - a))

@@ -111,11 +111,15 @@ def batch_sharding(config: ml_collections.ConfigDict, mesh: Mesh) -> NamedShardi
     return logical_to_sharding(PartitionSpec("activation_batch", "activation_length"), mesh, config)
 
 
-def batch_degree(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
-    """How many ways the mesh splits the batch's rows: the product of the axes 'activation_batch' maps to."""
+def batch_axes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The mesh axes that split the batch's rows: those 'activation_batch' maps to."""
     target = dict(rules(config)).get("activation_batch")
-    names = target if isinstance(target, tuple) else (target,)
-    return int(np.prod([mesh.shape[a] for a in names if a is not None]))
+    return tuple(a for a in (target if isinstance(target, tuple) else (target,)) if a is not None)
+
+
+def batch_degree(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
+    """How many ways the mesh splits the batch's rows."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes(config)]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
