@@ -41,7 +41,10 @@ setup(
             "import-linter>=2.1,<3",  # the layering contracts in .importlinter (tests/test_imports.py); brings grimp
             "fastapi>=0.110,<1", "uvicorn>=0.29,<1",  # the server (maxlm.serve), as the serve extra
             "openai>=1.40,<4", "httpx>=0.27,<1",  # the official OpenAI client against it (tests/test_serve.py)
+            "qwix>=0.1.8,<0.3",  # quantised weights (tests/test_quant.py), as the quant extra
         ],
+        # Quantised weights: --quant=int8|int4 at inference, lora.base_quant (QLoRA); maxlm/model/quant.py.
+        "quant": ["qwix>=0.1.8,<0.3"],
         # `python -m maxlm.serve`: the OpenAI-compatible HTTP server over the generation engine.
         "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1"],
         # Reading zstd-compressed jsonl in `python -m maxlm.curate` (gzip needs nothing extra).

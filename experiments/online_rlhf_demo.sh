@@ -6,39 +6,40 @@
 #   bash experiments/online_rlhf_demo.sh WORKDIR        (SEED=1 for a second seed: W/online_seed1, W/ppo_seed1;
 #                                                        NAME=x keeps a variant in W/x)
 #
-# Single round: PPO for 3 x ROUND_ITERATIONS iterations against the first reward model. Online: ROUNDS rounds of
+# Single round: PPO for ROUNDS x ROUND_ITERATIONS iterations against the first reward model. Online: ROUNDS
+# rounds of
 #   1. PPO, ROUND_ITERATIONS iterations against the current reward model, starting from the last round's policy
-#      (the KL term's reference stays the SFT policy; its adaptive coefficient restarts, or with KL_CARRY=1
-#      continues from the last round's);
+#      (the KL term's reference stays the SFT policy; its adaptive coefficient continues from the last
+#      round's, or with KL_CARRY=0 restarts at ppo.init_kl_coef);
 #   2. the judge (python -m maxlm.online): the reward model's accuracy on the new policy's own replies and the
 #      RM-vs-true gap, then fresh comparisons of its replies labelled by the checker, each hack written 4x;
 #   3. the reward model continues (reward.init_from) on a replay of the built-in pairs + all new comparisons.
 # Prints, as its last line, one JSON object: true_score_single_round, true_score_online (held-out exact match
 # after the last iteration), kl_single_round, kl_online, rm_policy_accuracy / rm_true_gap /
 # sampled_true_score / true_score (lists, one per round), seconds_online.
-# Measured on 2 CPU cores shared with other runs (2026-12-06), held-out exact match from 0.436:
-#   seed 0: single round 0.638 (KL 2.04); online rounds 0.600 / 0.576 / 0.660 (KL 2.15), RM accuracy on the
-#           policy's own replies 0.583 / 0.605 / 0.761, RM-vs-true gap 0.220 / 0.233 / 0.110; 1217 s.
-#   seed 1: single round 0.660 (KL 1.89); online 0.606 / 0.514 / 0.632 (KL 3.40), RM accuracy 0.662 / 0.716 /
-#           0.781, gap 0.180 / 0.176 / 0.106; 1969 s.
-#   seed 0, KL_CARRY=1 (NAME=online_klcarry): online 0.600 / 0.580 / 0.644 (KL 2.58), RM accuracy 0.583 /
-#           0.652 / 0.797, gap 0.220 / 0.193 / 0.103; 1963 s.
-# The RM's accuracy on the policy's replies rises every round in every run; the final score is within the
-# seeds' spread of single round (+2.2, -2.8, +0.6 points), not the 3 points above it the issue asked for.
+# Measured on 2 CPU cores shared with other runs (2026-12-06), held-out exact match from 0.436, 6 rounds of 50
+# iterations (the defaults):
+#   seed 0: single round 0.638 (KL 2.04); online 0.526 / 0.498 / 0.628 / 0.658 / 0.684 / 0.704 (KL 2.35), RM
+#           accuracy on the policy's own replies 0.710 / 0.749 / 0.817 / 0.857 / 0.887 / 0.911, RM-vs-true gap
+#           0.175 -> 0.035; 3786 s for the online part.
+#   seed 1: single round 0.660 (KL 1.89); online 0.488 / 0.540 / 0.614 / 0.632 / 0.672 / 0.704 (KL 2.06), RM
+#           accuracy 0.638 / 0.714 / 0.826 / 0.862 / 0.890 / 0.886, gap 0.226 -> 0.055; 3743 s.
+# Three rounds of 100 (ROUNDS=3 ROUND_ITERATIONS=100 KL_CARRY=0) ended 0.660 and 0.632 (+2.2, -2.8 points):
+# each refresh first costs ground, and shorter rounds pay it while the hacks are few (README, "Online RLHF").
 set -euo pipefail
 W=${1:?usage: bash experiments/online_rlhf_demo.sh WORKDIR}
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 SFT_STEPS=${SFT_STEPS:-1200}
 PARTIAL=${PARTIAL:-400}
-ROUNDS=${ROUNDS:-3}
-ROUND_ITERATIONS=${ROUND_ITERATIONS:-100}
+ROUNDS=${ROUNDS:-6}
+ROUND_ITERATIONS=${ROUND_ITERATIONS:-50}
 RM_STEPS=${RM_STEPS:-600}
 SEED=${SEED:-0}
 NAME=${NAME:-online}  # the online run's folder (W/NAME, W/NAME_seedN)
-# 1: each round's adaptive KL controller starts where the last round's stopped, as it would within one PPO run;
-# 0 (the measured default): every round starts again at ppo.init_kl_coef.
-KL_CARRY=${KL_CARRY:-0}
+# 1 (the default): each round's adaptive KL controller starts where the last round's stopped, as it would
+# within one PPO run; 0: every round starts again at ppo.init_kl_coef.
+KL_CARRY=${KL_CARRY:-1}
 SUFFIX=""; [ "$SEED" = 0 ] || SUFFIX="_seed$SEED"
 O="$W/$NAME$SUFFIX"
 mkdir -p "$W"

@@ -30,6 +30,7 @@ from maxlm.model.moe import MOE_IMPLS, expert_dim
 from maxlm.model.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from maxlm.model.ring_attention import ORDERS as RING_ORDERS, STRATEGIES as RING_STRATEGIES
 from maxlm.model.lora import TARGETS as LORA_TARGETS  # noqa: F401
+from maxlm.model.quant import MODES as QUANT_MODES
 
 # Logical axis -> mesh axes. The model only ever names logical axes (see model.py); this table is the
 # single place that decides how they map onto the device mesh (MaxText's `logical_axis_rules`).
@@ -175,6 +176,10 @@ def default_config() -> ml_collections.ConfigDict:
     o.decay_embeddings = False
     o.grad_clip = 1.0  # global-norm clipping; 0 disables
     o.grad_accum_steps = 1
+    # ZeRO-Offload's idea (Ren et al. 2021) with JAX memory kinds: AdamW's state lives in host memory
+    # ("pinned_host") and visits the accelerator for the update inside the step. GPU / TPU; a backend without
+    # a host memory kind is refused before compilation.
+    o.offload = False
 
     c.train = tr = ml_collections.ConfigDict()
     tr.num_steps = 1000
@@ -233,6 +238,10 @@ def default_config() -> ml_collections.ConfigDict:
     # maxlm.sft adds the chat template's markers when `train_template_tokens`.
     lo.token_ids = ()
     lo.train_template_tokens = True
+    # QLoRA (Dettmers et al. 2023): the frozen base held quantised in memory (maxlm/model/quant.py: int8 per
+    # channel | int4 group-wise; "" keeps it in model.param_dtype); the adapters stay float32.
+    lo.base_quant = ""
+    lo.base_quant_group_size = 32  # int4: input elements per scale
     # LoRA+ (Hayou et al. 2024): B's learning rate is `lr_ratio` times A's. B starts at zero and its
     # gradient is small while A is random, so one shared lr leaves B learning slowly; 1 is plain LoRA.
     lo.lr_ratio = 1.0
@@ -543,6 +552,9 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
                     if (t != "wqkv" or m.fused_qkv) and (t != "lm_head" or not m.tie_embeddings))
     _check(lo.rank == 0 or (len(lo.targets) > 0 and all(t in allowed for t in lo.targets)), "lora.targets",
            f"must be a non-empty subset of {allowed}, got {lo.targets}")
+    _check(lo.base_quant in ("", *QUANT_MODES), "lora.base_quant", f"must be '' or one of {sorted(QUANT_MODES)}")
+    _check(not lo.base_quant or lo.rank > 0, "lora.base_quant", "quantises a LoRA run's frozen base: set lora.rank > 0")
+    _check(lo.base_quant_group_size >= 1, "lora.base_quant_group_size", "must be >= 1")
     _check(all(isinstance(i, int) and 0 <= i < m.vocab_size for i in lo.token_ids), "lora.token_ids",
            f"must be token ids in [0, model.vocab_size={m.vocab_size}), got {lo.token_ids}")
 

@@ -29,6 +29,7 @@ def _define_flags() -> None:
                        "1 disables.")
     flags.DEFINE_bool("greedy", False, "Argmax decoding (ignores temperature, top_k, top_p).")
     flags.DEFINE_integer("seed", 0, "Random seed for sampling (prompt i uses seed + i).")
+    pretrained.define_quant_flags()
     flags.DEFINE_bool("print_completion_only", False, "Print only each continuation's text, one per prompt "
                       "(nothing else on stdout).")
 
@@ -50,6 +51,7 @@ def main(argv: list[str]) -> None:
         config, params, step = pretrained.load_workdir(workdir)
     except pretrained.BaseModelError as e:
         raise SampleError(str(e)) from None
+    params = pretrained.quantize(config, params, FLAGS.quant, FLAGS.quant_group_size)
     path = tokenizer.run_tokenizer_path(config, workdir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer at {path}")

@@ -44,6 +44,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("chunk", 256, "Prompt tokens per prefill chunk.")
     flags.DEFINE_string("template", "", "Chat template for /v1/chat/completions: chatml | internlm2 | hf | a .json "
                         "(default: the run's sft.template; a Hugging Face folder's own template).")
+    pretrained.define_quant_flags()
     flags.DEFINE_enum("log_level", "info", ["critical", "error", "warning", "info", "debug"], "uvicorn's log level.")
 
 
@@ -65,6 +66,7 @@ def load(FLAGS) -> tuple:
     if not tok_path or not os.path.exists(tok_path):
         raise FileNotFoundError(f"no tokenizer at {tok_path or FLAGS.hf}")
     tok = tokenizer_lib.load(tok_path)
+    params = pretrained.quantize(config, params, FLAGS.quant, FLAGS.quant_group_size)
     try:
         template = chat.load_template(template_name, tok_path)
     except UserError as e:

@@ -44,6 +44,19 @@ class Mutation:
 
 
 MUTATIONS = [
+    # ---- quantisation and QLoRA (maxlm/model/quant.py, lora.py) ----
+    Mutation("quant-int8-one-scale-per-tensor", "maxlm/model/quant.py",
+             "        return channels, {}", "        return (), {}",
+             ["tests/test_quant.py::test_quantize_matches_numpy"]),
+    Mutation("quant-int4-groups-along-the-first-input-dim", "maxlm/model/quant.py",
+             "    axis = contracting[-1]  # groups", "    axis = contracting[0]  # groups",
+             ["tests/test_quant.py::test_quantize_matches_numpy"]),
+    Mutation("quant-int4-counted-a-byte", "maxlm/model/quant.py",
+             "bits = 4 if jnp.dtype(x.dtype)", "bits = 8 if jnp.dtype(x.dtype)",
+             ["tests/test_quant.py::test_logits_and_bytes"]),
+    Mutation("qlora-without-the-lora-scale", "maxlm/model/lora.py",
+             'a, b = ad["a"], ad["b"] * jnp.asarray(s, ad["b"].dtype)', 'a, b = ad["a"], ad["b"]',
+             ["tests/test_quant.py::test_qlora_merge_is_lora_on_the_dequantised_base"]),
     # ---- DPO and critic-free RL (maxlm/posttrain/dpo.py, critic_free.py, grpo.py) ----
     Mutation("ipo-not-length-averaged", "maxlm/posttrain/dpo.py",
              "h = (x.chosen - x.ref_chosen) / x.chosen_len - (x.rejected - x.ref_rejected) / x.rejected_len",

@@ -136,3 +136,19 @@ def test_layer_extrapolation_matches_the_unrolled_program():
     assert got.flops == pytest.approx(whole.flops, rel=0.02)
     scanned = aot.compile_program("train", config, topology)
     assert scanned.flops < 0.6 * whole.flops  # what the extrapolation is for
+
+
+def test_optimizer_offload_moves_adamw_state_to_host_memory():
+    """`optim.offload` on v5e-8: the compiled step's AdamW state (8 bytes a parameter, sharded over 8 chips)
+    leaves HBM for the host's memory, and nothing else moves."""
+    base = config_lib.override(config_lib.load_config_file("configs/tiny.py"), **{
+        "model.compute_dtype": "bfloat16", "data.batch_size": 8, "mesh.data": 1, "mesh.fsdp": -1})
+    topology = aot.get_topology("v5e-8")
+    plain, offloaded = (aot.run(config_lib.override(base, **{"optim.offload": o}), topology, "train")
+                        for o in (False, True))
+    assert plain.fits and offloaded.fits and plain.memory.host_arguments == 0
+    # At least the ideal 8 bytes a parameter over 8 chips (leaves too small to split over 8 stay whole).
+    assert 1.0 <= offloaded.memory.host_arguments / config_lib.num_params(base) < 2.0
+    assert plain.memory.arguments - offloaded.memory.arguments == pytest.approx(offloaded.memory.host_arguments,
+                                                                               rel=0.01)
+    assert aot.summary(offloaded)["host_arguments_bytes"] == offloaded.memory.host_arguments

@@ -45,6 +45,7 @@ from maxlm.evaluation import passkey
 from maxlm.evaluation.multiple_choice import DataError
 from maxlm.inference import engine as engine_lib
 from maxlm.interop import pretrained
+from maxlm.model import quant
 from maxlm.model import sampler as sample
 from maxlm.model.scoring import SCORE_BATCH, _continuation_logprob_fn, loglikelihoods, sliding_windows, perplexity  # noqa: F401
 
@@ -105,6 +106,7 @@ def _define_flags() -> None:
     flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "passkey: needle depths (0 first, 1 last).")
     flags.DEFINE_integer("trials", 5, "passkey: random keys per (length, depth) cell.")
     flags.DEFINE_integer("stride", 0, "ppl: tokens the window moves by (default: half the window).")
+    pretrained.define_quant_flags()
     flags.DEFINE_integer("ngram", 13, "contamination: n-gram length in units (words; CJK characters).")
 
 
@@ -143,6 +145,8 @@ class Model:
     tok: tokenizer_lib.Tokenizer
     step: int | None
     out_dir: str
+    quant: str = ""  # --quant: the weights' format ("" as trained)
+    weight_bytes: int = 0  # the weights' bytes at rest, in that format
 
 
 def _one_of(words: Sequence[str]) -> str:
@@ -190,12 +194,13 @@ def _load_model(FLAGS) -> Model:
     if not tok_path or not os.path.exists(tok_path):
         raise FileNotFoundError(f"no tokenizer at {tok_path or FLAGS.hf + ' (tokenizer.json or tokenizer.model)'}")
     tok = tokenizer_lib.load(tok_path)
+    params = pretrained.quantize(config, params, FLAGS.quant, FLAGS.quant_group_size)
     if FLAGS.template:
         with config.unlocked():
             config.sft.template = FLAGS.template
     out_dir = FLAGS.out or os.path.join(FLAGS.workdir or FLAGS.hf, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    return Model(config, params, tok, step, out_dir)
+    return Model(config, params, tok, step, out_dir, FLAGS.quant, quant.weight_bytes(params))
 
 
 def _exact_match(names: list[str]) -> Callable[[Any, Model], None]:
@@ -210,10 +215,10 @@ def _exact_match(names: list[str]) -> Callable[[Any, Model], None]:
             print(f"{task}: exact match {r['accuracy']:.3f} on {r['n']} held-out items {r['by_lang']}",
                   file=sys.stderr, flush=True)
         if len(names) == 1:
-            summary = dict(results[names[0]], step=m.step)
+            summary = dict(results[names[0]], **_about(m))
         else:
             summary = {"task": "all", "accuracy": sum(r["accuracy"] for r in results.values()) / len(results),
-                       "n": sum(r["n"] for r in results.values()), "step": m.step, "tasks": results}
+                       "n": sum(r["n"] for r in results.values()), **_about(m), "tasks": results}
         _summary(m.out_dir, summary["task"], summary)
     return run
 
@@ -238,7 +243,7 @@ def _multiple_choice(FLAGS, m: Model) -> None:
           f"({FLAGS.shots}-shot)",
           file=sys.stderr, flush=True)
     _summary(m.out_dir, "mc", {k: r[k] for k in ("task", "acc", "acc_norm", "acc_bytes", "n", "shots")}
-             | {"step": m.step})
+             | _about(m))
 
 
 def _check_ppl(FLAGS) -> None:
@@ -266,7 +271,7 @@ def _perplexity(FLAGS, m: Model) -> None:
           f"documents (window {r['window']}, stride {r['stride']})" + _unscoreable(dict(skipped)), file=sys.stderr,
           flush=True)
     _summary(m.out_dir, "ppl", {k: r[k] for k in ("task", "ppl", "bits_per_byte", "tokens", "bytes", "n", "window",
-                                                  "stride")} | {"unscoreable": dict(skipped), "step": m.step})
+                                                  "stride")} | {"unscoreable": dict(skipped)} | _about(m))
 
 
 def _check_gen(FLAGS) -> None:
@@ -289,7 +294,7 @@ def _generation(FLAGS, m: Model) -> None:
     print(f"gen: exact match {r['exact_match']:.4f} on {r['n']} items ({r['shots']}-shot)"
           + _unscoreable(r["unscoreable"]), file=sys.stderr, flush=True)
     _summary(m.out_dir, "gen", {k: r[k] for k in ("task", "exact_match", "n", "unscoreable", "shots")}
-             | {"step": m.step})
+             | _about(m))
 
 
 def _unscoreable(counts: dict[str, int]) -> str:
@@ -312,7 +317,7 @@ def _passkey(FLAGS, m: Model) -> None:
     print(f"passkey: mean accuracy {r['mean']:.3f}; heat map {os.path.join(m.out_dir, 'passkey.png')}",
           file=sys.stderr, flush=True)
     _summary(m.out_dir, "passkey", {k: r[k] for k in ("task", "lengths", "depths", "accuracy", "mean")}
-             | {"step": m.step})
+             | _about(m))
 
 
 def benchmark_texts(folder: str) -> dict[str, list[str]]:
@@ -351,6 +356,11 @@ def _contamination(FLAGS, _: None) -> None:
                                         "fractions": {name: r["fraction"] for name, r in result.items()},
                                         "contaminated": {name: r["contaminated"] for name, r in result.items()},
                                         "n": sum(r["checked"] for r in result.values())})
+
+
+def _about(m: Model) -> dict:
+    """What every summary of a model says about it: its checkpoint step, weight format and bytes at rest."""
+    return {"step": m.step, "quant": m.quant or "none", "weight_bytes": m.weight_bytes}
 
 
 def _summary(out_dir: str, name: str, summary: dict) -> None:

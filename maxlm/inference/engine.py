@@ -65,6 +65,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
 from maxlm.model import decoder as model
+from maxlm.model import quant
 from maxlm.model.sampler import SampleError, bucket_length, process_logits
 from maxlm.training import sharding
 
@@ -389,7 +390,8 @@ class Engine:
         if self.mesh is None:
             return tree
         if params:
-            return jax.device_put(tree, sharding.param_shardings(self.config, self.mesh))
+            logical = quant.quantized_axes(model.logical_axes(self.config), tree)
+            return jax.device_put(tree, sharding.param_shardings(self.config, self.mesh, logical=logical))
 
         def spec(path, leaf):
             if jax.tree_util.keystr(path) in ("['cache']['k']", "['cache']['v']"):
@@ -444,7 +446,11 @@ class Engine:
     def update_params(self, params: dict) -> None:
         """Generate with new weights from now on (an RL actor after its updates); same shapes, so no recompile."""
         dtype = jnp.dtype(self._cfg.compute_dtype)
-        self.params = self._place(jax.tree.map(lambda p: jnp.asarray(p, dtype), params), params=True)
+
+        def cast(p: Any) -> Any:  # a quantised weight (`maxlm.model.quant`) keeps its integers; scales cast
+            return p.astype(dtype) if quant.is_quantized(p) else jnp.asarray(p, dtype)
+
+        self.params = self._place(jax.tree.map(cast, params, is_leaf=quant.is_quantized), params=True)
 
     def prompt_logprobs(self, prompt: Sequence[int], top_n: int = 0) -> tuple[list[float], list[list[tuple[int, float]]]]:
         """Each prompt token's log-prob given the tokens before it (from the second token on) and the `top_n`

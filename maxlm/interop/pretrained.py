@@ -15,6 +15,7 @@ distinguishable from one another even where the embedding stays frozen (LoRA).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ from maxlm import config as config_lib
 from maxlm import tokenizer
 from maxlm.errors import UserError
 from maxlm.interop import hf as convert
-from maxlm.model import lora
+from maxlm.model import decoder, lora, quant, trees
 from maxlm.training import checkpoint
 
 # Model keys fixed by the weights: every key of the `model` section but config.MODEL_RUN_KEYS (dtype of
@@ -76,10 +77,38 @@ def load_workdir(workdir: str, step: int | None = None) -> tuple[ml_collections.
     if layout == "lora":
         _, base, _ = load_base(config.sft.base, config.sft.base_step)
         base = resize_vocab(base, config.model.vocab_size, seed=config.train.seed)
-        params = jax.device_get(jax.jit(lambda b, a: lora.merge(config, b, a))(base, params))
+        if config.lora.base_quant:  # QLoRA: the adapters were trained on the quantised base; merged into it
+            base = jax.jit(lambda b: trees.prepare(config, "lm_quant", b))(base)
+        params = jax.device_get(jax.jit(lambda b, a: quant.dense(lora.merge(config, b, a), config.model.param_dtype))(
+            base, params))
     elif layout != "lm":
         raise BaseModelError(f"{workdir}: the policy's parameters are {layout!r}, not a language model")
     return config, params, step
+
+
+def define_quant_flags() -> None:
+    """--quant and --quant_group_size, shared by the inference entry points (sample, evaluate, serve)."""
+    from absl import flags
+
+    flags.DEFINE_enum("quant", "", ["", *quant.MODES], "Quantise the weights at load (maxlm/model/quant.py): int8 "
+                      "per output channel, int4 group-wise; empty keeps them as trained.")
+    flags.DEFINE_integer("quant_group_size", quant.DEFAULT_GROUP_SIZE, "int4: input elements per scale.")
+
+
+def quantize(config: ml_collections.ConfigDict, params: dict, mode: str, group_size: int = quant.DEFAULT_GROUP_SIZE,
+             key: str = "--quant") -> dict:
+    """Host params with the model's weights quantised (`maxlm.model.quant`); `mode` "" returns them as they are.
+    Says the weight bytes before and after on stderr (stdout may be a command's result)."""
+    if not mode:
+        return params
+    before = quant.weight_bytes(params)
+    params = jax.device_get(jax.jit(lambda p: quant.quantize(p, decoder.logical_axes(config), mode, group_size, key))(
+        params))
+    after = quant.weight_bytes(params)
+    print(f"weights quantised to {mode}" + (f" (groups of {group_size})" if quant.MODES[mode].grouped else "")
+          + f": {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({after / before:.3f}x)", file=sys.stderr,
+          flush=True)
+    return params
 
 
 def with_base_model(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict, vocab_size: int

@@ -49,7 +49,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from maxlm.model import attention, moe
 from maxlm.model import pipeline as pipeline_lib
-from maxlm.model import ring_attention
+from maxlm.model import quant, ring_attention
 from maxlm.model.attention import head_dim
 
 Cache = dict[str, jax.Array]
@@ -146,7 +146,7 @@ class Attention(nn.Module):
             # InternLM2's wqkv: per kv head, its G query heads then one key and one value head.
             w = self.param("wqkv", nn.with_logical_partitioning(winit, ("embed", "kv_heads", "qkv_group", "head_dim")),
                            (d, k_heads, g + 2, h), pdt)
-            qkv = jnp.einsum("BTD,DKGH->BTKGH", x, w.astype(dt))
+            qkv = jnp.einsum("BTD,DKGH->BTKGH", x, quant.dequantize(w, dt))
             if cfg.qkv_bias:
                 bias = self.param("bqkv", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                        ("kv_heads", "qkv_group", "head_dim")),
@@ -157,7 +157,7 @@ class Attention(nn.Module):
         else:
             def proj(name, heads, axis):
                 w = self.param(name, nn.with_logical_partitioning(winit, ("embed", axis, "head_dim")), (d, heads, h), pdt)
-                y = jnp.einsum("BTD,DNH->BTNH", x, w.astype(dt))
+                y = jnp.einsum("BTD,DNH->BTNH", x, quant.dequantize(w, dt))
                 if cfg.qkv_bias:
                     bias = self.param(name + "_bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                                    (axis, "head_dim")), (heads, h), pdt)
@@ -203,7 +203,7 @@ class Attention(nn.Module):
                                softcap=cfg.attn_logit_softcap, ring=self.ring)
         out = checkpoint_name(out, "attention_out")
         wo = self.param("o", nn.with_logical_partitioning(winit, ("heads", "head_dim", "embed")), (n, h, d), pdt)
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), new_cache
+        return jnp.einsum("BTNH,NHD->BTD", out, quant.dequantize(wo, dt)), new_cache
 
 
 # model.mlp_activation -> the gate's nonlinearity: SwiGLU's silu, or GeGLU's tanh-approximated GELU (Gemma;
@@ -227,9 +227,10 @@ class MLP(nn.Module):
         up = self.param("up", nn.with_logical_partitioning(winit, ("embed", "mlp")), shape_in, pdt)
         down = self.param("down", nn.with_logical_partitioning(winit, ("mlp", "embed")), shape_in[::-1], pdt)
         act = MLP_ACTIVATIONS[cfg.mlp_activation]
-        hidden = act(jnp.einsum("BTD,DF->BTF", x, gate.astype(dt))) * jnp.einsum("BTD,DF->BTF", x, up.astype(dt))
+        hidden = (act(jnp.einsum("BTD,DF->BTF", x, quant.dequantize(gate, dt)))
+                  * jnp.einsum("BTD,DF->BTF", x, quant.dequantize(up, dt)))
         hidden = _constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
-        return jnp.einsum("BTF,FD->BTD", hidden, down.astype(dt))
+        return jnp.einsum("BTF,FD->BTD", hidden, quant.dequantize(down, dt))
 
 
 class Block(nn.Module):
@@ -324,7 +325,7 @@ class Decoder(nn.Module):
             tokens, positions, segment_ids = (a[:, order] for a in (tokens, positions, segment_ids))
         embedding = self.param("embedding", nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), pdt)
-        x = jnp.take(embedding, tokens, axis=0).astype(dt)
+        x = quant.take(embedding, tokens, dt)
         if cfg.scale_embeddings:  # Gemma: the scale is rounded to the compute dtype first, as Hugging Face does
             x = x * jnp.asarray(cfg.d_model ** 0.5, dt)
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -357,11 +358,12 @@ class Decoder(nn.Module):
         if hidden_only:
             return x, None
         if cfg.tie_embeddings:
-            logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(dt), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("BTD,VD->BTV", x, quant.dequantize(embedding, dt),
+                                preferred_element_type=jnp.float32)
         else:
             head = self.param("lm_head", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")),
                               (cfg.d_model, cfg.vocab_size), pdt)
-            logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("BTD,DV->BTV", x, quant.dequantize(head, dt), preferred_element_type=jnp.float32)
         if cfg.final_logit_softcap:  # Gemma 2: c * tanh(logits / c), in float32
             logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
         logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

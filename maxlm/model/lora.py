@@ -51,6 +51,7 @@ from jax.sharding import PartitionSpec
 
 from maxlm.errors import ConfigError
 from maxlm.model import decoder as model
+from maxlm.model import quant
 
 # The weights an adapter can target (`lora.targets`); q/k/v mean `wqkv` on a fused-qkv model.
 TARGETS = ("q", "k", "v", "o", "wqkv", "gate", "up", "down", "lm_head")
@@ -91,7 +92,7 @@ def _target_names(config: ml_collections.ConfigDict) -> frozenset[str]:
 def _paths_in(tree: dict, names: frozenset[str]) -> list[Path]:
     """Paths ('layers', 'attn' | 'mlp', name) of `tree` whose name is targeted, in tree (flatten) order."""
     paths = []
-    for key_path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for key_path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=quant.is_quantized)[0]:
         path = tuple(str(getattr(k, "key", k)) for k in key_path)
         if (len(path) == 3 and path[0] == "layers" and path[1] in _PARENTS and path[2] in names) or \
                 (path == ("lm_head",) and "lm_head" in names):
@@ -264,6 +265,10 @@ def merge(config: ml_collections.ConfigDict, base: dict, adapters: dict) -> dict
         if got != expected or not ad["a"].shape[-1] == ad["b"].shape[1] == config.lora.rank:
             raise ValueError(f"adapter for {'/'.join(path)}: A {ad['a'].shape}, B {ad['b'].shape} do not fit "
                              f"the weight {w.shape} at rank {config.lora.rank}")
+        if quant.is_quantized(w):  # QLoRA: the layer reads dequant(W) + A @ B (`quant.Adapted`)
+            a, b = ad["a"], ad["b"] * jnp.asarray(s, ad["b"].dtype)
+            out = _replace(out, path, quant.Adapted(w, a[0], b[0]) if path == ("lm_head",) else quant.Adapted(w, a, b))
+            continue
         delta = _delta(ad["a"], ad["b"], s)
         out = _replace(out, path, w + (delta[0] if path == ("lm_head",) else delta).astype(w.dtype))
     if bool(config.lora.token_ids) != (tokens is not None):
@@ -271,6 +276,9 @@ def merge(config: ml_collections.ConfigDict, base: dict, adapters: dict) -> dict
                          f"{'have' if tokens is not None else 'lack'} token rows")
     if tokens is not None:
         ids = jnp.asarray(config.lora.token_ids, jnp.int32)
+        # Rows added to a quantised embedding / head need it whole: dequantised (once per step, like the tied head).
+        out = dict(out, **{k: quant.dequantize(out[k], config.model.param_dtype) for k in tokens
+                           if quant.is_quantized(out[k])})
         out = dict(out, embedding=out["embedding"].at[ids].add(tokens["embedding"].astype(out["embedding"].dtype)))
         if "lm_head" in tokens:
             out["lm_head"] = out["lm_head"].at[:, ids].add(tokens["lm_head"].astype(out["lm_head"].dtype))

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from maxlm.model import quant
+
 MOE_IMPLS = ("dropless", "capacity")
 
 _init = nn.initializers.normal
@@ -146,9 +148,9 @@ class MoE(nn.Module):
         act = self.activation
         if cfg.moe_impl == "dropless":
             def expert_fn(rows: jax.Array, sizes: jax.Array) -> jax.Array:
-                hidden = (act(jax.lax.ragged_dot(rows, gate.astype(dt), sizes))
-                          * jax.lax.ragged_dot(rows, up.astype(dt), sizes))
-                return jax.lax.ragged_dot(hidden, down.astype(dt), sizes)
+                hidden = (act(jax.lax.ragged_dot(rows, quant.dequantize(gate, dt), sizes))
+                          * jax.lax.ragged_dot(rows, quant.dequantize(up, dt), sizes))
+                return jax.lax.ragged_dot(hidden, quant.dequantize(down, dt), sizes)
 
             y = dropless(x.reshape(b * t, d), weights.reshape(b * t, k), experts.reshape(b * t, k), expert_fn, e)
         else:
@@ -157,10 +159,10 @@ class MoE(nn.Module):
             dispatch = nn.with_logical_constraint(dispatch, (None, "activation_exp", None))
             routed = jnp.einsum("ND,NEC->ECD", x.reshape(b * t, d), dispatch.astype(dt))
             routed = nn.with_logical_constraint(routed, ("activation_exp", None, "activation_embed"))
-            hidden = (act(jnp.einsum("ECD,EDF->ECF", routed, gate.astype(dt)))
-                      * jnp.einsum("ECD,EDF->ECF", routed, up.astype(dt)))
+            hidden = (act(jnp.einsum("ECD,EDF->ECF", routed, quant.dequantize(gate, dt)))
+                      * jnp.einsum("ECD,EDF->ECF", routed, quant.dequantize(up, dt)))
             hidden = nn.with_logical_constraint(hidden, ("activation_exp", None, "activation_mlp"))
-            out = jnp.einsum("ECF,EFD->ECD", hidden, down.astype(dt))
+            out = jnp.einsum("ECF,EFD->ECD", hidden, quant.dequantize(down, dt))
             y = jnp.einsum("ECD,NEC->ND", out, combine.astype(dt))
             real = mask.reshape(-1).astype(jnp.float32)
             kept = jnp.sum(dispatch, axis=(1, 2)).astype(jnp.float32)  # [N]: 0..k assignments kept

@@ -61,7 +61,7 @@ from maxlm.errors import InputError
 from maxlm.evaluation import harness as evaluate
 from maxlm.inference import engine as engine_lib
 from maxlm.interop import pretrained
-from maxlm.model import decoder as model, lora, scoring
+from maxlm.model import decoder as model, lora, scoring, trees
 from maxlm.posttrain import reward, rl, sft
 from maxlm.training import distributed, pretrain as train, sharding
 from maxlm.training import workdir as workdir_lib
@@ -234,7 +234,7 @@ def objective(config: ml_collections.ConfigDict) -> trainer_lib.Objective:
     """LoRA adapters over the frozen base (the reference too), or the whole policy, with the reference frozen
     beside it when its log-probs are computed in the step."""
     if config.lora.rank:
-        return trainer_lib.Objective("dpo", dpo_loss, "lora", lora.init, frozen=lambda c: {"base": "lm"})
+        return trainer_lib.Objective("dpo", dpo_loss, "lora", lora.init, frozen=lambda c: {"base": trees.lora_base(c)})
     in_step = config.dpo.reference == "frozen" and LOSSES[config.dpo.loss].uses_reference
     return trainer_lib.Objective("dpo", dpo_loss, "lm", model.init,
                                  frozen=lambda c: {"reference": "lm"} if in_step else {})
@@ -282,7 +282,7 @@ def load_pairs(config: ml_collections.ConfigDict, tok: Any, template: chat.Templ
 def reference_logprob_fn(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer, reference: dict
                          ) -> Callable[[dict], np.ndarray]:
     """batch -> the reference's per-token log-probs [B, T] (host), sharded like the step."""
-    params = jax.device_put(reference, trainer.state_shardings["frozen"]["base"]) if trainer.lora else \
+    params = trainer.place_frozen({"base": reference})["base"] if trainer.lora else \
         jax.device_put(reference, trainer.state_shardings["params"])
     fn = jax.jit(functools.partial(token_logprobs, config))
 

@@ -229,6 +229,7 @@ class Analysis:
     bytes_accessed: float
     collectives: dict[str, dict[str, float]]
     oom: str = ""  # libtpu's own refusal, when the program does not fit at all
+    host_arguments: int = 0  # arguments in host memory (optim.offload), not in the totals: they are not HBM
 
     @property
     def total(self) -> int:
@@ -243,7 +244,8 @@ def analyse(compiled: Any, num_devices: int) -> Analysis:
                     aliased=int(mem.alias_size_in_bytes), temporaries=int(mem.temp_size_in_bytes),
                     code=int(mem.generated_code_size_in_bytes), flops=float(cost.get("flops", 0.0)),
                     bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-                    collectives=collectives(compiled.as_text(), num_devices))
+                    collectives=collectives(compiled.as_text(), num_devices),
+                    host_arguments=int(mem.host_argument_size_in_bytes))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,11 +271,7 @@ def train_program(config: ml_collections.ConfigDict, devices: tuple) -> tuple[Ca
                                      sharding=trainer.batch_sharding)
              for k in ("inputs", "targets", "positions", "segment_ids", "loss_weights")}
 
-    def lower(state, batch):
-        with sharding.activation_rules(config, trainer.mesh):
-            return trainer._step.lower(state, batch)
-
-    return lower, (trainer.abstract_state, batch)
+    return trainer.lower, (trainer.abstract_state, batch)
 
 
 def decode_program(config: ml_collections.ConfigDict, devices: tuple) -> tuple[Callable, tuple]:
@@ -332,7 +330,8 @@ def compile_program(step: str, config: ml_collections.ConfigDict, topology: Topo
             arguments = sharding.bytes_per_device(args)
             donated = sharding.bytes_per_device(args[0] if step == "train" else args[1])
             return Analysis(arguments=arguments, outputs=donated, aliased=donated, temporaries=int(temps), code=0,
-                            flops=0.0, bytes_accessed=0.0, collectives={}, oom=text[text.find("RESOURCE_EXHAUSTED"):])
+                            flops=0.0, bytes_accessed=0.0, collectives={}, oom=text[text.find("RESOURCE_EXHAUSTED"):],
+                            host_arguments=sharding.bytes_per_device(args, host=True))
     return analyse(compiled, len(topology.devices))
 
 
@@ -437,6 +436,8 @@ def describe(report: Report) -> list[str]:
             ("temporaries (activations, grads, ...)", m.temporaries), ("generated code", m.code)]
     lines.append("memory per chip (XLA memory analysis)          GiB")
     lines += [f"  {name:<38}{_gib(v * per)}" for name, v in rows]
+    if m.host_arguments:
+        lines.append(f"  {'(in host memory: optim.offload)':<38}{_gib(m.host_arguments * per)}   not counted in HBM")
     hbm = t.chip.hbm_bytes
     lines.append(f"  {'total':<38}{_gib(report.per_chip)}   of {hbm / GiB:.2f} GiB HBM "
                  f"({100 * report.per_chip / hbm:.0f}%) -> {'fits' if report.fits else 'DOES NOT FIT'}")
@@ -477,6 +478,7 @@ def summary(report: Report) -> dict[str, Any]:
            "collective_ici_bytes_per_step": roof["ici_bytes"], "estimate_16B_per_param_bytes": report.estimate_16b,
            "arguments_bytes": report.memory.arguments * report.topology.devices_per_chip,
            "temporaries_bytes": report.memory.temporaries * report.topology.devices_per_chip,
+           "host_arguments_bytes": report.memory.host_arguments * report.topology.devices_per_chip,
            "step": report.step, "topology": report.topology.name, "shape": report.topology.shape,
            "chips": report.topology.chips, "batch_size": c.data.batch_size, "seq_len": c.data.seq_len,
            "grad_accum_steps": c.optim.grad_accum_steps, "remat_policy": c.model.remat_policy,

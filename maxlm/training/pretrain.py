@@ -28,7 +28,7 @@ from absl import flags
 from maxlm import cli, data
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
-from maxlm.model import lora, decoder as model, sampler as sample
+from maxlm.model import lora, decoder as model, sampler as sample, trees
 from maxlm.training import checkpoint as checkpoint_lib
 from maxlm.training import distributed, sharding
 from maxlm.training import workdir as workdir_lib
@@ -102,7 +102,7 @@ def _lm_loss(params: dict, config: ml_collections.ConfigDict, batch: Batch, froz
 
 # Language modelling: pretraining, and full SFT. LoRA trains adapters over a frozen base (Hu et al. 2021).
 LM = Objective("pretrain", _lm_loss, "lm", model.init)
-LORA = Objective("sft", lora_loss, "lora", lora.init, frozen=lambda config: {"base": "lm"})
+LORA = Objective("sft", lora_loss, "lora", lora.init, frozen=lambda config: {"base": trees.lora_base(config)})
 
 
 def lm_objective(config: ml_collections.ConfigDict, name: str = "pretrain") -> Objective:

@@ -25,7 +25,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from maxlm import config as config_lib
 from maxlm.config import MESH_AXES, ConfigError
-from maxlm.model import decoder as model
+from maxlm.model import decoder as model, quant
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -96,13 +96,29 @@ def estimate_16b_per_param(config: ml_collections.ConfigDict, degree: float) -> 
     return 16 * config_lib.num_params(config) / degree
 
 
-def bytes_per_device(tree: Any) -> int:
+HOST_MEMORY = "pinned_host"
+
+
+def in_host_memory(shardings: Any, mesh: Mesh) -> Any:
+    """The same shardings in host memory (`HOST_MEMORY`); ConfigError (optim.offload) when the mesh's
+    devices have no such memory kind."""
+    kinds = {m.kind for m in mesh.devices.flat[0].addressable_memories()}
+    if HOST_MEMORY not in kinds:
+        raise ConfigError("optim.offload", f"the {mesh.devices.flat[0].platform} backend has no {HOST_MEMORY!r} "
+                          f"memory kind (it has {sorted(kinds)}): optimizer offload needs GPU or TPU host memory")
+    return jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY), shardings)
+
+
+def bytes_per_device(tree: Any, host: bool = False) -> int:
     """Bytes one device holds for a tree of arrays or ShapeDtypeStructs carrying shardings (the largest
-    shard of each leaf: a replicated leaf counts whole)."""
+    shard of each leaf: a replicated leaf counts whole): in its own memory, or with `host` the bytes it keeps
+    in host memory (`in_host_memory`)."""
     total = 0
     for leaf in jax.tree.leaves(tree):
+        if (getattr(leaf.sharding, "memory_kind", None) == HOST_MEMORY) != host:
+            continue
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+        total += quant.leaf_bytes(jax.ShapeDtypeStruct(shape, leaf.dtype))  # int4 packs two to a byte
     return total
 
 

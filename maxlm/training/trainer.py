@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 
 from maxlm import config as config_lib
 from maxlm import data
-from maxlm.model import lora, pipeline, trees
+from maxlm.model import lora, pipeline, quant, trees
 from maxlm.training import checkpoint as checkpoint_lib
 from maxlm.training import optim, sharding
 from maxlm.training import workdir as workdir_lib
@@ -73,13 +73,17 @@ class Objective:
 
 
 def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation, loss: LossFn,
-               state: State, batch: Batch, grad_shardings: Any = None) -> tuple[State, dict[str, jax.Array]]:
+               state: State, batch: Batch, grad_shardings: Any = None, opt_device_shardings: Any = None
+               ) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer update, accumulating gradients over `optim.grad_accum_steps` micro-batches.
 
     `grad_shardings` pins the layout of the (accumulated) gradients: sharded over fsdp for ZeRO-2/3,
     which makes the data-parallel gradient reduction a reduce-scatter; whole for ZeRO-1 (all-reduce).
 
     `state["frozen"]` (when present) is passed through unchanged and never differentiated.
+
+    `opt_device_shardings` (optimizer offload): the optimizer state arrives in host memory and is brought to
+    the device with these shardings for the update; the step's output shardings send it back.
 
     A bad step -- non-finite loss or gradient norm -- keeps parameters and optimizer state as they were
     (the step counter still advances: its batch is consumed) and reports `bad_step` = 1, so one spike
@@ -109,16 +113,28 @@ def train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTrans
         grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
     grad_norm = optax.global_norm(grads)
     good = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    old_opt = state["opt_state"]
+    if opt_device_shardings is not None:
+        old_opt = jax.device_put(old_opt, opt_device_shardings)
+    updates, opt_state = optimizer.update(grads, old_opt, params)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(good, n, o), new, old)
     new_state = {"step": state["step"] + 1, "params": keep(optax.apply_updates(params, updates), params),
-                 "opt_state": keep(opt_state, state["opt_state"])}
+                 "opt_state": keep(opt_state, old_opt)}
     if "frozen" in state:
         new_state["frozen"] = state["frozen"]
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": optim.schedule(config)(state["step"]),
                "tokens": tokens, "bad_step": 1.0 - good.astype(jnp.float32),
                **{k: v / denom for k, v in sums.items() if k != "weight"}}
     return new_state, metrics
+
+
+def _with_frozen(trained: State, frozen: dict | None) -> State:
+    return trained if frozen is None else {**trained, "frozen": frozen}
+
+
+def _without_frozen(out: tuple[State, dict]) -> tuple[State, dict]:
+    state, metrics = out
+    return {k: v for k, v in state.items() if k != "frozen"}, metrics
 
 
 class Trainer:
@@ -144,6 +160,9 @@ class Trainer:
         opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_opt,
                                        sharding.param_shardings(config, self.mesh, logical=logical),
                                        transform_non_params=lambda _: sharding.replicated(self.mesh))
+        opt_device_sh = None
+        if config.optim.offload:  # the optimizer state in host memory between steps
+            opt_device_sh, opt_sh = opt_sh, sharding.in_host_memory(opt_sh, self.mesh)
         self.state_shardings = {"step": sharding.replicated(self.mesh), "params": param_sh, "opt_state": opt_sh}
         abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
         self.frozen_layouts = objective.frozen(config)
@@ -157,11 +176,19 @@ class Trainer:
                                            abstract, self.state_shardings)
         self.batch_sharding = sharding.batch_sharding(config, self.mesh)
         self._compiled = None
+        self._call_compiled = True
         with sharding.activation_rules(config, self.mesh):
-            self._step = jax.jit(functools.partial(train_step, config, self.optimizer, objective.loss,
-                                                   grad_shardings=self.grad_shardings),
-                                 in_shardings=(self.state_shardings, self.batch_sharding),
-                                 out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+            step = functools.partial(train_step, config, self.optimizer, objective.loss,
+                                     grad_shardings=self.grad_shardings, opt_device_shardings=opt_device_sh)
+            trained_sh = {k: v for k, v in self.state_shardings.items() if k != "frozen"}
+            # The frozen trees are an argument of their own, neither donated nor returned: they never change.
+
+            def trained_step(trained: State, frozen: dict | None, batch: Batch) -> tuple[State, dict]:
+                return _without_frozen(step(_with_frozen(trained, frozen), batch))
+
+            self._step = jax.jit(trained_step,
+                                 in_shardings=(trained_sh, frozen_sh, self.batch_sharding),
+                                 out_shardings=(trained_sh, sharding.replicated(self.mesh)),
                                  donate_argnums=0)
             self._eval = jax.jit(lambda params, frozen, batch: objective.loss(params, config, batch, frozen or {}),
                                  in_shardings=(param_sh, frozen_sh, self.batch_sharding))
@@ -174,8 +201,20 @@ class Trainer:
         # Copies, never aliases: the state is donated to the step, and a frozen tree sharing a buffer with the
         # parameters or with another frozen tree (a reference policy that is also the actor's start) would
         # be donated twice.
-        return {name: jax.device_put(frozen[name], self.state_shardings["frozen"][name], may_alias=False)
-                for name in self.frozen_layouts}
+        out = {}
+        for name, layout in self.frozen_layouts.items():
+            shardings = self.state_shardings["frozen"][name]
+            tree = frozen[name]
+            if trees.needs_prepare(layout):  # e.g. QLoRA's base: quantised here, unless it already is
+                # A copy made by a computation, not `device_put`: a device_put int4 array carries an explicit
+                # layout that the compiled, donating step refuses (jax 0.10 on CPU).
+                prepare = (lambda t: jax.tree.map(jnp.copy, t)) if quant.any_quantized(tree) else \
+                    functools.partial(trees.prepare, self.config, layout)
+                with sharding.activation_rules(self.config, self.mesh):
+                    out[name] = jax.jit(prepare, out_shardings=shardings)(tree)
+            else:
+                out[name] = jax.device_put(tree, shardings, may_alias=False)
+        return out
 
     def init_state(self, rng: jax.Array, params: Any = None, base: dict | None = None,
                    frozen: dict | None = None) -> State:
@@ -203,8 +242,13 @@ class Trainer:
 
     def compile(self, state: State, batch: Batch) -> None:
         """Compile the step ahead of time, so that step timings never include compilation."""
-        with sharding.activation_rules(self.config, self.mesh):
-            self._compiled = self._step.lower(state, batch).compile()
+        self._compiled = self.lower(state, batch).compile()
+        # XLA:CPU wants int4 arguments packed two to a byte but makes int4 arrays unpacked, and a compiled
+        # executable refuses committed arguments in another layout; the jitted step lays them out itself.
+        wanted = jax.tree.leaves(self._compiled.input_formats[0][1])
+        have = jax.tree.leaves(state.get("frozen"))
+        self._call_compiled = all(getattr(a, "format", None) is None or a.format.layout == f.layout
+                                  for a, f in zip(have, wanted))
 
     def memory_report(self) -> dict[str, float]:
         """Bytes per device: parameters, optimizer state and gradients from their shardings; XLA's
@@ -228,13 +272,25 @@ class Trainer:
             if analysis is not None:
                 report.update(arguments=analysis.argument_size_in_bytes, outputs=analysis.output_size_in_bytes,
                               temporaries=analysis.temp_size_in_bytes)
+                if analysis.host_argument_size_in_bytes:  # optim.offload: what lives in host memory
+                    report.update(host_arguments=analysis.host_argument_size_in_bytes,
+                                  host_temporaries=analysis.host_temp_size_in_bytes)
         return report
 
-    def step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-        if self._compiled is not None:
-            return self._compiled(state, batch)
+    def lower(self, state: State, batch: Batch) -> jax.stages.Lowered:
+        """The jitted step lowered for `state` and `batch` (arrays or sharded ShapeDtypeStructs)."""
+        trained = {k: v for k, v in state.items() if k != "frozen"}
         with sharding.activation_rules(self.config, self.mesh):
-            return self._step(state, batch)
+            return self._step.lower(trained, state.get("frozen"), batch)
+
+    def step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        trained, frozen = {k: v for k, v in state.items() if k != "frozen"}, state.get("frozen")
+        if self._compiled is not None and self._call_compiled:
+            new, metrics = self._compiled(trained, frozen, batch)
+        else:
+            with sharding.activation_rules(self.config, self.mesh):
+                new, metrics = self._step(trained, frozen, batch)
+        return _with_frozen(new, frozen), metrics
 
     def evaluate(self, state: State, batches: list[Batch]) -> dict[str, float]:
         """The objective on held-out batches: {"loss": ..., and its other metrics}, each a mean over the
@@ -318,7 +374,7 @@ def host_params(config: ml_collections.ConfigDict, state: State) -> Any:
     params = state["params"]
     base = state.get("frozen", {}).get("base")
     if base is not None:
-        params = jax.jit(functools.partial(lora.merge, config))(base, params)
+        params = jax.jit(lambda b, a: quant.dense(lora.merge(config, b, a), config.model.param_dtype))(base, params)
     return (multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1
             else jax.device_get(params))
 
