@@ -196,7 +196,8 @@ def test_optimizer_offload_trains_as_without_and_keeps_adamw_in_host_memory():
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 200, (4, 33)).astype(np.int32)
     local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-             "positions": np.tile(np.arange(32, dtype=np.int32), (4, 1)), "segment_ids": np.ones((4, 32), np.int32), "loss_weights": np.ones((4, 32), np.float32)}
+             "positions": np.tile(np.arange(32, dtype=np.int32), (4, 1)), "segment_ids": np.ones((4, 32), np.int32),
+             "loss_weights": np.ones((4, 32), np.float32)}
     losses = {}
     for offload in (False, True):
         c = C.override(C.load_config_file(os.path.join(ROOT, "configs", "tiny.py")), **{
@@ -223,3 +224,19 @@ def test_optimizer_offload_trains_as_without_and_keeps_adamw_in_host_memory():
 
     with pytest.raises(ConfigError, match="optim.offload.*no 'pinned_host'"):
         sharding.in_host_memory({}, types.SimpleNamespace(devices=np.array([NoHost()])))
+
+
+def test_engine_generates_from_quantised_weights_as_from_their_dequantised_copy(cfg, params):
+    """The generation engine (sample, serve) keeps a quantised tree's integers and dequantises in the step:
+    greedy tokens equal those of the same weights dequantised up front, and prompt log-probs agree."""
+    from maxlm.inference import engine as engine_lib
+
+    prompts = [[5, 17, 40, 99], [7, 8]]
+    q = quant.quantize(params, decoder.logical_axes(cfg), "int4")
+    got = engine_lib.generate(cfg, q, prompts, max_new_tokens=6, greedy=True, slots=2)
+    want = engine_lib.generate(cfg, quant.dense(q, jnp.float32), prompts, max_new_tokens=6, greedy=True, slots=2)
+    assert got == want and all(len(t) == 6 for t in got)
+    quantised, dense = (engine_lib.Engine(cfg, p, slots=2) for p in (q, quant.dense(q, jnp.float32)))
+    assert quant.any_quantized(quantised.params)
+    np.testing.assert_allclose(quantised.prompt_logprobs(prompts[0])[0], dense.prompt_logprobs(prompts[0])[0],
+                               rtol=1e-4, atol=1e-5)
