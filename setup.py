@@ -42,7 +42,12 @@ setup(
             "fastapi>=0.110,<1", "uvicorn>=0.29,<1",  # the server (maxlm.serve), as the serve extra
             "openai>=1.40,<4", "httpx>=0.27,<1",  # the official OpenAI client against it (tests/test_serve.py)
             "qwix>=0.1.8,<0.3",  # quantised weights (tests/test_quant.py), as the quant extra
+            "wandb>=0.19,<1",  # experiment tracking, offline (tests/test_tracking.py), as the wandb extra
         ],
+        # Weights & Biases beside TensorBoard: --config.train.wandb_project=P (maxlm/training/tracking.py).
+        "wandb": ["wandb>=0.19,<1"],
+        # XProf, to read the traces of --config.train.profile_steps: `xprof --logdir=<workdir>/tensorboard`.
+        "profile": ["xprof>=2.20"],
         # Quantised weights: --quant=int8|int4 at inference, lora.base_quant (QLoRA); maxlm/model/quant.py.
         "quant": ["qwix>=0.1.8,<0.3"],
         # `python -m maxlm.serve`: the OpenAI-compatible HTTP server over the generation engine.

@@ -197,6 +197,16 @@ def default_config() -> ml_collections.ConfigDict:
     # after this many such steps in a row the run reloads the last checkpoint (0: never reload).
     tr.max_bad_steps = 3
     tr.inject_nan_at = ()  # fault injection for tests: steps (1-based) whose gradients become NaN
+    # An XProf trace of steps a..b (1-based, inclusive), written under <workdir>/tensorboard/plugins/profile
+    # (TensorBoard's profile plugin / XProf read it there); () traces nothing (maxlm/training/profiling.py).
+    tr.profile_steps = ()
+    # Weights & Biases (the `wandb` extra): the project to log to ("" logs nothing), beside TensorBoard and
+    # metrics.jsonl. WANDB_MODE=offline writes the run under <workdir>/wandb without a network. `maxlm.sweep`
+    # sets the group (the sweep) and the name (the trial); a resumed run continues the same W&B run.
+    tr.wandb_project = ""
+    tr.wandb_entity = ""
+    tr.wandb_group = ""
+    tr.wandb_name = ""  # "" : the workdir's folder name
     # Staged training (InternLM2: 4k, then continued at 32k with a larger rope base): stages that follow the
     # first `num_steps` steps, each a string of overrides "steps=N [name=..] data.seq_len=.. model.rope_..=.."
     # applied on top of the previous stage (data.*, optim.*, mesh.*, checkpoint.*, model.rope_* and
@@ -511,6 +521,11 @@ def _validate_one(c: ml_collections.ConfigDict) -> None:
     _check(tr.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0 (0 never reloads)")
     _check(all(isinstance(s, int) and s > 0 for s in tr.inject_nan_at), "train.inject_nan_at",
            "must be a tuple of positive step numbers")
+    _check(tr.profile_steps == () or (len(tr.profile_steps) == 2 and all(isinstance(s, int) for s in tr.profile_steps)
+                                      and 0 < tr.profile_steps[0] <= tr.profile_steps[1]),
+           "train.profile_steps", f"must be () or (first, last) steps with 0 < first <= last, got {tr.profile_steps}")
+    _check(not tr.wandb_project or importlib.util.find_spec("wandb") is not None, "train.wandb_project",
+           "needs the wandb package: pip install 'maxlm[wandb]'")
     _check(c.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
     _check(c.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be positive")
     _check(c.checkpoint.keep_period >= 0, "checkpoint.keep_period", "must be >= 0 (0 keeps none extra)")

@@ -44,6 +44,17 @@ class Mutation:
 
 
 MUTATIONS = [
+    # ---- sweeps and tracking (maxlm/launch/, maxlm/training/tracking.py) ----
+    Mutation("sweep-product-outer-loop-swapped", "maxlm/launch/sweep.py",
+             "out = [{**a, **b} for a in out for b in _as_trials(part)]",
+             "out = [{**a, **b} for b in _as_trials(part) for a in out]",
+             ["tests/test_sweep.py::test_helpers_against_itertools"]),
+    Mutation("sweep-trial-finished-once-it-logged-a-step", "maxlm/launch/sweep.py",
+             'if not run_status(workdir, trial).get("complete"):', 'if not run_status(workdir, trial).get("step"):',
+             ["tests/test_sweep.py::test_two_by_two_sweep_two_at_a_time_rerun_resume_and_slurm"]),
+    Mutation("wandb-step-off-by-one", "maxlm/training/tracking.py",
+             "self.run.log(dict(metrics), step=int(step))", "self.run.log(dict(metrics), step=int(step) + 1)",
+             ["tests/test_tracking.py::test_profile_trace_and_offline_wandb_run"]),
     # ---- quantisation and QLoRA (maxlm/model/quant.py, lora.py) ----
     Mutation("quant-int8-one-scale-per-tensor", "maxlm/model/quant.py",
              "        return channels, {}", "        return (), {}",

@@ -393,6 +393,23 @@ CASES += [
     Case("graph:no_out", "graph", lambda fx: [], "--out"),
     Case("graph:too_few_nodes", "graph", lambda fx: [f"--out={fx.path('walks.jsonl')}", "--nodes=2"], "n_nodes"),
     Case("graph:out_is_a_folder", "graph", lambda fx: [f"--out={fx.mkdir('walks')}", "--n=10"], "walks"),
+    # sweeps: a broken sweep file, a trial with a bad key, a folder that holds no sweep
+    Case("sweep:missing_sweep_file", "sweep", lambda fx: [f"--config={fx.cfg}", "--sweep=nope.py",
+                                                         f"--workdir={fx.path('sw')}"], "no such sweep file"),
+    Case("sweep:no_get_sweep", "sweep", lambda fx: [f"--config={fx.cfg}", f"--sweep={fx.write('s.py', 'x = 1')}",
+                                                   f"--workdir={fx.path('sw')}"], "get_sweep"),
+    Case("sweep:not_a_list", "sweep", lambda fx: [f"--config={fx.cfg}", f"--workdir={fx.path('sw')}",
+                                                 f"--sweep={fx.write('s.py', 'def get_sweep():  return 3')}"],
+         "list of override dicts"),
+    Case("sweep:trial_of_wrong_type", "sweep",
+         lambda fx: [f"--config={fx.cfg}", f"--workdir={fx.path('sw')}", "--sweep=" + fx.write(
+             "s.py", "def get_sweep():\n    return [{'model.d_model': 32}, {'model.d_model': 'wide'}]")],
+         "trial 1 (d_model=wide)"),
+    Case("sweep:report_of_no_sweep", "sweep", lambda fx: [f"--report={fx.mkdir('empty')}"], "holds no sweep"),
+    Case("sweep:trial_without_a_sweep", "sweep", lambda fx: [f"--workdir={fx.lm}", "--trial=0"], "holds no sweep"),
+    Case("sweep:file_raises", "sweep", lambda fx: [f"--config={fx.cfg}", f"--workdir={fx.path('sw')}",
+                                                  f"--sweep={fx.write('s.py', 'def get_sweep():  return 1 / 0')}"],
+         "ZeroDivisionError"),
 ]
 
 
@@ -471,7 +488,8 @@ FAST = {"train:config_syntax_error", "train:vocab_mismatch", "train:corpus_trunc
         "train:disk_full", "train:rerun_other_shape", "train:checkpoint_missing_items", "sample:garbage_config_falls_back",
         "convert:out_is_a_file", "evaluate:hf_transposed_tensor", "evaluate:ppl_only_bad_lines",
         "evaluate:gen_empty_answers", "sft:no_usable_conversation", "reward:pairs_all_skipped",
-        "ppo:reward_model_is_a_language_model", "curate:input_only_bad_lines", "graph:too_few_nodes"}
+        "ppo:reward_model_is_a_language_model", "curate:input_only_bad_lines", "graph:too_few_nodes",
+        "sweep:trial_of_wrong_type"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=[] if c.name in FAST else [pytest.mark.slow])

@@ -129,12 +129,12 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
     rng = jax.random.key(config.train.seed)
     init = lambda: trainer.init_state(rng, frozen=frozen) if frozen else trainer.init_state(rng, params=base_params)  # noqa: E731
 
-    def finish(state: train.State) -> None:
+    def finish(state: train.State) -> dict | None:
         if config.sft.data_path or not config.sft.eval_items:
-            return
+            return None
         params = train.host_params(config, state)
         if jax.process_index() != 0:
-            return
+            return None
 
         results = {task: evaluate.task_accuracy(config, params, tok, task, n=config.sft.eval_items)
                    for task in config.sft.tasks}
@@ -143,6 +143,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
                      f"(e.g. {r['examples'][0]['prompt']!r} -> {r['examples'][0]['response']!r})")
         with open(os.path.join(workdir, "sft_eval.json"), "w") as f:
             json.dump({t: {k: r[k] for k in ("accuracy", "n")} for t, r in results.items()}, f, indent=1)
+        rows = [(task, e["prompt"], e["response"], e["correct"]) for task, r in results.items() for e in r["examples"]]
+        return {"samples": (("task", "prompt", "response", "correct"), rows)}
 
     return train.run(config, workdir, trainer, iterator, init_state=init, frozen=frozen,
                      eval_batches=eval_batches, finish=finish)

@@ -1,4 +1,5 @@
-"""Run logging: `metrics.jsonl`, TensorBoard events, a console progress line with ETA, a loss-curve PNG.
+"""Run logging: `metrics.jsonl`, TensorBoard events (and W&B: `maxlm.training.tracking`), a console progress
+line with ETA, a loss-curve PNG.
 
 Only process 0 writes (multi-host runs would otherwise write N copies). MFU (model FLOPs utilisation, PaLM,
 Chowdhery et al. 2022) is achieved model FLOPs per second over the peak of the devices used; the peak is the
@@ -16,6 +17,9 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
+
+from maxlm.training import tracking
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {
@@ -43,8 +47,10 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float:
         return override_tflops * 1e12
     device = jax.devices()[0]
     if device.platform == "cpu":
-        # All host "devices" (e.g. --xla_force_host_platform_device_count) share the same cores.
-        return (os.cpu_count() or 1) * CPU_FLOPS_PER_CORE / jax.local_device_count()
+        # All host "devices" (e.g. --xla_force_host_platform_device_count) share the cores this process may
+        # run on (its affinity: a sweep's trial gets its share of the machine).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return (cores or 1) * CPU_FLOPS_PER_CORE / jax.local_device_count()
     kind = device.device_kind.lower()
     for name, tflops in PEAK_TFLOPS.items():
         if name in kind:
@@ -62,18 +68,28 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    """Where a run's metrics go: metrics.jsonl, TensorBoard, and Weights & Biases when the config names a
+    project (`train.wandb_project`). With a config, the config itself is logged too (TensorBoard text, W&B
+    run config); `text` logs tables such as the samples a stage prints at its end."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, config: ml_collections.ConfigDict | None = None,
+                 stage: str = ""):
         self.enabled = enabled
         self.workdir = workdir
         self.history: list[dict[str, Any]] = []
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if config is not None:
+                self._tb.add_text("config", "```\n" + str(config) + "\n```")
+                if config.train.wandb_project:
+                    self._wandb = tracking.WandbRun(config, workdir, stage)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}, "time": time.time()}
@@ -84,6 +100,19 @@ class MetricsWriter:
         self._jsonl.flush()
         for key, value in metrics.items():
             self._tb.add_scalar(key, float(value), int(step))
+        if self._wandb is not None:
+            self._wandb.log(step, {k: float(v) for k, v in metrics.items()})
+
+    def text(self, key: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]], step: int) -> None:
+        """A table of text (e.g. prompt, sample) at `step`: a markdown table in TensorBoard, a W&B Table."""
+        if not self.enabled or not rows:
+            return
+        cell = lambda v: str(v).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+        self._tb.add_text(key, "\n".join(lines), int(step))
+        if self._wandb is not None:
+            self._wandb.table(key, columns, rows, step)
 
     def progress(self, step: int, total: int, metrics: dict[str, float], eta_seconds: float,
                  extra: tuple[str, ...] = ()) -> None:
@@ -134,6 +163,8 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+            if self._wandb is not None:
+                self._wandb.close()
 
 
 def format_bytes(n: float) -> str:

@@ -180,24 +180,28 @@ def _train_stage(config: ml_collections.ConfigDict, workdir: str, tok, *, stage_
         eval_iter = _iterator(config, tok, "eval", seed=0)
         eval_batches = [trainer.device_batch(next(eval_iter)) for _ in range(config.train.eval_batches)]
 
-    def finish(state: State) -> None:
+    def finish(state: State) -> dict | None:
         if last and config.train.num_samples > 0:
             # Every process joins the gather (parameters may be sharded across hosts); process 0 samples.
             params = host_params(config, state)
             if jax.process_index() == 0:
-                _print_samples(config, params, tok)
+                return {"samples": (("prompt", "sample"), _print_samples(config, params, tok))}
+        return None
 
     return run(config, workdir, trainer, train_iter, init_state=lambda: trainer.init_state(
         jax.random.key(config.train.seed)), eval_batches=eval_batches, finish=finish, stage_start=stage_start)
 
 
-def _print_samples(config: ml_collections.ConfigDict, params: dict, tok) -> None:
+def _print_samples(config: ml_collections.ConfigDict, params: dict, tok) -> list[tuple[str, str]]:
+    """Print `train.num_samples` continuations of code prompts; returns the (prompt, sample) pairs."""
     prompts = ["import ", "def ", "class ", "    for ", "    return "][: config.train.num_samples]
     outs = sample.generate(config, params, [tokenizer_lib.text_prefix(tok) + tok.encode(p) for p in prompts],
                            max_new_tokens=config.train.sample_tokens, rng=jax.random.key(config.train.seed),
                            temperature=0.8, top_k=40, eos_id=tok.eos_id)
-    for prompt, out in zip(prompts, outs):
-        log_line(f"--- sample ({prompt!r}) ---\n{prompt}{tok.decode(out)}")
+    rows = [(prompt, prompt + tok.decode(out)) for prompt, out in zip(prompts, outs)]
+    for prompt, text in rows:
+        log_line(f"--- sample ({prompt!r}) ---\n{text}")
+    return rows
 
 
 def main(argv: list[str]) -> None:

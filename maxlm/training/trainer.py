@@ -34,7 +34,7 @@ from maxlm import config as config_lib
 from maxlm import data
 from maxlm.model import lora, pipeline, quant, trees
 from maxlm.training import checkpoint as checkpoint_lib
-from maxlm.training import optim, sharding
+from maxlm.training import optim, profiling, sharding
 from maxlm.training import workdir as workdir_lib
 from maxlm.training.metrics import MetricsWriter, format_bytes, log_line, peak_flops_per_device
 
@@ -387,7 +387,7 @@ def _crossed(every: int, before: int, after: int) -> bool:
 def run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed: Any, *,
         init_state: Callable[[], State], frozen: dict | None = None, eval_batches: list[Batch] = (),
         evaluate: Callable[[State], dict[str, float]] | None = None, eval_at_start: bool = False,
-        finish: Callable[[State], None] | None = None, stage_start: int = 0,
+        finish: Callable[[State], dict | None] | None = None, stage_start: int = 0,
         plot: tuple[str, tuple[str, ...], str] | None = None, progress_keys: tuple[str, ...] = ()
         ) -> list[dict[str, float]]:
     """The training loop of every stage: resume or `init_state()`, step to `train.num_steps` with logging,
@@ -397,6 +397,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed:
     feed: a `Feed`, or a plain data iterator. frozen: the objective's frozen trees (placed), added back to a
         restored state. evaluate: state -> {metric: value} when `train.eval_every` is due (default: the
         objective on `eval_batches`, logged as eval_*); eval_at_start: also at step 0 of a fresh run.
+    finish: state -> None, or {key: (columns, rows)} tables of text (samples) that are logged beside the
+        metrics (TensorBoard text, W&B tables) at the last step.
     plot: (file name, metric keys, y label) of the curves drawn at the end (default: the loss).
     stage_start > 0: this is a later stage of a staged run. A checkpoint at exactly that step is the
         previous stage's end: its parameters and optimizer state are resumed, its data position (another
@@ -415,7 +417,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed:
 
 def _run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed: Feed, *,
          init_state: Callable[[], State], frozen: dict, evaluate: Callable[[State], dict[str, float]] | None,
-         eval_at_start: bool, finish: Callable[[State], None] | None, stage_start: int,
+         eval_at_start: bool, finish: Callable[[State], dict | None] | None, stage_start: int,
          plot: tuple[str, tuple[str, ...], str] | None, progress_keys: tuple[str, ...]) -> list[dict[str, float]]:
     primary = jax.process_index() == 0
     log_line(f"mesh {dict(trainer.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
@@ -460,7 +462,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed
         state = init_state()
     start = int(state["step"])
 
-    writer = MetricsWriter(workdir, enabled=primary)
+    writer = MetricsWriter(workdir, enabled=primary, config=config, stage=trainer.objective.name)
+    profiler = profiling.StepProfiler(config, workdir)
     flops_per_step = config_lib.flops_per_token(config, config.data.seq_len) * config.data.seq_len \
         * config.data.batch_size
     peak = peak_flops_per_device(config.train.peak_tflops) * jax.device_count()
@@ -486,7 +489,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed
     stopping = None
     with _StopSignals() as stop:
         while step < total:
-            state, metrics = trainer.step(state, batch)
+            with profiler.step(step + 1):
+                state, metrics = trainer.step(state, batch)
+            profiler.after(step + 1, state)
             interval_sum = metrics if interval_sum is None else jax.tree.map(jnp.add, interval_sum, metrics)
             step += 1
             stopping = stopping or stop.requested  # read once: a signal may land at any point of this iteration
@@ -535,6 +540,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed
                 if feed.discard() and step < total:
                     batch = trainer.device_batch(feed.next(state))
                 interval_start, interval_first, interval_sum = time.perf_counter(), step, None
+    profiler.stop(state)
     ckpt.close()
     if step > start:
         if primary:
@@ -542,9 +548,22 @@ def _run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, feed
             png = writer.plot(name, keys=keys, ylabel=ylabel)
             log_line(f"curves: {png}; metrics: {os.path.join(workdir, 'metrics.jsonl')}; data: {feed.stats}")
         if finish is not None:
-            finish(state)
+            for key, (columns, rows) in (finish(state) or {}).items():
+                writer.text(key, columns, rows, step)
     writer.close()
+    if primary:
+        _write_status(workdir, trainer.objective.name, step, total)
     return writer.history
+
+
+def _write_status(workdir: str, stage: str, step: int, total: int) -> None:
+    """`<workdir>/status.json`: where this invocation left the run -- `complete` once it reached
+    `train.num_steps` (a signal stops earlier, exit status 0 all the same). Orchestrators (`maxlm.sweep`)
+    read it to tell a finished run from one to resume. Written atomically."""
+    path = os.path.join(workdir, "status.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"stage": stage, "step": step, "num_steps": total, "complete": step >= total, "time": time.time()}, f)
+    os.replace(path + ".tmp", path)
 
 
 def restore(ckpt: checkpoint_lib.Checkpointer, trainer: Trainer, frozen: dict,

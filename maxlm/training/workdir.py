@@ -188,7 +188,8 @@ def holding(fn):
 FREE_SECTIONS = ("optim", "mesh", "checkpoint")
 FREE_KEYS = {"model": config_lib.MODEL_RUN_KEYS,
              "train": ("num_steps", "log_every", "eval_every", "eval_batches", "num_samples", "sample_tokens",
-                       "peak_tflops", "max_bad_steps", "inject_nan_at", "stages", "microbatches"),
+                       "peak_tflops", "max_bad_steps", "inject_nan_at", "stages", "microbatches", "profile_steps",
+                       "wandb_project", "wandb_entity", "wandb_group", "wandb_name"),
              "sft": ("eval_items",), "ppo": ("iterations", "eval_every", "eval_items")}
 
 
