@@ -730,16 +730,19 @@ def _parse_like(default: Any, text: str, key: str) -> Any:
     return text
 
 
-CURATE_STAGES = ("normalize", "boilerplate", "quality", "exact", "near", "paragraph", "perplexity")
-CURATE_ALIASES = {"dedup": ("exact", "near"), "all": CURATE_STAGES}
+CURATE_STAGES = ("normalize", "boilerplate", "quality", "long", "exact", "near", "paragraph", "code", "perplexity")
+# Selections keep a subset for a purpose (the long-context corpus) rather than clean: asked for by name only.
+CURATE_SELECTIONS = ("long",)
+CURATE_ALIASES = {"dedup": ("exact", "near"), "all": tuple(s for s in CURATE_STAGES if s not in CURATE_SELECTIONS)}
 
 
 def curate_config() -> ml_collections.ConfigDict:
     """The schema of `python -m maxlm.curate` (configs/curate_default.py), a pipeline of its own: no model
     or mesh, but the same file + `--config.a.b=v` conventions. Locked."""
     c = ml_collections.ConfigDict()
-    # Comma-separated, applied in CURATE_STAGES order whatever the order written; "dedup" = exact,near.
-    c.stages = ",".join(CURATE_STAGES)
+    # Comma-separated, applied in CURATE_STAGES order whatever the order written; "dedup" = exact,near; "all" =
+    # every stage but the selections (long).
+    c.stages = ",".join(CURATE_ALIASES["all"])
     c.seed = 0  # MinHash permutations (the only randomness; output is byte-identical for a seed)
     c.workers = 0  # processes over input shards; 0: one per CPU core
     c.text_key = "text"
@@ -777,6 +780,28 @@ def curate_config() -> ml_collections.ConfigDict:
 
     c.paragraph = ml_collections.ConfigDict()
     c.paragraph.min_chars = 200  # shorter paragraphs ("Thank you.") may legitimately repeat
+
+    # Long-context selection (maxlm/curation/long.py; InternLM2's length, statistical and perplexity filters).
+    c.long = lo = ml_collections.ConfigDict()
+    lo.min_tokens = 32768
+    lo.tokenizer = ""  # a SentencePiece .model or tokenizer.json (folder) to count tokens; "": count units
+    lo.max_repeated_line_fraction = 0.3
+    lo.max_digit_fraction = 0.2
+    lo.min_mattr = 0.5
+    lo.mattr_window = 100
+    lo.max_perplexity = 0.0  # with the perplexity stage: drop documents above this perplexity (0: no ceiling)
+
+    # Repository-level code (maxlm/curation/code.py): records carrying a repository and a file path become one
+    # document per repository, each Python file after the files it imports; other records pass unchanged.
+    c.code = co = ml_collections.ConfigDict()
+    co.repo_key = "repo"
+    co.path_key = "path"
+    co.header = "# {path}\n"  # written before each file ({path}: its path in the repository)
+    co.buckets = 64  # repositories are grouped through this many spill files (memory: one bucket at a time)
+    # A record whose path ends with one of these is source code in every stage: normalize keeps its layout
+    # (clean.normalize_code) and the prose stages (boilerplate lines, the quality rules) leave it alone.
+    co.extensions = (".py", ".pyi", ".js", ".ts", ".java", ".c", ".h", ".cc", ".cpp", ".hpp", ".go", ".rs", ".rb",
+                     ".sh", ".scala", ".kt", ".swift", ".cs", ".php", ".lua", ".r", ".jl", ".sql")
 
     # Model-based quality (CCNet's perplexity filter, Wenzek et al. 2020): a maxlm checkpoint trained on
     # clean reference text scores every document; documents above the `drop_above` percentile of

@@ -44,6 +44,17 @@ class Mutation:
 
 
 MUTATIONS = [
+    # ---- long-context selection and code data (maxlm/curation/long.py, code.py) ----
+    Mutation("mattr-divides-by-the-window-count-only", "maxlm/curation/long.py",
+             "return total / ((len(units) - window + 1) * window)", "return total / (len(units) * window)",
+             ["tests/test_long_data.py::test_mattr_against_a_brute_force_loop"]),
+    Mutation("code-order-importers-first", "maxlm/curation/code.py",
+             "    return order + sorted(p for p in files if p not in deps)",
+             "    return order[::-1] + sorted(p for p in files if p not in deps)",
+             ["tests/test_code_data.py::test_dependencies_and_order_worked_out_by_hand"]),
+    Mutation("code-relative-import-one-level-too-high", "maxlm/curation/code.py",
+             "up = len(package) - (node.level - 1)", "up = len(package) - node.level",
+             ["tests/test_code_data.py::test_module_names_and_imports"]),
     # ---- sweeps and tracking (maxlm/launch/, maxlm/training/tracking.py) ----
     Mutation("sweep-product-outer-loop-swapped", "maxlm/launch/sweep.py",
              "out = [{**a, **b} for a in out for b in _as_trials(part)]",

@@ -36,6 +36,14 @@ def normalize(text: str) -> str:
     return _BLANK_RUNS.sub("\n\n", text).strip("\n")
 
 
+def normalize_code(text: str) -> str:
+    """Source code keeps its layout: NFC, no zero-width or control characters (tabs kept), CRLF -> LF, trailing
+    whitespace stripped per line, no leading/trailing blank lines -- indentation is syntax and stays."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n").translate(_ZERO_WIDTH)
+    text = _CONTROL.sub("", text)
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
+
+
 def looks_like_html(text: str) -> bool:
     return bool(_LOOKS_HTML.search(text[:4096]))
 

@@ -10,9 +10,13 @@ filters; Baichuan-7B: rules, model scores, document- and paragraph-level dedup),
   normalize    Unicode NFC, control characters, whitespace; HTML to text (maxlm/curation/clean.py)
   boilerplate  lines found in >= boilerplate.min_docs different documents are removed everywhere
   quality      the heuristic rules of maxlm/curation/quality.py (Gopher's, plus a safety blocklist)
+  long         (a selection, by name only) InternLM2's long-context filters: length, statistics, and with
+               the perplexity stage a perplexity ceiling (maxlm/curation/long.py)
   exact        identical normalised text: the first document is kept
   near         MinHash + banded LSH + verified Jaccard + connected components (maxlm/curation/dedup.py)
   paragraph    long paragraphs already seen in an earlier kept document are cut (repeated spans)
+  code         a repository's files (records with `repo` and `path`) become one document, each Python file
+               after the files it imports (maxlm/curation/code.py); other records pass unchanged
   perplexity   a maxlm checkpoint scores each document; the worst percentile goes, the rest get buckets
 
 Input: jsonl files (optionally .gz / .zst), one record per line with a `text` field; every other field
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import glob
 import json
 import multiprocessing
@@ -45,7 +50,7 @@ import numpy as np
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.config import CURATE_ALIASES, CURATE_STAGES, _check
-from maxlm.curation import clean, dedup, perplexity, quality
+from maxlm.curation import clean, code, dedup, long, perplexity, quality
 from maxlm.data import records
 from maxlm.data.records import MALFORMED, InputError, Shard, iter_records, resolve_input
 from maxlm.errors import UserError
@@ -68,6 +73,18 @@ def prepare(text: str, config: ml_collections.ConfigDict, stages: tuple[str, ...
     return clean.normalize(text)
 
 
+def is_code(record: dict, config: ml_collections.ConfigDict) -> bool:
+    """A source file (its `code.path_key` ends with one of `code.extensions`): kept out of the prose stages."""
+    path = record.get(config.code.path_key)
+    return isinstance(path, str) and path.lower().endswith(tuple(config.code.extensions))
+
+
+@functools.lru_cache(maxsize=2)
+def _long_tokenizer(path: str):
+    """The long stage's token counter in this worker (None: count units)."""
+    return tokenizer_lib.load(path) if path else None
+
+
 def _doc_id(record: dict, shard: Shard, line: int) -> str:
     return str(record.get("id", f"{os.path.basename(shard.path) or shard.kind}:{line}"))
 
@@ -79,7 +96,7 @@ def _line_frequencies(shard: Shard, config: ml_collections.ConfigDict, stages: t
     """Pass A: (line hash, number of documents containing the line) over one shard."""
     hashes = []
     for record, _ in iter_records(shard, config.text_key, config.max_line_bytes):
-        if record is not None:
+        if record is not None and not is_code(record, config):
             text = prepare(record[config.text_key], config, stages)
             hashes.extend({clean.text_hash(line) for line in clean.lines_of(text)})
     return np.unique(np.asarray(hashes, np.int64), return_counts=True)
@@ -110,16 +127,22 @@ def _filter_shard(k: int, shard: Shard, config: ml_collections.ConfigDict, stage
             original = record[config.text_key]
             docs_in += 1
             bytes_in += len(original.encode("utf-8"))
-            text = prepare(original, config, stages)
-            if "boilerplate" in stages and len(boilerplate):
+            source = is_code(record, config)
+            if source:
+                text = clean.normalize_code(original) if "normalize" in stages else original
+            else:
+                text = prepare(original, config, stages)
+            if "boilerplate" in stages and len(boilerplate) and not source:
                 text, cut = clean.drop_lines(text, boilerplate)
                 lines_cut += cut
             doc_id = _doc_id(record, shard, line)
             rule = None
             if not text.strip():
                 rule = "boilerplate" if original.strip() else "normalize"
-            elif "quality" in stages:
+            elif "quality" in stages and not source:
                 rule = quality.check(text, config.quality, url=str(record.get("url", "")))
+            if rule is None and text.strip() and "long" in stages:
+                rule = long.check(text, config.long, _long_tokenizer(config.long.tokenizer))
             if rule is not None:
                 removed[rule] += 1
                 _examples_add(examples, rule, config.examples_per_rule, id=doc_id, text=original)
@@ -129,7 +152,7 @@ def _filter_shard(k: int, shard: Shard, config: ml_collections.ConfigDict, stage
             ids.append(doc_id)
             if "exact" in stages:
                 exact.append(clean.text_hash(dedup.normalize_for_shingles(text)))
-            if "paragraph" in stages:
+            if "paragraph" in stages and not source:  # cutting a block out of a source file would break it
                 for p in clean.paragraphs_of(text):
                     if len(p) >= config.paragraph.min_chars:
                         para_hash.append(clean.text_hash(p))
@@ -166,7 +189,7 @@ def _finish_shard(survivors: str, ids: list[str], drop: list[tuple[int, str, str
                 removed[rule] += 1
                 _examples_add(examples, rule, config.examples_per_rule, id=doc_id, duplicate_of=of, text=text)
                 continue
-            if "paragraph" in stages and owner:
+            if "paragraph" in stages and owner and not is_code(record, config):
                 cut, chars = clean.drop_paragraphs(text, owner, first + i, config.paragraph.min_chars)
                 if chars:
                     para_chars += chars
@@ -314,6 +337,7 @@ def _run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: lis
         futures.append(pool.submit(_finish_shard, p["survivors"], p["ids"], drop, owner_by_shard[k], lo, config,
                                    stages, os.path.join(out_dir, f"part-{k:05d}.jsonl")))
     finals = [f.result() for f in futures]
+    code_report = _code_stage(config, out_dir, len(parts), work) if "code" in stages else None
 
     removed = collections.Counter()
     examples = collections.defaultdict(list)
@@ -333,9 +357,14 @@ def _run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: lis
     }
     if report_dedup:
         report["near_dedup"] = report_dedup
+    if code_report is not None:
+        report["code"] = code_report
+        report["output"] = code_report.pop("output")
     if "perplexity" in stages:
         report["perplexity"] = _perplexity_stage(config, len(shards), work, removed, examples)
         report["removed"]["perplexity"] = removed["perplexity"]
+        if "long" in stages:
+            report["removed"]["long_perplexity"] = removed["long_perplexity"]
         report["output"] = report["perplexity"].pop("output")
     with open(os.path.join(work, "out", "removed_examples.jsonl"), "w", encoding="utf-8") as f:
         for rule in _rule_order(config, stages):
@@ -344,10 +373,71 @@ def _run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: lis
     return report
 
 
+def _code_stage(config: ml_collections.ConfigDict, out_dir: str, n_shards: int, work: str) -> dict:
+    """Group the kept records of each repository across shards (spilled to `code.buckets` files by a hash of the
+    repository name), write each repository as one document in dependency order where its first file was,
+    and drop its other files' records."""
+    co = config.code
+    spill = os.path.join(work, "code")
+    os.makedirs(spill, exist_ok=True)
+    buckets = [open(os.path.join(spill, f"bucket-{b:05d}.jsonl"), "w", encoding="utf-8") for b in range(co.buckets)]
+    try:
+        for k in range(n_shards):
+            with open(os.path.join(out_dir, f"part-{k:05d}.jsonl"), encoding="utf-8") as src:
+                for i, line in enumerate(src):
+                    record = json.loads(line)
+                    repo, path = record.get(co.repo_key), record.get(co.path_key)
+                    if isinstance(repo, str) and isinstance(path, str):
+                        buckets[code.repo_bucket(repo, co.buckets)].write(json.dumps([k, i, record]) + "\n")
+    finally:
+        for f in buckets:
+            f.close()
+    replace: list[dict[int, dict | None]] = [{} for _ in range(n_shards)]  # shard -> line -> new record (None: drop)
+    repos = files = cyclic = 0
+    for b in range(co.buckets):
+        groups: dict[str, list] = collections.defaultdict(list)
+        with open(os.path.join(spill, f"bucket-{b:05d}.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                k, i, record = json.loads(line)
+                groups[record[co.repo_key]].append((k, i, record))
+        for repo in sorted(groups):
+            members = sorted(groups[repo], key=lambda m: (m[0], m[1]))
+            sources: dict[str, str] = {}
+            for _, _, record in members:
+                sources.setdefault(record[co.path_key], record[config.text_key])  # a repeated path: the first
+            text, order = code.repository_document(sources, header=co.header)
+            k, i, first = members[0]
+            merged = {key: v for key, v in first.items() if key not in (co.path_key, config.text_key)}
+            replace[k][i] = {**merged, config.text_key: text, "files": order}
+            for k2, i2, _ in members[1:]:
+                replace[k2][i2] = None
+            repos += 1
+            files += len(sources)
+            cyclic += code.cycles(sources) > 0
+    docs_out = bytes_out = 0
+    for k in range(n_shards):
+        path = os.path.join(out_dir, f"part-{k:05d}.jsonl")
+        with open(path, encoding="utf-8") as src, open(path + ".code", "w", encoding="utf-8") as out:
+            for i, line in enumerate(src):
+                if i in replace[k]:
+                    if replace[k][i] is None:
+                        continue
+                    line = json.dumps(replace[k][i], ensure_ascii=False) + "\n"
+                out.write(line)
+                docs_out += 1
+                bytes_out += len(json.loads(line)[config.text_key].encode("utf-8"))
+        os.replace(path + ".code", path)
+    shutil.rmtree(spill)
+    return {"repositories": repos, "files": files, "repositories_with_import_cycles": cyclic,
+            "output": {"documents": docs_out, "bytes": bytes_out}}
+
+
 def _rule_order(config: ml_collections.ConfigDict, stages: tuple[str, ...]) -> list[str]:
     rules = [s for s in ("normalize", "boilerplate") if s in stages]
     rules += list(config.quality.rules) if "quality" in stages else []
-    return rules + [s for s in ("exact", "near", "paragraph", "perplexity") if s in stages]
+    rules += [f"long_{r}" for r in long.RULES] if "long" in stages else []
+    rules += [s for s in ("exact", "near", "paragraph", "perplexity") if s in stages]
+    return rules + (["long_perplexity"] if "long" in stages and "perplexity" in stages else [])
 
 
 def _perplexity_stage(config: ml_collections.ConfigDict, n_shards: int, work: str, removed: collections.Counter,
@@ -367,6 +457,7 @@ def _perplexity_stage(config: ml_collections.ConfigDict, n_shards: int, work: st
     if not len(every):
         return {"scored": 0, "output": {"documents": 0, "bytes": 0}}
     drop_at = float(np.percentile(every, pp.drop_above)) if pp.drop_above < 100 else float("inf")
+    ceiling = config.long.max_perplexity if "long" in config_lib.curate_stages(config) else 0.0
     high_at, low_at = (float(np.percentile(every, q)) for q in pp.buckets)
     buckets = collections.Counter()
     docs_out = bytes_out = 0
@@ -375,6 +466,11 @@ def _perplexity_stage(config: ml_collections.ConfigDict, n_shards: int, work: st
                                                         encoding="utf-8") as out:
             for line, ppl in zip(src, score):
                 record = json.loads(line)
+                if ceiling and ppl > ceiling:
+                    removed["long_perplexity"] += 1
+                    _examples_add(examples, "long_perplexity", config.examples_per_rule, id=record.get("id"),
+                                  ppl=round(float(ppl), 3), text=record[config.text_key])
+                    continue
                 if ppl > drop_at:
                     removed["perplexity"] += 1
                     _examples_add(examples, "perplexity", config.examples_per_rule, id=record.get("id"),
@@ -425,6 +521,19 @@ def validate_curate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(c.dedup.unit in ("char", "word"), "dedup.unit", "must be char or word")
     _check(0.0 < c.dedup.fn_weight < 1.0, "dedup.fn_weight", "must be in (0, 1)")
     _check(c.paragraph.min_chars >= 1, "paragraph.min_chars", "must be >= 1")
+    lo = c.long
+    _check(lo.min_tokens >= 0, "long.min_tokens", "must be >= 0")
+    _check(not lo.tokenizer or os.path.exists(lo.tokenizer), "long.tokenizer", f"no such tokenizer: {lo.tokenizer}")
+    for key in ("max_repeated_line_fraction", "max_digit_fraction", "min_mattr"):
+        _check(0.0 <= lo[key] <= 1.0, f"long.{key}", "must be in [0, 1]")
+    _check(lo.mattr_window >= 1, "long.mattr_window", "must be >= 1")
+    _check(lo.max_perplexity >= 0.0, "long.max_perplexity", "must be >= 0 (0: no ceiling)")
+    _check(c.code.buckets >= 1, "code.buckets", "must be >= 1")
+    _check(c.code.repo_key != c.code.path_key, "code.path_key", "must differ from code.repo_key")
+    try:
+        c.code.header.format(path="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise config_lib.ConfigError("code.header", f"must be a format string with at most {{path}}: {e}") from None
     pp = c.perplexity
     _check(pp.batch_size > 0, "perplexity.batch_size", "must be positive")
     _check(pp.max_tokens > 1, "perplexity.max_tokens", "must be > 1")

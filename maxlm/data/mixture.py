@@ -102,6 +102,16 @@ class MixtureSource(Source):
         return "data mixture: " + "; ".join(parts)
 
 
+def long_context(long: str, standard: str, long_share: float = 0.5) -> tuple[tuple[str, float], ...]:
+    """`data.mixture` for a long-context stage: `long_share` of the bytes from the long corpus (a `maxlm.curate`
+    folder selected with the `long` stage), the rest from the standard corpus -- InternLM2's 32k stage mixes
+    its long data in at half. Shares are of bytes, so a long corpus of L bytes beside a standard one of S is
+    upsampled: seen (S / L) * long_share / (1 - long_share) times for every pass over the standard corpus."""
+    if not 0.0 < long_share < 1.0:
+        raise MixtureError(f"long_context: long_share must be in (0, 1), got {long_share}")
+    return ((long, float(long_share)), (standard, round(1.0 - float(long_share), 12)))
+
+
 def make_source(config: ml_collections.ConfigDict, split: str) -> Source:
     """The "train" or "eval" documents of the configured source (held out by `config.data.eval_fraction`)."""
     d = config.data
