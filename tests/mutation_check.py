@@ -45,6 +45,9 @@ class Mutation:
 
 MUTATIONS = [
     # ---- long-context selection and code data (maxlm/curation/long.py, code.py) ----
+    Mutation("language-votes-by-characters", "maxlm/curation/language.py",
+             'size = len(segment.encode("utf-8"))', "size = len(segment)",
+             ["tests/test_language.py::test_paragraph_votes_on_mixed_documents"]),
     Mutation("mattr-divides-by-the-window-count-only", "maxlm/curation/long.py",
              "return total / ((len(units) - window + 1) * window)", "return total / (len(units) * window)",
              ["tests/test_long_data.py::test_mattr_against_a_brute_force_loop"]),

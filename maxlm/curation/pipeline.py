@@ -9,6 +9,8 @@ filters; Baichuan-7B: rules, model scores, document- and paragraph-level dedup),
 
   normalize    Unicode NFC, control characters, whitespace; HTML to text (maxlm/curation/clean.py)
   boilerplate  lines found in >= boilerplate.min_docs different documents are removed everywhere
+  language     (a selection, by name only) the language of each document (fastText lid.176 or py3langid),
+               written into it; with `language.keep`, other languages go (maxlm/curation/language.py)
   quality      the heuristic rules of maxlm/curation/quality.py (Gopher's, plus a safety blocklist)
   long         (a selection, by name only) InternLM2's long-context filters: length, statistics, and with
                the perplexity stage a perplexity ceiling (maxlm/curation/long.py)
@@ -50,7 +52,7 @@ import numpy as np
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.config import CURATE_ALIASES, CURATE_STAGES, _check
-from maxlm.curation import clean, code, dedup, long, perplexity, quality
+from maxlm.curation import clean, code, dedup, language, long, perplexity, quality
 from maxlm.data import records
 from maxlm.data.records import MALFORMED, InputError, Shard, iter_records, resolve_input
 from maxlm.errors import UserError
@@ -139,13 +141,25 @@ def _filter_shard(k: int, shard: Shard, config: ml_collections.ConfigDict, stage
             rule = None
             if not text.strip():
                 rule = "boilerplate" if original.strip() else "normalize"
-            elif "quality" in stages and not source:
+            elif "language" in stages:
+                if source:
+                    record["language"] = language.CODE
+                else:
+                    verdict = language.identify(text, config.language)
+                    record["language"] = verdict.language
+                    record["language_confidence"] = round(verdict.confidence, 4)
+                    if verdict.second:
+                        record["language_second"] = verdict.second
+                    rule = language.check(verdict, config.language)
+            if rule is None and text.strip() and "quality" in stages and not source:
                 rule = quality.check(text, config.quality, url=str(record.get("url", "")))
             if rule is None and text.strip() and "long" in stages:
                 rule = long.check(text, config.long, _long_tokenizer(config.long.tokenizer))
             if rule is not None:
                 removed[rule] += 1
-                _examples_add(examples, rule, config.examples_per_rule, id=doc_id, text=original)
+                extra = {k: record[k] for k in ("language", "language_confidence") if rule.startswith("language")
+                         and k in record}
+                _examples_add(examples, rule, config.examples_per_rule, id=doc_id, text=original, **extra)
                 continue
             record[config.text_key] = text
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -238,6 +252,8 @@ def curate(config: ml_collections.ConfigDict, input_spec: str, output: str) -> d
     if "perplexity" in stages and not os.path.isdir(config.perplexity.workdir):
         raise CurateError(f"perplexity.workdir={config.perplexity.workdir} is not a maxlm run (train one, e.g. the "
                           "README's runs/tiny, or leave the stage out: --config.stages=...)")
+    if "language" in stages:
+        language.identifier(config.language.model)  # a missing package is one line now, not one per worker
     shards = resolve_input(input_spec, config.tfds_data_dir)
     if os.path.exists(output) and not os.path.isdir(output):
         raise CurateError(f"--output={output} exists and is not a folder")
@@ -434,6 +450,7 @@ def _code_stage(config: ml_collections.ConfigDict, out_dir: str, n_shards: int, 
 
 def _rule_order(config: ml_collections.ConfigDict, stages: tuple[str, ...]) -> list[str]:
     rules = [s for s in ("normalize", "boilerplate") if s in stages]
+    rules += ["language", "language_unsure"] if "language" in stages else []
     rules += list(config.quality.rules) if "quality" in stages else []
     rules += [f"long_{r}" for r in long.RULES] if "long" in stages else []
     rules += [s for s in ("exact", "near", "paragraph", "perplexity") if s in stages]
@@ -521,6 +538,12 @@ def validate_curate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(c.dedup.unit in ("char", "word"), "dedup.unit", "must be char or word")
     _check(0.0 < c.dedup.fn_weight < 1.0, "dedup.fn_weight", "must be in (0, 1)")
     _check(c.paragraph.min_chars >= 1, "paragraph.min_chars", "must be >= 1")
+    la = c.language
+    _check(la.model in language.IDENTIFIERS, "language.model", f"must be one of {tuple(language.IDENTIFIERS)}")
+    _check(all(isinstance(k, str) and k for k in la.keep), "language.keep", "ISO 639-1 codes, e.g. ('en', 'zh')")
+    for key in ("threshold", "second_share"):
+        _check(0.0 <= la[key] <= 1.0, f"language.{key}", "must be in [0, 1]")
+    _check(la.segment_chars >= 1 and la.max_chars >= 1, "language.segment_chars", "lengths must be >= 1")
     lo = c.long
     _check(lo.min_tokens >= 0, "long.min_tokens", "must be >= 0")
     _check(not lo.tokenizer or os.path.exists(lo.tokenizer), "long.tokenizer", f"no such tokenizer: {lo.tokenizer}")
