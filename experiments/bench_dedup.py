@@ -88,6 +88,25 @@ def run_maxlm(docs: list[str], threshold: float, num_perm: int) -> tuple[np.ndar
     return result.cluster, time.perf_counter() - start
 
 
+def verified_components(hashes: list, query, threshold: float) -> np.ndarray:
+    """A peer's clusters: each signature's LSH candidates (`query`) verified by the library's own estimated
+    Jaccard (`a.jaccard(b)`), then connected components (union-find, smallest index as the root)."""
+    parent = list(range(len(hashes)))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, m in enumerate(hashes):
+        for j in query(m):
+            if j != i and m.jaccard(hashes[j]) >= threshold:
+                a, b = root(i), root(j)
+                parent[max(a, b)] = min(a, b)
+    return np.array([root(i) for i in range(len(hashes))])
+
+
 def run_datasketch(docs: list[str], threshold: float, num_perm: int) -> tuple[np.ndarray, float]:
     from datasketch import MinHash, MinHashLSH
 
@@ -99,20 +118,7 @@ def run_datasketch(docs: list[str], threshold: float, num_perm: int) -> tuple[np
         m.update_batch([s.encode("utf-8") for s in shingle_set(text)])
         lsh.insert(i, m)
         hashes.append(m)
-    parent = list(range(len(docs)))
-
-    def root(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for i, m in enumerate(hashes):
-        for j in lsh.query(m):
-            if j != i and m.jaccard(hashes[j]) >= threshold:
-                a, b = root(i), root(j)
-                parent[max(a, b)] = min(a, b)
-    cluster = np.array([root(i) for i in range(len(docs))])
+    cluster = verified_components(hashes, lsh.query, threshold)
     return cluster, time.perf_counter() - start
 
 
@@ -132,20 +138,7 @@ def run_rensa(docs: list[str], threshold: float, num_perm: int) -> tuple[np.ndar
         m.update(list(shingle_set(text)))
         lsh.insert(i, m)
         hashes.append(m)
-    parent = list(range(len(docs)))
-
-    def root(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for i, m in enumerate(hashes):
-        for j in lsh.query(m):
-            if j != i and m.jaccard(hashes[j]) >= threshold:
-                a, b = root(i), root(j)
-                parent[max(a, b)] = min(a, b)
-    cluster = np.array([root(i) for i in range(len(docs))])
+    cluster = verified_components(hashes, lsh.query, threshold)
     return cluster, time.perf_counter() - start
 
 
