@@ -32,6 +32,7 @@ import ml_collections
 
 from maxlm import config as config_lib
 from maxlm.errors import ConfigError, UserError
+from maxlm.training.workdir import write_json_atomic
 
 # The entry points a sweep runs: their module, and the metric a trial is judged by (the report's default;
 # `--metric` picks another). The posttraining stages are judged by the task checker's held-out score.
@@ -131,7 +132,7 @@ class Plan:
 
     def save(self, workdir: str) -> None:
         os.makedirs(workdir, exist_ok=True)
-        write_json(os.path.join(workdir, PLAN_FILE), self.to_json())
+        write_json_atomic(os.path.join(workdir, PLAN_FILE), self.to_json())
 
     @staticmethod
     def load(workdir: str) -> "Plan":
@@ -148,13 +149,6 @@ class Plan:
 
 def _from_json(value: Any) -> Any:
     return tuple(_from_json(v) for v in value) if isinstance(value, list) else value
-
-
-def write_json(path: str, value: Any) -> None:
-    """Atomically (a reader -- `--report` while trials run -- never sees half a file)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def load_sweep(path: str) -> list[dict]:
@@ -297,5 +291,5 @@ def record_attempt(workdir: str, trial: Trial, rc: int, wall: float, started: fl
     record = trial_record(workdir, trial)
     record["attempts"].append({"rc": rc, "wall_s": round(wall, 3), "started": started, "command": _flags(cmd)})
     os.makedirs(os.path.join(workdir, trial.name), exist_ok=True)
-    write_json(os.path.join(workdir, trial.name, TRIAL_FILE), record)
+    write_json_atomic(os.path.join(workdir, trial.name, TRIAL_FILE), record)
     return record

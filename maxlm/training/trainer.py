@@ -560,10 +560,8 @@ def _write_status(workdir: str, stage: str, step: int, total: int) -> None:
     """`<workdir>/status.json`: where this invocation left the run -- `complete` once it reached
     `train.num_steps` (a signal stops earlier, exit status 0 all the same). Orchestrators (`maxlm.sweep`)
     read it to tell a finished run from one to resume. Written atomically."""
-    path = os.path.join(workdir, "status.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"stage": stage, "step": step, "num_steps": total, "complete": step >= total, "time": time.time()}, f)
-    os.replace(path + ".tmp", path)
+    workdir_lib.write_json_atomic(os.path.join(workdir, "status.json"), {
+        "stage": stage, "step": step, "num_steps": total, "complete": step >= total, "time": time.time()})
 
 
 def restore(ckpt: checkpoint_lib.Checkpointer, trainer: Trainer, frozen: dict,

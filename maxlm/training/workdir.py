@@ -224,6 +224,14 @@ def changed_keys(saved: ml_collections.ConfigDict, config: ml_collections.Config
     return out
 
 
+def write_json_atomic(path: str, value: Any) -> None:
+    """`value` as JSON at `path`, written to a temporary file and renamed into place: a reader (an orchestrator
+    polling a run's status, `maxlm.sweep --report` while trials run) never sees half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def check_resume(saved: ml_collections.ConfigDict, saved_stage: str, config: ml_collections.ConfigDict, stage: str,
                  workdir: str, stage_boundary: bool = False) -> None:
     """Raise WorkdirError (one line, nothing touched) when the workdir's newest checkpoint belongs to another
