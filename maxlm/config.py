@@ -747,6 +747,11 @@ def curate_config() -> ml_collections.ConfigDict:
     c.stages = ",".join(CURATE_ALIASES["all"])
     c.seed = 0  # MinHash permutations (the only randomness; output is byte-identical for a seed)
     c.workers = 0  # processes over input shards; 0: one per CPU core
+    # local: process-pool workers on this machine | beam: an Apache Beam pipeline (maxlm/curation/beam_runner.py),
+    # the same documents kept; `beam_options` are Beam's own flags, e.g. '--runner=DataflowRunner --project=P
+    # --region=R --temp_location=gs://B/tmp' (empty: the DirectRunner with `workers` processes).
+    c.runner = "local"
+    c.beam_options = ""
     c.text_key = "text"
     c.tfds_data_dir = ""  # where --input=tfds:NAME is prepared (array_record); empty: TFDS's default
     c.max_line_bytes = 16 << 20  # longer jsonl lines are counted as too_long and skipped

@@ -32,6 +32,7 @@ ROPE = "tests/test_rope_scaling.py::"
 AGG = "tests/test_aggregates.py::"
 G3 = "tests/test_convert.py::"
 ENGINE = "tests/test_engine.py::"
+BEAM = "tests/test_beam_curate.py::test_beam_runner_keeps_exactly_what_the_local_runner_keeps"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,20 @@ MUTATIONS = [
     Mutation("code-relative-import-one-level-too-high", "maxlm/curation/code.py",
              "up = len(package) - (node.level - 1)", "up = len(package) - node.level",
              ["tests/test_code_data.py::test_module_names_and_imports"]),
+    # ---- the Beam runner (maxlm/curation/beam_runner.py): each global step against the local runner ----
+    Mutation("beam-exact-keeps-the-last-copy", "maxlm/curation/beam_runner.py",
+             "    first, *rest = sorted(group[1])", "    *rest, first = sorted(group[1])", [BEAM]),
+    Mutation("beam-bucket-pairs-first-only", "maxlm/curation/beam_runner.py",
+             "        if i > 1:\n            yield members[i - 1], members[i]", "        if i > 1:\n            pass",
+             [BEAM]),
+    Mutation("beam-components-root-and-member-swapped", "maxlm/curation/beam_runner.py",
+             "zip(nodes[label[moved]].tolist(), nodes[moved].tolist())",
+             "zip(nodes[moved].tolist(), nodes[label[moved]].tolist())", [BEAM]),
+    Mutation("beam-paragraph-owner-is-the-last", "maxlm/curation/beam_runner.py",
+             "owner = min(docs)", "owner = max(docs)", [BEAM]),
+    Mutation("quality-wide-punctuation-counted-as-words", "maxlm/curation/quality.py",
+             " and not _WIDE_PUNCTUATION.match(u)]", "]",
+             ["tests/test_quality.py::test_chinese_punctuation_is_not_a_word"]),
     # ---- sweeps and tracking (maxlm/launch/, maxlm/training/tracking.py) ----
     Mutation("sweep-product-outer-loop-swapped", "maxlm/launch/sweep.py",
              "out = [{**a, **b} for a in out for b in _as_trials(part)]",
@@ -462,7 +477,8 @@ def run_one(root: str, m: Mutation, timeout: int) -> tuple[str, str]:
             return "timeout", f"tests ran past {timeout} s"
         out = done.stdout + done.stderr
         failed = _failed_tests(out)
-        if done.returncode == 1 and failed and not any(s in out for s in ("ImportError", "SyntaxError")):
+        # an exception raised, not a word in a log line (Beam's workers log "... not raising an ImportError.")
+        if done.returncode == 1 and failed and not re.search(r"\b(?:ImportError|SyntaxError): ", out):
             return "caught", failed[0]
         if done.returncode == 0:
             return "survived", "all tests passed"

@@ -389,6 +389,11 @@ CASES += [
          "/nonexistent/w"),
     Case("curate:unknown_stage", "curate",
          lambda fx: [f"--input={fx.corpus}", f"--output={fx.path('c')}", "--config.stages=normalize,shine"], "shine"),
+    Case("curate:unknown_runner", "curate",
+         lambda fx: [f"--input={fx.corpus}", f"--output={fx.path('c')}", "--config.runner=spark"], "runner"),
+    Case("curate:beam_options_unbalanced_quote", "curate",
+         lambda fx: [f"--input={fx.corpus}", f"--output={fx.path('c')}", "--config.runner=beam",
+                     "--config.beam_options=--runner='DirectRunner"], "beam_options"),
     # --- graph (the shortest-path walks)
     Case("graph:no_out", "graph", lambda fx: [], "--out"),
     Case("graph:too_few_nodes", "graph", lambda fx: [f"--out={fx.path('walks.jsonl')}", "--nodes=2"], "n_nodes"),

@@ -1,6 +1,9 @@
 """Every heuristic quality rule (maxlm/curation/quality.py) on an English and a Chinese case: clean text passes,
 text with the rule's defect is removed by that rule, and the statistics match direct computations."""
 
+import json
+import os
+
 import pytest
 
 from maxlm import config as config_lib
@@ -76,6 +79,18 @@ def test_blocklist_words_and_domains(lang):
     assert quality.check(good + " See https://notevil.example/page.", q) is None
     assert quality.check(good, q, url="http://evil.example/a") == "blocklist"
     assert quality.check(good + "违禁词 crimson", _only("blocklist", words=("crimson", "违禁词"), max_hits=2)) is None
+
+
+def test_chinese_punctuation_is_not_a_word():
+    """Real Chinese prose with more full-width punctuation marks than `min_words`: before the marks were left out of
+    the words, each counted as a one-character word and every such page failed mean_word_length."""
+    rows = [json.loads(line) for line in open(os.path.join(os.path.dirname(__file__), "data", "langid.jsonl"),
+                                              encoding="utf-8")]
+    text = "\n\n".join("".join(r["text"] for r in rows if r["lang"] == "zh")[i:i + 300] for i in range(0, 900, 300))
+    assert sum(text.count(p) for p in "，。") > 20
+    assert quality.check(text, config_lib.curate_config().quality) is None
+    assert quality.check(text + "\n\n" + " ".join(["Supercalifragilistic"] * 30) + ".",
+                         _only("mean_word_length")) == "mean_word_length"  # the Latin words are still measured
 
 
 def test_units_count_cjk_characters():

@@ -3,6 +3,7 @@
     python -m maxlm.curate --config=configs/curate_default.py --input='crawl/*.jsonl.gz' --output=curated
     python -m maxlm.curate --input=stdlib --output=curated --config.stages=dedup   # dedup only
     python -m maxlm.curate --input=tfds:wiki40b/en:train --output=curated
+    python -m maxlm.curate --input='crawl/*.jsonl.gz' --output=curated --config.runner=beam   # Apache Beam
 
 The stages follow the seeds' recipe (InternLM2: jsonl, heuristic rules, LSH dedup, safety and perplexity
 filters; Baichuan-7B: rules, model scores, document- and paragraph-level dedup), in this order:
@@ -30,17 +31,21 @@ and LSH reads them once, in row chunks, into 8-byte band keys. `DIR/report.json`
 in and out and the removals per rule; `DIR/removed_examples.jsonl` keeps a few removed documents per rule
 for a human to read. The output is written under a temporary folder and moved into place at the end, and
 is byte-identical for the same input, config and seed.
+
+This module is the local runner (`runner=local`): process-pool workers over the shards, the global steps in
+numpy. `runner=beam` runs the same stages as an Apache Beam pipeline (maxlm/curation/beam_runner.py) and
+writes the same bytes; what happens to one document is written once, in maxlm/curation/steps.py.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import glob
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -52,43 +57,11 @@ import numpy as np
 from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.config import CURATE_ALIASES, CURATE_STAGES, _check
-from maxlm.curation import clean, code, dedup, language, long, perplexity, quality
+from maxlm.curation import beam_runner, code, dedup, language, perplexity, quality, steps
+from maxlm.curation.steps import CurateError, is_code, prepare  # noqa: F401 (also their old import path)
 from maxlm.data import records
-from maxlm.data.records import MALFORMED, InputError, Shard, iter_records, resolve_input
-from maxlm.errors import UserError
+from maxlm.data.records import InputError, Shard, iter_records, resolve_input
 from maxlm.interop import pretrained
-
-SIGNATURE_BATCH = 512  # documents per MinHash call
-EXAMPLE_CHARS = 2000
-
-
-class CurateError(UserError):
-    """A user mistake (no input, bad output folder): one line, exit status 2."""
-
-
-def prepare(text: str, config: ml_collections.ConfigDict, stages: tuple[str, ...]) -> str:
-    """The normalize stage: HTML to text (when asked or when it looks like HTML), then `clean.normalize`."""
-    if "normalize" not in stages:
-        return text
-    if config.html == "always" or (config.html == "auto" and clean.looks_like_html(text)):
-        return clean.html_to_text(text)
-    return clean.normalize(text)
-
-
-def is_code(record: dict, config: ml_collections.ConfigDict) -> bool:
-    """A source file (its `code.path_key` ends with one of `code.extensions`): kept out of the prose stages."""
-    path = record.get(config.code.path_key)
-    return isinstance(path, str) and path.lower().endswith(tuple(config.code.extensions))
-
-
-@functools.lru_cache(maxsize=2)
-def _long_tokenizer(path: str):
-    """The long stage's token counter in this worker (None: count units)."""
-    return tokenizer_lib.load(path) if path else None
-
-
-def _doc_id(record: dict, shard: Shard, line: int) -> str:
-    return str(record.get("id", f"{os.path.basename(shard.path) or shard.kind}:{line}"))
 
 
 # ---- worker passes (module-level functions: they run in spawned processes) ----
@@ -98,22 +71,20 @@ def _line_frequencies(shard: Shard, config: ml_collections.ConfigDict, stages: t
     """Pass A: (line hash, number of documents containing the line) over one shard."""
     hashes = []
     for record, _ in iter_records(shard, config.text_key, config.max_line_bytes):
-        if record is not None and not is_code(record, config):
-            text = prepare(record[config.text_key], config, stages)
-            hashes.extend({clean.text_hash(line) for line in clean.lines_of(text)})
+        if record is not None:
+            hashes.extend(steps.line_hashes(record, config, stages))
     return np.unique(np.asarray(hashes, np.int64), return_counts=True)
 
 
-def _examples_add(examples: dict, rule: str, limit: int, **row: Any) -> None:
-    if len(examples[rule]) < limit:
-        row["text"] = row["text"][:EXAMPLE_CHARS]
-        examples[rule].append(dict(rule=rule, **row))
+def _examples_add(examples: dict, row: dict, limit: int) -> None:
+    if len(examples[row["rule"]]) < limit:
+        examples[row["rule"]].append(row)
 
 
 def _filter_shard(k: int, shard: Shard, config: ml_collections.ConfigDict, stages: tuple[str, ...], work: str,
                   boilerplate_file: str) -> dict:
-    """Pass B: normalise, strip boilerplate, apply the quality rules; survivors go to work/survivors-k.jsonl
-    with their exact-dedup hash, MinHash signature (work/sig-k.npy) and long-paragraph hashes."""
+    """Pass B: the per-document stages (`steps.filter_record`); survivors go to work/survivors-k.jsonl with their
+    exact-dedup hash, MinHash signature (work/sig-k.npy) and long-paragraph hashes."""
     boilerplate = np.load(boilerplate_file) if boilerplate_file else np.zeros(0, np.int64)
     hasher = dedup.MinHasher(config.dedup.num_perm, config.dedup.ngram, config.dedup.unit, config.seed)
     malformed, removed = collections.Counter(), collections.Counter()
@@ -129,51 +100,25 @@ def _filter_shard(k: int, shard: Shard, config: ml_collections.ConfigDict, stage
             original = record[config.text_key]
             docs_in += 1
             bytes_in += len(original.encode("utf-8"))
-            source = is_code(record, config)
-            if source:
-                text = clean.normalize_code(original) if "normalize" in stages else original
-            else:
-                text = prepare(original, config, stages)
-            if "boilerplate" in stages and len(boilerplate) and not source:
-                text, cut = clean.drop_lines(text, boilerplate)
-                lines_cut += cut
-            doc_id = _doc_id(record, shard, line)
-            rule = None
-            if not text.strip():
-                rule = "boilerplate" if original.strip() else "normalize"
-            elif "language" in stages:
-                if source:
-                    record["language"] = language.CODE
-                else:
-                    verdict = language.identify(text, config.language)
-                    record["language"] = verdict.language
-                    record["language_confidence"] = round(verdict.confidence, 4)
-                    if verdict.second:
-                        record["language_second"] = verdict.second
-                    rule = language.check(verdict, config.language)
-            if rule is None and text.strip() and "quality" in stages and not source:
-                rule = quality.check(text, config.quality, url=str(record.get("url", "")))
-            if rule is None and text.strip() and "long" in stages:
-                rule = long.check(text, config.long, _long_tokenizer(config.long.tokenizer))
+            rule, text, cut = steps.filter_record(record, config, stages, boilerplate)
+            lines_cut += cut
+            name = steps.doc_id(record, shard, line)
             if rule is not None:
                 removed[rule] += 1
-                extra = {k: record[k] for k in ("language", "language_confidence") if rule.startswith("language")
-                         and k in record}
-                _examples_add(examples, rule, config.examples_per_rule, id=doc_id, text=original, **extra)
+                _examples_add(examples, steps.removal_example(rule, record, name, original), config.examples_per_rule)
                 continue
             record[config.text_key] = text
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            ids.append(doc_id)
+            ids.append(name)
             if "exact" in stages:
-                exact.append(clean.text_hash(dedup.normalize_for_shingles(text)))
-            if "paragraph" in stages and not source:  # cutting a block out of a source file would break it
-                for p in clean.paragraphs_of(text):
-                    if len(p) >= config.paragraph.min_chars:
-                        para_hash.append(clean.text_hash(p))
-                        para_doc.append(len(ids) - 1)
+                exact.append(steps.exact_hash(text))
+            if "paragraph" in stages:
+                hashes = steps.paragraph_hashes(record, text, config)
+                para_hash.extend(hashes)
+                para_doc.extend([len(ids) - 1] * len(hashes))
             if "near" in stages:
                 batch.append(text)
-                if len(batch) == SIGNATURE_BATCH:
+                if len(batch) == steps.SIGNATURE_BATCH:
                     sigs.append(hasher.signatures(batch))
                     batch = []
     if batch:
@@ -197,25 +142,23 @@ def _finish_shard(survivors: str, ids: list[str], drop: list[tuple[int, str, str
         for i, line in enumerate(src):
             record = json.loads(line)
             text = record[config.text_key]
-            doc_id = ids[i]
             if i in dropped:
                 rule, of = dropped[i]
                 removed[rule] += 1
-                _examples_add(examples, rule, config.examples_per_rule, id=doc_id, duplicate_of=of, text=text)
+                _examples_add(examples, steps.example_row(rule, id=ids[i], duplicate_of=of, text=text),
+                              config.examples_per_rule)
                 continue
-            if "paragraph" in stages and owner and not is_code(record, config):
-                cut, chars = clean.drop_paragraphs(text, owner, first + i, config.paragraph.min_chars)
-                if chars:
-                    para_chars += chars
-                    if not cut.strip() or ("quality" in stages and "length" in config.quality.rules
-                                           and quality.check(cut, config.quality, rules=("length",)) is not None):
-                        removed["paragraph"] += 1
-                        _examples_add(examples, "paragraph", config.examples_per_rule, id=doc_id, text=text)
-                        continue
-                    record[config.text_key] = text = cut
+            if "paragraph" in stages:
+                gone, chars = steps.cut_paragraphs(record, owner, first + i, config, stages)
+                para_chars += chars
+                if gone:
+                    removed["paragraph"] += 1
+                    _examples_add(examples, steps.example_row("paragraph", id=ids[i], text=text),
+                                  config.examples_per_rule)
+                    continue
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             docs_out += 1
-            bytes_out += len(text.encode("utf-8"))
+            bytes_out += len(record[config.text_key].encode("utf-8"))
     return {"removed": removed, "examples": dict(examples), "docs_out": docs_out, "bytes_out": bytes_out,
             "paragraph_chars": para_chars}
 
@@ -263,11 +206,7 @@ def curate(config: ml_collections.ConfigDict, input_spec: str, output: str) -> d
     os.makedirs(os.path.join(work, "out"))
     start = time.time()
     _log(f"maxlm.curate: {len(shards)} shard(s) from {input_spec}; stages {', '.join(stages)}")
-    pool = _executor(config.workers, len(shards))
-    try:
-        report = _run(config, stages, shards, work, pool)
-    finally:
-        pool.shutdown()
+    report = RUNNERS[config.runner](config, stages, shards, work)
     report["input"]["spec"] = input_spec
     if not report["input"]["documents"]:  # curating nothing is a mistake, not an empty corpus to train on
         shutil.rmtree(work)
@@ -286,6 +225,23 @@ def curate(config: ml_collections.ConfigDict, input_spec: str, output: str) -> d
          f"({report['output']['bytes'] / max(report['input']['bytes'], 1):.1%} of the bytes) in "
          f"{time.time() - start:.1f}s -> {output}")
     return report
+
+
+def _run_local(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: list[Shard], work: str) -> dict:
+    """The stages over process-pool workers (`workers`), one input shard each."""
+    pool = _executor(config.workers, len(shards))
+    try:
+        return _run(config, stages, shards, work, pool)
+    finally:
+        pool.shutdown()
+
+
+def _run_beam(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: list[Shard], work: str) -> dict:
+    """The stages as an Apache Beam pipeline (maxlm/curation/beam_runner.py)."""
+    return beam_runner.run(config, stages, shards, work, log=_log)
+
+
+RUNNERS = {"local": _run_local, "beam": _run_beam}  # config.runner
 
 
 def _run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: list[Shard], work: str, pool) -> dict:
@@ -353,46 +309,32 @@ def _run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: lis
         futures.append(pool.submit(_finish_shard, p["survivors"], p["ids"], drop, owner_by_shard[k], lo, config,
                                    stages, os.path.join(out_dir, f"part-{k:05d}.jsonl")))
     finals = [f.result() for f in futures]
-    code_report = _code_stage(config, out_dir, len(parts), work) if "code" in stages else None
 
-    removed = collections.Counter()
+    totals = collections.Counter()
     examples = collections.defaultdict(list)
     for result in parts + finals:
-        removed.update(result["removed"])
+        totals.update({f"removed:{rule}": n for rule, n in result["removed"].items()})
         for rule, rows in result["examples"].items():
             examples[rule].extend(rows[:config.examples_per_rule - len(examples[rule])])
-    report = {
-        "stages": list(stages),
-        "input": {"shards": len(shards), "documents": sum(p["docs_in"] for p in parts),
-                  "bytes": sum(p["bytes_in"] for p in parts)},
-        "malformed": {r: sum(p["malformed"][r] for p in parts) for r in MALFORMED},
-        "removed": {r: removed[r] for r in _rule_order(config, stages)},
-        "modified": {"boilerplate_lines": sum(p["boilerplate_lines"] for p in parts),
-                     "paragraph_chars": sum(f["paragraph_chars"] for f in finals)},
-        "output": {"documents": sum(f["docs_out"] for f in finals), "bytes": sum(f["bytes_out"] for f in finals)},
-    }
-    if report_dedup:
-        report["near_dedup"] = report_dedup
-    if code_report is not None:
-        report["code"] = code_report
-        report["output"] = code_report.pop("output")
-    if "perplexity" in stages:
-        report["perplexity"] = _perplexity_stage(config, len(shards), work, removed, examples)
-        report["removed"]["perplexity"] = removed["perplexity"]
-        if "long" in stages:
-            report["removed"]["long_perplexity"] = removed["long_perplexity"]
-        report["output"] = report["perplexity"].pop("output")
+    for p in parts:
+        totals.update({f"malformed:{r}": n for r, n in p["malformed"].items()})
+        totals.update(docs_in=p["docs_in"], bytes_in=p["bytes_in"], boilerplate_lines=p["boilerplate_lines"])
+    for f in finals:
+        totals.update(docs_out=f["docs_out"], bytes_out=f["bytes_out"], paragraph_chars=f["paragraph_chars"])
+    code_counts = _code_stage(config, out_dir, len(parts), work, totals) if "code" in stages else None
+    ppl = _perplexity_stage(config, len(shards), work, totals, examples) if "perplexity" in stages else None
     with open(os.path.join(work, "out", "removed_examples.jsonl"), "w", encoding="utf-8") as f:
-        for rule in _rule_order(config, stages):
+        for rule in steps.rule_order(config, stages):
             for row in examples.get(rule, []):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return report
+    return steps.build_report(config, stages, len(shards), totals, report_dedup, code_counts, ppl)
 
 
-def _code_stage(config: ml_collections.ConfigDict, out_dir: str, n_shards: int, work: str) -> dict:
+def _code_stage(config: ml_collections.ConfigDict, out_dir: str, n_shards: int, work: str,
+                totals: collections.Counter) -> dict:
     """Group the kept records of each repository across shards (spilled to `code.buckets` files by a hash of the
     repository name), write each repository as one document in dependency order where its first file was,
-    and drop its other files' records."""
+    and drop its other files' records. Sets the output totals."""
     co = config.code
     spill = os.path.join(work, "code")
     os.makedirs(spill, exist_ok=True)
@@ -402,9 +344,9 @@ def _code_stage(config: ml_collections.ConfigDict, out_dir: str, n_shards: int, 
             with open(os.path.join(out_dir, f"part-{k:05d}.jsonl"), encoding="utf-8") as src:
                 for i, line in enumerate(src):
                     record = json.loads(line)
-                    repo, path = record.get(co.repo_key), record.get(co.path_key)
-                    if isinstance(repo, str) and isinstance(path, str):
-                        buckets[code.repo_bucket(repo, co.buckets)].write(json.dumps([k, i, record]) + "\n")
+                    if steps.in_repository(record, config):
+                        buckets[code.repo_bucket(record[co.repo_key], co.buckets)].write(json.dumps([k, i, record])
+                                                                                         + "\n")
     finally:
         for f in buckets:
             f.close()
@@ -418,18 +360,13 @@ def _code_stage(config: ml_collections.ConfigDict, out_dir: str, n_shards: int, 
                 groups[record[co.repo_key]].append((k, i, record))
         for repo in sorted(groups):
             members = sorted(groups[repo], key=lambda m: (m[0], m[1]))
-            sources: dict[str, str] = {}
-            for _, _, record in members:
-                sources.setdefault(record[co.path_key], record[config.text_key])  # a repeated path: the first
-            text, order = code.repository_document(sources, header=co.header)
-            k, i, first = members[0]
-            merged = {key: v for key, v in first.items() if key not in (co.path_key, config.text_key)}
-            replace[k][i] = {**merged, config.text_key: text, "files": order}
+            merged, n_files, has_cycle = steps.repository_record([m[2] for m in members], config)
+            replace[members[0][0]][members[0][1]] = merged
             for k2, i2, _ in members[1:]:
                 replace[k2][i2] = None
             repos += 1
-            files += len(sources)
-            cyclic += code.cycles(sources) > 0
+            files += n_files
+            cyclic += has_cycle
     docs_out = bytes_out = 0
     for k in range(n_shards):
         path = os.path.join(out_dir, f"part-{k:05d}.jsonl")
@@ -444,22 +381,14 @@ def _code_stage(config: ml_collections.ConfigDict, out_dir: str, n_shards: int, 
                 bytes_out += len(json.loads(line)[config.text_key].encode("utf-8"))
         os.replace(path + ".code", path)
     shutil.rmtree(spill)
-    return {"repositories": repos, "files": files, "repositories_with_import_cycles": cyclic,
-            "output": {"documents": docs_out, "bytes": bytes_out}}
+    totals["docs_out"], totals["bytes_out"] = docs_out, bytes_out
+    return {"repositories": repos, "files": files, "repositories_with_import_cycles": cyclic}
 
 
-def _rule_order(config: ml_collections.ConfigDict, stages: tuple[str, ...]) -> list[str]:
-    rules = [s for s in ("normalize", "boilerplate") if s in stages]
-    rules += ["language", "language_unsure"] if "language" in stages else []
-    rules += list(config.quality.rules) if "quality" in stages else []
-    rules += [f"long_{r}" for r in long.RULES] if "long" in stages else []
-    rules += [s for s in ("exact", "near", "paragraph", "perplexity") if s in stages]
-    return rules + (["long_perplexity"] if "long" in stages and "perplexity" in stages else [])
-
-
-def _perplexity_stage(config: ml_collections.ConfigDict, n_shards: int, work: str, removed: collections.Counter,
+def _perplexity_stage(config: ml_collections.ConfigDict, n_shards: int, work: str, totals: collections.Counter,
                       examples: dict) -> dict:
-    """Score every kept document, drop those above the `drop_above` percentile, bucket the rest."""
+    """Score every kept document, drop those above the `drop_above` percentile (or the long stage's ceiling),
+    bucket the rest. Sets the output totals."""
     pp = config.perplexity
     model_config, params, tok_path = pretrained.load_base(pp.workdir, pp.step, key="perplexity.workdir")
     tok = tokenizer_lib.load(tok_path)
@@ -471,11 +400,7 @@ def _perplexity_stage(config: ml_collections.ConfigDict, n_shards: int, work: st
         scores.append(perplexity.perplexities(model_config, params, tok, texts, max_tokens=pp.max_tokens,
                                               batch_size=pp.batch_size))
     every = np.concatenate(scores) if scores else np.zeros(0)
-    if not len(every):
-        return {"scored": 0, "output": {"documents": 0, "bytes": 0}}
-    drop_at = float(np.percentile(every, pp.drop_above)) if pp.drop_above < 100 else float("inf")
-    ceiling = config.long.max_perplexity if "long" in config_lib.curate_stages(config) else 0.0
-    high_at, low_at = (float(np.percentile(every, q)) for q in pp.buckets)
+    cuts = steps.perplexity_cuts(every, config)
     buckets = collections.Counter()
     docs_out = bytes_out = 0
     for path, score in zip(kept, scores):
@@ -483,26 +408,17 @@ def _perplexity_stage(config: ml_collections.ConfigDict, n_shards: int, work: st
                                                         encoding="utf-8") as out:
             for line, ppl in zip(src, score):
                 record = json.loads(line)
-                if ceiling and ppl > ceiling:
-                    removed["long_perplexity"] += 1
-                    _examples_add(examples, "long_perplexity", config.examples_per_rule, id=record.get("id"),
-                                  ppl=round(float(ppl), 3), text=record[config.text_key])
+                gone = steps.score_record(record, ppl, cuts, config)
+                if gone is not None:
+                    totals[f"removed:{gone['rule']}"] += 1
+                    _examples_add(examples, gone, config.examples_per_rule)
                     continue
-                if ppl > drop_at:
-                    removed["perplexity"] += 1
-                    _examples_add(examples, "perplexity", config.examples_per_rule, id=record.get("id"),
-                                  ppl=round(float(ppl), 3), text=record[config.text_key])
-                    continue
-                record["ppl"] = round(float(ppl), 4)
-                record["quality"] = "high" if ppl <= high_at else "medium" if ppl <= low_at else "low"
                 buckets[record["quality"]] += 1
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 docs_out += 1
                 bytes_out += len(record[config.text_key].encode("utf-8"))
-    return {"scored": int(len(every)), "model": pp.workdir, "drop_above": round(drop_at, 4),
-            "high_at_most": round(high_at, 4), "medium_at_most": round(low_at, 4),
-            "buckets": {b: buckets[b] for b in ("high", "medium", "low")},
-            "output": {"documents": docs_out, "bytes": bytes_out}}
+    totals["docs_out"], totals["bytes_out"] = docs_out, bytes_out
+    return steps.perplexity_report(len(every), cuts, buckets, config)
 
 
 def main(argv: list[str]) -> None:
@@ -522,6 +438,11 @@ def validate_curate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     bad = [s for s in named if s not in CURATE_STAGES and s not in CURATE_ALIASES]
     _check(not bad, "stages", f"unknown stage(s) {bad}; known: {CURATE_STAGES} and aliases {tuple(CURATE_ALIASES)}")
     _check(c.workers >= 0, "workers", "must be >= 0 (0: one per CPU core)")
+    _check(c.runner in RUNNERS, "runner", f"must be one of {tuple(RUNNERS)}")
+    try:
+        shlex.split(c.beam_options)
+    except ValueError as e:
+        raise config_lib.ConfigError("beam_options", f"not a command line of Beam flags: {e}") from None
     _check(c.max_line_bytes > 0, "max_line_bytes", "must be positive")
     _check(c.html in ("auto", "always", "never"), "html", "must be auto, always or never")
     _check(c.boilerplate.min_docs >= 2, "boilerplate.min_docs", "must be >= 2 (a line in one document is content)")

@@ -32,6 +32,9 @@ import numpy as np
 CJK = "\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _UNIT = re.compile(rf"[{CJK}]|[^\s{CJK}]+")
 _IS_CJK = re.compile(rf"[{CJK}]")
+# Chinese and Japanese punctuation (ideographic and full-width forms): between two CJK characters it is a unit of
+# its own, but not a word -- counted as one, a page of Chinese prose has a mean word length of 1.
+_WIDE_PUNCTUATION = re.compile("[\u3000-\u303f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65]+$")
 _TERMINAL = tuple(".!?\"'”’。！？…」』）)")
 _SYMBOL = re.compile(r"#|\.\.\.|…+")
 _URL_HOST = re.compile(r"https?://([^/\s:?#\"'<>]+)", re.IGNORECASE)
@@ -111,7 +114,7 @@ def _length(doc: Doc, c: ml_collections.ConfigDict) -> bool:
 
 
 def _mean_word_length(doc: Doc, c: ml_collections.ConfigDict) -> bool:
-    words = [u for u in doc.units if not _IS_CJK.match(u)]
+    words = [u for u in doc.units if not _IS_CJK.match(u) and not _WIDE_PUNCTUATION.match(u)]
     if len(words) < c.min_words:  # Chinese (or nearly all CJK) text: no words to measure
         return True
     return c.min <= sum(len(w) for w in words) / len(words) <= c.max
