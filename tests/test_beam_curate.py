@@ -15,7 +15,6 @@ import pytest
 
 from maxlm import config as config_lib
 from maxlm.curation import beam_runner, pipeline
-from tests.test_curate import _config as curate_config
 
 pytest.importorskip("apache_beam")
 
@@ -87,9 +86,8 @@ def _planted(tmp_path):
 
 
 def _config(runner, **overrides):
-    c = curate_config(**{"boilerplate.min_docs": 5, "language.keep": ("en", "zh"), "workers": 2, **overrides})
-    c.runner = runner
-    return c
+    return config_lib.override(config_lib.curate_config(), **{
+        "runner": runner, "workers": 2, "boilerplate.min_docs": 5, "language.keep": ("en", "zh"), **overrides})
 
 
 def _same_output(tmp_path, spec, **overrides):
