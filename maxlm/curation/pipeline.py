@@ -58,7 +58,8 @@ from maxlm import config as config_lib
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.config import CURATE_ALIASES, CURATE_STAGES, _check
 from maxlm.curation import beam_runner, code, dedup, language, perplexity, quality, steps
-from maxlm.curation.steps import CurateError, is_code, prepare  # noqa: F401 (also their old import path)
+from maxlm.curation.steps import (  # noqa: F401 (also their old import path)
+    EXAMPLE_CHARS, SIGNATURE_BATCH, CurateError, is_code, prepare)
 from maxlm.data import records
 from maxlm.data.records import InputError, Shard, iter_records, resolve_input
 from maxlm.interop import pretrained
