@@ -11,12 +11,13 @@ import os
 import random
 import sys
 
+import numpy as np
 import pytest
 
 from maxlm import config as config_lib
-from maxlm.curation import beam_runner, pipeline
+from maxlm.curation import beam_runner, dedup, pipeline
 
-pytest.importorskip("apache_beam")
+beam = pytest.importorskip("apache_beam")
 
 ROWS = [json.loads(line) for line in open(os.path.join(os.path.dirname(__file__), "data", "langid.jsonl"),
                                           encoding="utf-8")]
@@ -101,8 +102,9 @@ def _same_output(tmp_path, spec, **overrides):
     return reports["local"]
 
 
-def test_beam_runner_keeps_exactly_what_the_local_runner_keeps(tmp_path):
+def test_beam_runner_keeps_exactly_what_the_local_runner_keeps(tmp_path, capfd):
     report = _same_output(tmp_path, _planted(tmp_path), stages=STAGES)
+    assert "components found inside the pipeline" in capfd.readouterr().err  # no edge gathered on one worker
     removed = report["removed"]
     assert report["malformed"]["bad_json"] == 2 and report["malformed"]["missing_text"] == 2
     assert report["modified"]["boilerplate_lines"] >= 12
@@ -122,6 +124,34 @@ def test_beam_runner_keeps_exactly_what_the_local_runner_keeps(tmp_path):
     assert sum(r.get("language") == "zh" for r in kept.values()) == 8  # every Chinese page, punctuation and all
     files = kept["acme-0"]["files"]
     assert sorted(files) == sorted(REPO) and files.index("pkg/util.py") < files.index("pkg/core.py")  # imports first
+
+
+@pytest.mark.parametrize("rounds, path, gathered", [(8, 5, False), (1, 12, True), (0, 5, True)])
+def test_components_inside_the_pipeline_and_the_fallback(rounds, path, gathered):
+    """Label propagation inside the pipeline against `dedup.connected_components`: a path of `path` nodes
+    (diameter path - 1) and random small clusters. Eight rounds settle a 5-node path in the pipeline; one round
+    cannot settle a 12-node path, so every edge goes to the one-worker fallback -- which rounds=0 always takes."""
+    from apache_beam.testing.util import assert_that, equal_to
+
+    rng = random.Random(rounds)
+    nodes = sorted(rng.sample(range(1 << 40), 60))  # sparse keys, as (shard << 32) | line are
+    edges = [(nodes[i], nodes[i + 1]) for i in range(path - 1)]
+    for lo in range(path, 60, 5):
+        group = nodes[lo:lo + 5]
+        edges += [tuple(sorted(rng.sample(group, 2))) for _ in range(4)]
+    edges = sorted(set(edges))
+    index = {n: i for i, n in enumerate(nodes)}
+    label = dedup.connected_components(len(nodes), np.array([[index[a], index[b]] for a, b in edges]))
+    linked = {n for edge in edges for n in edge}
+    expected = [(nodes[label[index[n]]], n) for n in linked if nodes[label[index[n]]] != n]
+    with beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(["--runner=DirectRunner"])) as p:
+        members, stats = beam_runner._component_roots(beam, p | beam.Create(edges), rounds)
+        assert_that(members, equal_to(expected))
+        totals = tuple(stats) | beam.Flatten() | beam.CombinePerKey(sum)
+        for key, value in (("gathered_edges", len(edges) if gathered else 0),
+                           ("clusters_with_duplicates", len({root for root, _ in expected}))):
+            assert_that(totals | f"{key} only" >> beam.Filter(lambda kv, k: kv[0] == f"near:{k}", key)
+                        | f"{key} value" >> beam.Values(), equal_to([value]), label=key)
 
 
 def copied_once(copier, owner):

@@ -4,7 +4,7 @@ Beam (the open-source model of Google's Dataflow) runs one pipeline on its Direc
 Flink or Spark through its own flags (`--config.beam_options='--runner=FlinkRunner ...'`): a terabyte corpus
 needs a cluster, not one machine's processes. Every document goes through the functions the local runner uses
 (`maxlm.curation.steps`); what is written here is the global part as Beam transforms, so nothing needs all
-documents on one machine; only the verified duplicate edges meet on one worker:
+documents, or all duplicate edges, on one machine:
 
   read         one element per input shard, fanned out to (position, name, record); a malformed line is a count
   boilerplate  distinct line hashes per document -> Count.PerElement -> the lines in >= min_docs documents,
@@ -14,8 +14,9 @@ documents on one machine; only the verified duplicate edges meet on one worker:
   near         MinHash in batches -> one key per LSH band -> GroupByKey per (band, key) -> within a bucket each
                member paired with the bucket's first and its predecessor (as `dedup.bucket_pairs`) ->
                Distinct -> two joins with the signatures -> pairs at estimated Jaccard >= threshold ->
-               connected components over the verified edges (int64 arrays gathered on one worker) -> all
-               but each component's earliest document go, joined with its name
+               connected components by label propagation (`COMPONENT_ROUNDS` GroupByKey rounds; if the last
+               still changed a label, the edges are gathered on one worker instead) -> all but each
+               component's earliest document go, joined with its name
   paragraph    GroupByKey on long-paragraph hashes -> each repeated paragraph's owner (earliest document) joined
                back to the documents holding it -> `steps.cut_paragraphs`
   code         GroupByKey on the repository -> one document in dependency order at its first file's position
@@ -174,6 +175,82 @@ def _components(chunks: list[np.ndarray]) -> Iterator[tuple[int, int]]:
     moved = label != np.arange(len(nodes))
     yield _stat("near:clusters_with_duplicates", len(np.unique(label[moved])))
     yield from zip(nodes[label[moved]].tolist(), nodes[moved].tolist())
+
+
+# Rounds of label propagation over the verified edges inside the pipeline before the one-worker fallback
+# (0: always gather). A duplicate cluster's diameter is small (bucket members link to the bucket's first), so
+# a few rounds reach the fixed point and no worker ever holds all the edges.
+COMPONENT_ROUNDS = 8
+
+
+def _both_ways(edge: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    yield edge
+    yield edge[1], edge[0]
+
+
+def _first_label(adjacent: tuple[int, Iterable[int]]) -> tuple[int, tuple[int, list[int]]]:
+    """A node's label after round 0: the smallest of itself and its neighbours; its adjacency travels along."""
+    node, neighbours = adjacent
+    neighbours = sorted(set(neighbours))
+    return node, (min(node, neighbours[0]), neighbours)
+
+
+def _send_label(item: tuple[int, tuple[int, list[int]]]) -> Iterator:
+    node, (label, neighbours) = item
+    yield node, (True, label, neighbours)
+    for other in neighbours:
+        yield other, (False, label, None)
+
+
+def _take_smallest(messages: tuple[int, Iterable[tuple]], last: bool) -> Iterator:
+    """One round: a node's new label is the smallest it holds or is sent. In the last round a change is
+    counted: none means the fixed point, where each component's nodes all carry its smallest node."""
+    node, group = messages
+    own, neighbours, best = None, None, None
+    for is_own, label, adjacency in group:
+        if is_own:
+            own, neighbours = label, adjacency
+        best = label if best is None else min(best, label)
+    if last and best != own:
+        yield _tagged()("changed", 1)
+    yield node, (best, neighbours)
+
+
+def _if_converged(item: tuple[int, tuple[int, list[int]]], changed: int) -> Iterator[tuple[int, int]]:
+    node, (label, _) = item
+    if changed == 0 and label != node:
+        yield label, node
+
+
+def _component_roots(beam, verified, rounds: int) -> tuple[Any, Any]:
+    """(root, member) for every non-root node of the verified edges, and the clusters stat: label propagation
+    for `rounds` rounds (one GroupByKey each); if the last round still changed a label, the edges are gathered
+    on one worker instead (`_components`). Either way a root is its component's earliest document."""
+    if rounds < 1:
+        gathered = verified
+        members, stats = [], []
+    else:
+        labels = (verified | "both ways" >> beam.FlatMap(_both_ways) | "adjacency" >> beam.GroupByKey()
+                  | "round 0" >> beam.Map(_first_label))
+        for r in range(1, rounds + 1):
+            labels = (labels | f"send {r}" >> beam.FlatMap(_send_label) | f"gather {r}" >> beam.GroupByKey()
+                      | f"round {r}" >> beam.FlatMap(_take_smallest, r == rounds).with_outputs("changed", main="l"))
+            changed = labels.changed
+            labels = labels.l
+        changed = beam.pvalue.AsSingleton(changed | "changes" >> beam.combiners.Count.Globally())
+        members = [labels | "converged" >> beam.FlatMap(_if_converged, changed)]
+        stats = [members[0] | "roots" >> beam.Keys() | "distinct roots" >> beam.Distinct()
+                 | "count roots" >> beam.combiners.Count.Globally()
+                 | "clusters stat" >> beam.Map(lambda n: ("near:clusters_with_duplicates", n))]
+        gathered = verified | "not converged" >> beam.Filter(lambda _, n: n > 0, changed)
+    near = (gathered | "edge batches" >> beam.BatchElements(min_batch_size=1, max_batch_size=1 << 16)
+            | "edge arrays" >> beam.Map(lambda batch: np.asarray(batch, np.int64).reshape(-1, 2))
+            | "edges" >> beam.combiners.ToList()
+            | "components" >> beam.FlatMap(_components).with_outputs("stats", main="members"))
+    stats.append(near.stats)
+    stats.append(gathered | "count gathered" >> beam.combiners.Count.Globally()
+                 | "gathered stat" >> beam.Map(lambda n: ("near:gathered_edges", n)))
+    return (*members, near.members) | "roots and members" >> beam.Flatten(), stats
 
 
 def _near_drops(joined: tuple[int, dict]) -> Iterator:
@@ -346,13 +423,10 @@ def run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: list
             for name, pc in (("candidate_pairs", pairs), ("verified_pairs", verified)):
                 stats.append(pc | f"count {name}" >> beam.combiners.Count.Globally()
                              | f"{name} stat" >> beam.Map(lambda n, key: (f"near:{key}", n), name))
-            near = (verified | "edge batches" >> beam.BatchElements(min_batch_size=1, max_batch_size=1 << 16)
-                    | "edge arrays" >> beam.Map(lambda batch: np.asarray(batch, np.int64).reshape(-1, 2))
-                    | "edges" >> beam.combiners.ToList()
-                    | "components" >> beam.FlatMap(_components).with_outputs("stats", main="members"))
-            stats.append(near.stats)
+            members, component_stats = _component_roots(beam, verified, COMPONENT_ROUNDS)
+            stats += component_stats
             names = survivors | "names" >> beam.Map(lambda d: (_key(d[0]), d[1]))
-            near = ({"name": names, "member": near.members} | "join roots" >> beam.CoGroupByKey()
+            near = ({"name": names, "member": members} | "join roots" >> beam.CoGroupByKey()
                     | "near duplicates" >> beam.FlatMap(_near_drops))
             drops["near"] = near
         alive = survivors
@@ -410,7 +484,13 @@ def run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: list
                                                                  reverse=True)
              | "rule rows" >> beam.MapTuple(lambda rule, rows: (rule, _first_examples(rows, config.examples_per_rule)))
              | "examples dict" >> beam.combiners.ToDict() | "write examples" >> beam.Map(_dump, examples_path))
-    return _report(config, stages, shards, work, params)
+    report = _report(config, stages, shards, work, params)
+    if "near" in stages:
+        with open(stats_path, encoding="utf-8") as f:
+            gathered = json.load(f).get("near:gathered_edges", 0)
+        log(f"near: {gathered} verified edges gathered on one worker for the components" if gathered else
+            f"near: components found inside the pipeline ({COMPONENT_ROUNDS} rounds of label propagation)")
+    return report
 
 
 def _report(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: list[Shard], work: str,
