@@ -68,13 +68,16 @@ def shingle_set(text: str, n: int = 5) -> set[str]:
     return {t[i:i + n] for i in range(max(len(t) - n + 1, 1))}
 
 
+def jaccard(a: str, b: str) -> float:
+    """The exact Jaccard similarity of two documents' shingle sets: the truth the systems are scored against."""
+    sa, sb = shingle_set(a), shingle_set(b)
+    return len(sa & sb) / len(sa | sb)
+
+
 def score(cluster: np.ndarray, docs: list[str], pairs: list[tuple[int, int]]) -> dict:
     """Recall on planted pairs at true Jaccard >= 0.9; precision over every merged pair (a merged pair is
     wrong unless it is planted with true Jaccard > 0.5)."""
-    truth = {}
-    for a, b in pairs:
-        sa, sb = shingle_set(docs[a]), shingle_set(docs[b])
-        truth[(min(a, b), max(a, b))] = len(sa & sb) / len(sa | sb)
+    truth = {(min(a, b), max(a, b)): jaccard(docs[a], docs[b]) for a, b in pairs}
     must = [p for p, j in truth.items() if j >= 0.9]
     recall = float(np.mean([cluster[a] == cluster[b] for a, b in must])) if must else float("nan")
     members: dict[int, list[int]] = {}
@@ -156,6 +159,7 @@ def run_curate_runners(docs: list[str], pairs: list[tuple[int, int]], threshold:
                        workers: int = 2) -> dict:
     """The near stage of `maxlm.curate` over `docs` (two shards) on each runner: docs/s, same output, recall."""
     result = {}
+    high = [(a, b) for a, b in pairs if jaccard(docs[a], docs[b]) >= 0.9]
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(2):
             with open(os.path.join(tmp, f"in-{k}.jsonl"), "w", encoding="utf-8") as f:
@@ -171,18 +175,12 @@ def run_curate_runners(docs: list[str], pairs: list[tuple[int, int]], threshold:
             for k in range(2):
                 with open(os.path.join(tmp, runner, f"part-{k:05d}.jsonl"), encoding="utf-8") as f:
                     kept.update(json.loads(line)["id"] for line in f)
-            high = [(a, b) for a, b in pairs if jaccard(docs[a], docs[b]) >= 0.9]
             result[runner] = {"seconds": seconds, "docs_per_sec": len(docs) / seconds, "kept": len(kept),
                               "recall": sum((a in kept) != (b in kept) for a, b in high) / max(len(high), 1)}
         names = sorted(os.listdir(os.path.join(tmp, "local")))
         result["same_output"] = all(filecmp.cmp(os.path.join(tmp, "local", name), os.path.join(tmp, "beam", name),
                                                 shallow=False) for name in names)
     return result
-
-
-def jaccard(a: str, b: str) -> float:
-    sa, sb = shingle_set(a), shingle_set(b)
-    return len(sa & sb) / len(sa | sb)
 
 
 def main() -> None:

@@ -158,10 +158,15 @@ def _first_half(joined: tuple[int, dict]) -> Iterator:
 
 
 def _verify(joined: tuple[int, dict], threshold: float) -> Iterator[tuple[int, int]]:
+    """The candidate pairs ending at this document kept if `dedup.estimated_jaccard` reaches the threshold."""
     key, group = joined
-    sig = next(iter(group["sig"]))
-    for first, first_sig in group["half"]:
-        if float((first_sig == sig).mean()) >= threshold:  # dedup.estimated_jaccard, one pair
+    firsts = list(group["half"])
+    if not firsts:
+        return
+    rows = np.stack([next(iter(group["sig"]))] + [sig for _, sig in firsts])
+    pairs = np.stack([np.arange(1, len(rows)), np.zeros(len(firsts), np.int64)], axis=1)
+    for (first, _), jaccard in zip(firsts, dedup.estimated_jaccard(rows, pairs)):
+        if jaccard >= threshold:
             yield first, key
 
 
@@ -357,8 +362,8 @@ def _dump(value: Any, path: str) -> None:
         json.dump(value, f, ensure_ascii=False)
 
 
-def _first_examples(rows: list[tuple[Pos, dict]], limit: int) -> list[dict]:
-    return [row for _, row in sorted(rows, key=lambda r: r[0])[:limit]]
+def _by_position(rows: list[tuple[Pos, dict]]) -> list[dict]:
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
 
 
 def pipeline_options(config: ml_collections.ConfigDict) -> list[str]:
@@ -377,8 +382,7 @@ def run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: list
     beam = _import_beam()
     argv = pipeline_options(config)
     log(f"beam: {' '.join(argv)}")
-    params = dedup.lsh_params(config.dedup.threshold, config.dedup.num_perm, 1 - config.dedup.fn_weight,
-                              config.dedup.fn_weight)
+    params = steps.lsh_params(config)
     out_dir = os.path.join(work, "out")
     stats_path, examples_path = os.path.join(work, "stats.json"), os.path.join(work, "examples.json")
     with beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(argv)) as p:
@@ -482,33 +486,25 @@ def run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: list
         _ = (examples | "all examples" >> beam.Flatten()
              | "first by position" >> beam.combiners.Top.PerKey(config.examples_per_rule, key=lambda e: e[0],
                                                                  reverse=True)
-             | "rule rows" >> beam.MapTuple(lambda rule, rows: (rule, _first_examples(rows, config.examples_per_rule)))
+             | "rule rows" >> beam.MapTuple(lambda rule, rows: (rule, _by_position(rows)))
              | "examples dict" >> beam.combiners.ToDict() | "write examples" >> beam.Map(_dump, examples_path))
-    report = _report(config, stages, shards, work, params)
+    with open(stats_path, encoding="utf-8") as f:
+        totals = json.load(f)
+    with open(examples_path, encoding="utf-8") as f:
+        steps.write_examples(os.path.join(out_dir, "removed_examples.jsonl"), json.load(f), config, stages)
     if "near" in stages:
-        with open(stats_path, encoding="utf-8") as f:
-            gathered = json.load(f).get("near:gathered_edges", 0)
+        gathered = totals.get("near:gathered_edges", 0)
         log(f"near: {gathered} verified edges gathered on one worker for the components" if gathered else
             f"near: components found inside the pipeline ({COMPONENT_ROUNDS} rounds of label propagation)")
-    return report
+    return _report(config, stages, len(shards), work, params, totals)
 
 
-def _report(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: list[Shard], work: str,
-            params: dedup.LshParams) -> dict:
-    with open(os.path.join(work, "stats.json"), encoding="utf-8") as f:
-        totals = json.load(f)
-    with open(os.path.join(work, "examples.json"), encoding="utf-8") as f:
-        examples = json.load(f)
-    with open(os.path.join(work, "out", "removed_examples.jsonl"), "w", encoding="utf-8") as f:
-        for rule in steps.rule_order(config, stages):
-            for row in examples.get(rule, []):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+def _report(config: ml_collections.ConfigDict, stages: tuple[str, ...], n_shards: int, work: str,
+            params: dedup.LshParams, totals: dict) -> dict:
     near = None
     if "near" in stages and totals.get("survivors"):
-        near = {"bands": params.bands, "rows": params.rows, "false_positive_area": params.false_positive_area,
-                "false_negative_area": params.false_negative_area,
-                **{k: int(totals.get(f"near:{k}", 0))
-                   for k in ("candidate_pairs", "verified_pairs", "clusters_with_duplicates")}}
+        near = steps.near_report(params, *(totals.get(f"near:{k}", 0)
+                                           for k in ("candidate_pairs", "verified_pairs", "clusters_with_duplicates")))
     code_counts = None
     if "code" in stages:
         code_counts = {k: int(totals.get(f"code:{k}", 0))
@@ -519,4 +515,4 @@ def _report(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: 
             cuts = json.load(f)
         buckets = {b: totals.get(f"quality:{b}", 0) for b in ("high", "medium", "low")}
         ppl = steps.perplexity_report(totals.get("perplexity:scored", 0), cuts, buckets, config)
-    return steps.build_report(config, stages, len(shards), totals, near, code_counts, ppl)
+    return steps.build_report(config, stages, n_shards, totals, near, code_counts, ppl)

@@ -278,16 +278,13 @@ def _run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: lis
         for p, lo in zip(parts, offsets):
             sig[lo:lo + len(p["ids"])] = np.load(p["signatures"])
         sig.flush()
-        params = dedup.lsh_params(config.dedup.threshold, config.dedup.num_perm, 1 - config.dedup.fn_weight,
-                                  config.dedup.fn_weight)
+        params = steps.lsh_params(config)
         _log(params.describe(config.dedup.threshold))
         result = dedup.near_duplicates(np.load(sig_path, mmap_mode="r"), config.dedup.threshold, params)
         near = (~result.keep) & (reason == "")
         reason[near], of[near] = "near", result.cluster[near]
-        report_dedup = {"bands": params.bands, "rows": params.rows, "false_positive_area": params.false_positive_area,
-                        "false_negative_area": params.false_negative_area, "candidate_pairs": result.candidate_pairs,
-                        "verified_pairs": result.verified_pairs, "clusters_with_duplicates": int(
-                            len(np.unique(result.cluster[~result.keep])))}
+        report_dedup = steps.near_report(params, result.candidate_pairs, result.verified_pairs,
+                                         len(np.unique(result.cluster[~result.keep])))
 
     owner_by_shard: list[dict[int, int]] = [{} for _ in parts]
     if "paragraph" in stages and n:
@@ -324,10 +321,7 @@ def _run(config: ml_collections.ConfigDict, stages: tuple[str, ...], shards: lis
         totals.update(docs_out=f["docs_out"], bytes_out=f["bytes_out"], paragraph_chars=f["paragraph_chars"])
     code_counts = _code_stage(config, out_dir, len(parts), work, totals) if "code" in stages else None
     ppl = _perplexity_stage(config, len(shards), work, totals, examples) if "perplexity" in stages else None
-    with open(os.path.join(work, "out", "removed_examples.jsonl"), "w", encoding="utf-8") as f:
-        for rule in steps.rule_order(config, stages):
-            for row in examples.get(rule, []):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    steps.write_examples(os.path.join(work, "out", "removed_examples.jsonl"), examples, config, stages)
     return steps.build_report(config, stages, len(shards), totals, report_dedup, code_counts, ppl)
 
 

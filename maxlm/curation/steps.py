@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -191,6 +192,28 @@ def perplexity_report(scored: int, cuts: dict, buckets: Mapping[str, int], confi
     return {"scored": scored, "model": config.perplexity.workdir, "drop_above": round(cuts["drop_above"], 4),
             "high_at_most": round(cuts["high_at_most"], 4), "medium_at_most": round(cuts["medium_at_most"], 4),
             "buckets": {b: int(buckets.get(b, 0)) for b in ("high", "medium", "low")}}
+
+
+def lsh_params(config: ml_collections.ConfigDict) -> dedup.LshParams:
+    """The near stage's bands x rows for `dedup.threshold`, weighted towards recall by `dedup.fn_weight`."""
+    d = config.dedup
+    return dedup.lsh_params(d.threshold, d.num_perm, 1 - d.fn_weight, d.fn_weight)
+
+
+def near_report(params: dedup.LshParams, candidate_pairs: int, verified_pairs: int, clusters: int) -> dict:
+    """report.json's `near_dedup`: the band choice and what it found."""
+    return {"bands": params.bands, "rows": params.rows, "false_positive_area": params.false_positive_area,
+            "false_negative_area": params.false_negative_area, "candidate_pairs": int(candidate_pairs),
+            "verified_pairs": int(verified_pairs), "clusters_with_duplicates": int(clusters)}
+
+
+def write_examples(path: str, examples: Mapping[str, list[dict]], config: ml_collections.ConfigDict,
+                   stages: tuple[str, ...]) -> None:
+    """removed_examples.jsonl: each rule's example rows, the rules in the order they apply."""
+    with open(path, "w", encoding="utf-8") as f:
+        for rule in rule_order(config, stages):
+            for row in examples.get(rule, []):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def rule_order(config: ml_collections.ConfigDict, stages: tuple[str, ...]) -> list[str]:
